@@ -1,0 +1,214 @@
+//! Wires the components of a plan together and owns the shutdown tree.
+//!
+//! The consume loop takes a permit of the in-flight bound before it fetches a message, so memory
+//! stays flat however deep the backlog. While the state store is unreachable it fetches nothing
+//! (and readiness is false) until a probe succeeds: no job runs without its claim. On shutdown it
+//! stops fetching and reports not-ready, lets in-flight jobs finish for `limits.drain_timeout`,
+//! hands back the rest (unacked / nak'ed), flushes the sink and commits.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Plan;
+use crate::engine::Engine;
+use crate::pipeline::{Pools, Runner};
+use crate::provider::Providers;
+use crate::sink::{OutputSink, Sink};
+use crate::source::{JobSource, Source, SourceError};
+use crate::state::StateStore;
+use crate::telemetry::health;
+use crate::telemetry::Telemetry;
+
+/// How often source connectivity is sampled for readiness.
+const HEALTH_TICK: Duration = Duration::from_millis(500);
+/// How long handed-back jobs get to stop after the drain timeout.
+const HAND_BACK_GRACE: Duration = Duration::from_secs(5);
+/// How often consumer lag is sampled.
+const LAG_EVERY: Duration = Duration::from_secs(5);
+
+/// Runs the service until `shutdown` is cancelled (or the source fails for good).
+pub async fn run(plan: Plan, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let state = StateStore::open(&plan.state).await?;
+    let telemetry = Telemetry::new().context("registering metrics")?;
+    run_with(plan, state, telemetry, shutdown).await
+}
+
+/// [`run`] with a given state store and telemetry, so tests can share a store across restarts
+/// and watch readiness and metrics.
+pub async fn run_with(
+    plan: Plan,
+    state: StateStore,
+    telemetry: Telemetry,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let plan = Arc::new(plan);
+    let health = telemetry.health.clone();
+    let metrics = telemetry.metrics.clone();
+    health.watch_state(state.availability());
+    let background = TaskTracker::new();
+    let http_stop = CancellationToken::new();
+    if let Some(listen) = &plan.http_listen {
+        let (listen, telemetry, stop) = (listen.clone(), telemetry.clone(), http_stop.clone());
+        background.spawn(async move {
+            if let Err(e) = health::serve(&listen, telemetry, stop).await {
+                tracing::error!(error = %e, "health endpoints stopped");
+            }
+        });
+    }
+    let result = async {
+        let providers = Arc::new(Providers::start(&plan, metrics.clone()).await?);
+        let sink = Sink::open(&plan.sink).await?;
+        let source = Source::open(&plan.source).await?;
+        let (probe, lag_gauge, stop) = (
+            source.lag_probe(),
+            metrics
+                .consumer_lag
+                .with_label_values(&[source.transport()]),
+            http_stop.clone(),
+        );
+        background.spawn(async move {
+            let mut every = tokio::time::interval(LAG_EVERY);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    _ = every.tick() => {
+                        if let Some(lag) = probe.lag().await {
+                            lag_gauge.set(lag);
+                        }
+                    }
+                }
+            }
+        });
+        let runner = Runner::new(providers, Pools::new(&plan.pools), metrics.clone());
+        let engine = Arc::new(Engine::new(
+            plan.clone(),
+            runner,
+            state.clone(),
+            sink,
+            metrics.clone(),
+        ));
+        tracing::info!(
+            pipelines = plan.pipelines.len(),
+            max_inflight = plan.limits.max_inflight_jobs,
+            "switchyard running"
+        );
+        consume(source, engine, &state, &telemetry, &plan, shutdown).await
+    }
+    .await;
+    http_stop.cancel();
+    background.close();
+    background.wait().await;
+    result
+}
+
+async fn consume<K: OutputSink>(
+    mut source: Source,
+    engine: Arc<Engine<K>>,
+    state: &StateStore,
+    telemetry: &Telemetry,
+    plan: &Plan,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let (health, metrics) = (&telemetry.health, &telemetry.metrics);
+    let transport = source.transport();
+    let inflight = Arc::new(Semaphore::new(plan.limits.max_inflight_jobs));
+    let tasks = TaskTracker::new();
+    let hand_back = CancellationToken::new();
+    let mut failure = None;
+    let mut backoff = Duration::from_millis(100);
+    let mut tick = tokio::time::interval(HEALTH_TICK);
+    'intake: loop {
+        if !state.is_available() {
+            // Paused: no new job is taken until the store answers again.
+            tokio::select! {
+                () = shutdown.cancelled() => break 'intake,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            let _ = state.ping().await;
+            continue;
+        }
+        let permit = loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break 'intake,
+                _ = tick.tick() => health.set_source_connected(source.is_connected()),
+                permit = inflight.clone().acquire_owned() => break permit.context("in-flight semaphore closed")?,
+            }
+        };
+        let delivery = loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break 'intake,
+                _ = tick.tick() => health.set_source_connected(source.is_connected()),
+                delivery = source.next() => break delivery,
+            }
+        };
+        match delivery {
+            Ok(delivery) => {
+                backoff = Duration::from_millis(100);
+                metrics.jobs_received.with_label_values(&[transport]).inc();
+                metrics.inflight.inc();
+                let (engine, stop, metrics) = (engine.clone(), hand_back.clone(), metrics.clone());
+                tasks.spawn(async move {
+                    engine.handle(delivery, &stop).await;
+                    metrics.inflight.dec();
+                    drop(permit);
+                });
+            }
+            Err(SourceError::Transient(e)) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "source error; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e @ SourceError::Fatal(_)) => {
+                failure = Some(anyhow::anyhow!(e));
+                break;
+            }
+        }
+    }
+    health.set_draining();
+    tasks.close();
+    let in_flight = tasks.len();
+    tracing::info!(
+        in_flight,
+        drain_timeout_ms = plan.limits.drain_timeout.as_millis() as u64,
+        "draining"
+    );
+    if tokio::time::timeout(plan.limits.drain_timeout, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            remaining = tasks.len(),
+            "drain timeout reached; handing back unfinished jobs"
+        );
+        hand_back.cancel();
+        // Handing back is quick unless a write is mid-flight; bound it too, so flush and commit
+        // still happen before the orchestrator's kill. Jobs still running then are simply not
+        // acknowledged, and are redelivered.
+        if tokio::time::timeout(HAND_BACK_GRACE, tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = tasks.len(),
+                "jobs still writing after the hand-back grace; leaving them unacknowledged"
+            );
+        }
+    }
+    engine.sink().flush().await;
+    source.close().await;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}

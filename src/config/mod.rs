@@ -1,0 +1,113 @@
+//! Configuration: one YAML file plus `SWITCHYARD__A__B=value` environment overrides, parsed once
+//! into [`raw`] structs and validated into a [`Plan`].
+//!
+//! Everything downstream holds a `Plan`: references between sections (models -> providers,
+//! steps -> models, prompts and earlier steps) are resolved here, so a bad file fails at start-up
+//! with every problem listed, each naming its field and the fix.
+
+mod plan;
+pub mod raw;
+
+use std::path::Path;
+
+pub use plan::*;
+use serde_norway::{Mapping, Value};
+
+/// Prefix of environment variables that override config fields; `__` separates path segments.
+pub const ENV_PREFIX: &str = "SWITCHYARD__";
+
+/// A config that cannot be used, with every problem found (one per line).
+#[derive(Debug, thiserror::Error)]
+#[error("invalid config {origin}:\n  - {}", problems.join("\n  - "))]
+pub struct ConfigError {
+    pub origin: String,
+    pub problems: Vec<String>,
+}
+
+impl ConfigError {
+    fn one(origin: &str, problem: String) -> Self {
+        Self {
+            origin: origin.to_owned(),
+            problems: vec![problem],
+        }
+    }
+}
+
+/// Loads a config file, applies the process environment's overrides and validates it.
+pub fn load(path: &Path) -> Result<Plan, ConfigError> {
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::one(&origin, format!("cannot read the file: {e}")))?;
+    load_str(&text, &origin, std::env::vars())
+}
+
+/// Parses and validates config text; `env` supplies the `SWITCHYARD__...` overrides.
+pub fn load_str(
+    text: &str,
+    origin: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Plan, ConfigError> {
+    let mut root: Value = serde_norway::from_str(text)
+        .map_err(|e| ConfigError::one(origin, format!("not valid YAML: {e}")))?;
+    apply_env_overrides(&mut root, env).map_err(|p| ConfigError::one(origin, p))?;
+    let raw: raw::RawConfig = serde_path_to_error::deserialize(root).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        let problem = if path == "." {
+            inner
+        } else {
+            format!("{path}: {inner}")
+        };
+        ConfigError::one(origin, problem)
+    })?;
+    plan::validate(raw).map_err(|problems| ConfigError {
+        origin: origin.to_owned(),
+        problems,
+    })
+}
+
+/// Applies `SWITCHYARD__SOURCE__BROKERS=host:9092`-style variables onto the parsed YAML.
+/// Path segments are lower-cased; the value is read as YAML, so numbers and booleans work.
+fn apply_env_overrides(
+    root: &mut Value,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), String> {
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect();
+    vars.sort();
+    for (name, raw_value) in vars {
+        let path: Vec<String> = name[ENV_PREFIX.len()..]
+            .split("__")
+            .map(|s| s.to_ascii_lowercase())
+            .collect();
+        if path.iter().any(String::is_empty) {
+            return Err(format!("environment variable {name}: empty path segment"));
+        }
+        let value = serde_norway::from_str::<Value>(&raw_value)
+            .unwrap_or_else(|_| Value::String(raw_value.clone()));
+        let mut node = &mut *root;
+        for (i, segment) in path.iter().enumerate() {
+            if node.is_null() {
+                *node = Value::Mapping(Mapping::new());
+            }
+            let Value::Mapping(map) = node else {
+                return Err(format!(
+                    "environment variable {name}: `{}` is not a mapping in the config",
+                    path[..i].join(".")
+                ));
+            };
+            let key = Value::String(segment.clone());
+            if i + 1 == path.len() {
+                map.insert(key, value.clone());
+                break;
+            }
+            node = map.entry(key).or_insert(Value::Null);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

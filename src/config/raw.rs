@@ -1,0 +1,509 @@
+//! The configuration file exactly as written: serde structs with `deny_unknown_fields`, so a
+//! typo is an error that names the field. Nothing outside `config` sees these types.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_norway::Value;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub source: RawSource,
+    #[serde(default)]
+    pub sink: RawSink,
+    #[serde(default)]
+    pub state: RawState,
+    #[serde(default)]
+    pub limits: RawLimits,
+    pub providers: BTreeMap<String, RawProvider>,
+    pub models: BTreeMap<String, RawModel>,
+    #[serde(default)]
+    pub prompts: BTreeMap<String, RawPrompt>,
+    pub pipelines: BTreeMap<String, RawPipeline>,
+    #[serde(default)]
+    pub default_pipeline: Option<String>,
+    #[serde(default)]
+    pub pools: RawPools,
+    #[serde(default)]
+    pub http: RawHttp,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+/// Structured logs.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLog {
+    /// `pretty` or `json` (one JSON object per line).
+    pub format: String,
+    /// A tracing filter, e.g. `info` or `info,switchyard::llm=warn`; `RUST_LOG` overrides it.
+    pub filter: String,
+    /// Include prompt and response text in the per-call records.
+    pub payloads: bool,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            format: "pretty".into(),
+            filter: "info".into(),
+            payloads: false,
+        }
+    }
+}
+
+/// The HTTP port for `/healthz` and `/readyz`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawHttp {
+    /// `host:port`; `off` disables the port.
+    pub listen: String,
+}
+
+impl Default for RawHttp {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:9464".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum RawSource {
+    Kafka {
+        brokers: String,
+        #[serde(default = "default_group")]
+        group: String,
+        #[serde(default = "default_jobs_topic")]
+        topic: String,
+        #[serde(default)]
+        librdkafka: BTreeMap<String, Value>,
+    },
+    /// A durable JetStream pull consumer, shared by all replicas (queue semantics).
+    Nats {
+        url: String,
+        #[serde(default = "default_jobs_stream")]
+        stream: String,
+        /// Subjects of the stream when switchyard creates it.
+        #[serde(default = "default_jobs_subjects")]
+        subjects: Vec<String>,
+        /// Create the stream when it is missing (otherwise it must exist).
+        #[serde(default = "default_true")]
+        create_stream: bool,
+        /// Durable consumer name.
+        #[serde(default = "default_group")]
+        consumer: String,
+        #[serde(default = "default_ack_wait_ms")]
+        ack_wait_ms: u64,
+        #[serde(default = "default_max_deliver")]
+        max_deliver: i64,
+        /// Messages fetched per pull request.
+        #[serde(default = "default_batch")]
+        batch: usize,
+    },
+}
+
+fn default_jobs_stream() -> String {
+    "SWITCHYARD_JOBS".into()
+}
+fn default_jobs_subjects() -> Vec<String> {
+    vec!["switchyard.jobs.>".into()]
+}
+fn default_true() -> bool {
+    true
+}
+fn default_ack_wait_ms() -> u64 {
+    30_000
+}
+/// Unlimited: switchyard acks or terminates every message it finishes (poison messages become
+/// dead letters), so redeliveries only come from hand-backs and crashes, and a cap would strand
+/// a job that was handed back on its last allowed delivery.
+fn default_max_deliver() -> i64 {
+    -1
+}
+fn default_batch() -> usize {
+    16
+}
+
+fn default_group() -> String {
+    "switchyard".into()
+}
+fn default_jobs_topic() -> String {
+    "switchyard.jobs".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum RawSink {
+    Kafka {
+        /// Defaults to the source's brokers.
+        #[serde(default)]
+        brokers: Option<String>,
+        #[serde(default)]
+        topics: RawTopics,
+        #[serde(default = "default_delivery_timeout_ms")]
+        delivery_timeout_ms: u64,
+        #[serde(default)]
+        librdkafka: BTreeMap<String, Value>,
+    },
+    /// Publishes to `<topic>.<tenant>` subjects (`_unknown` when the tenant is unreadable).
+    Nats {
+        /// Defaults to the source's URL when the source is NATS.
+        #[serde(default)]
+        url: Option<String>,
+        /// Subject prefixes.
+        #[serde(default)]
+        topics: RawTopics,
+        /// Wait for JetStream publish acks (a stream must capture the subjects); `false`
+        /// publishes with core NATS (confirmed only as far as the server's socket).
+        #[serde(default = "default_true")]
+        jetstream: bool,
+        /// Stream to create for the outputs when missing (JetStream only).
+        #[serde(default = "default_outputs_stream")]
+        stream: Option<String>,
+        #[serde(default = "default_delivery_timeout_ms")]
+        delivery_timeout_ms: u64,
+    },
+}
+
+fn default_outputs_stream() -> Option<String> {
+    Some("SWITCHYARD_OUTPUTS".into())
+}
+
+impl Default for RawSink {
+    fn default() -> Self {
+        RawSink::Kafka {
+            brokers: None,
+            topics: RawTopics::default(),
+            delivery_timeout_ms: default_delivery_timeout_ms(),
+            librdkafka: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_delivery_timeout_ms() -> u64 {
+    30_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTopics {
+    pub results: String,
+    pub review: String,
+    pub dlq: String,
+}
+
+impl Default for RawTopics {
+    fn default() -> Self {
+        Self {
+            results: "switchyard.results".into(),
+            review: "switchyard.review".into(),
+            dlq: "switchyard.dlq".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum RawState {
+    Memory {
+        #[serde(default = "default_max_entries")]
+        max_entries: usize,
+        #[serde(default = "default_result_ttl_s")]
+        result_ttl_s: u64,
+        #[serde(default = "default_claim_lease_ms")]
+        claim_lease_ms: u64,
+    },
+    Redis {
+        /// `redis://host:6379/0`; use `url_env` instead when the URL carries a password.
+        #[serde(default)]
+        url: Option<String>,
+        #[serde(default)]
+        url_env: Option<String>,
+        #[serde(default = "default_key_prefix")]
+        key_prefix: String,
+        #[serde(default = "default_result_ttl_s")]
+        result_ttl_s: u64,
+        #[serde(default = "default_claim_lease_ms")]
+        claim_lease_ms: u64,
+        #[serde(default = "default_state_timeout_ms")]
+        timeout_ms: u64,
+    },
+}
+
+impl Default for RawState {
+    fn default() -> Self {
+        RawState::Memory {
+            max_entries: default_max_entries(),
+            result_ttl_s: default_result_ttl_s(),
+            claim_lease_ms: default_claim_lease_ms(),
+        }
+    }
+}
+
+fn default_key_prefix() -> String {
+    "sy:".into()
+}
+fn default_state_timeout_ms() -> u64 {
+    2_000
+}
+fn default_max_entries() -> usize {
+    100_000
+}
+fn default_result_ttl_s() -> u64 {
+    86_400
+}
+fn default_claim_lease_ms() -> u64 {
+    30_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    pub max_inflight_jobs: usize,
+    pub max_job_bytes: usize,
+    pub max_response_bytes: usize,
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        Self {
+            max_inflight_jobs: 1024,
+            max_job_bytes: 1024 * 1024,
+            max_response_bytes: 4 * 1024 * 1024,
+            drain_timeout_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum RawProvider {
+    /// Any OpenAI-compatible chat completions endpoint (OpenAI, vLLM, Ollama, llama.cpp, ...).
+    Openai {
+        base_url: String,
+        #[serde(default)]
+        api_key_env: Option<String>,
+        #[serde(default)]
+        retry: RawRetry,
+        #[serde(default)]
+        circuit: RawCircuit,
+    },
+    /// The built-in mock provider, served in-process over HTTP on a loopback port.
+    Mock {
+        #[serde(default)]
+        latency: RawLatency,
+        #[serde(default)]
+        faults: RawFaults,
+        #[serde(default)]
+        seed: Option<u64>,
+        #[serde(default)]
+        retry: RawRetry,
+        #[serde(default)]
+        circuit: RawCircuit,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRetry {
+    pub max_attempts: u32,
+    pub base_delay_ms: u64,
+    pub max_delay_ms: u64,
+}
+
+impl Default for RawRetry {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            base_delay_ms: 200,
+            max_delay_ms: 10_000,
+        }
+    }
+}
+
+/// Circuit breaker per provider + model.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCircuit {
+    /// Open after this many failures in a row.
+    pub consecutive_failures: u32,
+    /// ... or when this share of the last `window` calls failed (once `min_calls` were made).
+    pub failure_rate: f64,
+    pub window: usize,
+    pub min_calls: usize,
+    /// How long an open circuit skips the target before probing it.
+    pub open_ms: u64,
+    /// Calls let through while half-open.
+    pub half_open_probes: u32,
+}
+
+impl Default for RawCircuit {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            failure_rate: 0.5,
+            window: 20,
+            min_calls: 10,
+            open_ms: 30_000,
+            half_open_probes: 1,
+        }
+    }
+}
+
+/// Simulated latency of the mock provider.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(tag = "dist", rename_all = "lowercase", deny_unknown_fields)]
+pub enum RawLatency {
+    Fixed {
+        ms: u64,
+    },
+    Uniform {
+        min_ms: u64,
+        max_ms: u64,
+    },
+    /// Log-normal with the given median and 99th percentile: the long tail real APIs have.
+    Lognormal {
+        p50_ms: u64,
+        p99_ms: u64,
+    },
+}
+
+impl Default for RawLatency {
+    fn default() -> Self {
+        RawLatency::Fixed { ms: 0 }
+    }
+}
+
+/// Faults the mock provider injects, as probabilities per request.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawFaults {
+    pub rate_429: f64,
+    pub retry_after_s: u64,
+    pub rate_500: f64,
+    pub rate_hang: f64,
+}
+
+impl Default for RawFaults {
+    fn default() -> Self {
+        Self {
+            rate_429: 0.0,
+            retry_after_s: 1,
+            rate_500: 0.0,
+            rate_hang: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    pub provider: String,
+    pub model: String,
+    /// Without a price the model's calls cost 0 (a start-up warning says so).
+    #[serde(default)]
+    pub price: Option<RawPrice>,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: u32,
+    #[serde(default)]
+    pub temperature: f64,
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
+}
+
+fn default_timeout_ms() -> u64 {
+    30_000
+}
+fn default_max_tokens() -> u32 {
+    1024
+}
+
+/// USD per million tokens.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrice {
+    pub input: f64,
+    pub output: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrompt {
+    #[serde(default)]
+    pub system: Option<String>,
+    pub user: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPipeline {
+    pub steps: Vec<RawStep>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum RawStep {
+    Classify {
+        name: String,
+        #[serde(default)]
+        needs: Option<Vec<String>>,
+        categories: Vec<String>,
+        #[serde(default)]
+        method: RawClassifyMethod,
+        #[serde(default)]
+        model: Option<String>,
+        #[serde(default)]
+        prompt: Option<String>,
+        /// `method: rules`: category -> keywords (case-insensitive); first match wins.
+        #[serde(default)]
+        rules: BTreeMap<String, Vec<String>>,
+    },
+    Route {
+        name: String,
+        #[serde(default)]
+        needs: Option<Vec<String>>,
+        on: String,
+        routes: BTreeMap<String, String>,
+        #[serde(default)]
+        review_below_confidence: Option<f64>,
+    },
+    Generate {
+        name: String,
+        #[serde(default)]
+        needs: Option<Vec<String>>,
+        model: String,
+        prompt: String,
+    },
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RawClassifyMethod {
+    #[default]
+    Llm,
+    Rules,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPools {
+    pub classify: usize,
+    pub route: usize,
+    pub generate: usize,
+}
+
+impl Default for RawPools {
+    fn default() -> Self {
+        Self {
+            classify: 64,
+            route: 256,
+            generate: 512,
+        }
+    }
+}

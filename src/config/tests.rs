@@ -1,0 +1,135 @@
+use super::*;
+
+const MINIMAL: &str = r#"
+source: {kind: kafka, brokers: "localhost:9092"}
+providers:
+  local: {kind: mock}
+models:
+  small: {provider: local, model: mock-small, price: {input: 0.15, output: 0.6}}
+prompts:
+  triage: {user: "Categories: {{categories}}\n{{input.text}}"}
+  answer: {system: "Be brief.", user: "{{input.text}} ({{steps.classify.output}})"}
+pipelines:
+  support:
+    steps:
+      - {name: classify, kind: classify, model: small, prompt: triage, categories: [simple, complex]}
+      - {name: route, kind: route, on: classify, routes: {complex: small, default: small}, review_below_confidence: 0.5}
+      - {name: answer, kind: generate, model: "{{route.model}}", prompt: answer}
+"#;
+
+fn load(text: &str) -> Result<Plan, ConfigError> {
+    load_str(text, "test.yaml", Vec::new())
+}
+
+fn problems(text: &str) -> String {
+    load(text).unwrap_err().to_string()
+}
+
+#[test]
+fn a_minimal_config_loads_with_defaults() {
+    let plan = load(MINIMAL).unwrap();
+    assert_eq!(plan.default_pipeline.as_deref(), Some("support"));
+    let SinkPlan::Kafka(sink) = &plan.sink else {
+        panic!("kafka sink")
+    };
+    assert_eq!(
+        sink.brokers, "localhost:9092",
+        "sink brokers default to the source's"
+    );
+    assert_eq!(sink.topics.dlq, "switchyard.dlq");
+    let steps = &plan.pipelines["support"].steps;
+    assert_eq!(steps[2].needs, vec![1]);
+    assert!(
+        matches!(&steps[2].kind, StepKindPlan::Generate(g) if matches!(g.model, ModelChoice::FromRoute(1)))
+    );
+}
+
+#[test]
+fn a_typo_names_the_field() {
+    let text = MINIMAL.replace("price:", "prize:");
+    let e = problems(&text);
+    assert!(
+        e.contains("models.small") && e.contains("unknown field `prize`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_missing_provider_names_the_model_field() {
+    let text = MINIMAL.replace("{provider: local,", "{provider: opnai,");
+    let e = problems(&text);
+    assert!(
+        e.contains("models.small.provider") && e.contains("`opnai`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text = MINIMAL
+        .replace("prompt: triage", "prompt: triag")
+        .replace("default: small", "default: larg");
+    let e = problems(&text);
+    assert!(
+        e.contains("steps[0].prompt") && e.contains("routes.default"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_prompt_reading_a_step_it_does_not_wait_for_is_rejected() {
+    let text = MINIMAL.replace(
+        "{name: answer, kind: generate, model: \"{{route.model}}\", prompt: answer}",
+        "{name: answer, kind: generate, model: small, prompt: answer, needs: []}",
+    );
+    let e = problems(&text);
+    assert!(
+        e.contains("does not depend on") && e.contains("needs"),
+        "{e}"
+    );
+}
+
+#[test]
+fn environment_overrides_win_and_are_typed() {
+    let env = vec![
+        (
+            "SWITCHYARD__SOURCE__BROKERS".to_owned(),
+            "kafka-1:9092,kafka-2:9092".to_owned(),
+        ),
+        (
+            "SWITCHYARD__LIMITS__MAX_INFLIGHT_JOBS".to_owned(),
+            "7".to_owned(),
+        ),
+        ("UNRELATED".to_owned(), "x".to_owned()),
+    ];
+    let plan = load_str(MINIMAL, "t", env).unwrap();
+    let SourcePlan::Kafka(source) = &plan.source else {
+        panic!("kafka source")
+    };
+    assert_eq!(source.brokers, "kafka-1:9092,kafka-2:9092");
+    assert_eq!(plan.limits.max_inflight_jobs, 7);
+}
+
+#[test]
+fn a_bad_environment_override_names_the_variable_and_field() {
+    let env = vec![(
+        "SWITCHYARD__LIMITS__MAX_INFLIGHT_JOBS".to_owned(),
+        "many".to_owned(),
+    )];
+    let e = load_str(MINIMAL, "t", env).unwrap_err().to_string();
+    assert!(e.contains("limits.max_inflight_jobs"), "{e}");
+}
+
+#[test]
+fn a_model_without_a_price_loads_with_a_warning_naming_it() {
+    let text = MINIMAL.replace(", price: {input: 0.15, output: 0.6}", "");
+    let plan = load(&text).unwrap();
+    assert!(
+        plan.warnings
+            .iter()
+            .any(|w| w.contains("models.small.price")),
+        "{:?}",
+        plan.warnings
+    );
+    assert!(load(MINIMAL).unwrap().warnings.is_empty());
+}

@@ -1,0 +1,26 @@
+//! switchyard: a stream processor for production LLM jobs.
+//!
+//! Jobs arrive from a broker ([`source`]) as bytes with an ack handle, are decoded and validated
+//! against the v1 wire contract ([`model`]), claimed for idempotency ([`state`]), run through
+//! their pipeline's DAG of steps on bounded per-kind worker pools ([`pipeline`]) that call LLM
+//! providers through the retry and fallback loop ([`provider`]), and end as a result, review
+//! request or dead letter written to the broker ([`sink`]). Only after the broker confirms that
+//! write is the input acknowledged ([`ack`]: Kafka offsets are committed only below the lowest
+//! unfinished one). [`engine`] is that per-job path; [`app`] wires it to a plan ([`config`]) and
+//! owns shutdown; [`demo`] runs everything in one process against an in-process Kafka cluster and
+//! the built-in mock provider; [`tools`] holds the operator commands (`publish`, `tail`) and [`mod@bench`] the benchmark.
+
+pub mod ack;
+pub mod app;
+pub mod bench;
+pub mod config;
+pub mod demo;
+pub mod engine;
+pub mod model;
+pub mod pipeline;
+pub mod provider;
+pub mod sink;
+pub mod source;
+pub mod state;
+pub mod telemetry;
+pub mod tools;

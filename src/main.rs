@@ -1,0 +1,227 @@
+//! The `switchyard` command line: parses arguments and calls into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use switchyard::config::{self, Faults, Latency, MockSettings};
+use switchyard::{app, demo, provider, telemetry, tools};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Stream processor for production LLM jobs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service with a config file (SWITCHYARD__* environment variables override it).
+    Run {
+        #[arg(long, short, env = "SWITCHYARD_CONFIG")]
+        config: PathBuf,
+        /// Log as JSON lines (overrides `log.format`).
+        #[arg(long)]
+        log_json: bool,
+    },
+    /// Run everything in one process (in-process Kafka, mock LLM) on a sample workload.
+    Demo(demo::DemoArgs),
+    /// Serve the mock LLM provider (OpenAI-compatible) on a local port.
+    MockLlm {
+        #[arg(long, default_value_t = 8089)]
+        port: u16,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Median latency in milliseconds.
+        #[arg(long, default_value_t = 200)]
+        latency_ms: u64,
+        /// 99th percentile latency in milliseconds (log-normal); equal to --latency-ms for fixed.
+        #[arg(long)]
+        latency_p99_ms: Option<u64>,
+        /// Share of requests answered 429 with Retry-After.
+        #[arg(long, default_value_t = 0.0)]
+        rate_429: f64,
+        #[arg(long, default_value_t = 1)]
+        retry_after_s: u64,
+        /// Share of requests answered 500.
+        #[arg(long, default_value_t = 0.0)]
+        rate_500: f64,
+        /// Share of requests that hang.
+        #[arg(long, default_value_t = 0.0)]
+        rate_hang: f64,
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+    /// Publish jobs (JSONL file or generated) to the source of a config.
+    Publish(tools::PublishArgs),
+    /// Print results, review requests and dead letters as they arrive.
+    Tail(tools::TailArgs),
+    /// Benchmark the embedded deployment (drain: throughput against a bare loop; rate: latency).
+    Bench(switchyard::bench::BenchArgs),
+    /// Validate a config file; exits non-zero naming every bad field.
+    CheckConfig { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::CheckConfig { file } => match config::load(&file) {
+            Ok(plan) => {
+                for warning in &plan.warnings {
+                    eprintln!("warning: {warning}");
+                }
+                println!(
+                    "{}: ok ({} providers, {} models, {} pipelines)",
+                    file.display(),
+                    plan.providers.len(),
+                    plan.models.len(),
+                    plan.pipelines.len()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        Command::Run {
+            config: path,
+            log_json,
+        } => {
+            let plan = match config::load(&path) {
+                Ok(plan) => plan,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            telemetry::init_tracing(&plan.log.filter, plan.log.json || log_json);
+            for warning in &plan.warnings {
+                tracing::warn!(%warning, "config");
+            }
+            let shutdown = CancellationToken::new();
+            let service = app::run(plan, shutdown.clone());
+            tokio::pin!(service);
+            let result = tokio::select! {
+                result = &mut service => result,
+                () = wait_for_signal() => {
+                    tracing::info!("shutdown requested; draining");
+                    shutdown.cancel();
+                    service.await
+                }
+            };
+            result.map(|()| ExitCode::SUCCESS)
+        }
+        Command::Publish(args) => {
+            telemetry::init_tracing("warn", false);
+            tools::publish(args).await
+        }
+        Command::Tail(args) => {
+            telemetry::init_tracing("warn", false);
+            tools::tail(args).await
+        }
+        Command::Bench(args) => {
+            telemetry::init_tracing("error", false);
+            switchyard::bench::run(args).await
+        }
+        Command::Demo(args) => {
+            telemetry::init_tracing("error", false);
+            demo::run(args).await
+        }
+        Command::MockLlm {
+            port,
+            host,
+            latency_ms,
+            latency_p99_ms,
+            rate_429,
+            retry_after_s,
+            rate_500,
+            rate_hang,
+            seed,
+        } => {
+            telemetry::init_tracing("info", false);
+            let latency = match latency_p99_ms {
+                Some(p99) if p99 > latency_ms && latency_ms > 0 => Latency::Lognormal {
+                    p50_ms: latency_ms,
+                    p99_ms: p99,
+                },
+                _ => Latency::Fixed { ms: latency_ms },
+            };
+            for (name, rate) in [
+                ("--rate-429", rate_429),
+                ("--rate-500", rate_500),
+                ("--rate-hang", rate_hang),
+            ] {
+                anyhow::ensure!(
+                    (0.0..=1.0).contains(&rate),
+                    "{name} must be between 0 and 1"
+                );
+            }
+            let settings = MockSettings {
+                latency,
+                faults: Faults {
+                    rate_429,
+                    retry_after_s,
+                    rate_500,
+                    rate_hang,
+                },
+                seed,
+            };
+            let server =
+                provider::mock::MockServer::start(&format!("{host}:{port}"), settings).await?;
+            println!(
+                "mock LLM listening on http://{}/v1 (POST /v1/chat/completions, GET /mock/stats)",
+                server.addr()
+            );
+            wait_for_signal().await;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

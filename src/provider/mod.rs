@@ -1,0 +1,183 @@
+//! LLM providers: one pooled HTTP client, a client per configured provider (enum dispatch), and
+//! the reliability loop around each call ([`reliability`]).
+//!
+//! `kind: mock` providers are served by the built-in mock server ([`mock`]) on a loopback port
+//! and reached through the same OpenAI-compatible client, so tests and the demo exercise the
+//! real HTTP path.
+
+pub mod circuit;
+pub mod errors;
+pub mod mock;
+pub mod openai;
+pub mod reliability;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::config::{ModelPlan, Plan, ProviderKind, RetryPolicy};
+pub use errors::{ErrorAction, ProviderError};
+pub use reliability::{CallFailure, CallOutcome};
+
+/// One chat request, already rendered from its prompt.
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    pub model: String,
+    pub system: Option<String>,
+    pub user: String,
+    pub max_tokens: u32,
+    pub temperature: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ChatResponse {
+    pub content: String,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// Rough token count (4 characters a token) for servers that omit `usage`.
+pub fn estimate_tokens(text: &str) -> u64 {
+    (text.chars().count() as u64).div_ceil(4)
+}
+
+#[derive(Clone)]
+pub enum LlmProvider {
+    OpenAi(openai::OpenAiClient),
+}
+
+impl LlmProvider {
+    pub async fn chat(
+        &self,
+        request: &ChatRequest,
+        timeout: Duration,
+    ) -> Result<ChatResponse, ProviderError> {
+        match self {
+            LlmProvider::OpenAi(client) => client.chat(request, timeout).await,
+        }
+    }
+}
+
+pub struct ProviderHandle {
+    pub name: String,
+    pub client: LlmProvider,
+    pub retry: RetryPolicy,
+}
+
+/// One circuit breaker per provider + model.
+pub type Circuits = BTreeMap<(String, String), circuit::CircuitBreaker>;
+
+/// Every provider and model of the plan, ready to call.
+pub struct Providers {
+    targets: BTreeMap<String, ProviderHandle>,
+    models: BTreeMap<String, Arc<ModelPlan>>,
+    /// Keeps the in-process mock servers running as long as the providers live.
+    _mock_servers: Vec<mock::MockServer>,
+    metrics: Arc<crate::telemetry::metrics::Metrics>,
+    /// Log prompt and response text with each call (`log.payloads`).
+    log_payloads: bool,
+    circuits: Circuits,
+}
+
+impl Providers {
+    /// Builds the clients; starts a mock server for each `kind: mock` provider. Fails naming the
+    /// field when a referenced API key variable is not set.
+    pub async fn start(
+        plan: &Plan,
+        metrics: Arc<crate::telemetry::metrics::Metrics>,
+    ) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(1024)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true)
+            .build()
+            .context("building the HTTP client")?;
+        let mut targets = BTreeMap::new();
+        let mut mock_servers = Vec::new();
+        for (name, provider) in &plan.providers {
+            let client = match &provider.kind {
+                ProviderKind::OpenAi {
+                    base_url,
+                    api_key_env,
+                } => {
+                    let api_key = match api_key_env {
+                        Some(var) => Some(std::env::var(var).map_err(|_| {
+                            anyhow::anyhow!("providers.{name}.api_key_env: environment variable {var} is not set")
+                        })?),
+                        None => None,
+                    };
+                    openai::OpenAiClient::new(
+                        http.clone(),
+                        base_url,
+                        api_key,
+                        plan.limits.max_response_bytes,
+                    )
+                }
+                ProviderKind::Mock(settings) => {
+                    let server = mock::MockServer::start("127.0.0.1:0", settings.clone())
+                        .await
+                        .with_context(|| {
+                            format!("starting the mock server for providers.{name}")
+                        })?;
+                    let base_url = format!("http://{}/v1", server.addr());
+                    mock_servers.push(server);
+                    openai::OpenAiClient::new(
+                        http.clone(),
+                        &base_url,
+                        None,
+                        plan.limits.max_response_bytes,
+                    )
+                }
+            };
+            targets.insert(
+                name.clone(),
+                ProviderHandle {
+                    name: name.clone(),
+                    client: LlmProvider::OpenAi(client),
+                    retry: provider.retry,
+                },
+            );
+        }
+        let mut circuits = Circuits::new();
+        for model in plan.models.values() {
+            if let Some(provider) = plan.providers.get(&model.provider) {
+                let key = (model.provider.clone(), model.model.clone());
+                circuits
+                    .entry(key)
+                    .or_insert_with(|| circuit::CircuitBreaker::new(provider.circuit));
+                metrics
+                    .circuit_state
+                    .with_label_values(&[&model.provider, &model.model])
+                    .set(0);
+            }
+        }
+        Ok(Self {
+            targets,
+            models: plan.models.clone(),
+            _mock_servers: mock_servers,
+            metrics,
+            log_payloads: plan.log.payloads,
+            circuits,
+        })
+    }
+
+    /// The breaker of a provider + model (every configured model has one).
+    pub fn circuit(&self, provider: &str, model: &str) -> Option<&circuit::CircuitBreaker> {
+        self.circuits.get(&(provider.to_owned(), model.to_owned()))
+    }
+
+    pub fn model(&self, alias: &str) -> Option<&Arc<ModelPlan>> {
+        self.models.get(alias)
+    }
+
+    pub fn target(&self, provider: &str) -> Option<&ProviderHandle> {
+        self.targets.get(provider)
+    }
+
+    /// Addresses of the in-process mock servers (for stats in tests and the demo).
+    pub fn mock_servers(&self) -> impl Iterator<Item = &mock::MockServer> {
+        self._mock_servers.iter()
+    }
+}

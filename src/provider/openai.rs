@@ -1,0 +1,231 @@
+//! OpenAI-compatible chat completions (`POST {base_url}/chat/completions`).
+//!
+//! Only the common subset is used (`model`, `messages`, `max_tokens`, `temperature`), so the same
+//! client works with OpenAI, vLLM, Ollama and llama.cpp servers; a missing `usage` is estimated.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::errors::{parse_retry_after, ProviderError};
+use super::{estimate_tokens, ChatRequest, ChatResponse};
+
+#[derive(Clone)]
+pub struct OpenAiClient {
+    http: reqwest::Client,
+    endpoint: String,
+    api_key: Option<String>,
+    max_response_bytes: usize,
+}
+
+#[derive(Serialize)]
+struct Message<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    model: &'a str,
+    messages: Vec<Message<'a>>,
+    max_tokens: u32,
+    temperature: f64,
+}
+
+impl OpenAiClient {
+    pub fn new(
+        http: reqwest::Client,
+        base_url: &str,
+        api_key: Option<String>,
+        max_response_bytes: usize,
+    ) -> Self {
+        Self {
+            http,
+            endpoint: format!("{}/chat/completions", base_url.trim_end_matches('/')),
+            api_key,
+            max_response_bytes,
+        }
+    }
+
+    /// One attempt, bounded by `timeout` from send to the last body byte.
+    pub async fn chat(
+        &self,
+        request: &ChatRequest,
+        timeout: Duration,
+    ) -> Result<ChatResponse, ProviderError> {
+        match tokio::time::timeout(timeout, self.attempt(request)).await {
+            Ok(result) => result,
+            Err(_) => Err(ProviderError::Timeout(timeout)),
+        }
+    }
+
+    async fn attempt(&self, request: &ChatRequest) -> Result<ChatResponse, ProviderError> {
+        let mut messages = Vec::with_capacity(2);
+        if let Some(system) = &request.system {
+            messages.push(Message {
+                role: "system",
+                content: system,
+            });
+        }
+        messages.push(Message {
+            role: "user",
+            content: &request.user,
+        });
+        let body = Body {
+            model: &request.model,
+            messages,
+            max_tokens: request.max_tokens,
+            temperature: request.temperature,
+        };
+        let mut builder = self.http.post(&self.endpoint).json(&body);
+        if let Some(key) = &self.api_key {
+            builder = builder.bearer_auth(key);
+        }
+        let mut response = builder.send().await.map_err(transport_error)?;
+        let status = response.status().as_u16();
+        let retry_after = retry_after(response.headers());
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(transport_error)? {
+            if bytes.len() + chunk.len() > self.max_response_bytes {
+                return Err(ProviderError::InvalidResponse(format!(
+                    "response is larger than {} bytes (limits.max_response_bytes)",
+                    self.max_response_bytes
+                )));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        if status == 200 {
+            return parse_success(&bytes, request);
+        }
+        Err(classify_status(status, retry_after, &bytes))
+    }
+}
+
+fn transport_error(e: reqwest::Error) -> ProviderError {
+    if e.is_timeout() {
+        ProviderError::Timeout(Duration::ZERO)
+    } else if e.is_connect() {
+        ProviderError::Connect(e.to_string())
+    } else {
+        // Resets and truncated bodies: the same class as a connection failure.
+        ProviderError::Connect(format!("{e}"))
+    }
+}
+
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    if let Some(ms) = headers
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<f64>().ok())
+    {
+        return (ms >= 0.0)
+            .then(|| Duration::try_from_secs_f64(ms / 1000.0).unwrap_or(Duration::MAX));
+    }
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    parse_retry_after(value, chrono::Utc::now())
+}
+
+fn parse_success(bytes: &[u8], request: &ChatRequest) -> Result<ChatResponse, ProviderError> {
+    let body: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ProviderError::InvalidResponse(format!("body is not JSON: {e}")))?;
+    let content = body
+        .pointer("/choices/0/message/content")
+        .and_then(Value::as_str)
+        .ok_or_else(|| {
+            ProviderError::InvalidResponse("no choices[0].message.content in the response".into())
+        })?
+        .to_owned();
+    let usage = |field: &str| {
+        body.pointer(&format!("/usage/{field}"))
+            .and_then(Value::as_u64)
+    };
+    let input_tokens = usage("prompt_tokens").unwrap_or_else(|| {
+        estimate_tokens(request.system.as_deref().unwrap_or_default())
+            + estimate_tokens(&request.user)
+    });
+    let output_tokens = usage("completion_tokens").unwrap_or_else(|| estimate_tokens(&content));
+    Ok(ChatResponse {
+        content,
+        input_tokens,
+        output_tokens,
+    })
+}
+
+fn classify_status(status: u16, retry_after: Option<Duration>, bytes: &[u8]) -> ProviderError {
+    let body: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
+    let field = |name: &str| {
+        body.pointer(&format!("/error/{name}"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+    };
+    let message = match field("message") {
+        "" => String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned(),
+        m => m.to_owned(),
+    };
+    let code = field("code");
+    match status {
+        429 => ProviderError::RateLimited {
+            retry_after,
+            message,
+        },
+        401 | 403 => ProviderError::Auth { status, message },
+        400 if code == "context_length_exceeded" => ProviderError::ContextLength(message),
+        400 if code == "content_filter" || field("type").contains("content_filter") => {
+            ProviderError::ContentFilter(message)
+        }
+        408 | 409 | 500..=599 => ProviderError::Server {
+            status,
+            retry_after,
+            message,
+        },
+        _ => ProviderError::BadRequest { status, message },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_documented_error_bodies() {
+        let body = br#"{"error":{"message":"This model's maximum context length is 128000 tokens.","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#;
+        assert!(matches!(
+            classify_status(400, None, body),
+            ProviderError::ContextLength(_)
+        ));
+        let body = br#"{"error":{"message":"Incorrect API key provided","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#;
+        assert!(matches!(
+            classify_status(401, None, body),
+            ProviderError::Auth { status: 401, .. }
+        ));
+        let e = classify_status(429, Some(Duration::from_secs(2)), b"{}");
+        assert_eq!(
+            e.action(),
+            super::super::errors::ErrorAction::RetrySameTarget {
+                after: Some(Duration::from_secs(2))
+            }
+        );
+        assert!(matches!(
+            classify_status(503, None, b"oops"),
+            ProviderError::Server { status: 503, .. }
+        ));
+    }
+
+    #[test]
+    fn reads_content_and_usage() {
+        let body = br#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15}}"#;
+        let req = ChatRequest {
+            model: "m".into(),
+            system: None,
+            user: "u".into(),
+            max_tokens: 5,
+            temperature: 0.0,
+        };
+        let r = parse_success(body, &req).unwrap();
+        assert_eq!(
+            (r.content.as_str(), r.input_tokens, r.output_tokens),
+            ("hi", 12, 3)
+        );
+    }
+}

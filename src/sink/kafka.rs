@@ -1,0 +1,105 @@
+//! Kafka sink: an idempotent producer (`acks=all`); a send resolves on the broker's ack.
+
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+
+use super::{Destination, Output, OutputSink, SinkError};
+use crate::config::{KafkaSinkPlan, Topics};
+
+/// Properties a confirmed write depends on; config cannot override them.
+const FORCED: [(&str, &str); 2] = [("acks", "all"), ("enable.idempotence", "true")];
+
+#[derive(Clone)]
+pub struct KafkaSink {
+    producer: FutureProducer,
+    topics: Topics,
+    delivery_timeout: std::time::Duration,
+}
+
+impl KafkaSink {
+    pub fn new(plan: &KafkaSinkPlan) -> Result<Self, KafkaError> {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &plan.brokers)
+            .set("linger.ms", "5")
+            .set(
+                "message.timeout.ms",
+                plan.delivery_timeout.as_millis().to_string(),
+            )
+            .set("client.id", "switchyard");
+        for (key, value) in &plan.librdkafka {
+            if FORCED.iter().any(|(k, _)| k == key) {
+                tracing::warn!(property = %key, "ignoring sink.librdkafka override: a write counts as confirmed only with it");
+                continue;
+            }
+            config.set(key, value);
+        }
+        for (key, value) in FORCED {
+            config.set(key, value);
+        }
+        Ok(Self {
+            producer: config.create()?,
+            topics: plan.topics.clone(),
+            delivery_timeout: plan.delivery_timeout,
+        })
+    }
+
+    fn topic(&self, destination: Destination) -> &str {
+        match destination {
+            Destination::Results => &self.topics.results,
+            Destination::Review => &self.topics.review,
+            Destination::DeadLetters => &self.topics.dlq,
+        }
+    }
+}
+
+impl OutputSink for KafkaSink {
+    async fn send(&self, output: &Output) -> Result<(), SinkError> {
+        let topic = self.topic(output.destination);
+        let mut record = FutureRecord::<str, [u8]>::to(topic).payload(&output.payload);
+        if let Some(tenant) = &output.tenant {
+            record = record.key(tenant.as_str());
+        }
+        if let Some(traceparent) = &output.traceparent {
+            record = record.headers(OwnedHeaders::new().insert(Header {
+                key: "traceparent",
+                value: Some(traceparent.as_str()),
+            }));
+        }
+        match self
+            .producer
+            .send(record, Timeout::After(self.delivery_timeout))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err((e, _)) => Err(classify(e)),
+        }
+    }
+
+    async fn flush(&self) {
+        let producer = self.producer.clone();
+        let timeout = self.delivery_timeout;
+        match tokio::task::spawn_blocking(move || producer.flush(Timeout::After(timeout))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "kafka producer flush incomplete"),
+            Err(e) => tracing::warn!(error = %e, "kafka producer flush task failed"),
+        }
+    }
+}
+
+fn classify(e: KafkaError) -> SinkError {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    match e.rdkafka_error_code() {
+        Some(
+            C::MessageSizeTooLarge
+            | C::InvalidMessageSize
+            | C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::InvalidTopic,
+        ) => SinkError::Permanent(e.to_string()),
+        _ => SinkError::Transient(e.to_string()),
+    }
+}

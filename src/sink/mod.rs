@@ -1,0 +1,80 @@
+//! Output sinks: results, review requests and dead letters to their topics.
+//!
+//! `send` resolves only when the broker confirmed the write; the job's ack waits for it.
+
+pub mod kafka;
+pub mod nats;
+
+use std::future::Future;
+
+/// Where an output goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    Results,
+    Review,
+    DeadLetters,
+}
+
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub destination: Destination,
+    /// The tenant, when known: the message key, so one tenant's outputs stay in order.
+    pub tenant: Option<String>,
+    pub payload: Vec<u8>,
+    /// Propagated W3C `traceparent`, written as a message header.
+    pub traceparent: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The broker did not confirm in time or is unreachable: retry later.
+    #[error("output write failed, will retry: {0}")]
+    Transient(String),
+    /// This output can never be written (too large, not authorized).
+    #[error("output cannot be written: {0}")]
+    Permanent(String),
+}
+
+pub trait OutputSink: Send + Sync + 'static {
+    fn send(&self, output: &Output) -> impl Future<Output = Result<(), SinkError>> + Send;
+
+    /// Waits until queued writes are confirmed, up to the sink's delivery timeout.
+    fn flush(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// The configured sink (enum dispatch over the transports).
+#[derive(Clone)]
+pub enum Sink {
+    Kafka(kafka::KafkaSink),
+    Nats(Box<nats::NatsSink>),
+}
+
+impl Sink {
+    pub async fn open(plan: &crate::config::SinkPlan) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        Ok(match plan {
+            crate::config::SinkPlan::Kafka(k) => {
+                Sink::Kafka(kafka::KafkaSink::new(k).context("creating the Kafka producer (sink)")?)
+            }
+            crate::config::SinkPlan::Nats(n) => {
+                Sink::Nats(Box::new(nats::NatsSink::connect(n).await?))
+            }
+        })
+    }
+}
+
+impl OutputSink for Sink {
+    async fn send(&self, output: &Output) -> Result<(), SinkError> {
+        match self {
+            Sink::Kafka(s) => s.send(output).await,
+            Sink::Nats(s) => s.send(output).await,
+        }
+    }
+
+    async fn flush(&self) {
+        match self {
+            Sink::Kafka(s) => s.flush().await,
+            Sink::Nats(s) => s.flush().await,
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! NATS sink: outputs to `<prefix>.<tenant>` subjects; with JetStream, a send resolves on the
+//! stream's publish ack.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+
+use super::{Destination, Output, OutputSink, SinkError};
+use crate::config::{NatsSinkPlan, Topics};
+
+/// The subject token for outputs whose tenant could not be read (cannot start a tenant name).
+pub const UNKNOWN_TENANT: &str = "_unknown";
+
+#[derive(Clone)]
+pub struct NatsSink {
+    client: async_nats::Client,
+    js: Option<jetstream::Context>,
+    topics: Topics,
+    timeout: Duration,
+}
+
+impl NatsSink {
+    pub async fn connect(plan: &NatsSinkPlan) -> anyhow::Result<Self> {
+        let client = async_nats::ConnectOptions::new()
+            .name("switchyard-sink")
+            .retry_on_initial_connect()
+            .connect(&plan.url)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("sink.url: cannot connect to NATS at {}: {e}", plan.url)
+            })?;
+        let js = if plan.jetstream {
+            let mut js = jetstream::new(client.clone());
+            js.set_timeout(plan.delivery_timeout);
+            if let Some(name) = &plan.stream {
+                let subjects = [&plan.topics.results, &plan.topics.review, &plan.topics.dlq]
+                    .iter()
+                    .map(|t| format!("{t}.>"))
+                    .collect();
+                js.get_or_create_stream(stream::Config {
+                    name: name.clone(),
+                    subjects,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("sink.stream: cannot create or open stream {name}: {e}")
+                })?;
+            }
+            Some(js)
+        } else {
+            None
+        };
+        Ok(Self {
+            client,
+            js,
+            topics: plan.topics.clone(),
+            timeout: plan.delivery_timeout,
+        })
+    }
+
+    fn subject(&self, output: &Output) -> String {
+        let prefix = match output.destination {
+            Destination::Results => &self.topics.results,
+            Destination::Review => &self.topics.review,
+            Destination::DeadLetters => &self.topics.dlq,
+        };
+        format!(
+            "{prefix}.{}",
+            output.tenant.as_deref().unwrap_or(UNKNOWN_TENANT)
+        )
+    }
+}
+
+impl OutputSink for NatsSink {
+    async fn send(&self, output: &Output) -> Result<(), SinkError> {
+        let subject = self.subject(output);
+        let payload = bytes::Bytes::copy_from_slice(&output.payload);
+        if payload.len() > self.client.server_info().max_payload {
+            return Err(SinkError::Permanent(format!(
+                "{} bytes exceed the server's max_payload of {}",
+                payload.len(),
+                self.client.server_info().max_payload
+            )));
+        }
+        let headers = output.traceparent.as_ref().map(|tp| {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("traceparent", tp.as_str());
+            headers
+        });
+        let transient = |e: &dyn std::fmt::Display| SinkError::Transient(e.to_string());
+        match &self.js {
+            Some(js) => {
+                let ack = match headers {
+                    Some(h) => js.publish_with_headers(subject, h, payload).await,
+                    None => js.publish(subject, payload).await,
+                }
+                .map_err(|e| transient(&e))?;
+                ack.await.map(|_| ()).map_err(|e| transient(&e))
+            }
+            None => {
+                match headers {
+                    Some(h) => self.client.publish_with_headers(subject, h, payload).await,
+                    None => self.client.publish(subject, payload).await,
+                }
+                .map_err(|e| transient(&e))?;
+                tokio::time::timeout(self.timeout, self.client.flush())
+                    .await
+                    .map_err(|_| SinkError::Transient("flush timed out".into()))?
+                    .map_err(|e| transient(&e))
+            }
+        }
+    }
+
+    async fn flush(&self) {
+        if let Err(e) = self.client.flush().await {
+            tracing::warn!(error = %e, "NATS sink flush failed");
+        }
+    }
+}

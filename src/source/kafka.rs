@@ -1,0 +1,303 @@
+//! Kafka source: a consumer-group member that stores an offset only when every earlier offset of
+//! its partition is finished (see [`crate::ack`]).
+//!
+//! Offsets are stored by switchyard (`enable.auto.offset.store=false`) and committed by
+//! librdkafka's auto-commit and on close, so a commit never covers an unfinished job. Revoked
+//! partitions are forgotten before librdkafka commits at the rebalance.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use futures::future::BoxFuture;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers as _, Message};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use super::{AckHandle, Acknowledge, Delivery, JobSource, SourceError};
+use crate::ack::{OffsetTracker, PartitionKey, Ticket};
+use crate::config::KafkaSourcePlan;
+use crate::model::SourceInfo;
+
+/// Longest a revocation waits for in-flight jobs of the revoked partitions.
+const REVOKE_DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Properties at-least-once delivery depends on; config cannot override them.
+const FORCED: [(&str, &str); 2] = [
+    ("enable.auto.offset.store", "false"),
+    ("enable.auto.commit", "true"),
+];
+
+pub struct SourceContext {
+    tracker: Arc<OffsetTracker>,
+    /// Whether this member has joined the group (an assignment, possibly empty, arrived).
+    joined: std::sync::atomic::AtomicBool,
+    /// Summed lag of this member's partitions from the last statistics report (-1: unknown).
+    lag: std::sync::atomic::AtomicI64,
+}
+
+impl ClientContext for SourceContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let lag: i64 = statistics
+            .topics
+            .values()
+            .flat_map(|t| t.partitions.values())
+            .filter(|p| p.partition >= 0 && p.consumer_lag >= 0)
+            .map(|p| p.consumer_lag)
+            .sum();
+        self.lag.store(lag, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
+        let revoked: Vec<PartitionKey> = tpl
+            .elements()
+            .iter()
+            .map(|e| PartitionKey {
+                topic: Arc::from(e.topic()),
+                partition: e.partition(),
+            })
+            .collect();
+        // Give in-flight jobs of the revoked partitions a bounded moment to finish, so their
+        // offsets are stored and committed with the revocation instead of being redelivered to
+        // the next owner (which would answer them from the idempotency store). This runs on the
+        // polling thread; the jobs finish on the other runtime workers.
+        let started = std::time::Instant::now();
+        while self.tracker.in_flight_in(&revoked) > 0 && started.elapsed() < REVOKE_DRAIN {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let handed_back = self.tracker.in_flight_in(&revoked);
+        self.tracker.revoke(revoked.clone());
+        // Commit now, while the partitions are still ours, so the next owner starts where this
+        // member stopped rather than at the last periodic commit.
+        match consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(())
+            | Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "commit at revocation failed; the next owner replays from the last commit")
+            }
+        }
+        tracing::info!(
+            partitions = revoked.len(),
+            handed_back,
+            "kafka partitions revoked"
+        );
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                self.joined
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(partitions = tpl.count(), "kafka partitions assigned");
+            }
+            Rebalance::Error(e) => {
+                self.joined
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(error = %e, "kafka rebalance error");
+            }
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+type Inner = StreamConsumer<SourceContext>;
+
+pub struct KafkaSource {
+    consumer: Arc<Inner>,
+    tracker: Arc<OffsetTracker>,
+    topic: Arc<str>,
+}
+
+/// Reads the lag librdkafka reported in its last statistics.
+#[derive(Clone)]
+pub struct LagReader(Arc<Inner>);
+
+impl LagReader {
+    pub fn lag(&self) -> Option<i64> {
+        let lag = self
+            .0
+            .context()
+            .lag
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (lag >= 0).then_some(lag)
+    }
+}
+
+impl KafkaSource {
+    pub fn lag_reader(&self) -> LagReader {
+        LagReader(self.consumer.clone())
+    }
+
+    pub fn new(plan: &KafkaSourcePlan) -> Result<Self, KafkaError> {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &plan.brokers)
+            .set("group.id", &plan.group)
+            .set("auto.offset.reset", "earliest")
+            .set("auto.commit.interval.ms", "1000")
+            // librdkafka waits up to 500 ms for a fetch to fill by default: seconds of LLM latency
+            // hide it, but a job should not wait for a batch to form.
+            .set("fetch.wait.max.ms", "50")
+            .set("client.id", "switchyard")
+            .set("statistics.interval.ms", "5000");
+        for (key, value) in &plan.librdkafka {
+            if FORCED.iter().any(|(k, _)| k == key) {
+                tracing::warn!(property = %key, "ignoring source.librdkafka override: switchyard manages it");
+                continue;
+            }
+            config.set(key, value);
+        }
+        for (key, value) in FORCED {
+            config.set(key, value);
+        }
+        let tracker = Arc::new(OffsetTracker::default());
+        let consumer: Inner = config.create_with_context(SourceContext {
+            tracker: tracker.clone(),
+            joined: Default::default(),
+            lag: std::sync::atomic::AtomicI64::new(-1),
+        })?;
+        consumer.subscribe(&[&plan.topic])?;
+        Ok(Self {
+            consumer: Arc::new(consumer),
+            tracker,
+            topic: Arc::from(plan.topic.as_str()),
+        })
+    }
+}
+
+impl JobSource for KafkaSource {
+    async fn next(&mut self) -> Result<Delivery, SourceError> {
+        let message = self.consumer.recv().await.map_err(classify)?;
+        let topic = if message.topic() == &*self.topic {
+            self.topic.clone()
+        } else {
+            Arc::from(message.topic())
+        };
+        let key = PartitionKey {
+            topic,
+            partition: message.partition(),
+        };
+        let ticket = self.tracker.register(key, message.offset());
+        let source = SourceInfo {
+            transport: "kafka".into(),
+            topic: message.topic().to_owned(),
+            partition: Some(message.partition()),
+            offset: Some(message.offset()),
+            stream_seq: None,
+        };
+        let payload = message.payload().unwrap_or_default().to_vec();
+        let traceparent = message.headers().and_then(|headers| {
+            headers
+                .iter()
+                .find(|h| h.key.eq_ignore_ascii_case("traceparent"))
+                .and_then(|h| h.value)
+                .and_then(crate::model::valid_traceparent)
+        });
+        let ack = KafkaAck {
+            ticket,
+            consumer: self.consumer.clone(),
+            tracker: self.tracker.clone(),
+        };
+        Ok(Delivery {
+            payload,
+            traceparent,
+            source,
+            received_at: Utc::now(),
+            ack: AckHandle::new(ack),
+        })
+    }
+
+    fn is_connected(&self) -> bool {
+        self.consumer
+            .context()
+            .joined
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    async fn close(self) {
+        let consumer = self.consumer;
+        let in_flight = self.tracker.in_flight();
+        // Commit is a blocking network call; keep it off the async workers.
+        let result = tokio::task::spawn_blocking(move || {
+            let result = consumer.commit_consumer_state(CommitMode::Sync);
+            consumer.unsubscribe();
+            result
+        })
+        .await;
+        match result {
+            Ok(Ok(()))
+            | Ok(Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset))) => {
+                tracing::info!(
+                    handed_back = in_flight,
+                    "kafka source closed, offsets committed"
+                )
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "final kafka commit failed; uncommitted jobs will be redelivered")
+            }
+            Err(e) => tracing::warn!(error = %e, "final kafka commit task failed"),
+        }
+    }
+}
+
+fn classify(e: KafkaError) -> SourceError {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    match e.rdkafka_error_code() {
+        Some(
+            C::TopicAuthorizationFailed | C::GroupAuthorizationFailed | C::SaslAuthenticationFailed,
+        ) => SourceError::Fatal(e.to_string()),
+        _ => SourceError::Transient(e.to_string()),
+    }
+}
+
+struct KafkaAck {
+    ticket: Ticket,
+    consumer: Arc<Inner>,
+    tracker: Arc<OffsetTracker>,
+}
+
+impl Acknowledge for KafkaAck {
+    fn ack(self: Box<Self>, _poison: bool) -> BoxFuture<'static, ()> {
+        self.store();
+        Box::pin(std::future::ready(()))
+    }
+
+    fn keep_alive(&self) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
+
+    fn keep_alive_every(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    fn hand_back(self: Box<Self>) -> BoxFuture<'static, ()> {
+        // The offset stays in flight, so no commit passes it; it is redelivered after a restart
+        // or rebalance.
+        Box::pin(std::future::ready(()))
+    }
+}
+
+impl KafkaAck {
+    fn store(&self) {
+        let consumer = &self.consumer;
+        self.tracker.finish(&self.ticket, |key, position| {
+            let mut tpl = TopicPartitionList::new();
+            if tpl.add_partition_offset(&key.topic, key.partition, Offset::Offset(position)).is_err() {
+                return;
+            }
+            // Fails with a state error when the partition was revoked meanwhile: then the new
+            // owner redelivers from the last commit, which is what must happen.
+            if let Err(e) = consumer.store_offsets(&tpl) {
+                tracing::debug!(error = %e, partition = key.partition, position, "offset not stored");
+            }
+        });
+    }
+}

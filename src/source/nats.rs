@@ -1,0 +1,213 @@
+//! NATS JetStream source: a durable pull consumer shared by every replica (queue semantics),
+//! explicit acks only after the job's output is confirmed.
+//!
+//! While a job runs, in-progress acks (every third of `ack_wait`) keep the server from
+//! redelivering it; a job handed back at shutdown is nak'ed so another replica takes it at once;
+//! an invalid job is `term`ed after its dead letter is written, so it is never redelivered.
+//! Pulls are small (`batch`) so prefetched messages do not sit in the client past their ack wait.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
+use async_nats::jetstream::message::{AckKind, Acker};
+use async_nats::jetstream::{self, stream};
+use chrono::Utc;
+use futures::future::BoxFuture;
+use futures::StreamExt;
+
+use super::{AckHandle, Acknowledge, Delivery, JobSource, SourceError};
+use crate::config::NatsSourcePlan;
+use crate::model::SourceInfo;
+
+pub struct NatsSource {
+    client: async_nats::Client,
+    consumer: PullConsumer,
+    messages: pull::Stream,
+    ack_wait: Duration,
+}
+
+impl NatsSource {
+    pub async fn connect(plan: &NatsSourcePlan) -> anyhow::Result<Self> {
+        let client = async_nats::ConnectOptions::new()
+            .name("switchyard")
+            .retry_on_initial_connect()
+            .connect(&plan.url)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("source.url: cannot connect to NATS at {}: {e}", plan.url)
+            })?;
+        let js = jetstream::new(client.clone());
+        let stream = if plan.create_stream {
+            js.get_or_create_stream(stream::Config {
+                name: plan.stream.clone(),
+                subjects: plan.subjects.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "source.stream: cannot create or open stream {}: {e}",
+                    plan.stream
+                )
+            })?
+        } else {
+            js.get_stream(&plan.stream).await.map_err(|e| {
+                anyhow::anyhow!("source.stream: stream {} is not available ({e}); create it or set create_stream: true", plan.stream)
+            })?
+        };
+        let config = pull::Config {
+            durable_name: Some(plan.consumer.clone()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: plan.ack_wait,
+            max_deliver: plan.max_deliver,
+            ..Default::default()
+        };
+        let mut consumer: PullConsumer = stream
+            .get_or_create_consumer(&plan.consumer, config.clone())
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "source.consumer: cannot create or open consumer {}: {e}",
+                    plan.consumer
+                )
+            })?;
+        // A durable consumer keeps the settings it was created with; in-progress acks are timed
+        // from the configured ack_wait, so the server's must match.
+        let current = &consumer.cached_info().config;
+        if current.ack_wait != plan.ack_wait
+            || current.max_deliver != plan.max_deliver
+            || current.ack_policy != AckPolicy::Explicit
+        {
+            tracing::info!(consumer = %plan.consumer, "updating the durable consumer to the configured ack_wait / max_deliver");
+            consumer = stream.update_consumer(config).await.map_err(|e| {
+                anyhow::anyhow!(
+                    "source.consumer: consumer {} exists with other settings (ack_wait, max_deliver) and cannot be updated: {e}",
+                    plan.consumer
+                )
+            })?;
+        }
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(plan.batch)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("source: cannot start pulling from {}: {e}", plan.consumer)
+            })?;
+        Ok(Self {
+            client,
+            consumer,
+            messages,
+            ack_wait: plan.ack_wait,
+        })
+    }
+}
+
+impl NatsSource {
+    pub fn consumer(&self) -> PullConsumer {
+        self.consumer.clone()
+    }
+}
+
+impl JobSource for NatsSource {
+    async fn next(&mut self) -> Result<Delivery, SourceError> {
+        let message = match self.messages.next().await {
+            Some(Ok(message)) => message,
+            Some(Err(e)) => return Err(SourceError::Transient(e.to_string())),
+            None => {
+                return Err(SourceError::Fatal(
+                    "the JetStream consumer stream ended".into(),
+                ))
+            }
+        };
+        let stream_seq = message.info().ok().map(|i| i.stream_sequence);
+        let (message, acker) = message.split();
+        let traceparent = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("traceparent"))
+            .and_then(|v| crate::model::valid_traceparent(v.as_str().as_bytes()));
+        let source = SourceInfo {
+            transport: "nats".into(),
+            topic: message.subject.to_string(),
+            partition: None,
+            offset: None,
+            stream_seq,
+        };
+        let ack = NatsAck {
+            acker,
+            keep_alive_every: self.ack_wait / 3,
+        };
+        Ok(Delivery {
+            payload: message.payload.to_vec(),
+            traceparent,
+            source,
+            received_at: Utc::now(),
+            ack: AckHandle::new(ack),
+        })
+    }
+
+    fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    async fn close(mut self) {
+        // Messages already pulled but never started go back at once (not after ack_wait), so
+        // another replica takes them now.
+        let mut handed_back = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
+        while let Ok(Some(Ok(message))) =
+            tokio::time::timeout_at(deadline, self.messages.next()).await
+        {
+            if message.ack_with(AckKind::Nak(None)).await.is_ok() {
+                handed_back += 1;
+            }
+        }
+        // Acks are already sent; flushing makes sure they left the socket before we exit.
+        if let Err(e) = self.client.flush().await {
+            tracing::warn!(error = %e, "could not flush NATS acks on close");
+        }
+        tracing::info!(handed_back, "NATS source closed");
+    }
+}
+
+struct NatsAck {
+    acker: Acker,
+    keep_alive_every: Duration,
+}
+
+impl NatsAck {
+    async fn send(acker: &Acker, kind: AckKind) {
+        let name = format!("{kind:?}");
+        if let Err(e) = acker.ack_with(kind).await {
+            // A lost ack means a redelivery, which the idempotency store answers as a duplicate.
+            tracing::warn!(error = %e, kind = %name, "JetStream ack failed");
+        }
+    }
+}
+
+impl Acknowledge for NatsAck {
+    fn ack(self: Box<Self>, poison: bool) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            Self::send(
+                &self.acker,
+                if poison { AckKind::Term } else { AckKind::Ack },
+            )
+            .await
+        })
+    }
+
+    fn keep_alive(&self) -> BoxFuture<'_, ()> {
+        Box::pin(Self::send(&self.acker, AckKind::Progress))
+    }
+
+    fn keep_alive_every(&self) -> Option<Duration> {
+        Some(self.keep_alive_every)
+    }
+
+    fn hand_back(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async move { Self::send(&self.acker, AckKind::Nak(None)).await })
+    }
+}

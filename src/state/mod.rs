@@ -1,0 +1,181 @@
+//! The state store: idempotency claims and final outcomes, behind one interface.
+//!
+//! A claim is a lease (owner token + expiry), renewed while its job runs, so a crashed worker's
+//! job can be taken over once the lease runs out; a completed key holds the job's final outcome
+//! for `result_ttl`, so a redelivery replays it instead of calling a provider again.
+//! `memory` is per process (embedded mode, tests); `redis` is shared by all replicas.
+//!
+//! The store tracks its own reachability: any operation that fails marks it unavailable and the
+//! next success marks it available again. The consume loop pauses while it is unavailable and
+//! readiness reports it; no job is ever processed without its claim.
+
+mod memory;
+mod redis;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use self::memory::MemoryStore;
+pub use self::redis::RedisStore;
+use crate::config::{RedisUrl, StateKind, StatePlan};
+
+/// Proof of holding a claim; completing or releasing a key needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimToken(pub(crate) String);
+
+impl ClaimToken {
+    pub(crate) fn random() -> Self {
+        Self(format!("{:032x}", rand::random::<u128>()))
+    }
+}
+
+/// The answer to "may I process this key?".
+#[derive(Debug, Clone, PartialEq)]
+pub enum Claim {
+    /// Nobody holds the key: process it, then `complete` or `release`.
+    Acquired(ClaimToken),
+    /// Finished before: these are the stored outcome's bytes.
+    Done(bytes::Bytes),
+    /// Another worker holds a live lease on it.
+    Busy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The store cannot be reached; the job must wait, never run unclaimed.
+    #[error("state store unavailable: {0}")]
+    Unavailable(String),
+}
+
+#[derive(Clone)]
+enum Backend {
+    Memory(MemoryStore),
+    Redis(RedisStore),
+}
+
+#[derive(Clone)]
+pub struct StateStore {
+    backend: Backend,
+    available: Arc<AtomicBool>,
+}
+
+impl From<MemoryStore> for StateStore {
+    fn from(store: MemoryStore) -> Self {
+        Self {
+            backend: Backend::Memory(store),
+            available: Arc::new(AtomicBool::new(true)),
+        }
+    }
+}
+
+impl StateStore {
+    /// Opens the configured store. Redis must be reachable at start-up; the error says how.
+    pub async fn open(plan: &StatePlan) -> anyhow::Result<Self> {
+        let backend = match &plan.kind {
+            StateKind::Memory { max_entries } => Backend::Memory(MemoryStore::new(*max_entries)),
+            StateKind::Redis {
+                url,
+                key_prefix,
+                timeout,
+            } => {
+                let url = match url {
+                    RedisUrl::Inline(url) => url.clone(),
+                    RedisUrl::Env(var) => std::env::var(var).map_err(|_| {
+                        anyhow::anyhow!("state.url_env: environment variable {var} is not set")
+                    })?,
+                };
+                let store = RedisStore::connect(&url, key_prefix, *timeout)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("state: cannot connect to Redis: {e}"))?;
+                Backend::Redis(store)
+            }
+        };
+        Ok(Self {
+            backend,
+            available: Arc::new(AtomicBool::new(true)),
+        })
+    }
+
+    /// The flag behind [`Self::is_available`], for readiness.
+    pub fn availability(&self) -> Arc<AtomicBool> {
+        self.available.clone()
+    }
+
+    /// Whether the last operation reached the store.
+    pub fn is_available(&self) -> bool {
+        self.available.load(Ordering::Relaxed)
+    }
+
+    fn track<T>(&self, result: Result<T, StateError>) -> Result<T, StateError> {
+        let ok = result.is_ok();
+        if self.available.swap(ok, Ordering::Relaxed) != ok {
+            match &result {
+                Ok(_) => tracing::info!("state store reachable again"),
+                Err(e) => tracing::warn!(error = %e, "state store unreachable; pausing intake"),
+            }
+        }
+        result
+    }
+
+    pub async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StateError> {
+        let result = match &self.backend {
+            Backend::Memory(m) => Ok(m.claim(key, lease)),
+            Backend::Redis(r) => r.claim(key, lease).await,
+        };
+        self.track(result)
+    }
+
+    /// Extends a live claim (re-claiming a key that vanished, e.g. after a Redis restart without
+    /// persistence); `Ok(false)` when another worker holds or finished the key.
+    pub async fn renew(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        lease: Duration,
+    ) -> Result<bool, StateError> {
+        let result = match &self.backend {
+            Backend::Memory(m) => Ok(m.renew(key, token, lease)),
+            Backend::Redis(r) => r.renew(key, token, lease).await,
+        };
+        self.track(result)
+    }
+
+    /// Stores the final outcome under `key` for `ttl`, ending the claim.
+    pub async fn complete(
+        &self,
+        key: &str,
+        outcome: bytes::Bytes,
+        ttl: Duration,
+    ) -> Result<(), StateError> {
+        let result = match &self.backend {
+            Backend::Memory(m) => {
+                m.complete(key, outcome, ttl);
+                Ok(())
+            }
+            Backend::Redis(r) => r.complete(key, outcome, ttl).await,
+        };
+        self.track(result)
+    }
+
+    /// Gives a claim up without an outcome, so a redelivery processes the job again.
+    pub async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StateError> {
+        let result = match &self.backend {
+            Backend::Memory(m) => {
+                m.release(key, token);
+                Ok(())
+            }
+            Backend::Redis(r) => r.release(key, token).await,
+        };
+        self.track(result)
+    }
+
+    /// Checks reachability (updates [`Self::is_available`]).
+    pub async fn ping(&self) -> Result<(), StateError> {
+        let result = match &self.backend {
+            Backend::Memory(_) => Ok(()),
+            Backend::Redis(r) => r.ping().await,
+        };
+        self.track(result)
+    }
+}

@@ -1,0 +1,169 @@
+//! Redis state store: idempotency claims and outcomes shared by every replica.
+//!
+//! One key per idempotency key, `{prefix}idem:{key}`, holding either `C:<owner>` (a claim, with
+//! the lease as its TTL) or `D:<outcome>` (a finished job, with the retention TTL). Claim,
+//! renew and release are Lua scripts, so check-and-set is atomic: two replicas can never both
+//! hold a live claim, and a crashed worker's claim simply expires and can be taken over.
+//! One multiplexed connection (redis' ConnectionManager, which reconnects by itself); every
+//! command has a response timeout, so an outage surfaces as [`StateError::Unavailable`] instead
+//! of a hang.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+
+use super::{Claim, ClaimToken, StateError};
+
+const CLAIM: &str = r"
+local v = redis.call('GET', KEYS[1])
+if not v then
+  redis.call('SET', KEYS[1], 'C:' .. ARGV[1], 'PX', ARGV[2])
+  return {1, ''}
+end
+if string.sub(v, 1, 2) == 'D:' then
+  return {2, string.sub(v, 3)}
+end
+return {3, ''}
+";
+
+// Renews our claim; a key that vanished (Redis restarted without persistence) is claimed again.
+const RENEW: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v == 'C:' .. ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+if not v then
+  redis.call('SET', KEYS[1], 'C:' .. ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+";
+
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == 'C:' .. ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    prefix: String,
+    claim: Script,
+    renew: Script,
+    release: Script,
+}
+
+fn unavailable(e: redis::RedisError) -> StateError {
+    StateError::Unavailable(e.to_string())
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+impl RedisStore {
+    /// Connects once; fails (naming the URL's host, not its password) when Redis is unreachable.
+    pub async fn connect(url: &str, prefix: &str, timeout: Duration) -> Result<Self, StateError> {
+        let client = redis::Client::open(url).map_err(unavailable)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(unavailable)?;
+        Ok(Self {
+            conn,
+            prefix: prefix.to_owned(),
+            claim: Script::new(CLAIM),
+            renew: Script::new(RENEW),
+            release: Script::new(RELEASE),
+        })
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}idem:{key}", self.prefix)
+    }
+
+    pub async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StateError> {
+        let owner = ClaimToken::random();
+        let mut conn = self.conn.clone();
+        let (code, stored): (i64, Vec<u8>) = self
+            .claim
+            .key(self.key(key))
+            .arg(&owner.0)
+            .arg(millis(lease))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(match code {
+            1 => Claim::Acquired(owner),
+            2 => Claim::Done(Bytes::from(stored)),
+            _ => Claim::Busy,
+        })
+    }
+
+    pub async fn renew(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        lease: Duration,
+    ) -> Result<bool, StateError> {
+        let mut conn = self.conn.clone();
+        let renewed: i64 = self
+            .renew
+            .key(self.key(key))
+            .arg(&token.0)
+            .arg(millis(lease))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(renewed == 1)
+    }
+
+    pub async fn complete(
+        &self,
+        key: &str,
+        outcome: Bytes,
+        ttl: Duration,
+    ) -> Result<(), StateError> {
+        let mut value = Vec::with_capacity(outcome.len() + 2);
+        value.extend_from_slice(b"D:");
+        value.extend_from_slice(&outcome);
+        let mut conn = self.conn.clone();
+        redis::cmd("SET")
+            .arg(self.key(key))
+            .arg(value)
+            .arg("PX")
+            .arg(millis(ttl))
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    pub async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StateError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .release
+            .key(self.key(key))
+            .arg(&token.0)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> Result<(), StateError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+}

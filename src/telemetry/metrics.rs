@@ -1,0 +1,168 @@
+//! Prometheus metrics: every name and label in one place (DESIGN section 6).
+//!
+//! Labels are bounded by configuration: pipeline and step names, provider and model names from
+//! the plan, fixed enums for status, outcome, reason and direction. Nothing job- or user-derived
+//! becomes a label. Histograms use buckets for LLM latencies (10 ms to 120 s).
+
+use std::sync::{Arc, OnceLock};
+
+use prometheus::{
+    Counter, CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::pipeline::Pools;
+
+const NAMESPACE: &str = "switchyard";
+const LATENCY_BUCKETS: [f64; 15] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 90.0, 120.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub jobs_received: IntCounterVec,
+    pub jobs_finished: IntCounterVec,
+    pub job_duration: HistogramVec,
+    pub queue_wait: Histogram,
+    pub step_duration: HistogramVec,
+    pub llm_requests: IntCounterVec,
+    pub llm_request_duration: HistogramVec,
+    pub llm_tokens: IntCounterVec,
+    pub llm_cost: CounterVec,
+    pub dead_letters: IntCounterVec,
+    pub inflight: IntGauge,
+    pub pool_permits: IntGaugeVec,
+    pub consumer_lag: IntGaugeVec,
+    pub circuit_state: IntGaugeVec,
+    pools: OnceLock<Pools>,
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help).namespace(NAMESPACE)
+}
+
+fn histogram(name: &str, help: &str) -> HistogramOpts {
+    HistogramOpts::new(name, help)
+        .namespace(NAMESPACE)
+        .buckets(LATENCY_BUCKETS.to_vec())
+}
+
+impl Metrics {
+    pub fn new() -> Result<Arc<Self>, prometheus::Error> {
+        let registry = Registry::new();
+        let m = Self {
+            jobs_received: IntCounterVec::new(opts("jobs_received_total", "Messages taken from the source."), &["source"])?,
+            jobs_finished: IntCounterVec::new(
+                opts("jobs_finished_total", "Jobs whose output was confirmed, by pipeline and status (ok, degraded, review, dead_letter, duplicate)."),
+                &["pipeline", "status"],
+            )?,
+            job_duration: HistogramVec::new(
+                histogram("job_duration_seconds", "From receipt to confirmed output."),
+                &["pipeline"],
+            )?,
+            queue_wait: Histogram::with_opts(histogram(
+                "queue_wait_seconds",
+                "From receipt until the pipeline starts (idempotency claim and admission).",
+            ))?,
+            step_duration: HistogramVec::new(histogram("step_duration_seconds", "One pipeline step, including its pool wait."), &["step"])?,
+            llm_requests: IntCounterVec::new(
+                opts("llm_requests_total", "Provider attempts by outcome (ok or the error class)."),
+                &["provider", "model", "outcome"],
+            )?,
+            llm_request_duration: HistogramVec::new(
+                histogram("llm_request_duration_seconds", "One provider attempt."),
+                &["provider", "model"],
+            )?,
+            llm_tokens: IntCounterVec::new(
+                opts("llm_tokens_total", "Tokens reported by providers (direction: input, output)."),
+                &["provider", "model", "direction"],
+            )?,
+            llm_cost: CounterVec::new(opts("llm_cost_usd_total", "Spend from the model price table, in USD."), &["provider", "model"])?,
+            dead_letters: IntCounterVec::new(opts("dead_letters_total", "Dead letters written, by reason."), &["reason"])?,
+            inflight: IntGauge::with_opts(opts("inflight_jobs", "Jobs taken from the source and not yet finished."))?,
+            pool_permits: IntGaugeVec::new(opts("pool_available_permits", "Free permits of each step kind's worker pool."), &["pool"])?,
+            consumer_lag: IntGaugeVec::new(
+                opts("consumer_lag", "Messages waiting for this consumer (Kafka: summed partition lag; NATS: consumer pending)."),
+                &["source"],
+            )?,
+            circuit_state: IntGaugeVec::new(
+                opts("circuit_state", "Circuit breaker per provider and model: 0 closed, 1 half-open, 2 open."),
+                &["provider", "model"],
+            )?,
+            registry,
+            pools: OnceLock::new(),
+        };
+        m.registry.register(Box::new(m.jobs_received.clone()))?;
+        m.registry.register(Box::new(m.jobs_finished.clone()))?;
+        m.registry.register(Box::new(m.job_duration.clone()))?;
+        m.registry.register(Box::new(m.queue_wait.clone()))?;
+        m.registry.register(Box::new(m.step_duration.clone()))?;
+        m.registry.register(Box::new(m.llm_requests.clone()))?;
+        m.registry
+            .register(Box::new(m.llm_request_duration.clone()))?;
+        m.registry.register(Box::new(m.llm_tokens.clone()))?;
+        m.registry.register(Box::new(m.llm_cost.clone()))?;
+        m.registry.register(Box::new(m.dead_letters.clone()))?;
+        m.registry.register(Box::new(m.inflight.clone()))?;
+        m.registry.register(Box::new(m.pool_permits.clone()))?;
+        m.registry.register(Box::new(m.consumer_lag.clone()))?;
+        m.registry.register(Box::new(m.circuit_state.clone()))?;
+        Ok(Arc::new(m))
+    }
+
+    /// Lets scrapes report the pools' free permits.
+    pub fn watch_pools(&self, pools: Pools) {
+        let _ = self.pools.set(pools);
+    }
+
+    /// Records one provider attempt.
+    pub fn llm_attempt(&self, provider: &str, model: &str, outcome: &str, seconds: f64) {
+        self.llm_requests
+            .with_label_values(&[provider, model, outcome])
+            .inc();
+        self.llm_request_duration
+            .with_label_values(&[provider, model])
+            .observe(seconds);
+    }
+
+    /// Records the usage and spend of a successful provider call.
+    pub fn llm_usage(
+        &self,
+        provider: &str,
+        model: &str,
+        input_tokens: u64,
+        output_tokens: u64,
+        cost_usd: f64,
+    ) {
+        self.llm_tokens
+            .with_label_values(&[provider, model, "input"])
+            .inc_by(input_tokens);
+        self.llm_tokens
+            .with_label_values(&[provider, model, "output"])
+            .inc_by(output_tokens);
+        let cost: Counter = self.llm_cost.with_label_values(&[provider, model]);
+        if cost_usd.is_finite() && cost_usd > 0.0 {
+            cost.inc_by(cost_usd);
+        }
+    }
+
+    /// The Prometheus text exposition of everything.
+    pub fn encode(&self) -> String {
+        if let Some(pools) = self.pools.get() {
+            for (name, pool) in [
+                ("classify", &pools.classify),
+                ("route", &pools.route),
+                ("generate", &pools.generate),
+            ] {
+                self.pool_permits
+                    .with_label_values(&[name])
+                    .set(pool.available_permits() as i64);
+            }
+        }
+        let mut buffer = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {
+            tracing::warn!(error = %e, "could not encode metrics");
+        }
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+}

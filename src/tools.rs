@@ -1,0 +1,365 @@
+//! Operator commands: `publish` jobs to the configured source and `tail` the outputs.
+//!
+//! Both read the same config file as `run`, so they talk to exactly the topics or subjects the
+//! service uses: Kafka topics, or NATS subjects `<jobs prefix>.<tenant>` and
+//! `<output prefix>.<tenant>`.
+
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use futures::stream::{self, StreamExt};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use serde_json::Value;
+
+use crate::config::{self, Plan, SinkPlan, SourcePlan};
+use crate::demo::{parse_output, workload, Collected, OutputKind};
+use crate::model::TenantId;
+
+#[derive(Debug, clap::Args)]
+pub struct PublishArgs {
+    /// The service's config: jobs go to its source.
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// A JSONL file with one job per line (`-` for standard input). Lines are sent verbatim,
+    /// so invalid jobs can be published on purpose to exercise dead letters.
+    #[arg(long, conflicts_with = "generate")]
+    pub file: Option<PathBuf>,
+    /// Publish this many generated sample jobs (several tenants, a few invalid and duplicates).
+    #[arg(long)]
+    pub generate: Option<usize>,
+    /// Jobs per second; unlimited when absent.
+    #[arg(long)]
+    pub rate: Option<f64>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TailArgs {
+    /// The service's config: outputs are read from its sink.
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Print each output as one JSON line (as written by the service).
+    #[arg(long)]
+    pub json: bool,
+    /// Start from the oldest retained output instead of new ones only.
+    #[arg(long)]
+    pub from_beginning: bool,
+    /// Only one kind of output.
+    #[arg(long, value_enum)]
+    pub only: Option<Only>,
+    /// Stop after this many outputs.
+    #[arg(long)]
+    pub count: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Only {
+    Results,
+    Review,
+    Dlq,
+}
+
+fn load(path: &Path) -> anyhow::Result<Plan> {
+    Ok(config::load(path)?)
+}
+
+/// The NATS subject prefix jobs are published under (`switchyard.jobs.>` -> `switchyard.jobs`).
+fn subject_prefix(subject: &str) -> &str {
+    subject
+        .strip_suffix(".>")
+        .or_else(|| subject.strip_suffix(".*"))
+        .unwrap_or(subject)
+}
+
+/// The tenant token of a payload, for the Kafka key and the NATS subject.
+fn tenant_of(payload: &[u8]) -> String {
+    serde_json::from_slice::<Value>(payload)
+        .ok()
+        .and_then(|v| {
+            v.get("tenant")
+                .and_then(Value::as_str)
+                .and_then(|t| TenantId::parse(t).ok())
+        })
+        .map_or_else(|| "_unknown".to_owned(), |t| t.to_string())
+}
+
+pub async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
+    let plan = load(&args.config)?;
+    let payloads: Vec<Vec<u8>> = match (&args.file, args.generate) {
+        (Some(path), _) => read_lines(path)?,
+        (None, Some(n)) => workload(n, plan.limits.max_job_bytes)
+            .into_iter()
+            .map(|i| i.payload)
+            .collect(),
+        (None, None) => anyhow::bail!("give --file FILE (JSONL, `-` for stdin) or --generate N"),
+    };
+    if let Some(rate) = args.rate {
+        anyhow::ensure!(
+            rate.is_finite() && rate > 0.0,
+            "--rate must be a positive number of jobs per second"
+        );
+    }
+    let bar = indicatif::ProgressBar::new(payloads.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {bar:40} {pos}/{len} published  {per_sec}  eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let started = Instant::now();
+    let sender = Sender::open(&plan).await?;
+    let pacing = args.rate.map(|r| Duration::from_secs_f64(1.0 / r));
+    let total = payloads.len();
+    let results: Vec<anyhow::Result<()>> = stream::iter(payloads.into_iter().enumerate())
+        .then(|(i, payload)| async move {
+            if let Some(every) = pacing {
+                let due = started + every.mul_f64(i as f64);
+                tokio::time::sleep_until(due.into()).await;
+            }
+            payload
+        })
+        .map(|payload| {
+            let (sender, bar) = (&sender, &bar);
+            async move {
+                let result = sender.send(payload).await;
+                bar.inc(1);
+                result
+            }
+        })
+        .buffer_unordered(256)
+        .collect()
+        .await;
+    bar.finish_and_clear();
+    let failed: Vec<_> = results.into_iter().filter_map(Result::err).collect();
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "published {} of {total} jobs in {secs:.2}s ({:.1} jobs/s)",
+        total - failed.len(),
+        (total - failed.len()) as f64 / secs.max(1e-9)
+    );
+    if let Some(first) = failed.first() {
+        eprintln!("{} failed; first error: {first:#}", failed.len());
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_lines(path: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
+    let reader: Box<dyn std::io::BufRead> = if path.as_os_str() == "-" {
+        Box::new(std::io::BufReader::new(std::io::stdin()))
+    } else {
+        let file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        Box::new(std::io::BufReader::new(file))
+    };
+    let mut lines = Vec::new();
+    for line in reader.lines() {
+        let line = line.with_context(|| format!("reading {}", path.display()))?;
+        if !line.trim().is_empty() {
+            lines.push(line.into_bytes());
+        }
+    }
+    Ok(lines)
+}
+
+enum Sender {
+    Kafka {
+        producer: FutureProducer,
+        topic: String,
+    },
+    Nats {
+        js: Box<async_nats::jetstream::Context>,
+        prefix: String,
+    },
+}
+
+impl Sender {
+    async fn open(plan: &Plan) -> anyhow::Result<Self> {
+        Ok(match &plan.source {
+            SourcePlan::Kafka(k) => {
+                let mut config = ClientConfig::new();
+                config
+                    .set("bootstrap.servers", &k.brokers)
+                    .set("linger.ms", "5")
+                    .set("enable.idempotence", "true");
+                Sender::Kafka {
+                    producer: config.create().context("creating the Kafka producer")?,
+                    topic: k.topic.clone(),
+                }
+            }
+            SourcePlan::Nats(n) => {
+                let client = async_nats::connect(&n.url)
+                    .await
+                    .with_context(|| format!("connecting to {}", n.url))?;
+                let prefix = subject_prefix(
+                    n.subjects
+                        .first()
+                        .map(String::as_str)
+                        .unwrap_or("switchyard.jobs"),
+                )
+                .to_owned();
+                Sender::Nats {
+                    js: Box::new(async_nats::jetstream::new(client)),
+                    prefix,
+                }
+            }
+        })
+    }
+
+    async fn send(&self, payload: Vec<u8>) -> anyhow::Result<()> {
+        let tenant = tenant_of(&payload);
+        match self {
+            Sender::Kafka { producer, topic } => {
+                let record = FutureRecord::to(topic).key(&tenant).payload(&payload);
+                producer
+                    .send(record, Timeout::After(Duration::from_secs(30)))
+                    .await
+                    .map_err(|(e, _)| e)?;
+            }
+            Sender::Nats { js, prefix } => {
+                js.publish(format!("{prefix}.{tenant}"), payload.into())
+                    .await?
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+pub async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
+    let plan = load(&args.config)?;
+    let topics = plan.sink.topics().clone();
+    let wanted: Vec<&String> = match args.only {
+        None => vec![&topics.results, &topics.review, &topics.dlq],
+        Some(Only::Results) => vec![&topics.results],
+        Some(Only::Review) => vec![&topics.review],
+        Some(Only::Dlq) => vec![&topics.dlq],
+    };
+    let mut seen = 0usize;
+    let mut print = |kind: OutputKind, topic: &str, payload: &[u8]| -> bool {
+        let (collected, raw) = parse_output(kind, topic, payload);
+        if args.json {
+            println!("{raw}");
+        } else {
+            println!("{}", pretty(&collected));
+        }
+        seen += 1;
+        args.count.is_some_and(|n| seen >= n)
+    };
+    match &plan.sink {
+        SinkPlan::Kafka(k) => {
+            let consumer: StreamConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &k.brokers)
+                .set(
+                    "group.id",
+                    format!("switchyard-tail-{:016x}", rand::random::<u64>()),
+                )
+                .set(
+                    "auto.offset.reset",
+                    if args.from_beginning {
+                        "earliest"
+                    } else {
+                        "latest"
+                    },
+                )
+                .set("enable.auto.commit", "false")
+                .create()
+                .context("creating the Kafka consumer")?;
+            let names: Vec<&str> = wanted.iter().map(|t| t.as_str()).collect();
+            consumer.subscribe(&names)?;
+            loop {
+                let message = consumer.recv().await?;
+                let kind = OutputKind::of(&topics, message.topic());
+                if print(kind, message.topic(), message.payload().unwrap_or_default()) {
+                    break;
+                }
+            }
+        }
+        SinkPlan::Nats(n) => {
+            let client = async_nats::connect(&n.url)
+                .await
+                .with_context(|| format!("connecting to {}", n.url))?;
+            let mut subscriptions = Vec::new();
+            for prefix in &wanted {
+                subscriptions.push(client.subscribe(format!("{prefix}.>")).await?);
+            }
+            if args.from_beginning {
+                eprintln!("note: NATS tail shows new outputs only; replay the output stream with `nats stream view`");
+            }
+            let mut merged = stream::select_all(subscriptions);
+            while let Some(message) = merged.next().await {
+                let subject = message.subject.as_str();
+                let prefix = subject.rsplit_once('.').map_or(subject, |(p, _)| p);
+                if print(OutputKind::of(&topics, prefix), subject, &message.payload) {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One readable line per output.
+pub fn pretty(collected: &Collected) -> String {
+    match collected {
+        Collected::Result(r) | Collected::Review(r) => {
+            let route = match (&r.route.category, &r.route.model) {
+                (Some(c), Some(m)) => format!("{c}->{m}"),
+                (Some(c), None) => c.clone(),
+                (None, Some(m)) => m.clone(),
+                (None, None) => "-".into(),
+            };
+            let status = if r.duplicate {
+                format!("{} (dup)", r.status.as_str())
+            } else {
+                r.status.as_str().to_owned()
+            };
+            let output = match &r.output {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let short: String = output.chars().take(80).collect();
+            format!(
+                "{}  {status:<10} {:<12} {:<16} {:<10} {route:<22} {:>6}ms  in={} out={}  ${:.6}  {short:?}",
+                r.completed_at.format("%H:%M:%S%.3f"),
+                r.tenant,
+                r.job_id,
+                r.pipeline,
+                r.latency_ms,
+                r.usage.input_tokens,
+                r.usage.output_tokens,
+                r.usage.cost_usd
+            )
+        }
+        Collected::DeadLetter(d) => format!(
+            "{}  {:<10} {:<12} {:<16} {:<18} {:?}",
+            d.failed_at.format("%H:%M:%S%.3f"),
+            if d.duplicate { "DLQ (dup)" } else { "DLQ" },
+            d.tenant.as_deref().unwrap_or("-"),
+            d.job_id.as_deref().unwrap_or("-"),
+            d.reason.as_str(),
+            d.error
+        ),
+        Collected::Unreadable { topic, error } => format!("unreadable output on {topic}: {error}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nats_prefixes_and_tenants_come_from_config_and_payload() {
+        assert_eq!(subject_prefix("switchyard.jobs.>"), "switchyard.jobs");
+        assert_eq!(subject_prefix("jobs.*"), "jobs");
+        assert_eq!(tenant_of(br#"{"tenant":"acme"}"#), "acme");
+        assert_eq!(tenant_of(br#"{"tenant":"a.b"}"#), "_unknown");
+        assert_eq!(tenant_of(b"garbage"), "_unknown");
+    }
+}

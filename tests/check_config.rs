@@ -1,0 +1,80 @@
+//! `switchyard check-config`: good files pass, bad ones fail naming the field.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn check(path: &Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("check-config")
+        .arg(path)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn example() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/switchyard.yaml"))
+        .unwrap()
+}
+
+fn write(dir: &tempfile::TempDir, text: &str) -> PathBuf {
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn every_example_in_config_loads() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            let (ok, text) = check(&path);
+            assert!(ok, "{}: {text}", path.display());
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2);
+}
+
+#[test]
+fn a_typo_in_a_field_name_fails_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = example().replacen("timeout_ms: 10000", "timout_ms: 10000", 1);
+    let (ok, text) = check(&write(&dir, &bad));
+    assert!(!ok);
+    assert!(
+        text.contains("models.small") && text.contains("unknown field `timout_ms`"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_missing_provider_fails_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = example().replacen("provider: openai", "provider: opnai", 1);
+    let (ok, text) = check(&write(&dir, &bad));
+    assert!(!ok);
+    assert!(
+        text.contains("models.large.provider") || text.contains("models.small.provider"),
+        "{text}"
+    );
+    assert!(text.contains("provider `opnai` is not defined"), "{text}");
+}
+
+#[test]
+fn an_unreadable_file_fails_with_its_path() {
+    let (ok, text) = check(Path::new("/nonexistent/switchyard.yaml"));
+    assert!(!ok);
+    assert!(
+        text.contains("/nonexistent/switchyard.yaml") && text.contains("cannot read"),
+        "{text}"
+    );
+}

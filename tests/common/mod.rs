@@ -1,0 +1,310 @@
+//! Shared test harness: an in-process Kafka cluster (librdkafka's mock cluster, the real Kafka
+//! protocol), a mock LLM server owned by the test (so provider calls can be counted across
+//! service restarts), schema validators, and the service running in the background.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use switchyard::config::{self, Faults, Latency, MockSettings, Plan, Topics};
+use switchyard::demo::{Collected, EmbeddedKafka, OutputCollector};
+use switchyard::provider::mock::MockServer;
+use switchyard::state::StateStore;
+use switchyard::telemetry::health::Health;
+use switchyard::telemetry::metrics::Metrics;
+use switchyard::telemetry::Telemetry;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub const JOBS_TOPIC: &str = "switchyard.jobs";
+
+pub fn topics() -> Topics {
+    Topics {
+        results: "switchyard.results".into(),
+        review: "switchyard.review".into(),
+        dlq: "switchyard.dlq".into(),
+    }
+}
+
+/// A service config pointed at `brokers` and an external (test-owned) mock LLM at `llm`. The short
+/// session timeout matters: the mock cluster holds a new member's join until the previous
+/// member's session expires, even after a clean LeaveGroup.
+pub fn plan(brokers: &str, llm: &str, extra_env: &[(&str, &str)]) -> Plan {
+    let providers = format!(
+        "llm: {{kind: openai, base_url: \"http://{llm}/v1\", retry: {{max_attempts: 3, base_delay_ms: 10, max_delay_ms: 100}}}}"
+    );
+    let models = "small: {provider: llm, model: gpt-4o-mini, price: {input: 0.15, output: 0.6}, timeout_ms: 5000}\n  \
+                  large: {provider: llm, model: gpt-4o, price: {input: 2.5, output: 10}, timeout_ms: 5000}";
+    plan_with(brokers, &providers, models, extra_env)
+}
+
+/// A service config with the given `providers:` and `models:` entries (YAML, one per line,
+/// indented by two spaces after the first); models `small` and `large` must exist.
+pub fn plan_with(brokers: &str, providers: &str, models: &str, extra_env: &[(&str, &str)]) -> Plan {
+    let text = format!(
+        r#"
+source: {{kind: kafka, brokers: "{brokers}", group: "it-{group:x}", topic: {JOBS_TOPIC},
+         librdkafka: {{auto.commit.interval.ms: 200, session.timeout.ms: 6000, heartbeat.interval.ms: 500}}}}
+state: {{kind: memory}}
+http: {{listen: "127.0.0.1:0"}}
+limits: {{max_inflight_jobs: 64, max_job_bytes: 4096, drain_timeout_ms: 5000}}
+providers:
+  {providers}
+models:
+  {models}
+prompts:
+  triage: {{user: "Categories: {{{{categories}}}}\n\nTicket:\n{{{{input.text}}}}"}}
+  answer: {{system: "Triaged as {{{{steps.classify.output}}}}.", user: "{{{{input.text}}}}"}}
+pipelines:
+  support:
+    steps:
+      - {{name: classify, kind: classify, model: small, prompt: triage, categories: [billing, technical, account]}}
+      - {{name: route, kind: route, on: classify, routes: {{technical: large, default: small}}}}
+      - {{name: answer, kind: generate, model: "{{{{route.model}}}}", prompt: answer}}
+"#,
+        group = rand::random::<u64>()
+    );
+    let env = extra_env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));
+    config::load_str(&text, "test config", env).unwrap()
+}
+
+pub fn nats_url() -> String {
+    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Names private to one test run: subjects, streams and Redis keys never collide.
+pub struct NatsNames {
+    pub prefix: String,
+    pub jobs_stream: String,
+    pub outputs_stream: String,
+}
+
+impl NatsNames {
+    pub fn new() -> Self {
+        let id = format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
+        Self {
+            prefix: format!("it{id}"),
+            jobs_stream: format!("SYJ_{id}"),
+            outputs_stream: format!("SYO_{id}"),
+        }
+    }
+
+    pub fn job_subject(&self, tenant: &str) -> String {
+        format!("{}.jobs.{tenant}", self.prefix)
+    }
+
+    pub fn topics(&self) -> Topics {
+        Topics {
+            results: format!("{}.results", self.prefix),
+            review: format!("{}.review", self.prefix),
+            dlq: format!("{}.dlq", self.prefix),
+        }
+    }
+}
+
+impl NatsNames {
+    /// Removes the test's streams (best effort).
+    pub async fn delete_streams(&self) {
+        let Ok(client) = async_nats::connect(nats_url()).await else {
+            return;
+        };
+        let js = async_nats::jetstream::new(client);
+        let _ = js.delete_stream(&self.jobs_stream).await;
+        let _ = js.delete_stream(&self.outputs_stream).await;
+    }
+}
+
+/// Non-duplicate outputs (results and dead letters) per job id.
+pub fn originals(outputs: &[(Collected, Value)]) -> std::collections::HashMap<String, usize> {
+    let mut per_job = std::collections::HashMap::new();
+    for (c, _) in outputs {
+        let id = match c {
+            Collected::Result(r) | Collected::Review(r) if !r.duplicate => r.job_id.clone(),
+            Collected::DeadLetter(d) if !d.duplicate => d.job_id.clone().unwrap_or_default(),
+            _ => continue,
+        };
+        *per_job.entry(id).or_default() += 1;
+    }
+    per_job
+}
+
+/// NATS JetStream in, NATS out, Redis state, a test-owned mock LLM at `llm`: the config text.
+pub fn nats_config(names: &NatsNames, llm: &str) -> String {
+    let p = &names.prefix;
+    format!(
+        r#"
+source: {{kind: nats, url: "{nats}", stream: {js}, subjects: ["{p}.jobs.>"], consumer: switchyard,
+         ack_wait_ms: 3000, max_deliver: 20, batch: 32}}
+sink: {{kind: nats, stream: {os}, topics: {{results: {p}.results, review: {p}.review, dlq: {p}.dlq}}}}
+state: {{kind: redis, url: "{redis}", key_prefix: "{p}:", claim_lease_ms: 3000}}
+http: {{listen: "127.0.0.1:0"}}
+limits: {{max_inflight_jobs: 64, max_job_bytes: 4096, drain_timeout_ms: 5000}}
+providers:
+  llm: {{kind: openai, base_url: "http://{llm}/v1", retry: {{max_attempts: 3, base_delay_ms: 10, max_delay_ms: 100}}}}
+models:
+  small: {{provider: llm, model: gpt-4o-mini, price: {{input: 0.15, output: 0.6}}, timeout_ms: 5000}}
+  large: {{provider: llm, model: gpt-4o, price: {{input: 2.5, output: 10}}, timeout_ms: 5000}}
+prompts:
+  triage: {{user: "Categories: {{{{categories}}}}\n\nTicket:\n{{{{input.text}}}}"}}
+  answer: {{user: "{{{{input.text}}}}"}}
+pipelines:
+  support:
+    steps:
+      - {{name: classify, kind: classify, model: small, prompt: triage, categories: [billing, technical, account]}}
+      - {{name: route, kind: route, on: classify, routes: {{technical: large, default: small}}}}
+      - {{name: answer, kind: generate, model: "{{{{route.model}}}}", prompt: answer}}
+"#,
+        nats = nats_url(),
+        redis = redis_url(),
+        js = names.jobs_stream,
+        os = names.outputs_stream,
+    )
+}
+
+/// [`nats_config`], loaded with `extra_env` overrides.
+pub fn nats_plan(names: &NatsNames, llm: &str, extra_env: &[(&str, &str)]) -> Plan {
+    let text = nats_config(names, llm);
+    let env = extra_env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));
+    config::load_str(&text, "test config", env).unwrap()
+}
+
+pub async fn mock_llm(latency_ms: u64) -> MockServer {
+    mock_llm_with(latency_ms, Faults::default()).await
+}
+
+pub async fn mock_llm_with(latency_ms: u64, faults: Faults) -> MockServer {
+    let settings = MockSettings {
+        latency: Latency::Fixed { ms: latency_ms },
+        faults,
+        seed: Some(1),
+    };
+    MockServer::start("127.0.0.1:0", settings).await.unwrap()
+}
+
+pub fn kafka() -> EmbeddedKafka {
+    EmbeddedKafka::start(JOBS_TOPIC, &topics(), 4).unwrap()
+}
+
+pub fn collector(brokers: &str) -> OutputCollector {
+    OutputCollector::start(brokers, &topics()).unwrap()
+}
+
+/// The service running in the background until `stop`.
+pub struct Service {
+    pub shutdown: CancellationToken,
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Service {
+    pub fn start(plan: Plan, state: StateStore) -> Self {
+        // Through the test harness's capture, so passing tests stay quiet.
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+        let shutdown = CancellationToken::new();
+        let telemetry = Telemetry::new().unwrap();
+        let (health, metrics) = (telemetry.health.clone(), telemetry.metrics.clone());
+        let tracker = TaskTracker::new();
+        let handle = tracker.spawn(switchyard::app::run_with(
+            plan,
+            state,
+            telemetry,
+            shutdown.clone(),
+        ));
+        Self {
+            shutdown,
+            health,
+            metrics,
+            handle,
+        }
+    }
+
+    /// Waits until readiness is reported (source connected, state reachable).
+    pub async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !self.health.is_ready() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "service not ready within 30s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("service stops within 30s")
+            .expect("service task")
+            .expect("service exits cleanly");
+    }
+}
+
+pub fn job(id: &str, tenant: &str, text: &str) -> Vec<u8> {
+    serde_json::json!({"id": id, "tenant": tenant, "input": {"text": text}})
+        .to_string()
+        .into_bytes()
+}
+
+pub struct Schemas {
+    pub job: jsonschema::Validator,
+    pub result: jsonschema::Validator,
+    pub dead_letter: jsonschema::Validator,
+}
+
+pub fn schemas() -> Schemas {
+    let load = |name: &str| {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("schemas")
+            .join(name);
+        let schema: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        jsonschema::options()
+            .should_validate_formats(true)
+            .build(&schema)
+            .unwrap()
+    };
+    Schemas {
+        job: load("job.v1.json"),
+        result: load("result.v1.json"),
+        dead_letter: load("dead_letter.v1.json"),
+    }
+}
+
+/// Panics with the validator's messages unless every output conforms to its schema.
+pub fn assert_schema_valid(outputs: &[(Collected, Value)]) {
+    let s = schemas();
+    for (collected, raw) in outputs {
+        let validator = match collected {
+            Collected::Result(_) | Collected::Review(_) => &s.result,
+            Collected::DeadLetter(_) => &s.dead_letter,
+            Collected::Unreadable { topic, error } => {
+                panic!("unreadable output on {topic}: {error}")
+            }
+        };
+        let errors: Vec<String> = validator
+            .iter_errors(raw)
+            .map(|e| format!("{} at {}", e, e.instance_path))
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "output does not match its schema: {errors:?}\n{raw}"
+        );
+    }
+}

@@ -1,0 +1,450 @@
+//! End-to-end through the Kafka protocol (librdkafka's in-process mock cluster) and a real HTTP
+//! mock LLM: jobs in, schema-valid results and dead letters out, offsets committed only for
+//! finished work.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use switchyard::config::SourcePlan;
+use switchyard::demo::{publish, Collected};
+use switchyard::model::{DeadLetterReason, PayloadEncoding, ResultStatus};
+use switchyard::state::{MemoryStore, StateStore};
+
+use common::*;
+
+const STALL: Duration = Duration::from_secs(30);
+
+fn memory() -> StateStore {
+    StateStore::from(MemoryStore::new(100_000))
+}
+
+/// Sum of the committed offsets of `group` on the jobs topic.
+fn committed(brokers: &str, group: &str) -> i64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..4 {
+        tpl.add_partition(JOBS_TOPIC, p);
+    }
+    let offsets = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    offsets
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
+        })
+        .sum()
+}
+
+fn group_of(plan: &switchyard::config::Plan) -> String {
+    let SourcePlan::Kafka(k) = &plan.source else {
+        panic!("kafka source")
+    };
+    k.group.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_job_gets_exactly_one_schema_valid_result() {
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let llm = mock_llm(2).await;
+    let plan = plan(&brokers, &llm.addr().to_string(), &[]);
+    let group = group_of(&plan);
+    let outputs = collector(&brokers);
+    let service = Service::start(plan, memory());
+
+    let n = 200;
+    let texts = [
+        "my billing statement is wrong",
+        "technical problem: the app crashes",
+        "please close my account",
+    ];
+    let jobs: Vec<Vec<u8>> = (0..n)
+        .map(|i| job(&format!("j-{i}"), "acme", texts[i % 3]))
+        .collect();
+    publish(&brokers, JOBS_TOPIC, jobs).await.unwrap();
+    assert_eq!(outputs.wait_for(n, STALL, |_| {}).await, n);
+    service.stop().await;
+
+    let all = outputs.snapshot();
+    assert_eq!(all.len(), n, "one output per job, no extras");
+    assert_schema_valid(&all);
+    let per_job = originals(&all);
+    assert_eq!(per_job.len(), n);
+    assert!(per_job.values().all(|&c| c == 1));
+    for (c, _) in &all {
+        let Collected::Result(r) = c else {
+            panic!("expected only results, got {c:?}")
+        };
+        assert_eq!(r.status, ResultStatus::Ok);
+        assert_eq!(r.steps.len(), 3);
+        assert!(r.usage.input_tokens > 0 && r.usage.output_tokens > 0 && r.usage.cost_usd > 0.0);
+        let category = r.route.category.as_deref().unwrap();
+        let expected_model = if category == "technical" {
+            "large"
+        } else {
+            "small"
+        };
+        assert_eq!(
+            r.route.model.as_deref(),
+            Some(expected_model),
+            "routed by category"
+        );
+    }
+    assert_eq!(
+        llm.stats().requests(),
+        2 * n as u64,
+        "classify + generate per job"
+    );
+    assert_eq!(
+        committed(&brokers, &group),
+        n as i64,
+        "every offset committed after the outputs"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_payloads_become_invalid_job_dead_letters_and_the_offset_moves_on() {
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let llm = mock_llm(1).await;
+    let plan = plan(&brokers, &llm.addr().to_string(), &[]);
+    let group = group_of(&plan);
+    let outputs = collector(&brokers);
+    let service = Service::start(plan, memory());
+
+    let bad: Vec<(Vec<u8>, &str)> = vec![
+        (b"{\"id\": 1, oops".to_vec(), "does not parse as JSON"),
+        (vec![0xc3, 0x28, b'{', b'}'], "not valid UTF-8"),
+        (br#"[1, 2, 3]"#.to_vec(), "it is an array"),
+        (
+            br#"{"id":"m-1","input":{"text":"x"}}"#.to_vec(),
+            "missing field `tenant`",
+        ),
+        (
+            br#"{"id":"w-1","tenant":"acme","input":{"text":"x"},"priority":"urgent"}"#.to_vec(),
+            "`priority`",
+        ),
+        (
+            br#"{"id":"w-2","tenant":"acme","input":["x"]}"#.to_vec(),
+            "`input`",
+        ),
+        (
+            br#"{"id":"w-3","tenant":"ac.me","input":{}}"#.to_vec(),
+            "`tenant`",
+        ),
+        (
+            format!(
+                r#"{{"id":"big","tenant":"acme","input":{{"text":"{}"}}}}"#,
+                "x".repeat(5000)
+            )
+            .into_bytes(),
+            "limits.max_job_bytes",
+        ),
+        (
+            br#"{"id":"p-1","tenant":"acme","pipeline":"nope","input":{"text":"x"}}"#.to_vec(),
+            "pipeline `nope` is not configured",
+        ),
+    ];
+    let mut payloads: Vec<Vec<u8>> = Vec::new();
+    for (i, (payload, _)) in bad.iter().enumerate() {
+        payloads.push(job(&format!("ok-{i}"), "acme", "a normal ticket"));
+        payloads.push(payload.clone());
+    }
+    let total = payloads.len();
+    publish(&brokers, JOBS_TOPIC, payloads).await.unwrap();
+    assert_eq!(outputs.wait_for(total, STALL, |_| {}).await, total);
+    service.stop().await;
+
+    let all = outputs.snapshot();
+    assert_schema_valid(&all);
+    let dead: Vec<_> = all
+        .iter()
+        .filter_map(|(c, _)| match c {
+            Collected::DeadLetter(d) => Some(d.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(dead.len(), bad.len());
+    for (payload, expected) in &bad {
+        let original = |d: &switchyard::model::DeadLetter| match d.payload_encoding {
+            PayloadEncoding::Utf8 => d.payload.as_bytes().to_vec(),
+            PayloadEncoding::Base64 => base64::engine::general_purpose::STANDARD
+                .decode(&d.payload)
+                .unwrap(),
+        };
+        let d = dead
+            .iter()
+            .find(|d| original(d) == *payload)
+            .expect("the dead letter carries the original payload");
+        assert_eq!(d.reason, DeadLetterReason::InvalidJob);
+        assert!(
+            d.error.contains(expected),
+            "error {:?} should mention {expected:?}",
+            d.error
+        );
+        assert_eq!(d.source.transport, "kafka");
+    }
+    assert_eq!(
+        all.len() - dead.len(),
+        bad.len(),
+        "valid jobs around them still succeed"
+    );
+    assert_eq!(
+        llm.stats().requests(),
+        2 * bad.len() as u64,
+        "no provider call for an invalid job"
+    );
+    assert_eq!(
+        committed(&brokers, &group),
+        total as i64,
+        "offsets moved past every bad payload"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_idempotency_key_is_answered_from_the_store_without_a_provider_call() {
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let llm = mock_llm(1).await;
+    let outputs = collector(&brokers);
+    let service = Service::start(plan(&brokers, &llm.addr().to_string(), &[]), memory());
+
+    let first = job("t-4821", "acme", "I was charged twice for order #4821");
+    publish(&brokers, JOBS_TOPIC, [first.clone()])
+        .await
+        .unwrap();
+    assert_eq!(outputs.wait_for(1, STALL, |_| {}).await, 1);
+    // The same key again: once as an exact redelivery, once under a new id with the same key.
+    let same_key = serde_json::json!({"id": "t-4821-retry", "tenant": "acme", "idempotency_key": "acme:t-4821",
+        "input": {"text": "I was charged twice for order #4821"}})
+    .to_string()
+    .into_bytes();
+    publish(&brokers, JOBS_TOPIC, [first, same_key])
+        .await
+        .unwrap();
+    assert_eq!(outputs.wait_for(3, STALL, |_| {}).await, 3);
+    service.stop().await;
+
+    let all = outputs.snapshot();
+    assert_schema_valid(&all);
+    let results: Vec<_> = all
+        .iter()
+        .map(|(c, _)| match c {
+            Collected::Result(r) | Collected::Review(r) => r.clone(),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(results.iter().filter(|r| !r.duplicate).count(), 1);
+    assert_eq!(results.iter().filter(|r| r.duplicate).count(), 2);
+    let original = results.iter().find(|r| !r.duplicate).unwrap();
+    for replay in results.iter().filter(|r| r.duplicate) {
+        assert_eq!(
+            replay.output, original.output,
+            "the stored result is replayed"
+        );
+        assert_eq!(replay.job_id, "t-4821");
+    }
+    assert_eq!(
+        llm.stats().requests(),
+        2,
+        "one classify and one generate call in total"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_stopped_mid_stream_loses_nothing_and_repeats_no_finished_provider_call() {
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let llm = mock_llm(15).await;
+    let llm_addr = llm.addr().to_string();
+    // One store for both runs: the state that outlives a consumer restart (Redis in production).
+    let state = memory();
+    // No drain time: the stop abandons in-flight jobs, the harshest stop short of a crash.
+    let overrides = [
+        ("SWITCHYARD__LIMITS__DRAIN_TIMEOUT_MS", "0"),
+        ("SWITCHYARD__LIMITS__MAX_INFLIGHT_JOBS", "16"),
+    ];
+    let first_plan = plan(&brokers, &llm_addr, &overrides);
+    let group = group_of(&first_plan);
+    let outputs = collector(&brokers);
+
+    let n = 300;
+    let jobs: Vec<Vec<u8>> = (0..n)
+        .map(|i| job(&format!("r-{i}"), "globex", "technical question"))
+        .collect();
+    publish(&brokers, JOBS_TOPIC, jobs).await.unwrap();
+
+    let service = Service::start(first_plan, state.clone());
+    let before = outputs.wait_for(80, STALL, |_| {}).await;
+    service.stop().await;
+    let at_stop = outputs.len();
+    assert!(
+        before >= 80 && at_stop < n,
+        "stopped mid-stream ({at_stop} of {n} done)"
+    );
+    let calls_at_stop = llm.stats().requests();
+
+    let mut second_plan = plan(&brokers, &llm_addr, &overrides);
+    let SourcePlan::Kafka(k) = &mut second_plan.source else {
+        panic!("kafka source")
+    };
+    k.group = group;
+    let service = Service::start(second_plan, state);
+    // Every job must end with one non-duplicate result; replays of finished-but-uncommitted jobs
+    // may add duplicates.
+    let deadline = tokio::time::Instant::now() + STALL;
+    loop {
+        let per_job = originals(&outputs.snapshot());
+        if per_job.len() == n || tokio::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    service.stop().await;
+
+    let all = outputs.snapshot();
+    assert_schema_valid(&all);
+    let per_job = originals(&all);
+    assert_eq!(per_job.len(), n, "no job lost");
+    assert!(
+        per_job.values().all(|&c| c == 1),
+        "no job finished twice: {per_job:?}"
+    );
+    // Jobs finished before the stop are never sent to the provider again: at most the jobs that
+    // were in flight when it stopped (16, two calls each) are called again.
+    let calls = llm.stats().requests();
+    let replays = all.len() - n;
+    eprintln!("stopped at {at_stop}/{n} outputs after {calls_at_stop} calls; {calls} calls in all; {replays} replayed duplicates");
+    assert!(
+        calls <= 2 * n as u64 + 2 * 16,
+        "{calls} provider calls for {n} jobs"
+    );
+    assert!(calls_at_stop >= 2 * before as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_errors_and_a_broker_outage_lose_nothing() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let llm = mock_llm(5).await;
+    let plan = plan(&brokers, &llm.addr().to_string(), &[]);
+    let group = group_of(&plan);
+    let outputs = collector(&brokers);
+    let service = Service::start(plan, memory());
+
+    let n = 400;
+    publish(
+        &brokers,
+        JOBS_TOPIC,
+        (0..n).map(|i| job(&format!("e-{i}"), "acme", "billing")),
+    )
+    .await
+    .unwrap();
+    outputs.wait_for(n / 4, STALL, |_| {}).await;
+    // Retriable produce and commit errors, then the only broker goes away for two seconds.
+    let cluster = kafka.cluster();
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 10],
+    );
+    cluster.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT; 3],
+    );
+    cluster.broker_down(1).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.broker_up(1).unwrap();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while originals(&outputs.snapshot()).len() < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "all jobs finish after the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    service.stop().await;
+
+    let all = outputs.snapshot();
+    assert_schema_valid(&all);
+    let per_job = originals(&all);
+    assert_eq!(per_job.len(), n, "no job lost");
+    assert!(per_job.values().all(|&c| c == 1), "no job finished twice");
+    assert_eq!(
+        llm.stats().requests(),
+        2 * n as u64,
+        "no provider call repeated"
+    );
+    assert_eq!(
+        committed(&brokers, &group),
+        n as i64,
+        "every offset committed once the broker is back"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_traceparent_header_is_carried_from_the_job_to_its_result() {
+    use rdkafka::consumer::StreamConsumer;
+    use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let llm = mock_llm(1).await;
+    let service = Service::start(plan(&brokers, &llm.addr().to_string(), &[]), memory());
+
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let payload = job("tp-1", "acme", "hello");
+    let record = FutureRecord::to(JOBS_TOPIC)
+        .key("acme")
+        .payload(&payload)
+        .headers(OwnedHeaders::new().insert(Header {
+            key: "traceparent",
+            value: Some(traceparent),
+        }));
+    producer
+        .send(record, Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "tp-reader")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer
+        .subscribe(&[&topics().results, &topics().review])
+        .unwrap();
+    let message = tokio::time::timeout(STALL, consumer.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let headers = message.headers().expect("the result carries headers");
+    let found = headers
+        .iter()
+        .find(|h| h.key == "traceparent")
+        .and_then(|h| h.value)
+        .expect("traceparent header");
+    assert_eq!(std::str::from_utf8(found).unwrap(), traceparent);
+    service.stop().await;
+}

@@ -1,0 +1,291 @@
+//! Provider failures never drop a job: transient errors are retried (honouring Retry-After),
+//! a failing model falls back, and when every target fails the job is a dead letter that says
+//! what each target answered. Expired jobs never reach the provider.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use switchyard::config::Faults;
+use switchyard::demo::{publish, Collected};
+use switchyard::model::{DeadLetterReason, ResultStatus};
+use switchyard::state::{MemoryStore, StateStore};
+
+use common::*;
+
+const STALL: Duration = Duration::from_secs(30);
+
+fn memory() -> StateStore {
+    StateStore::from(MemoryStore::new(10_000))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_and_server_errors_are_retried_until_every_job_completes() {
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let faults = Faults {
+        rate_429: 0.15,
+        retry_after_s: 1,
+        rate_500: 0.05,
+        rate_hang: 0.0,
+    };
+    let llm = mock_llm_with(1, faults).await;
+    let providers = format!(
+        "llm: {{kind: openai, base_url: \"http://{}/v1\", retry: {{max_attempts: 8, base_delay_ms: 5, max_delay_ms: 50}}}}",
+        llm.addr()
+    );
+    let models = "small: {provider: llm, model: gpt-4o-mini, timeout_ms: 5000}\n  \
+                  large: {provider: llm, model: gpt-4o, timeout_ms: 5000}";
+    let outputs = collector(&brokers);
+    let service = Service::start(plan_with(&brokers, &providers, models, &[]), memory());
+
+    let n = 100;
+    publish(
+        &brokers,
+        JOBS_TOPIC,
+        (0..n).map(|i| job(&format!("f-{i}"), "acme", "billing question")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(outputs.wait_for(n, STALL, |_| {}).await, n);
+    service.stop().await;
+
+    let all = outputs.snapshot();
+    assert_schema_valid(&all);
+    let mut retried_steps = 0;
+    for (c, _) in &all {
+        let Collected::Result(r) = c else {
+            panic!("every job completes, got {c:?}")
+        };
+        assert_eq!(r.status, ResultStatus::Ok);
+        retried_steps += r.steps.iter().filter(|s| s.attempts > 1).count();
+    }
+    let stats = llm.stats();
+    let limited = stats
+        .rate_limited
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let failed = stats
+        .server_errors
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        limited > 0 && failed > 0,
+        "faults were injected ({limited} 429s, {failed} 500s)"
+    );
+    assert_eq!(
+        stats.ok(),
+        2 * n as u64,
+        "exactly one successful call per step"
+    );
+    assert_eq!(
+        stats.requests(),
+        stats.ok() + limited + failed,
+        "every failed attempt was retried once more, no more"
+    );
+    assert!(retried_steps > 0, "step records show the extra attempts");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_model_falls_back_and_the_result_is_degraded() {
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let broken = mock_llm_with(
+        1,
+        Faults {
+            rate_500: 1.0,
+            ..Faults::default()
+        },
+    )
+    .await;
+    let healthy = mock_llm(1).await;
+    let providers = format!(
+        // The circuit is kept out of the way here (it has its own test): every job retries.
+        "broken: {{kind: openai, base_url: \"http://{}/v1\", retry: {{max_attempts: 2, base_delay_ms: 1, max_delay_ms: 5}},
+           circuit: {{consecutive_failures: 1000, failure_rate: 1.0, window: 1000, min_calls: 1000}}}}\n  \
+         healthy: {{kind: openai, base_url: \"http://{}/v1\"}}",
+        broken.addr(),
+        healthy.addr()
+    );
+    let models = "small: {provider: broken, model: gpt-4o-mini, fallbacks: [backup]}\n  \
+                  large: {provider: broken, model: gpt-4o, fallbacks: [backup]}\n  \
+                  backup: {provider: healthy, model: llama-3-8b}";
+    let outputs = collector(&brokers);
+    let service = Service::start(plan_with(&brokers, &providers, models, &[]), memory());
+    publish(
+        &brokers,
+        JOBS_TOPIC,
+        (0..10).map(|i| job(&format!("d-{i}"), "acme", "account question")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(outputs.wait_for(10, STALL, |_| {}).await, 10);
+    service.stop().await;
+
+    let all = outputs.snapshot();
+    assert_schema_valid(&all);
+    for (c, _) in &all {
+        let Collected::Result(r) = c else {
+            panic!("expected a degraded result, got {c:?}")
+        };
+        assert_eq!(r.status, ResultStatus::Degraded);
+        let llm_steps: Vec<_> = r.steps.iter().filter(|s| s.provider.is_some()).collect();
+        assert!(llm_steps
+            .iter()
+            .all(|s| s.provider.as_deref() == Some("healthy") && s.attempts == 3));
+    }
+    assert_eq!(
+        broken.stats().requests(),
+        10 * 2 * 2,
+        "two attempts per step on the broken target"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_target_fails_the_job_is_a_provider_failed_dead_letter() {
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let broken = mock_llm_with(
+        1,
+        Faults {
+            rate_500: 1.0,
+            ..Faults::default()
+        },
+    )
+    .await;
+    let providers = format!(
+        "broken: {{kind: openai, base_url: \"http://{}/v1\", retry: {{max_attempts: 3, base_delay_ms: 1, max_delay_ms: 5}}}}",
+        broken.addr()
+    );
+    let models =
+        "small: {provider: broken, model: gpt-4o-mini}\n  large: {provider: broken, model: gpt-4o}";
+    let outputs = collector(&brokers);
+    let service = Service::start(plan_with(&brokers, &providers, models, &[]), memory());
+    publish(&brokers, JOBS_TOPIC, [job("x-1", "acme", "anything")])
+        .await
+        .unwrap();
+    assert_eq!(outputs.wait_for(1, STALL, |_| {}).await, 1);
+    service.stop().await;
+
+    let all = outputs.snapshot();
+    assert_schema_valid(&all);
+    let Collected::DeadLetter(d) = &all[0].0 else {
+        panic!("expected a dead letter, got {:?}", all[0].0)
+    };
+    assert_eq!(d.reason, DeadLetterReason::ProviderFailed);
+    assert_eq!(d.attempts, 3);
+    assert!(d.error.contains("small: server error 500"), "{}", d.error);
+    assert_eq!(d.job_id.as_deref(), Some("x-1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_job_is_dead_lettered_without_a_provider_call() {
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let llm = mock_llm(1).await;
+    let outputs = collector(&brokers);
+    let service = Service::start(plan(&brokers, &llm.addr().to_string(), &[]), memory());
+    let expired = serde_json::json!({"id": "late-1", "tenant": "acme", "input": {"text": "hi"},
+        "deadline": "2020-01-01T00:00:00Z"});
+    publish(&brokers, JOBS_TOPIC, [expired.to_string().into_bytes()])
+        .await
+        .unwrap();
+    assert_eq!(outputs.wait_for(1, STALL, |_| {}).await, 1);
+    service.stop().await;
+
+    let all = outputs.snapshot();
+    assert_schema_valid(&all);
+    let Collected::DeadLetter(d) = &all[0].0 else {
+        panic!("expected a dead letter")
+    };
+    assert_eq!(d.reason, DeadLetterReason::DeadlineExceeded);
+    assert!(d.error.contains("2020-01-01"), "{}", d.error);
+    assert_eq!(llm.stats().requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_circuit_sends_traffic_to_the_fallback_until_the_primary_recovers() {
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let primary = mock_llm_with(
+        1,
+        Faults {
+            rate_500: 1.0,
+            ..Faults::default()
+        },
+    )
+    .await;
+    let backup = mock_llm(1).await;
+    let providers = format!(
+        "primary: {{kind: openai, base_url: \"http://{}/v1\", retry: {{max_attempts: 1}},
+           circuit: {{consecutive_failures: 3, open_ms: 400}}}}\n  \
+         backup: {{kind: openai, base_url: \"http://{}/v1\"}}",
+        primary.addr(),
+        backup.addr()
+    );
+    let models = "small: {provider: primary, model: gpt-4o-mini, fallbacks: [spare]}\n  \
+                  large: {provider: primary, model: gpt-4o-mini, fallbacks: [spare]}\n  \
+                  spare: {provider: backup, model: llama-3-8b}";
+    let outputs = collector(&brokers);
+    let overrides = [("SWITCHYARD__LIMITS__MAX_INFLIGHT_JOBS", "4")];
+    let service = Service::start(
+        plan_with(&brokers, &providers, models, &overrides),
+        memory(),
+    );
+
+    // Primary down: after three failures the circuit opens and calls stop reaching it.
+    publish(
+        &brokers,
+        JOBS_TOPIC,
+        (0..40).map(|i| job(&format!("c-{i}"), "acme", "billing")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(outputs.wait_for(40, STALL, |_| {}).await, 40);
+    let primary_calls = primary.stats().requests();
+    assert!(
+        primary_calls < 20,
+        "{primary_calls} of 80 calls reached the open primary"
+    );
+    for (c, _) in outputs.snapshot() {
+        let Collected::Result(r) = c else {
+            panic!("expected results, got {c:?}")
+        };
+        assert_eq!(r.status, ResultStatus::Degraded, "served by the fallback");
+    }
+
+    // Primary back: after the cool-down a probe closes the circuit and traffic returns.
+    primary.set_faults(Faults::default());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    publish(&brokers, JOBS_TOPIC, [job("probe", "acme", "billing")])
+        .await
+        .unwrap();
+    assert_eq!(outputs.wait_for(41, STALL, |_| {}).await, 41);
+    publish(
+        &brokers,
+        JOBS_TOPIC,
+        (0..10).map(|i| job(&format!("r-{i}"), "acme", "billing")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(outputs.wait_for(51, STALL, |_| {}).await, 51);
+    let text = service.metrics.encode();
+    service.stop().await;
+
+    let recovered: Vec<_> = outputs
+        .snapshot()
+        .into_iter()
+        .filter_map(|(c, _)| match c {
+            Collected::Result(r) if r.job_id.starts_with("r-") => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(recovered.len(), 10);
+    assert!(
+        recovered.iter().all(|r| r.status == ResultStatus::Ok),
+        "the primary serves again"
+    );
+    assert!(
+        text.contains(r#"switchyard_circuit_state{model="gpt-4o-mini",provider="primary"} 0"#),
+        "{text}"
+    );
+}

@@ -1,0 +1,182 @@
+//! The Redis state store against the real server: claims are exclusive across replicas, leases
+//! expire and can be taken over, outcomes are replayed, and tenants never share keys.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use switchyard::state::{Claim, RedisStore};
+
+async fn store(prefix: &str) -> RedisStore {
+    RedisStore::connect(&common::redis_url(), prefix, Duration::from_secs(2))
+        .await
+        .expect("Redis must be running at REDIS_URL (default redis://127.0.0.1:6379)")
+}
+
+fn prefix() -> String {
+    format!("it{:x}:", rand::random::<u64>())
+}
+
+#[tokio::test]
+async fn only_one_replica_wins_a_claim_and_the_outcome_is_replayed() {
+    let p = prefix();
+    let replicas = [store(&p).await, store(&p).await, store(&p).await];
+    let lease = Duration::from_secs(10);
+    let claims = futures::future::join_all((0..30).map(|i| {
+        let r = replicas[i % 3].clone();
+        async move { r.claim("acme/k1", lease).await.unwrap() }
+    }))
+    .await;
+    let winners: Vec<_> = claims
+        .iter()
+        .filter(|c| matches!(c, Claim::Acquired(_)))
+        .collect();
+    assert_eq!(winners.len(), 1, "exactly one claim wins: {claims:?}");
+    assert!(claims
+        .iter()
+        .all(|c| matches!(c, Claim::Acquired(_) | Claim::Busy)));
+
+    replicas[1]
+        .complete(
+            "acme/k1",
+            Bytes::from_static(b"{\"stored\":true}"),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        replicas[2].claim("acme/k1", lease).await.unwrap(),
+        Claim::Done(Bytes::from_static(b"{\"stored\":true}"))
+    );
+}
+
+#[tokio::test]
+async fn a_crashed_workers_lease_expires_and_is_taken_over_but_a_renewed_one_is_not() {
+    let p = prefix();
+    let (a, b) = (store(&p).await, store(&p).await);
+    let Claim::Acquired(_crashed) = a
+        .claim("t/crash", Duration::from_millis(300))
+        .await
+        .unwrap()
+    else {
+        panic!("claim")
+    };
+    let Claim::Acquired(alive) = a
+        .claim("t/alive", Duration::from_millis(300))
+        .await
+        .unwrap()
+    else {
+        panic!("claim")
+    };
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(a
+            .renew("t/alive", &alive, Duration::from_millis(300))
+            .await
+            .unwrap());
+    }
+    assert!(
+        matches!(
+            b.claim("t/crash", Duration::from_secs(5)).await.unwrap(),
+            Claim::Acquired(_)
+        ),
+        "expired lease is taken over"
+    );
+    assert_eq!(
+        b.claim("t/alive", Duration::from_secs(5)).await.unwrap(),
+        Claim::Busy,
+        "a renewed lease holds"
+    );
+    assert!(
+        !b.renew(
+            "t/alive",
+            &switchyard_token_from_claim(&b).await,
+            Duration::from_secs(1)
+        )
+        .await
+        .unwrap(),
+        "a stranger cannot renew"
+    );
+}
+
+/// A token that owns nothing (claims a throwaway key).
+async fn switchyard_token_from_claim(s: &RedisStore) -> switchyard::state::ClaimToken {
+    match s
+        .claim(
+            &format!("t/throwaway-{}", rand::random::<u32>()),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap()
+    {
+        Claim::Acquired(t) => t,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn release_gives_the_key_back_only_for_its_owner() {
+    let p = prefix();
+    let s = store(&p).await;
+    let Claim::Acquired(owner) = s.claim("t/r", Duration::from_secs(10)).await.unwrap() else {
+        panic!("claim")
+    };
+    let stranger = switchyard_token_from_claim(&s).await;
+    s.release("t/r", &stranger).await.unwrap();
+    assert_eq!(
+        s.claim("t/r", Duration::from_secs(10)).await.unwrap(),
+        Claim::Busy
+    );
+    s.release("t/r", &owner).await.unwrap();
+    assert!(matches!(
+        s.claim("t/r", Duration::from_secs(10)).await.unwrap(),
+        Claim::Acquired(_)
+    ));
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_is_an_error_not_a_hang() {
+    let started = std::time::Instant::now();
+    let result = RedisStore::connect("redis://127.0.0.1:1", "x:", Duration::from_millis(500)).await;
+    assert!(result.is_err());
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn a_claim_whose_key_vanished_is_renewed_back_but_one_taken_over_is_lost() {
+    let p = prefix();
+    let (a, b) = (store(&p).await, store(&p).await);
+    let Claim::Acquired(token) = a.claim("t/v", Duration::from_secs(10)).await.unwrap() else {
+        panic!("claim")
+    };
+    // Redis restarted without persistence: the key is gone.
+    let client = redis::Client::open(common::redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{p}idem:t/v"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        a.renew("t/v", &token, Duration::from_secs(10))
+            .await
+            .unwrap(),
+        "the owner re-establishes its claim"
+    );
+    assert_eq!(
+        b.claim("t/v", Duration::from_secs(10)).await.unwrap(),
+        Claim::Busy
+    );
+    // Expired and taken over: the old owner learns it lost the claim.
+    let Claim::Acquired(old) = a.claim("t/w", Duration::from_millis(100)).await.unwrap() else {
+        panic!("claim")
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(matches!(
+        b.claim("t/w", Duration::from_secs(10)).await.unwrap(),
+        Claim::Acquired(_)
+    ));
+    assert!(!a.renew("t/w", &old, Duration::from_secs(10)).await.unwrap());
+}

@@ -1,0 +1,160 @@
+//! API keys never appear in logs, errors or outputs, even at debug level and with provider
+//! failures; the per-call log records carry the job, tenant, pipeline and step.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use switchyard::config::Faults;
+use switchyard::demo::publish;
+
+use common::*;
+
+const SECRET: &str = "sk-test-SECRETVALUE-3f9a1c";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_key_is_sent_but_never_logged_or_echoed() {
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let llm = mock_llm_with(
+        1,
+        Faults {
+            rate_500: 0.3,
+            ..Faults::default()
+        },
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+source: {{kind: kafka, brokers: "{brokers}", group: "secrets-{g:x}", topic: {JOBS_TOPIC}}}
+http: {{listen: "off"}}
+log: {{format: json, filter: "debug,librdkafka=warn,rdkafka=warn"}}
+providers:
+  llm: {{kind: openai, base_url: "http://{llm}/v1", api_key_env: SY_TEST_API_KEY,
+        retry: {{max_attempts: 2, base_delay_ms: 1, max_delay_ms: 5}}}}
+models:
+  small: {{provider: llm, model: gpt-4o-mini, price: {{input: 0.15, output: 0.6}}}}
+prompts:
+  p: {{user: "{{{{input.text}}}}"}}
+pipelines:
+  support:
+    steps:
+      - {{name: answer, kind: generate, model: small, prompt: p}}
+"#,
+        g = rand::random::<u64>(),
+        llm = llm.addr(),
+    );
+    let path = dir.path().join("c.yaml");
+    std::fs::write(&path, config).unwrap();
+    let log_path = dir.path().join("log.jsonl");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("SY_TEST_API_KEY", SECRET)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let outputs = collector(&brokers);
+    publish(
+        &brokers,
+        JOBS_TOPIC,
+        (0..20).map(|i| job(&format!("s-{i}"), "acme", "hello")),
+    )
+    .await
+    .unwrap();
+    outputs.wait_for(20, Duration::from_secs(30), |_| {}).await;
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "exits after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    assert_eq!(outputs.len(), 20);
+    assert!(
+        llm.stats()
+            .authorized
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 20,
+        "the key was sent"
+    );
+    assert!(
+        llm.stats()
+            .server_errors
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0,
+        "error paths were exercised"
+    );
+    let logs = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        !logs.contains("SECRETVALUE"),
+        "the API key leaked into the logs"
+    );
+    for (_, raw) in outputs.snapshot() {
+        assert!(
+            !raw.to_string().contains("SECRETVALUE"),
+            "the API key leaked into an output"
+        );
+    }
+    let calls: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "provider call")
+        .collect();
+    assert!(
+        calls.len() >= 20,
+        "one record per provider call ({} found) in:\n{}",
+        calls.len(),
+        logs.lines()
+            .filter(|l| l.contains("provider"))
+            .take(3)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    for call in &calls {
+        for field in [
+            "provider",
+            "model",
+            "attempt",
+            "outcome",
+            "latency_ms",
+            "input_tokens",
+            "output_tokens",
+            "cost_usd",
+        ] {
+            assert!(
+                call.get(field).is_some(),
+                "provider call record lacks {field}: {call}"
+            );
+        }
+        let spans = call["spans"].as_array().expect("span list");
+        let job = spans.iter().find(|s| s["name"] == "job").expect("job span");
+        assert!(
+            job["job_id"].is_string() && job["tenant"] == "acme" && job["pipeline"] == "support",
+            "{call}"
+        );
+        assert!(
+            spans
+                .iter()
+                .any(|s| s["name"] == "step" && s["step"] == "answer"),
+            "{call}"
+        );
+    }
+    assert!(calls.iter().any(|c| c["outcome"] == "server_error"));
+    let outcomes = logs
+        .lines()
+        .filter(|l| {
+            l.contains("\"message\":\"job finished\"")
+                || l.contains("\"message\":\"job dead-lettered\"")
+        })
+        .count();
+    assert_eq!(outcomes, 20, "one record per job outcome");
+}
