@@ -79,14 +79,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    let code = match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // Work still running here (a broker close that never answered, a blocking call) was already
+    // given its bounded time; it must not keep the process from exiting.
+    runtime.shutdown_timeout(EXIT_GRACE);
+    code
 }
+
+/// How long leftover tasks get once the command has finished.
+const EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {

@@ -89,11 +89,15 @@ impl Replica {
             if let Some(exit) = self.child.try_wait().unwrap() {
                 return (exit.code(), started.elapsed());
             }
-            assert!(
-                Instant::now() < deadline,
-                "replica did not exit within 30s of SIGTERM; log: {}",
-                self.log.display()
-            );
+            if Instant::now() >= deadline {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(60).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "replica did not exit within 30s of SIGTERM; last log lines:\n{}",
+                    tail.join("\n")
+                );
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -24,6 +24,10 @@ use crate::model::SourceInfo;
 
 /// Longest a revocation waits for in-flight jobs of the revoked partitions.
 const REVOKE_DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
+/// Longest the final commit and leaving the group may take at shutdown. librdkafka's close waits
+/// for the group coordinator; a broker that does not answer must not keep the process alive
+/// (uncommitted offsets are redelivered and answered from the idempotency store).
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6);
 
 /// Properties at-least-once delivery depends on; config cannot override them.
 const FORCED: [(&str, &str); 2] = [
@@ -116,24 +120,21 @@ pub struct KafkaSource {
     topic: Arc<str>,
 }
 
-/// Reads the lag librdkafka reported in its last statistics.
+/// Reads the lag librdkafka reported in its last statistics. Holds the context, not the
+/// consumer, so only the source itself keeps the consumer alive and closes it.
 #[derive(Clone)]
-pub struct LagReader(Arc<Inner>);
+pub struct LagReader(Arc<SourceContext>);
 
 impl LagReader {
     pub fn lag(&self) -> Option<i64> {
-        let lag = self
-            .0
-            .context()
-            .lag
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let lag = self.0.lag.load(std::sync::atomic::Ordering::Relaxed);
         (lag >= 0).then_some(lag)
     }
 }
 
 impl KafkaSource {
     pub fn lag_reader(&self) -> LagReader {
-        LagReader(self.consumer.clone())
+        LagReader(self.consumer.context().clone())
     }
 
     pub fn new(plan: &KafkaSourcePlan) -> Result<Self, KafkaError> {
@@ -203,7 +204,7 @@ impl JobSource for KafkaSource {
         });
         let ack = KafkaAck {
             ticket,
-            consumer: self.consumer.clone(),
+            consumer: Arc::downgrade(&self.consumer),
             tracker: self.tracker.clone(),
         };
         Ok(Delivery {
@@ -225,25 +226,38 @@ impl JobSource for KafkaSource {
     async fn close(self) {
         let consumer = self.consumer;
         let in_flight = self.tracker.in_flight();
-        // Commit is a blocking network call; keep it off the async workers.
-        let result = tokio::task::spawn_blocking(move || {
-            let result = consumer.commit_consumer_state(CommitMode::Sync);
-            consumer.unsubscribe();
-            result
-        })
-        .await;
-        match result {
-            Ok(Ok(()))
-            | Ok(Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset))) => {
+        // Commit, leave the group and destroy the client on a thread of its own: each is a
+        // blocking network exchange, and dropping the last handle waits until librdkafka has
+        // closed the consumer. Acks hold weak handles, so this is the last one.
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("kafka-close".into())
+            .spawn(move || {
+                let result = consumer.commit_consumer_state(CommitMode::Sync);
+                consumer.unsubscribe();
+                drop(consumer);
+                let _ = done.send(result);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the kafka close thread; leaving the group uncommitted");
+            return;
+        }
+        match tokio::time::timeout(CLOSE_TIMEOUT, finished).await {
+            Ok(Ok(Ok(())))
+            | Ok(Ok(Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)))) => {
                 tracing::info!(
                     handed_back = in_flight,
                     "kafka source closed, offsets committed"
                 )
             }
-            Ok(Err(e)) => {
+            Ok(Ok(Err(e))) => {
                 tracing::warn!(error = %e, "final kafka commit failed; uncommitted jobs will be redelivered")
             }
-            Err(e) => tracing::warn!(error = %e, "final kafka commit task failed"),
+            Ok(Err(_)) => tracing::warn!("kafka close thread ended without a result"),
+            Err(_) => tracing::warn!(
+                timeout_ms = CLOSE_TIMEOUT.as_millis() as u64,
+                "kafka consumer did not close in time; exiting without waiting (uncommitted jobs will be redelivered)"
+            ),
         }
     }
 }
@@ -260,7 +274,9 @@ fn classify(e: KafkaError) -> SourceError {
 
 struct KafkaAck {
     ticket: Ticket,
-    consumer: Arc<Inner>,
+    /// Weak, so a job still running at shutdown does not keep the consumer (and the group
+    /// membership) alive; its offset is then simply not stored.
+    consumer: std::sync::Weak<Inner>,
     tracker: Arc<OffsetTracker>,
 }
 
@@ -287,7 +303,9 @@ impl Acknowledge for KafkaAck {
 
 impl KafkaAck {
     fn store(&self) {
-        let consumer = &self.consumer;
+        let Some(consumer) = self.consumer.upgrade() else {
+            return;
+        };
         self.tracker.finish(&self.ticket, |key, position| {
             let mut tpl = TopicPartitionList::new();
             if tpl.add_partition_offset(&key.topic, key.partition, Offset::Offset(position)).is_err() {
