@@ -14,6 +14,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::{Gate, Scheduler};
 use crate::config::Plan;
 use crate::engine::Engine;
 use crate::pipeline::{Pools, Runner};
@@ -61,7 +62,18 @@ pub async fn run_with(
         });
     }
     let result = async {
-        let providers = Arc::new(Providers::start(&plan, metrics.clone()).await?);
+        let gate = Arc::new(Gate::new(&plan, state.clone(), metrics.clone()));
+        let providers = Arc::new(
+            Providers::start(&plan, metrics.clone())
+                .await?
+                .with_gate(gate.clone()),
+        );
+        let scheduler = Scheduler::start(
+            gate,
+            plan.limits.max_running_jobs,
+            &background,
+            http_stop.clone(),
+        );
         let sink = Sink::open(&plan.sink).await?;
         let source = Source::open(&plan.source).await?;
         let (probe, lag_gauge, stop) = (
@@ -88,6 +100,7 @@ pub async fn run_with(
         let engine = Arc::new(Engine::new(
             plan.clone(),
             runner,
+            scheduler,
             state.clone(),
             sink,
             metrics.clone(),

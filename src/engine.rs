@@ -16,12 +16,13 @@ use tracing::Instrument as _;
 
 use crate::telemetry::metrics::Metrics;
 
+use crate::admission::Scheduler;
 use crate::config::Plan;
 use crate::model::{
     decode_job, DeadLetter, DeadLetterReason, Job, JobResult, Outcome, ResultStatus, SourceInfo,
     TenantId, Usage,
 };
-use crate::pipeline::{RunFailure, Runner};
+use crate::pipeline::{RunFailure, RunOutput, Runner};
 use crate::sink::{Destination, Output, OutputSink, SinkError};
 use crate::source::Delivery;
 use crate::state::{Claim, ClaimToken, StateStore};
@@ -30,10 +31,13 @@ use crate::state::{Claim, ClaimToken, StateStore};
 const BUSY_POLL: Duration = Duration::from_millis(100);
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// How often a job whose tenant queue is full tries to enter it again.
+const QUEUE_FULL_RETRY: Duration = Duration::from_millis(50);
 
 pub struct Engine<K> {
     plan: Arc<Plan>,
     runner: Runner,
+    scheduler: Scheduler,
     state: StateStore,
     sink: K,
     metrics: Arc<Metrics>,
@@ -59,6 +63,7 @@ impl<K: OutputSink> Engine<K> {
     pub fn new(
         plan: Arc<Plan>,
         runner: Runner,
+        scheduler: Scheduler,
         state: StateStore,
         sink: K,
         metrics: Arc<Metrics>,
@@ -66,6 +71,7 @@ impl<K: OutputSink> Engine<K> {
         Self {
             plan,
             runner,
+            scheduler,
             state,
             sink,
             metrics,
@@ -305,7 +311,7 @@ impl<K: OutputSink> Engine<K> {
                 self.release(&key, &token).await;
                 return Err(Stopped);
             }
-            run = self.runner.run(&job, &pipeline).instrument(span) => run,
+            run = self.admit_and_run(&job, &pipeline).instrument(span) => run,
             LeaseLost = self.hold_claim(&key, &token) => {
                 tracing::warn!(key = %key, "claim lease lost while the job ran; handing it back to the worker that holds it");
                 return Err(Stopped);
@@ -349,6 +355,72 @@ impl<K: OutputSink> Engine<K> {
             claim: Some((key, token)),
             pipeline: Some(pipeline.name.clone()),
         })
+    }
+
+    /// Waits for the job's turn under its tenant's limits and the fair scheduler, then runs
+    /// its pipeline. A deadline that passes while it waits dead-letters it before any call.
+    async fn admit_and_run(
+        &self,
+        job: &Job,
+        pipeline: &crate::config::PipelinePlan,
+    ) -> Result<RunOutput, RunFailure> {
+        let expired = async {
+            match job.deadline {
+                Some(deadline) => {
+                    let left = (deadline - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+                    tokio::time::sleep(left).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let admitted = async {
+            loop {
+                match self
+                    .scheduler
+                    .admit(job.tenant.as_str(), job.priority)
+                    .await
+                {
+                    Ok(Some(slot)) => return slot,
+                    // The scheduler stopped: the process is shutting down and hands this back.
+                    Ok(None) => std::future::pending::<()>().await,
+                    // The tenant's queue is full: wait outside it (still bounded by the
+                    // in-flight limit), so it cannot crowd other tenants out of the scheduler.
+                    Err(crate::admission::QueueFull) => tokio::time::sleep(QUEUE_FULL_RETRY).await,
+                }
+            }
+        };
+        let slot = tokio::select! {
+            slot = admitted => slot,
+            () = expired => {
+                return Err(RunFailure {
+                    reason: DeadLetterReason::DeadlineExceeded,
+                    error: "the deadline passed while the job waited for admission (tenant limits or a full scheduler); no provider was called".into(),
+                    attempts: 0,
+                });
+            }
+        };
+        let mut out = self.runner.run(job, pipeline).await?;
+        if slot.throttled {
+            let queued_ms = u64::try_from(slot.queued.as_millis()).unwrap_or(u64::MAX);
+            out.steps.insert(
+                0,
+                crate::model::StepRecord {
+                    name: "admission".into(),
+                    kind: "admission".into(),
+                    provider: None,
+                    model: None,
+                    attempts: 0,
+                    cached: false,
+                    latency_ms: queued_ms,
+                    input_tokens: 0,
+                    output_tokens: 0,
+                    cost_usd: 0.0,
+                    throttled_ms: queued_ms,
+                },
+            );
+        }
+        drop(slot);
+        Ok(out)
     }
 
     fn pipeline_for(&self, job: &Job) -> Result<Arc<crate::config::PipelinePlan>, String> {

@@ -1,7 +1,8 @@
 //! switchyard: a stream processor for production LLM jobs.
 //!
 //! Jobs arrive from a broker ([`source`]) as bytes with an ack handle, are decoded and validated
-//! against the v1 wire contract ([`model`]), claimed for idempotency ([`state`]), run through
+//! against the v1 wire contract ([`model`]), claimed for idempotency ([`state`]), admitted fairly under their tenant's limits and budget
+//! ([`admission`]), run through
 //! their pipeline's DAG of steps on bounded per-kind worker pools ([`pipeline`]) that call LLM
 //! providers through the retry and fallback loop ([`provider`]), and end as a result, review
 //! request or dead letter written to the broker ([`sink`]). Only after the broker confirms that
@@ -11,6 +12,7 @@
 //! the built-in mock provider; [`tools`] holds the operator commands (`publish`, `tail`) and [`mod@bench`] the benchmark.
 
 pub mod ack;
+pub mod admission;
 pub mod app;
 pub mod bench;
 pub mod config;

@@ -272,6 +272,13 @@ pub struct StepRecord {
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub cost_usd: f64,
+    /// Time the step's calls (or, for the `admission` record, the job) waited for rate limits.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub throttled_ms: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]

@@ -25,6 +25,7 @@ pub struct Plan {
     /// Where `/healthz`, `/readyz` and `/metrics` listen; `None` when disabled.
     pub http_listen: Option<String>,
     pub log: LogPlan,
+    pub tenants: TenantsPlan,
     /// Things that work but deserve a look (e.g. a model without a price).
     pub warnings: Vec<String>,
 }
@@ -134,6 +135,9 @@ pub enum RedisUrl {
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_inflight_jobs: usize,
+    pub max_running_jobs: usize,
+    /// Intake resumes below this many in-flight jobs after reaching `max_inflight_jobs`.
+    pub resume_at: usize,
     pub max_job_bytes: usize,
     pub max_response_bytes: usize,
     pub drain_timeout: Duration,
@@ -176,6 +180,7 @@ pub enum ProviderKind {
 #[derive(Debug, Clone)]
 pub struct ProviderPlan {
     pub kind: ProviderKind,
+    pub limits: RateLimits,
     pub retry: RetryPolicy,
     pub circuit: CircuitPolicy,
 }
@@ -204,6 +209,47 @@ pub struct ModelPlan {
     pub temperature: f64,
     /// Aliases tried in order after this one fails.
     pub fallbacks: Vec<String>,
+    pub limits: RateLimits,
+}
+
+/// Requests and tokens per minute, summed over all replicas; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RateLimits {
+    pub rpm: Option<f64>,
+    pub tpm: Option<f64>,
+}
+
+/// What one tenant may use. Unset limits are unlimited.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantPlan {
+    pub rps: Option<f64>,
+    pub tokens_per_min: Option<f64>,
+    pub budget_usd_per_day: Option<f64>,
+    pub budget_usd_per_month: Option<f64>,
+    pub weight: u32,
+    pub max_queued: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct TenantsPlan {
+    pub default: TenantPlan,
+    /// Tenants named in config: they get their own metric labels.
+    pub named: BTreeMap<String, TenantPlan>,
+}
+
+impl TenantsPlan {
+    pub fn get(&self, tenant: &str) -> &TenantPlan {
+        self.named.get(tenant).unwrap_or(&self.default)
+    }
+
+    /// The metric label for a tenant: its name when configured, `other` otherwise.
+    pub fn label<'a>(&self, tenant: &'a str) -> &'a str {
+        if self.named.contains_key(tenant) {
+            tenant
+        } else {
+            "other"
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -216,6 +262,8 @@ pub struct PromptPlan {
 #[derive(Debug, Clone)]
 pub struct PipelinePlan {
     pub name: String,
+    /// Model alias to use when the tenant's budget cannot cover a step's model.
+    pub budget_fallback: Option<String>,
     /// In config order, which is a topological order: `needs` only name earlier steps.
     pub steps: Vec<StepPlan>,
 }
@@ -539,8 +587,17 @@ pub(super) fn validate(raw: RawConfig) -> Result<Plan, Vec<String>> {
         "limits.max_response_bytes",
         l.max_response_bytes as u64,
     );
+    positive(&mut p, "limits.max_running_jobs", l.max_running_jobs as u64);
+    if !(l.resume_below > 0.0 && l.resume_below <= 1.0) {
+        p.add(
+            "limits.resume_below",
+            "must be a share above 0 and at most 1",
+        );
+    }
     let limits = Limits {
         max_inflight_jobs: l.max_inflight_jobs,
+        max_running_jobs: l.max_running_jobs,
+        resume_at: ((l.max_inflight_jobs as f64 * l.resume_below) as usize).max(1),
         max_job_bytes: l.max_job_bytes,
         max_response_bytes: l.max_response_bytes,
         drain_timeout: Duration::from_millis(l.drain_timeout_ms),
@@ -572,7 +629,19 @@ pub(super) fn validate(raw: RawConfig) -> Result<Plan, Vec<String>> {
         .pipelines
         .into_iter()
         .map(|(name, pipeline)| {
-            let plan = pipeline_plan(&mut p, &name, pipeline.steps, &models, &prompts);
+            let mut plan = pipeline_plan(&mut p, &name, pipeline.steps, &models, &prompts);
+            if let Some(alias) = &pipeline.budget_fallback {
+                if !models.contains_key(alias) {
+                    p.add(
+                        format!("pipelines.{name}.budget_fallback"),
+                        format!(
+                            "model `{alias}` is not defined under `models` (defined: {})",
+                            keys(&models)
+                        ),
+                    );
+                }
+            }
+            plan.budget_fallback = pipeline.budget_fallback;
             (name, Arc::new(plan))
         })
         .collect();
@@ -645,10 +714,13 @@ pub(super) fn validate(raw: RawConfig) -> Result<Plan, Vec<String>> {
         payloads: raw.log.payloads,
     };
 
+    let tenants = tenants_plan(&mut p, raw.tenants, limits.max_inflight_jobs);
+
     if !p.0.is_empty() {
         return Err(p.0);
     }
     Ok(Plan {
+        tenants,
         source,
         sink,
         state,
@@ -703,12 +775,13 @@ fn state_plan(
 }
 
 fn provider_plan(p: &mut Problems, field: &str, provider: RawProvider) -> ProviderPlan {
-    let (kind, retry, circuit) = match provider {
+    let (kind, retry, circuit, limits) = match provider {
         RawProvider::Openai {
             base_url,
             api_key_env,
             retry,
             circuit,
+            limits,
         } => {
             if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
                 p.add(
@@ -727,6 +800,7 @@ fn provider_plan(p: &mut Problems, field: &str, provider: RawProvider) -> Provid
                 },
                 retry,
                 circuit,
+                limits,
             )
         }
         RawProvider::Mock {
@@ -735,6 +809,7 @@ fn provider_plan(p: &mut Problems, field: &str, provider: RawProvider) -> Provid
             seed,
             retry,
             circuit,
+            limits,
         } => {
             for (name, rate) in [
                 ("rate_429", faults.rate_429),
@@ -772,6 +847,7 @@ fn provider_plan(p: &mut Problems, field: &str, provider: RawProvider) -> Provid
                 }),
                 retry,
                 circuit,
+                limits,
             )
         }
     };
@@ -811,6 +887,7 @@ fn provider_plan(p: &mut Problems, field: &str, provider: RawProvider) -> Provid
     }
     ProviderPlan {
         kind,
+        limits: rate_limits(p, &format!("{field}.limits"), &limits),
         retry: RetryPolicy {
             max_attempts: retry.max_attempts,
             base_delay: Duration::from_millis(retry.base_delay_ms),
@@ -902,6 +979,7 @@ fn models_plan(
                 max_tokens: m.max_tokens,
                 temperature: m.temperature,
                 fallbacks: m.fallbacks,
+                limits: rate_limits(p, &format!("{field}.limits"), &m.limits),
             }),
         );
     }
@@ -1172,6 +1250,7 @@ fn pipeline_plan(
     }
     PipelinePlan {
         name: pipeline.to_owned(),
+        budget_fallback: None,
         steps,
     }
 }
@@ -1263,6 +1342,75 @@ fn properties(
             Some((key, text))
         })
         .collect()
+}
+
+fn rate_limits(p: &mut Problems, field: &str, raw: &raw::RawRateLimits) -> RateLimits {
+    for (name, value) in [("rpm", raw.rpm), ("tpm", raw.tpm)] {
+        rate(p, &format!("{field}.{name}"), value);
+    }
+    RateLimits {
+        rpm: raw.rpm,
+        tpm: raw.tpm,
+    }
+}
+
+/// A rate or budget must be a positive, finite number when set.
+fn rate(p: &mut Problems, field: &str, value: Option<f64>) {
+    if let Some(v) = value {
+        if !(v.is_finite() && v > 0.0) {
+            p.add(field, format!("{v} must be a positive number"));
+        }
+    }
+}
+
+fn tenants_plan(
+    p: &mut Problems,
+    mut raw: BTreeMap<String, raw::RawTenant>,
+    max_inflight: usize,
+) -> TenantsPlan {
+    let base = raw.remove("default").unwrap_or_default();
+    let mut plan_of = |name: &str, t: &raw::RawTenant| {
+        let field = format!("tenants.{name}");
+        let merged = TenantPlan {
+            rps: t.rps.or(base.rps),
+            tokens_per_min: t.tokens_per_min.or(base.tokens_per_min),
+            budget_usd_per_day: t.budget_usd_per_day.or(base.budget_usd_per_day),
+            budget_usd_per_month: t.budget_usd_per_month.or(base.budget_usd_per_month),
+            weight: t.weight.or(base.weight).unwrap_or(1),
+            max_queued: t.max_queued.or(base.max_queued).unwrap_or(max_inflight),
+        };
+        for (key, value) in [
+            ("rps", t.rps),
+            ("tokens_per_min", t.tokens_per_min),
+            ("budget_usd_per_day", t.budget_usd_per_day),
+            ("budget_usd_per_month", t.budget_usd_per_month),
+        ] {
+            rate(p, &format!("{field}.{key}"), value);
+        }
+        if t.weight == Some(0) {
+            p.add(format!("{field}.weight"), "must be at least 1");
+        }
+        if t.max_queued == Some(0) {
+            p.add(format!("{field}.max_queued"), "must be at least 1");
+        }
+        merged
+    };
+    let default = plan_of("default", &base.clone());
+    let mut named = BTreeMap::new();
+    let mut bad_names = Vec::new();
+    for (name, t) in &raw {
+        if crate::model::TenantId::parse(name).is_err() {
+            bad_names.push(name.clone());
+        }
+        named.insert(name.clone(), plan_of(name, t));
+    }
+    for name in bad_names {
+        p.add(
+            format!("tenants.{name}"),
+            "not a valid tenant name (letters, digits, `_` and `-`, starting with a letter or digit)",
+        );
+    }
+    TenantsPlan { default, named }
 }
 
 fn non_empty(p: &mut Problems, field: impl AsRef<str>, value: &str) {

@@ -29,6 +29,33 @@ pub struct RawConfig {
     pub http: RawHttp,
     #[serde(default)]
     pub log: RawLog,
+    /// Per-tenant limits, budgets and scheduling weight; `default` applies to every tenant
+    /// not named (and fills the fields a named tenant leaves out).
+    #[serde(default)]
+    pub tenants: BTreeMap<String, RawTenant>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTenant {
+    /// Jobs admitted per second, summed over all replicas.
+    pub rps: Option<f64>,
+    /// LLM tokens (input + output) per minute, summed over all replicas.
+    pub tokens_per_min: Option<f64>,
+    pub budget_usd_per_day: Option<f64>,
+    pub budget_usd_per_month: Option<f64>,
+    /// Share of the run slots relative to other waiting tenants.
+    pub weight: Option<u32>,
+    /// Jobs of this tenant waiting for admission in one replica, at most.
+    pub max_queued: Option<usize>,
+}
+
+/// Requests and tokens per minute a provider or model may be sent, summed over all replicas.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimits {
+    pub rpm: Option<f64>,
+    pub tpm: Option<f64>,
 }
 
 /// Structured logs.
@@ -263,6 +290,10 @@ fn default_claim_lease_ms() -> u64 {
 #[serde(deny_unknown_fields, default)]
 pub struct RawLimits {
     pub max_inflight_jobs: usize,
+    /// Jobs running their pipeline at once; the rest wait in their tenant's queue.
+    pub max_running_jobs: usize,
+    /// Intake resumes once in-flight jobs fall below this fraction of `max_inflight_jobs`.
+    pub resume_below: f64,
     pub max_job_bytes: usize,
     pub max_response_bytes: usize,
     pub drain_timeout_ms: u64,
@@ -272,6 +303,8 @@ impl Default for RawLimits {
     fn default() -> Self {
         Self {
             max_inflight_jobs: 1024,
+            max_running_jobs: 256,
+            resume_below: 0.8,
             max_job_bytes: 1024 * 1024,
             max_response_bytes: 4 * 1024 * 1024,
             drain_timeout_ms: 30_000,
@@ -291,6 +324,8 @@ pub enum RawProvider {
         retry: RawRetry,
         #[serde(default)]
         circuit: RawCircuit,
+        #[serde(default)]
+        limits: RawRateLimits,
     },
     /// The built-in mock provider, served in-process over HTTP on a loopback port.
     Mock {
@@ -304,6 +339,8 @@ pub enum RawProvider {
         retry: RawRetry,
         #[serde(default)]
         circuit: RawCircuit,
+        #[serde(default)]
+        limits: RawRateLimits,
     },
 }
 
@@ -415,6 +452,8 @@ pub struct RawModel {
     pub temperature: f64,
     #[serde(default)]
     pub fallbacks: Vec<String>,
+    #[serde(default)]
+    pub limits: RawRateLimits,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -444,6 +483,9 @@ pub struct RawPrompt {
 #[serde(deny_unknown_fields)]
 pub struct RawPipeline {
     pub steps: Vec<RawStep>,
+    /// Model alias used instead when the tenant's budget cannot cover the configured model.
+    #[serde(default)]
+    pub budget_fallback: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -45,20 +45,14 @@ pub(super) async fn run(ctx: &StepContext<'_>, plan: &ClassifyPlan) -> StepResul
                 .transpose()?;
             let user = ctx.render(&prompt.user, &plan.categories)?;
             let outcome = ctx
-                .providers
-                .call(
-                    model,
-                    |m| ChatRequest {
-                        model: m.model.clone(),
-                        system: system.clone(),
-                        user: user.clone(),
-                        max_tokens: m.max_tokens,
-                        temperature: m.temperature,
-                    },
-                    ctx.job.deadline,
-                )
-                .await
-                .map_err(|f| ctx.call_failed(f))?;
+                .call(model, |m| ChatRequest {
+                    model: m.model.clone(),
+                    system: system.clone(),
+                    user: user.clone(),
+                    max_tokens: m.max_tokens,
+                    temperature: m.temperature,
+                })
+                .await?;
             let record = ctx.record(started, &outcome);
             let (category, confidence) = parse_answer(&outcome.response.content, &plan.categories)
                 .map_err(|e| RunFailure {

@@ -34,20 +34,14 @@ pub(super) async fn run(ctx: &StepContext<'_>, plan: &GeneratePlan) -> StepResul
         .transpose()?;
     let user = ctx.render(&plan.prompt.user, &[])?;
     let outcome = ctx
-        .providers
-        .call(
-            &alias,
-            |m| ChatRequest {
-                model: m.model.clone(),
-                system: system.clone(),
-                user: user.clone(),
-                max_tokens: m.max_tokens,
-                temperature: m.temperature,
-            },
-            ctx.job.deadline,
-        )
-        .await
-        .map_err(|f| ctx.call_failed(f))?;
+        .call(&alias, |m| ChatRequest {
+            model: m.model.clone(),
+            system: system.clone(),
+            user: user.clone(),
+            max_tokens: m.max_tokens,
+            temperature: m.temperature,
+        })
+        .await?;
     let record = ctx.record(started, &outcome);
     let output = StepOutput::Generated {
         text: outcome.response.content,

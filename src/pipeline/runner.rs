@@ -68,6 +68,8 @@ pub(super) struct StepContext<'a> {
     /// Outputs of every step this one depends on, by index into the pipeline.
     pub inputs: Vec<(usize, StepOutput)>,
     pub pipeline: &'a PipelinePlan,
+    /// Milliseconds this step's calls waited for rate limits.
+    pub throttled_ms: std::sync::atomic::AtomicU64,
 }
 
 impl StepContext<'_> {
@@ -99,6 +101,42 @@ impl StepContext<'_> {
         })
     }
 
+    /// Calls `alias` for this job; when the tenant's budget cannot cover it and the pipeline
+    /// names a `budget_fallback`, that (cheaper) model answers instead, as a degraded result.
+    pub async fn call(
+        &self,
+        alias: &str,
+        request: impl Fn(&crate::config::ModelPlan) -> crate::provider::ChatRequest,
+    ) -> Result<crate::provider::CallOutcome, RunFailure> {
+        let scope = crate::admission::CallScope {
+            tenant: self.job.tenant.as_str(),
+            deadline: self.job.deadline,
+            throttled_ms: &self.throttled_ms,
+        };
+        match self.providers.call(alias, &request, &scope).await {
+            Err(CallFailure::BudgetExceeded { attempts, detail }) => {
+                let Some(cheaper) = self
+                    .pipeline
+                    .budget_fallback
+                    .as_deref()
+                    .filter(|f| *f != alias)
+                else {
+                    return Err(self.call_failed(CallFailure::BudgetExceeded { attempts, detail }));
+                };
+                tracing::info!(step = %self.step.name, model = alias, fallback = cheaper, "budget cannot cover the model; using the pipeline's budget fallback");
+                let mut outcome = self
+                    .providers
+                    .call(cheaper, &request, &scope)
+                    .await
+                    .map_err(|f| self.call_failed(f))?;
+                outcome.degraded = true;
+                outcome.attempts += attempts;
+                Ok(outcome)
+            }
+            other => other.map_err(|f| self.call_failed(f)),
+        }
+    }
+
     /// A record for a step that made an LLM call.
     pub fn record(&self, started: Instant, outcome: &crate::provider::CallOutcome) -> StepRecord {
         let model = &outcome.model;
@@ -114,6 +152,7 @@ impl StepContext<'_> {
             input_tokens: r.input_tokens,
             output_tokens: r.output_tokens,
             cost_usd: model.price.cost(r.input_tokens, r.output_tokens),
+            throttled_ms: self.throttled_ms.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -130,6 +169,7 @@ impl StepContext<'_> {
             input_tokens: 0,
             output_tokens: 0,
             cost_usd: 0.0,
+            throttled_ms: 0,
         }
     }
 
@@ -138,6 +178,7 @@ impl StepContext<'_> {
         let reason = match failure {
             CallFailure::DeadlineExceeded { .. } => DeadLetterReason::DeadlineExceeded,
             CallFailure::AllTargetsFailed { .. } => DeadLetterReason::ProviderFailed,
+            CallFailure::BudgetExceeded { .. } => DeadLetterReason::BudgetExceeded,
         };
         RunFailure {
             reason,
@@ -199,6 +240,7 @@ impl Runner {
                     providers: &self.providers,
                     inputs,
                     pipeline,
+                    throttled_ms: Default::default(),
                 };
                 let pool = self.pools.for_kind(&step.kind);
                 let span = tracing::info_span!("step", step = %step.name);

@@ -79,6 +79,8 @@ pub struct Providers {
     /// Log prompt and response text with each call (`log.payloads`).
     log_payloads: bool,
     circuits: Circuits,
+    /// Limits and budgets every call passes first (absent in unit tests of the call loop).
+    gate: Option<Arc<crate::admission::Gate>>,
 }
 
 impl Providers {
@@ -160,7 +162,14 @@ impl Providers {
             metrics,
             log_payloads: plan.log.payloads,
             circuits,
+            gate: None,
         })
+    }
+
+    /// Puts every call behind `gate`'s limits and budgets.
+    pub fn with_gate(mut self, gate: Arc<crate::admission::Gate>) -> Self {
+        self.gate = Some(gate);
+        self
     }
 
     /// The breaker of a provider + model (every configured model has one).

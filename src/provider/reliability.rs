@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use rand::Rng as _;
 
 use super::{ChatRequest, ChatResponse, ErrorAction, ProviderError, Providers};
+use crate::admission::{CallScope, Refusal};
 use crate::config::{ModelPlan, RetryPolicy};
 
 /// Longest `Retry-After` honoured; a provider asking for more is treated as down for this job.
@@ -34,6 +35,8 @@ pub enum CallFailure {
     },
     #[error("the job's deadline passed after {attempts} attempt(s)")]
     DeadlineExceeded { attempts: u32 },
+    #[error("budget exceeded: {detail}")]
+    BudgetExceeded { attempts: u32, detail: String },
 }
 
 fn describe(errors: &[(String, ProviderError)]) -> String {
@@ -48,7 +51,8 @@ impl CallFailure {
     pub fn attempts(&self) -> u32 {
         match self {
             CallFailure::AllTargetsFailed { attempts, .. }
-            | CallFailure::DeadlineExceeded { attempts } => *attempts,
+            | CallFailure::DeadlineExceeded { attempts }
+            | CallFailure::BudgetExceeded { attempts, .. } => *attempts,
         }
     }
 }
@@ -59,8 +63,9 @@ impl Providers {
         &self,
         alias: &str,
         request: impl Fn(&ModelPlan) -> ChatRequest,
-        deadline: Option<DateTime<Utc>>,
+        scope: &CallScope<'_>,
     ) -> Result<CallOutcome, CallFailure> {
+        let deadline = scope.deadline;
         let mut chain: Vec<&str> = vec![alias];
         if let Some(model) = self.model(alias) {
             for fallback in &model.fallbacks {
@@ -81,15 +86,51 @@ impl Providers {
             let breaker = self.circuit(&model.provider, &model.model);
             let req = request(model);
             let mut last = None;
+            let prompt_tokens = super::estimate_tokens(&req.user)
+                + req.system.as_deref().map_or(0, super::estimate_tokens);
             for attempt in 0..target.retry.max_attempts {
+                if let Some(left) = remaining(deadline) {
+                    if left.is_zero() {
+                        return Err(CallFailure::DeadlineExceeded { attempts });
+                    }
+                }
+                if breaker.is_some_and(|b| matches!(b.state(), super::circuit::CircuitState::Open))
+                {
+                    self.metrics
+                        .circuit_state
+                        .with_label_values(&[&target.name, &model.model])
+                        .set(2);
+                    last.get_or_insert(ProviderError::CircuitOpen);
+                    break;
+                }
+                // Limits and budget come before the attempt and its timeout: waiting for them
+                // is not time the provider gets.
+                let reservation = match &self.gate {
+                    Some(gate) => match gate.before_call(scope, model, prompt_tokens).await {
+                        Ok(r) => Some(r),
+                        Err(Refusal::Deadline) => {
+                            return Err(CallFailure::DeadlineExceeded { attempts })
+                        }
+                        Err(Refusal::Budget(detail)) => {
+                            return Err(CallFailure::BudgetExceeded { attempts, detail })
+                        }
+                    },
+                    None => None,
+                };
                 let timeout = match remaining(deadline) {
                     Some(left) if left.is_zero() => {
-                        return Err(CallFailure::DeadlineExceeded { attempts })
+                        if let (Some(gate), Some(r)) = (&self.gate, reservation) {
+                            gate.after_call(r, model, 0, 0.0).await;
+                        }
+                        return Err(CallFailure::DeadlineExceeded { attempts });
                     }
                     Some(left) => left.min(model.timeout),
                     None => model.timeout,
                 };
                 if breaker.is_some_and(|b| !b.allow()) {
+                    if let (Some(gate), Some(r)) = (&self.gate, reservation) {
+                        gate.after_call(r, model, 0, 0.0).await;
+                    }
                     // Skipped at once: no attempt is made, so none is counted.
                     self.metrics
                         .circuit_state
@@ -112,6 +153,16 @@ impl Providers {
                         .circuit_state
                         .with_label_values(&[&target.name, &model.model])
                         .set(state.gauge());
+                }
+                if let (Some(gate), Some(r)) = (&self.gate, reservation) {
+                    let (used, cost) = match &result {
+                        Ok(r) => (
+                            r.input_tokens + r.output_tokens,
+                            model.price.cost(r.input_tokens, r.output_tokens),
+                        ),
+                        Err(_) => (0, 0.0),
+                    };
+                    gate.after_call(r, model, used, cost).await;
                 }
                 self.observe(
                     &target.name,

@@ -26,6 +26,7 @@ struct Inner {
 pub struct MemoryStore {
     inner: Arc<Mutex<Inner>>,
     max_entries: usize,
+    counters: super::counters::MemoryCounters,
 }
 
 impl MemoryStore {
@@ -36,7 +37,12 @@ impl MemoryStore {
                 done_order: VecDeque::new(),
             })),
             max_entries: max_entries.max(1),
+            counters: Default::default(),
         }
+    }
+
+    pub fn counters(&self) -> &super::counters::MemoryCounters {
+        &self.counters
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {

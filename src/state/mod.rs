@@ -9,6 +9,7 @@
 //! next success marks it available again. The consume loop pauses while it is unavailable and
 //! readiness reports it; no job is ever processed without its claim.
 
+pub mod counters;
 mod memory;
 mod redis;
 
@@ -16,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use self::counters::{BudgetKeys, Rate, Spend};
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;
 use crate::config::{RedisUrl, StateKind, StatePlan};
@@ -51,7 +53,7 @@ pub enum StateError {
 #[derive(Clone)]
 enum Backend {
     Memory(MemoryStore),
-    Redis(RedisStore),
+    Redis(Box<RedisStore>),
 }
 
 #[derive(Clone)]
@@ -88,7 +90,7 @@ impl StateStore {
                 let store = RedisStore::connect(&url, key_prefix, *timeout)
                     .await
                     .map_err(|e| anyhow::anyhow!("state: cannot connect to Redis: {e}"))?;
-                Backend::Redis(store)
+                Backend::Redis(Box::new(store))
             }
         };
         Ok(Self {
@@ -166,6 +168,47 @@ impl StateStore {
                 Ok(())
             }
             Backend::Redis(r) => r.release(key, token).await,
+        };
+        self.track(result)
+    }
+
+    /// Rate limiter: `None` when `cost` units are admitted under `key`, else how long to wait.
+    /// Shared by every replica with Redis.
+    pub async fn throttle(
+        &self,
+        key: &str,
+        cost: f64,
+        rate: Rate,
+    ) -> Result<Option<Duration>, StateError> {
+        let result = match &self.backend {
+            Backend::Memory(m) => Ok(m.counters().throttle(key, cost, rate)),
+            Backend::Redis(r) => r.gcra(key, cost, rate, true).await,
+        };
+        self.track(result)
+    }
+
+    /// Reconciles a rate limiter with what was really used (`delta` units, may be negative).
+    pub async fn adjust(&self, key: &str, delta: f64, rate: Rate) -> Result<(), StateError> {
+        let result = match &self.backend {
+            Backend::Memory(m) => {
+                m.counters().adjust(key, delta, rate);
+                Ok(())
+            }
+            Backend::Redis(r) => r.gcra(key, delta, rate, false).await.map(|_| ()),
+        };
+        self.track(result)
+    }
+
+    /// Adds `amount` USD to a budget's sums; with `check`, only if it stays within the limits.
+    pub async fn spend(
+        &self,
+        keys: &BudgetKeys,
+        amount: f64,
+        check: bool,
+    ) -> Result<Spend, StateError> {
+        let result = match &self.backend {
+            Backend::Memory(m) => Ok(m.counters().spend(keys, amount, check)),
+            Backend::Redis(r) => r.spend(keys, amount, check).await,
         };
         self.track(result)
     }

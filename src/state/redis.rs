@@ -55,6 +55,8 @@ pub struct RedisStore {
     claim: Script,
     renew: Script,
     release: Script,
+    gcra: Script,
+    spend: Script,
 }
 
 fn unavailable(e: redis::RedisError) -> StateError {
@@ -84,6 +86,8 @@ impl RedisStore {
             claim: Script::new(CLAIM),
             renew: Script::new(RENEW),
             release: Script::new(RELEASE),
+            gcra: Script::new(super::counters::GCRA),
+            spend: Script::new(super::counters::SPEND),
         })
     }
 
@@ -157,6 +161,55 @@ impl RedisStore {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+
+    /// GCRA throttle (`check`) or adjustment; the wait when throttled.
+    pub async fn gcra(
+        &self,
+        key: &str,
+        cost: f64,
+        rate: super::Rate,
+        check: bool,
+    ) -> Result<Option<Duration>, StateError> {
+        let mut conn = self.conn.clone();
+        let wait_ms: i64 = self
+            .gcra
+            .key(format!("{}rate:{key}", self.prefix))
+            .arg(cost)
+            .arg(rate.interval.as_secs_f64() * 1000.0)
+            .arg(rate.tolerance.as_secs_f64() * 1000.0)
+            .arg(if check { "t" } else { "a" })
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(u64::try_from(wait_ms).ok().map(Duration::from_millis))
+    }
+
+    pub async fn spend(
+        &self,
+        keys: &super::BudgetKeys,
+        amount: f64,
+        check: bool,
+    ) -> Result<super::Spend, StateError> {
+        let mut conn = self.conn.clone();
+        let (allowed, day, month): (i64, String, String) = self
+            .spend
+            .key(format!("{}budget:{}", self.prefix, keys.day))
+            .key(format!("{}budget:{}", self.prefix, keys.month))
+            .arg(amount)
+            .arg(keys.day_limit.unwrap_or(-1.0))
+            .arg(keys.month_limit.unwrap_or(-1.0))
+            .arg(millis(super::counters::DAY_TTL))
+            .arg(millis(super::counters::MONTH_TTL))
+            .arg(if check { "1" } else { "0" })
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(super::Spend {
+            allowed: allowed == 1,
+            day: day.parse().unwrap_or(0.0),
+            month: month.parse().unwrap_or(0.0),
+        })
     }
 
     pub async fn ping(&self) -> Result<(), StateError> {

@@ -7,8 +7,8 @@
 use std::sync::{Arc, OnceLock};
 
 use prometheus::{
-    Counter, CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::pipeline::Pools;
@@ -34,6 +34,9 @@ pub struct Metrics {
     pub pool_permits: IntGaugeVec,
     pub consumer_lag: IntGaugeVec,
     pub circuit_state: IntGaugeVec,
+    pub ratelimit_throttled: IntCounterVec,
+    pub budget_remaining: GaugeVec,
+    pub tenant_queued: IntGauge,
     pools: OnceLock<Pools>,
 }
 
@@ -89,6 +92,15 @@ impl Metrics {
                 opts("circuit_state", "Circuit breaker per provider and model: 0 closed, 1 half-open, 2 open."),
                 &["provider", "model"],
             )?,
+            ratelimit_throttled: IntCounterVec::new(
+                opts("ratelimit_throttled_total", "Times a limiter held work back, by scope (tenant_requests, tenant_tokens, tenant_budget, provider_requests, provider_tokens, model_requests, model_tokens)."),
+                &["scope"],
+            )?,
+            budget_remaining: GaugeVec::new(
+                opts("budget_remaining_usd", "Budget left for tenants named in config, by period (day, month), as last seen by this replica."),
+                &["tenant", "period"],
+            )?,
+            tenant_queued: IntGauge::with_opts(opts("scheduler_queued_jobs", "Jobs holding their claim and waiting for a run slot in their tenant's queue."))?,
             registry,
             pools: OnceLock::new(),
         };
@@ -107,6 +119,10 @@ impl Metrics {
         m.registry.register(Box::new(m.pool_permits.clone()))?;
         m.registry.register(Box::new(m.consumer_lag.clone()))?;
         m.registry.register(Box::new(m.circuit_state.clone()))?;
+        m.registry
+            .register(Box::new(m.ratelimit_throttled.clone()))?;
+        m.registry.register(Box::new(m.budget_remaining.clone()))?;
+        m.registry.register(Box::new(m.tenant_queued.clone()))?;
         Ok(Arc::new(m))
     }
 

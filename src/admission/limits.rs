@@ -1,0 +1,342 @@
+//! The gate in front of every provider call: the tenant's tokens per minute, the provider's and
+//! model's requests and tokens per minute, and the tenant's day and month budgets.
+//!
+//! Limits are waited for, never turned into errors: a throttled call sleeps until its limiter
+//! admits it (or the job's deadline would pass first). Tokens and spend are reserved from an
+//! estimate before the call (prompt size plus the model's `max_tokens`, the way providers count
+//! a request against their own limits) and reconciled with the reported `usage` after it, so
+//! the limits hold across replicas while the estimates are corrected. A budget that cannot
+//! cover the estimate refuses the call.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rand::Rng as _;
+
+use crate::config::{ModelPlan, Plan, RateLimits, TenantsPlan};
+use crate::state::{BudgetKeys, Rate, StateStore};
+use crate::telemetry::metrics::Metrics;
+
+const MINUTE: Duration = Duration::from_secs(60);
+/// Per-minute limits may burst by this much of their rate.
+const MINUTE_BURST: Duration = Duration::from_secs(6);
+/// How long to wait between attempts while the state store is unreachable.
+const STORE_RETRY: Duration = Duration::from_millis(250);
+
+/// Who a provider call is for, and what its waits are charged to.
+pub struct CallScope<'a> {
+    pub tenant: &'a str,
+    pub deadline: Option<DateTime<Utc>>,
+    /// Milliseconds this job's calls spent waiting for limits (goes into the step record).
+    pub throttled_ms: &'a AtomicU64,
+}
+
+/// Why the gate will not let a call through.
+#[derive(Debug, Clone)]
+pub enum Refusal {
+    /// The tenant's budget cannot cover the call; the text says which and by how much.
+    Budget(String),
+    /// The job's deadline passes before the limiters would admit it.
+    Deadline,
+}
+
+/// What was reserved for one call, to reconcile afterwards.
+#[derive(Debug)]
+pub struct Reservation {
+    tokens: f64,
+    cost: f64,
+    tenant: String,
+    provider: String,
+    model: String,
+}
+
+pub struct Gate {
+    state: StateStore,
+    tenants: TenantsPlan,
+    providers: std::collections::BTreeMap<String, RateLimits>,
+    metrics: Arc<Metrics>,
+}
+
+impl Gate {
+    pub fn new(plan: &Plan, state: StateStore, metrics: Arc<Metrics>) -> Self {
+        let gate = Self {
+            state,
+            tenants: plan.tenants.clone(),
+            providers: plan
+                .providers
+                .iter()
+                .map(|(name, p)| (name.clone(), p.limits))
+                .collect(),
+            metrics,
+        };
+        for (name, tenant) in &gate.tenants.named {
+            for (period, limit) in [
+                ("day", tenant.budget_usd_per_day),
+                ("month", tenant.budget_usd_per_month),
+            ] {
+                if let Some(limit) = limit {
+                    gate.metrics
+                        .budget_remaining
+                        .with_label_values(&[name, period])
+                        .set(limit);
+                }
+            }
+        }
+        gate
+    }
+
+    pub fn state(&self) -> &StateStore {
+        &self.state
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn tenants(&self) -> &TenantsPlan {
+        &self.tenants
+    }
+
+    /// Waits for every limiter that applies and reserves the estimate against the budget.
+    pub async fn before_call(
+        &self,
+        scope: &CallScope<'_>,
+        model: &ModelPlan,
+        prompt_tokens: u64,
+    ) -> Result<Reservation, Refusal> {
+        let tokens = (prompt_tokens + u64::from(model.max_tokens)) as f64;
+        let cost = model.price.cost(prompt_tokens, u64::from(model.max_tokens));
+        let tenant = self.tenants.get(scope.tenant);
+        if let Some(tpm) = tenant.tokens_per_min {
+            let key = format!("t:{}:tpm", scope.tenant);
+            self.wait(scope, "tenant_tokens", &key, tokens, per_minute(tpm))
+                .await?;
+        }
+        let provider = self
+            .providers
+            .get(&model.provider)
+            .copied()
+            .unwrap_or_default();
+        for (scope_name, key, cost_units, limit) in [
+            (
+                "provider_requests",
+                format!("p:{}:rpm", model.provider),
+                1.0,
+                provider.rpm,
+            ),
+            (
+                "provider_tokens",
+                format!("p:{}:tpm", model.provider),
+                tokens,
+                provider.tpm,
+            ),
+            (
+                "model_requests",
+                format!("m:{}:{}:rpm", model.provider, model.model),
+                1.0,
+                model.limits.rpm,
+            ),
+            (
+                "model_tokens",
+                format!("m:{}:{}:tpm", model.provider, model.model),
+                tokens,
+                model.limits.tpm,
+            ),
+        ] {
+            if let Some(limit) = limit {
+                self.wait(scope, scope_name, &key, cost_units, per_minute(limit))
+                    .await?;
+            }
+        }
+        if let Some(keys) = self.budget_keys(scope.tenant) {
+            let spend = self.retrying(|| self.state.spend(&keys, cost, true)).await;
+            self.publish_remaining(scope.tenant, &keys, spend.day, spend.month);
+            if !spend.allowed {
+                self.metrics
+                    .ratelimit_throttled
+                    .with_label_values(&["tenant_budget"])
+                    .inc();
+                let (spent, limit, period) = match keys.day_limit {
+                    Some(l) if spend.day + cost > l => (spend.day, l, "today"),
+                    _ => (spend.month, keys.month_limit.unwrap_or(0.0), "this month"),
+                };
+                return Err(Refusal::Budget(format!(
+                    "tenant `{}` has spent ${spent:.4} of its ${limit:.4} budget {period}; a call to `{}` may cost up to ${cost:.4}",
+                    scope.tenant, model.alias
+                )));
+            }
+        }
+        Ok(Reservation {
+            tokens,
+            cost,
+            tenant: scope.tenant.to_owned(),
+            provider: model.provider.clone(),
+            model: model.model.clone(),
+        })
+    }
+
+    /// Corrects the reservation with what the call really used (zero when it failed).
+    pub async fn after_call(
+        &self,
+        reservation: Reservation,
+        model: &ModelPlan,
+        used_tokens: u64,
+        cost: f64,
+    ) {
+        let delta = used_tokens as f64 - reservation.tokens;
+        let tenant = self.tenants.get(&reservation.tenant);
+        let provider = self
+            .providers
+            .get(&reservation.provider)
+            .copied()
+            .unwrap_or_default();
+        for (key, limit) in [
+            (
+                format!("t:{}:tpm", reservation.tenant),
+                tenant.tokens_per_min,
+            ),
+            (format!("p:{}:tpm", reservation.provider), provider.tpm),
+            (
+                format!("m:{}:{}:tpm", reservation.provider, reservation.model),
+                model.limits.tpm,
+            ),
+        ] {
+            if let Some(limit) = limit {
+                if let Err(e) = self.state.adjust(&key, delta, per_minute(limit)).await {
+                    tracing::debug!(key, error = %e, "could not reconcile a token reservation");
+                }
+            }
+        }
+        if let Some(keys) = self.budget_keys(&reservation.tenant) {
+            match self
+                .state
+                .spend(&keys, cost - reservation.cost, false)
+                .await
+            {
+                Ok(spend) => {
+                    self.publish_remaining(&reservation.tenant, &keys, spend.day, spend.month)
+                }
+                Err(e) => {
+                    tracing::warn!(tenant = %reservation.tenant, error = %e, "could not reconcile a budget reservation")
+                }
+            }
+        }
+    }
+
+    /// Admits one job of `tenant` under its requests-per-second limit: `None` now, or how long
+    /// to wait first. A store outage counts as "wait a little".
+    pub async fn admit_job(&self, tenant: &str) -> Option<Duration> {
+        let rps = self.tenants.get(tenant).rps?;
+        let rate = Rate::new(rps, Duration::from_secs(1), Duration::from_secs(1));
+        match self
+            .state
+            .throttle(&format!("t:{tenant}:rps"), 1.0, rate)
+            .await
+        {
+            Ok(None) => None,
+            Ok(Some(wait)) => {
+                self.metrics
+                    .ratelimit_throttled
+                    .with_label_values(&["tenant_requests"])
+                    .inc();
+                Some(wait)
+            }
+            Err(_) => Some(STORE_RETRY),
+        }
+    }
+
+    async fn wait(
+        &self,
+        scope: &CallScope<'_>,
+        scope_name: &str,
+        key: &str,
+        cost: f64,
+        rate: Rate,
+    ) -> Result<(), Refusal> {
+        loop {
+            let wait = match self.state.throttle(key, cost, rate).await {
+                Ok(None) => return Ok(()),
+                Ok(Some(wait)) => {
+                    self.metrics
+                        .ratelimit_throttled
+                        .with_label_values(&[scope_name])
+                        .inc();
+                    wait
+                }
+                Err(_) => STORE_RETRY,
+            };
+            // Spread the wake-ups of waiters that were told the same time.
+            let wait = wait + jitter(wait);
+            if let Some(deadline) = scope.deadline {
+                let left = (deadline - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+                if left < wait {
+                    return Err(Refusal::Deadline);
+                }
+            }
+            tokio::time::sleep(wait).await;
+            scope.throttled_ms.fetch_add(
+                u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Budget operations are retried through a store outage: a call never runs unreserved.
+    async fn retrying<F, Fut>(&self, op: F) -> crate::state::Spend
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<crate::state::Spend, crate::state::StateError>>,
+    {
+        loop {
+            match op().await {
+                Ok(spend) => return spend,
+                Err(e) => {
+                    tracing::warn!(error = %e, "budget store unreachable; the call waits");
+                    tokio::time::sleep(STORE_RETRY).await;
+                }
+            }
+        }
+    }
+
+    fn budget_keys(&self, tenant: &str) -> Option<BudgetKeys> {
+        let plan = self.tenants.get(tenant);
+        if plan.budget_usd_per_day.is_none() && plan.budget_usd_per_month.is_none() {
+            return None;
+        }
+        let now = Utc::now();
+        Some(BudgetKeys {
+            day: format!("{tenant}:d:{}", now.format("%Y-%m-%d")),
+            month: format!("{tenant}:m:{}", now.format("%Y-%m")),
+            day_limit: plan.budget_usd_per_day,
+            month_limit: plan.budget_usd_per_month,
+        })
+    }
+
+    fn publish_remaining(&self, tenant: &str, keys: &BudgetKeys, day: f64, month: f64) {
+        if !self.tenants.named.contains_key(tenant) {
+            return;
+        }
+        for (period, spent, limit) in [
+            ("day", day, keys.day_limit),
+            ("month", month, keys.month_limit),
+        ] {
+            if let Some(limit) = limit {
+                self.metrics
+                    .budget_remaining
+                    .with_label_values(&[tenant, period])
+                    .set((limit - spent).max(0.0));
+            }
+        }
+    }
+}
+
+fn per_minute(limit: f64) -> Rate {
+    Rate::new(limit, MINUTE, MINUTE_BURST)
+}
+
+fn jitter(wait: Duration) -> Duration {
+    let ceiling = (wait.as_millis() as u64 / 10).clamp(1, 50);
+    Duration::from_millis(rand::rng().random_range(0..=ceiling))
+}
