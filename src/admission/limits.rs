@@ -22,6 +22,9 @@ use crate::telemetry::metrics::Metrics;
 const MINUTE: Duration = Duration::from_secs(60);
 /// Per-minute limits may burst by this much of their rate.
 const MINUTE_BURST: Duration = Duration::from_secs(6);
+/// How long a call that does not fit the budget waits for in-flight reservations to settle.
+const BUDGET_SETTLE: Duration = Duration::from_secs(3);
+const BUDGET_RETRY: Duration = Duration::from_millis(100);
 /// How long to wait between attempts while the state store is unreachable.
 const STORE_RETRY: Duration = Duration::from_millis(250);
 
@@ -151,7 +154,21 @@ impl Gate {
             }
         }
         if let Some(keys) = self.budget_keys(scope.tenant) {
-            let spend = self.retrying(|| self.state.spend(&keys, cost, true)).await;
+            // Calls in flight hold reservations (their worst case) that shrink to the real cost
+            // when they finish; a refusal is final only once that has had time to happen.
+            let started = std::time::Instant::now();
+            let spend = loop {
+                let spend = self.retrying(|| self.state.spend(&keys, cost, true)).await;
+                let settled = started.elapsed() >= BUDGET_SETTLE
+                    || scope.deadline.is_some_and(|d| {
+                        d <= Utc::now()
+                            + chrono::Duration::from_std(BUDGET_RETRY).unwrap_or_default()
+                    });
+                if spend.allowed || settled {
+                    break spend;
+                }
+                tokio::time::sleep(BUDGET_RETRY + jitter(BUDGET_RETRY)).await;
+            };
             self.publish_remaining(scope.tenant, &keys, spend.day, spend.month);
             if !spend.allowed {
                 self.metrics

@@ -1,0 +1,450 @@
+//! Fair multi-tenant admission across replicas: three services share a Kafka consumer group and
+//! Redis. A noisy tenant is held to its configured rate summed over all replicas while a quiet
+//! tenant's latency stays close to what it is alone; a small daily budget holds across the
+//! replicas; high-priority jobs overtake low ones under saturation; a deadline that passes while
+//! a job waits for its tenant's limit ends it without a provider call.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use switchyard::config::{self, Plan};
+use switchyard::demo::{publish, Collected};
+use switchyard::model::{DeadLetterReason, JobResult};
+use switchyard::state::StateStore;
+
+use common::*;
+
+const STALL: Duration = Duration::from_secs(60);
+
+/// A replica's plan: Redis state under `prefix`, the mock LLM at `llm`, the given `tenants:`
+/// and `limits:` blocks.
+fn replica_plan(
+    brokers: &str,
+    group: &str,
+    prefix: &str,
+    llm: &str,
+    limits: &str,
+    tenants: &str,
+) -> Plan {
+    let text = format!(
+        r#"
+source: {{kind: kafka, brokers: "{brokers}", group: "{group}", topic: {JOBS_TOPIC},
+         librdkafka: {{auto.commit.interval.ms: 200, session.timeout.ms: 6000, heartbeat.interval.ms: 500}}}}
+state: {{kind: redis, url: "{redis}", key_prefix: "{prefix}"}}
+http: {{listen: "off"}}
+limits: {limits}
+providers:
+  llm: {{kind: openai, base_url: "http://{llm}/v1", retry: {{max_attempts: 3, base_delay_ms: 10, max_delay_ms: 100}}}}
+models:
+  small: {{provider: llm, model: gpt-4o-mini, price: {{input: 1000, output: 1000}}, max_tokens: 64, timeout_ms: 5000}}
+prompts:
+  triage: {{user: "Categories: {{{{categories}}}}\n\nTicket:\n{{{{input.text}}}}"}}
+  answer: {{user: "{{{{input.text}}}}"}}
+pipelines:
+  support:
+    steps:
+      - {{name: classify, kind: classify, model: small, prompt: triage, categories: [billing, technical, account]}}
+      - {{name: answer, kind: generate, model: small, prompt: answer}}
+tenants:
+  {tenants}
+"#,
+        redis = redis_url(),
+    );
+    config::load_str(&text, "test config", std::iter::empty()).unwrap()
+}
+
+async fn replicas(plans: Vec<Plan>) -> Vec<Service> {
+    let mut services = Vec::new();
+    for plan in plans {
+        let state = StateStore::open(&plan.state).await.unwrap();
+        services.push(Service::start(plan, state));
+    }
+    for s in &services {
+        s.wait_ready().await;
+    }
+    services
+}
+
+fn unique(name: &str) -> String {
+    format!("{name}{:x}", rand::random::<u32>())
+}
+
+fn results_of<'a>(all: &'a [(Collected, serde_json::Value)], tenant: &str) -> Vec<&'a JobResult> {
+    all.iter()
+        .filter_map(|(c, _)| match c {
+            Collected::Result(r) | Collected::Review(r) if r.tenant == tenant => Some(r),
+            _ => None,
+        })
+        .collect()
+}
+
+fn p99(results: &[&JobResult]) -> u64 {
+    let mut latencies: Vec<u64> = results.iter().map(|r| r.latency_ms).collect();
+    latencies.sort_unstable();
+    // Nearest rank.
+    let rank = (latencies.len() * 99).div_ceil(100);
+    latencies[rank.saturating_sub(1)]
+}
+
+/// Publishes `n` jobs of `tenant` at `per_sec`.
+async fn trickle(brokers: &str, tenant: &str, n: usize, per_sec: f64) {
+    let gap = Duration::from_secs_f64(1.0 / per_sec);
+    for i in 0..n {
+        publish(
+            brokers,
+            JOBS_TOPIC,
+            [job(&format!("{tenant}-{i}"), tenant, "where is my invoice")],
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(gap).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_noisy_tenant_is_held_to_its_global_rate_and_does_not_slow_a_quiet_one() {
+    let kafka = switchyard::demo::EmbeddedKafka::start(JOBS_TOPIC, &topics(), 6).unwrap();
+    let brokers = kafka.bootstrap_servers();
+    let llm = mock_llm(10).await;
+    let (noisy, quiet) = (unique("noisy"), unique("quiet"));
+    let (group, prefix) = (unique("adm-"), format!("{}:", unique("it")));
+    let rps = 40.0;
+    let tenants = format!("{noisy}: {{rps: {rps}}}\n  {quiet}: {{rps: 100}}");
+    let limits = "{max_inflight_jobs: 2048, max_running_jobs: 64, drain_timeout_ms: 5000}";
+    let services = replicas(
+        (0..3)
+            .map(|_| {
+                replica_plan(
+                    &brokers,
+                    &group,
+                    &prefix,
+                    &llm.addr().to_string(),
+                    limits,
+                    &tenants,
+                )
+            })
+            .collect(),
+    )
+    .await;
+    let outputs = collector(&brokers);
+
+    // The quiet tenant alone: its baseline latency.
+    let alone = 40;
+    trickle(&brokers, &quiet, alone, 8.0).await;
+    assert_eq!(outputs.wait_for(alone, STALL, |_| {}).await, alone);
+    let baseline = p99(&results_of(&outputs.snapshot(), &quiet));
+
+    // Now the noisy tenant floods at more than ten times its limit while the quiet one trickles.
+    let flood = 600;
+    let started = std::time::Instant::now();
+    publish(
+        &brokers,
+        JOBS_TOPIC,
+        (0..flood).map(|i| job(&format!("{noisy}-{i}"), &noisy, "refund now")),
+    )
+    .await
+    .unwrap();
+    let published_in = started.elapsed();
+    let quiet_jobs = 160;
+    let quiet_copy = quiet.clone();
+    let b = brokers.clone();
+    let trickling = tokio::task::spawn(async move {
+        // Offset ids so they do not collide with the baseline's.
+        let gap = Duration::from_millis(80);
+        for i in 0..quiet_jobs {
+            publish(
+                &b,
+                JOBS_TOPIC,
+                [job(
+                    &format!("{quiet_copy}-x{i}"),
+                    &quiet_copy,
+                    "where is my invoice",
+                )],
+            )
+            .await
+            .unwrap();
+            tokio::time::sleep(gap).await;
+        }
+    });
+    let total = alone + flood + quiet_jobs;
+    assert_eq!(
+        outputs.wait_for(total, STALL, |_| {}).await,
+        total,
+        "every job finished"
+    );
+    trickling.await.unwrap();
+    for s in services {
+        s.stop().await;
+    }
+
+    let all = outputs.snapshot();
+    assert_schema_valid(&all);
+    let noisy_results = results_of(&all, &noisy);
+    assert_eq!(noisy_results.len(), flood);
+    let quiet_results: Vec<&JobResult> = results_of(&all, &quiet)
+        .into_iter()
+        .filter(|r| r.job_id.contains("-x"))
+        .collect();
+    // The noisy tenant's admissions: the steady rate between its 10th and 90th percentile
+    // pipeline starts (skipping the initial burst the limiter allows).
+    let mut starts: Vec<f64> = noisy_results
+        .iter()
+        .map(|r| {
+            let queued = r
+                .steps
+                .iter()
+                .find(|s| s.kind == "admission")
+                .map_or(0, |s| s.latency_ms);
+            (r.received_at.timestamp_millis() as f64 + queued as f64) / 1000.0
+        })
+        .collect();
+    starts.sort_by(f64::total_cmp);
+    let (lo, hi) = (starts[flood / 10], starts[flood * 9 / 10]);
+    let achieved = (flood * 8 / 10) as f64 / (hi - lo);
+    let quiet_p99 = p99(&quiet_results);
+    let throttled = noisy_results
+        .iter()
+        .filter(|r| r.steps.iter().any(|s| s.kind == "admission"))
+        .count();
+    eprintln!(
+        "noisy: {flood} jobs published in {published_in:?} (limit {rps}/s over 3 replicas), achieved {achieved:.1}/s, {throttled} recorded as throttled; \
+         quiet p99: {quiet_p99} ms alongside, {baseline} ms alone"
+    );
+    assert!(
+        (achieved - rps).abs() <= rps * 0.10,
+        "achieved {achieved:.1}/s is not within 10% of the {rps}/s limit"
+    );
+    assert!(
+        throttled > flood / 2,
+        "throttled jobs say so in their step records"
+    );
+    assert!(
+        quiet_p99 <= 2 * baseline.max(50),
+        "quiet tenant's p99 {quiet_p99} ms is more than twice its {baseline} ms alone"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daily_budget_holds_across_replicas() {
+    let kafka = switchyard::demo::EmbeddedKafka::start(JOBS_TOPIC, &topics(), 6).unwrap();
+    let brokers = kafka.bootstrap_servers();
+    let llm = mock_llm(5).await;
+    let tenant = unique("thrifty");
+    let (group, prefix) = (unique("budget-"), format!("{}:", unique("it")));
+    let budget = 1.0;
+    let tenants = format!("{tenant}: {{budget_usd_per_day: {budget}}}");
+    let limits = "{max_inflight_jobs: 256, drain_timeout_ms: 5000}";
+    let services = replicas(
+        (0..3)
+            .map(|_| {
+                replica_plan(
+                    &brokers,
+                    &group,
+                    &prefix,
+                    &llm.addr().to_string(),
+                    limits,
+                    &tenants,
+                )
+            })
+            .collect(),
+    )
+    .await;
+    let outputs = collector(&brokers);
+    let n = 120;
+    publish(
+        &brokers,
+        JOBS_TOPIC,
+        (0..n).map(|i| {
+            job(
+                &format!("{tenant}-{i}"),
+                &tenant,
+                "please summarise my last three invoices",
+            )
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(outputs.wait_for(n, STALL, |_| {}).await, n);
+    for s in services {
+        s.stop().await;
+    }
+    let all = outputs.snapshot();
+    assert_schema_valid(&all);
+    let results = results_of(&all, &tenant);
+    let spent: f64 = results.iter().map(|r| r.usage.cost_usd).sum();
+    let most = results.iter().map(|r| r.usage.cost_usd).fold(0.0, f64::max);
+    let refused: Vec<_> = all
+        .iter()
+        .filter_map(|(c, _)| match c {
+            Collected::DeadLetter(dl) if dl.reason == DeadLetterReason::BudgetExceeded => Some(dl),
+            _ => None,
+        })
+        .collect();
+    // What the tenant really spent, as every replica recorded it (including the first calls of
+    // jobs whose later calls the budget refused).
+    let mut redis = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let day_key = format!("{prefix}budget:{tenant}:d:{}", chrono::Utc::now().format("%Y-%m-%d"));
+    let recorded: f64 = redis::cmd("GET")
+        .arg(&day_key)
+        .query_async::<String>(&mut redis)
+        .await
+        .unwrap()
+        .parse()
+        .unwrap();
+    eprintln!(
+        "{} jobs finished within the budget (their results: ${spent:.4}; recorded spend ${recorded:.4} of ${budget}), {} refused; costliest job ${most:.4}",
+        results.len(),
+        refused.len()
+    );
+    assert!(
+        recorded <= budget + most,
+        "recorded spend ${recorded:.4}: over the ${budget} budget by more than one job (${most:.4})"
+    );
+    assert!(recorded >= spent - 1e-9, "results cannot cost more than was recorded");
+    assert!(
+        !results.is_empty() && !refused.is_empty(),
+        "the budget ran out part way"
+    );
+    assert_eq!(
+        results.len() + refused.len(),
+        n,
+        "every job is a result or a budget dead letter"
+    );
+    assert!(
+        spent <= budget + most,
+        "spent ${spent:.4}: over the ${budget} budget by more than one job (${most:.4})"
+    );
+    assert!(
+        refused[0].error.contains(&tenant) && refused[0].error.contains("budget"),
+        "{}",
+        refused[0].error
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn high_priority_jobs_overtake_low_ones_under_saturation() {
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let llm = mock_llm(15).await;
+    let (group, prefix) = (unique("prio-"), format!("{}:", unique("it")));
+    let limits = "{max_inflight_jobs: 512, max_running_jobs: 2, drain_timeout_ms: 5000}";
+    let plan = replica_plan(
+        &brokers,
+        &group,
+        &prefix,
+        &llm.addr().to_string(),
+        limits,
+        "default: {}",
+    );
+    let services = replicas(vec![plan]).await;
+    let outputs = collector(&brokers);
+    let job_with = |id: String, priority: &str| {
+        serde_json::json!({"id": id, "tenant": "acme", "priority": priority, "input": {"text": "hello"}})
+            .to_string()
+            .into_bytes()
+    };
+    let (low, high) = (200, 20);
+    publish(
+        &brokers,
+        JOBS_TOPIC,
+        (0..low).map(|i| job_with(format!("low-{i}"), "low")),
+    )
+    .await
+    .unwrap();
+    publish(
+        &brokers,
+        JOBS_TOPIC,
+        (0..high).map(|i| job_with(format!("high-{i}"), "high")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        outputs.wait_for(low + high, STALL, |_| {}).await,
+        low + high
+    );
+    for s in services {
+        s.stop().await;
+    }
+    let all = outputs.snapshot();
+    let order: Vec<&str> = all
+        .iter()
+        .filter_map(|(c, _)| match c {
+            Collected::Result(r) | Collected::Review(r) => Some(r.job_id.as_str()),
+            _ => None,
+        })
+        .collect();
+    let last_high = order
+        .iter()
+        .rposition(|id| id.starts_with("high-"))
+        .unwrap();
+    let lows_after = order[last_high..]
+        .iter()
+        .filter(|id| id.starts_with("low-"))
+        .count();
+    eprintln!("the last high-priority job finished at position {last_high}; {lows_after} low-priority jobs after it");
+    assert!(
+        lows_after >= low / 2,
+        "high-priority jobs published after {low} low ones finished before at least half of them ({lows_after} after)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_that_passes_while_throttled_costs_no_provider_call() {
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let llm = mock_llm(5).await;
+    let tenant = unique("slow");
+    let (group, prefix) = (unique("dl-"), format!("{}:", unique("it")));
+    let limits = "{max_inflight_jobs: 256, drain_timeout_ms: 5000}";
+    let tenants = format!("{tenant}: {{rps: 2}}");
+    let plan = replica_plan(
+        &brokers,
+        &group,
+        &prefix,
+        &llm.addr().to_string(),
+        limits,
+        &tenants,
+    );
+    let services = replicas(vec![plan]).await;
+    let outputs = collector(&brokers);
+    let n = 30;
+    publish(
+        &brokers,
+        JOBS_TOPIC,
+        (0..n).map(|i| {
+            serde_json::json!({"id": format!("{tenant}-{i}"), "tenant": tenant, "ttl_ms": 2000, "input": {"text": "hi"}})
+                .to_string()
+                .into_bytes()
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(outputs.wait_for(n, STALL, |_| {}).await, n);
+    for s in services {
+        s.stop().await;
+    }
+    let all = outputs.snapshot();
+    assert_schema_valid(&all);
+    let finished = results_of(&all, &tenant).len();
+    let expired = all
+        .iter()
+        .filter(|(c, _)| matches!(c, Collected::DeadLetter(dl) if dl.reason == DeadLetterReason::DeadlineExceeded))
+        .count();
+    eprintln!("{finished} finished within their deadline, {expired} expired while throttled; {} provider calls", llm.stats().requests());
+    assert_eq!(finished + expired, n);
+    assert!(
+        expired >= n / 2,
+        "most jobs cannot get through 2/s within 2 s"
+    );
+    assert_eq!(
+        llm.stats().requests(),
+        2 * finished as u64,
+        "only finished jobs reached the provider (two calls each)"
+    );
+}
