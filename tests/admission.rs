@@ -150,7 +150,8 @@ async fn a_noisy_tenant_is_held_to_its_global_rate_and_does_not_slow_a_quiet_one
     let quiet_jobs = 160;
     let quiet_copy = quiet.clone();
     let b = brokers.clone();
-    let trickling = tokio::task::spawn(async move {
+    let tracker = tokio_util::task::TaskTracker::new();
+    let trickling = tracker.spawn(async move {
         // Offset ids so they do not collide with the baseline's.
         let gap = Duration::from_millis(80);
         for i in 0..quiet_jobs {
