@@ -1,7 +1,9 @@
 //! Wires the components of a plan together and owns the shutdown tree.
 //!
 //! The consume loop takes a permit of the in-flight bound before it fetches a message, so memory
-//! stays flat however deep the backlog. While the state store is unreachable it fetches nothing
+//! stays flat however deep the backlog. When the bound is reached it pauses the source (Kafka:
+//! every assigned partition, still polled so the member stays in its group) until in-flight jobs
+//! fall below `limits.resume_below` of the bound. While the state store is unreachable it fetches nothing
 //! (and readiness is false) until a probe succeeds: no job runs without its claim. On shutdown it
 //! stops fetching and reports not-ready, lets in-flight jobs finish for `limits.drain_timeout`,
 //! hands back the rest (unacked / nak'ed), flushes the sink and commits.
@@ -25,8 +27,10 @@ use crate::state::StateStore;
 use crate::telemetry::health;
 use crate::telemetry::Telemetry;
 
-/// How often source connectivity is sampled for readiness.
-const HEALTH_TICK: Duration = Duration::from_millis(500);
+/// How often source connectivity (and, while paused, the low-water mark) is sampled.
+const HEALTH_TICK: Duration = Duration::from_millis(100);
+/// How long intake waits for a free in-flight slot before it pauses the source.
+const PAUSE_AFTER: Duration = Duration::from_secs(1);
 /// How long handed-back jobs get to stop after the drain timeout.
 const HAND_BACK_GRACE: Duration = Duration::from_secs(5);
 /// How often consumer lag is sampled.
@@ -146,12 +150,43 @@ async fn consume<K: OutputSink>(
             let _ = state.ping().await;
             continue;
         }
-        let permit = loop {
-            tokio::select! {
-                biased;
-                () = shutdown.cancelled() => break 'intake,
-                _ = tick.tick() => health.set_source_connected(source.is_connected()),
-                permit = inflight.clone().acquire_owned() => break permit.context("in-flight semaphore closed")?,
+        // A short wait for a free slot needs nothing special (librdkafka's prefetch queue is
+        // bounded); a long one pauses the source so it can be polled without taking more.
+        let waited = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break 'intake,
+            permit = tokio::time::timeout(PAUSE_AFTER, inflight.clone().acquire_owned()) => permit,
+        };
+        let permit = match waited {
+            Ok(permit) => permit.context("in-flight semaphore closed")?,
+            Err(_) => {
+                // Backpressure: queued + running jobs reached their bound. Stop fetching until
+                // they fall below the low-water mark, polling meanwhile so the consumer keeps
+                // its group membership (Kafka) however long the wait.
+                let resume_when_free = plan.limits.max_inflight_jobs - plan.limits.resume_at;
+                source.pause();
+                metrics.intake_pauses.inc();
+                tracing::debug!(in_flight = plan.limits.max_inflight_jobs, "intake paused");
+                loop {
+                    tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => break 'intake,
+                        _ = tick.tick() => {
+                            health.set_source_connected(source.is_connected());
+                            if inflight.available_permits() >= resume_when_free.max(1) {
+                                break;
+                            }
+                        }
+                        () = source.poll_paused() => {}
+                    }
+                }
+                source.resume();
+                tracing::debug!("intake resumed");
+                inflight
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .context("in-flight semaphore closed")?
             }
         };
         let delivery = loop {

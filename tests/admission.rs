@@ -290,7 +290,10 @@ async fn a_daily_budget_holds_across_replicas() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let day_key = format!("{prefix}budget:{tenant}:d:{}", chrono::Utc::now().format("%Y-%m-%d"));
+    let day_key = format!(
+        "{prefix}budget:{tenant}:d:{}",
+        chrono::Utc::now().format("%Y-%m-%d")
+    );
     let recorded: f64 = redis::cmd("GET")
         .arg(&day_key)
         .query_async::<String>(&mut redis)
@@ -307,7 +310,10 @@ async fn a_daily_budget_holds_across_replicas() {
         recorded <= budget + most,
         "recorded spend ${recorded:.4}: over the ${budget} budget by more than one job (${most:.4})"
     );
-    assert!(recorded >= spent - 1e-9, "results cannot cost more than was recorded");
+    assert!(
+        recorded >= spent - 1e-9,
+        "results cannot cost more than was recorded"
+    );
     assert!(
         !results.is_empty() && !refused.is_empty(),
         "the budget ran out part way"

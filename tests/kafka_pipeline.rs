@@ -448,3 +448,57 @@ async fn the_traceparent_header_is_carried_from_the_job_to_its_result() {
     assert_eq!(std::str::from_utf8(found).unwrap(), traceparent);
     service.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_provider_pauses_intake_which_resumes_without_loss() {
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    // Every call hangs (until the 5 s attempt timeout) at first: all 16 in-flight jobs stall
+    // and intake stays at its bound long enough to pause the source.
+    let hang = switchyard::config::Faults {
+        rate_429: 0.0,
+        retry_after_s: 1,
+        rate_500: 0.0,
+        rate_hang: 1.0,
+    };
+    let llm = mock_llm_with(5, hang.clone()).await;
+    let plan = plan(
+        &brokers,
+        &llm.addr().to_string(),
+        &[("SWITCHYARD__LIMITS__MAX_INFLIGHT_JOBS", "16")],
+    );
+    let outputs = collector(&brokers);
+    let service = Service::start(plan, memory());
+    let metrics = service.metrics.clone();
+    let n = 150;
+    publish(
+        &brokers,
+        JOBS_TOPIC,
+        (0..n).map(|i| job(&format!("bp-{i}"), "acme", "billing")),
+    )
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + STALL;
+    while metrics.inflight.get() < 16 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "intake never reached its bound"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let paused = metrics.intake_pauses.get();
+    llm.set_faults(switchyard::config::Faults {
+        rate_hang: 0.0,
+        ..hang
+    });
+    assert_eq!(outputs.wait_for(n, STALL, |_| {}).await, n);
+    service.stop().await;
+    let all = outputs.snapshot();
+    assert_schema_valid(&all);
+    let per_job = originals(&all);
+    assert_eq!(per_job.len(), n, "no job lost");
+    assert!(per_job.values().all(|&c| c == 1), "no job finished twice");
+    eprintln!("{n} jobs through 16 in-flight slots; intake paused {paused} time(s) while the provider hung");
+    assert!(paused > 0, "intake paused while the bound was reached");
+}

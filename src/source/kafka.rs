@@ -41,6 +41,8 @@ pub struct SourceContext {
     joined: std::sync::atomic::AtomicBool,
     /// Summed lag of this member's partitions from the last statistics report (-1: unknown).
     lag: std::sync::atomic::AtomicI64,
+    /// Intake is paused for backpressure: partitions assigned meanwhile start paused too.
+    paused: std::sync::atomic::AtomicBool,
 }
 
 impl ClientContext for SourceContext {
@@ -95,9 +97,14 @@ impl ConsumerContext for SourceContext {
         );
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
+                if self.paused.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Err(e) = consumer.pause(tpl) {
+                        tracing::warn!(error = %e, "could not pause newly assigned partitions");
+                    }
+                }
                 self.joined
                     .store(true, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(partitions = tpl.count(), "kafka partitions assigned");
@@ -118,7 +125,12 @@ pub struct KafkaSource {
     consumer: Arc<Inner>,
     tracker: Arc<OffsetTracker>,
     topic: Arc<str>,
+    /// Messages that arrived while paused (fetched before the pause took effect).
+    stash: std::collections::VecDeque<Delivery>,
 }
+
+/// Most messages kept while paused; beyond it polling stops until intake resumes.
+const STASH_MAX: usize = 4096;
 
 /// Reads the lag librdkafka reported in its last statistics. Holds the context, not the
 /// consumer, so only the source itself keeps the consumer alive and closes it.
@@ -164,18 +176,66 @@ impl KafkaSource {
             tracker: tracker.clone(),
             joined: Default::default(),
             lag: std::sync::atomic::AtomicI64::new(-1),
+            paused: Default::default(),
         })?;
         consumer.subscribe(&[&plan.topic])?;
         Ok(Self {
             consumer: Arc::new(consumer),
             tracker,
             topic: Arc::from(plan.topic.as_str()),
+            stash: Default::default(),
         })
     }
 }
 
-impl JobSource for KafkaSource {
-    async fn next(&mut self) -> Result<Delivery, SourceError> {
+impl KafkaSource {
+    /// Pauses every assigned partition; fetching stops and the group membership stays.
+    pub fn pause(&mut self) {
+        self.consumer
+            .context()
+            .paused
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        match self.consumer.assignment() {
+            Ok(tpl) => {
+                if let Err(e) = self.consumer.pause(&tpl) {
+                    tracing::warn!(error = %e, "could not pause the assigned partitions");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not read the assignment to pause it"),
+        }
+    }
+
+    pub fn resume(&mut self) {
+        self.consumer
+            .context()
+            .paused
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        match self.consumer.assignment() {
+            Ok(tpl) => {
+                if let Err(e) = self.consumer.resume(&tpl) {
+                    tracing::warn!(error = %e, "could not resume the assigned partitions");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not read the assignment to resume it"),
+        }
+    }
+
+    /// Polls while paused so the consumer keeps its group membership and serves rebalances;
+    /// a message fetched before the pause took effect is kept for [`JobSource::next`].
+    pub async fn poll_paused(&mut self) {
+        if self.stash.len() >= STASH_MAX {
+            return std::future::pending().await;
+        }
+        match self.receive().await {
+            Ok(delivery) => self.stash.push_back(delivery),
+            Err(e) => {
+                tracing::debug!(error = ?e, "kafka poll while paused failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    async fn receive(&mut self) -> Result<Delivery, SourceError> {
         let message = self.consumer.recv().await.map_err(classify)?;
         let topic = if message.topic() == &*self.topic {
             self.topic.clone()
@@ -214,6 +274,15 @@ impl JobSource for KafkaSource {
             received_at: Utc::now(),
             ack: AckHandle::new(ack),
         })
+    }
+}
+
+impl JobSource for KafkaSource {
+    async fn next(&mut self) -> Result<Delivery, SourceError> {
+        if let Some(delivery) = self.stash.pop_front() {
+            return Ok(delivery);
+        }
+        self.receive().await
     }
 
     fn is_connected(&self) -> bool {

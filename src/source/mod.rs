@@ -167,6 +167,30 @@ impl Source {
     }
 
     /// The `source` label of metrics.
+    /// Stops fetching (backpressure): Kafka pauses every assigned partition; NATS simply
+    /// stops pulling.
+    pub fn pause(&mut self) {
+        if let Source::Kafka(s) = self {
+            s.pause();
+        }
+    }
+
+    pub fn resume(&mut self) {
+        if let Source::Kafka(s) = self {
+            s.resume();
+        }
+    }
+
+    /// While paused: keeps the client alive (Kafka must be polled to stay in its group and to
+    /// serve rebalances). Messages fetched before the pause took effect are kept for `next`.
+    /// Never returns for NATS.
+    pub async fn poll_paused(&mut self) {
+        match self {
+            Source::Kafka(s) => s.poll_paused().await,
+            Source::Nats(_) => std::future::pending().await,
+        }
+    }
+
     pub fn transport(&self) -> &'static str {
         match self {
             Source::Kafka(_) => "kafka",

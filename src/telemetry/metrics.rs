@@ -7,8 +7,8 @@
 use std::sync::{Arc, OnceLock};
 
 use prometheus::{
-    Counter, CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::pipeline::Pools;
@@ -37,6 +37,7 @@ pub struct Metrics {
     pub ratelimit_throttled: IntCounterVec,
     pub budget_remaining: GaugeVec,
     pub tenant_queued: IntGauge,
+    pub intake_pauses: IntCounter,
     pools: OnceLock<Pools>,
 }
 
@@ -101,6 +102,10 @@ impl Metrics {
                 &["tenant", "period"],
             )?,
             tenant_queued: IntGauge::with_opts(opts("scheduler_queued_jobs", "Jobs holding their claim and waiting for a run slot in their tenant's queue."))?,
+            intake_pauses: IntCounter::with_opts(opts(
+                "intake_pauses_total",
+                "Times intake paused the source because in-flight jobs stayed at limits.max_inflight_jobs.",
+            ))?,
             registry,
             pools: OnceLock::new(),
         };
@@ -123,6 +128,7 @@ impl Metrics {
             .register(Box::new(m.ratelimit_throttled.clone()))?;
         m.registry.register(Box::new(m.budget_remaining.clone()))?;
         m.registry.register(Box::new(m.tenant_queued.clone()))?;
+        m.registry.register(Box::new(m.intake_pauses.clone()))?;
         Ok(Arc::new(m))
     }
 
