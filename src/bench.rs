@@ -8,6 +8,10 @@
 //! * `rate`: jobs are published at `--rate` per second; end-to-end latency (publish to result
 //!   completed) and orchestration overhead (end-to-end minus the provider's own latency for the
 //!   calls the job made) from HDR histograms.
+//! * `backlog`: resident memory while a deep backlog waits behind a slow provider, against a
+//!   run with a tenth of the backlog (see [`backlog`]).
+
+mod backlog;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -36,6 +40,8 @@ use crate::provider::mock::MockServer;
 pub enum Mode {
     Drain,
     Rate,
+    /// Resident memory with a deep backlog behind a slow provider.
+    Backlog,
 }
 
 #[derive(Debug, clap::Args)]
@@ -54,6 +60,9 @@ pub struct BenchArgs {
     /// Jobs in flight (switchyard's limits.max_inflight_jobs, and the bare loop's bound).
     #[arg(long, default_value_t = 512)]
     pub inflight: usize,
+    /// Backlog mode: how long each run works through its backlog.
+    #[arg(long, default_value_t = 20)]
+    pub duration_s: u64,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -131,6 +140,10 @@ fn bench_job(i: usize) -> Vec<u8> {
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.jobs > 0, "--jobs must be at least 1");
+    if let Mode::Backlog = args.mode {
+        backlog::run(&args).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
     anyhow::ensure!(
         args.rate.is_finite() && args.rate > 0.0,
         "--rate must be positive"
@@ -164,7 +177,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 bare_loop(&kafka, &brokers, &llm, args.jobs, args.inflight).await?;
             (Some(jobs_per_s), Some(cpu))
         }
-        Mode::Rate => (None, None),
+        Mode::Rate | Mode::Backlog => (None, None),
     };
     let round = |x: f64| (x * 10.0).round() / 10.0;
     let report = Report {
@@ -259,7 +272,8 @@ async fn run_switchyard(
     let cpu_before;
     let started;
     match args.mode {
-        Mode::Drain => {
+        // Backlog mode has its own runner; treat it as a drain if it ever gets here.
+        Mode::Drain | Mode::Backlog => {
             publish(brokers, "bench.jobs", (0..args.jobs).map(bench_job)).await?;
             cpu_before = process_cpu();
             started = Instant::now();

@@ -52,3 +52,48 @@ fn bench_json_reports_throughput_against_the_baseline_and_overhead() {
         "{report}"
     );
 }
+
+#[test]
+fn bench_backlog_reports_memory_growth_against_a_tenth_of_the_backlog() {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "bench",
+            "--mode",
+            "backlog",
+            "--jobs",
+            "3000",
+            "--provider-latency-ms",
+            "500",
+            "--inflight",
+            "64",
+            "--duration-s",
+            "2",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(report["mode"], "backlog");
+    assert_eq!(report["full"]["backlog"], 3000);
+    assert_eq!(report["baseline"]["backlog"], 300);
+    for run in ["baseline", "full"] {
+        assert!(
+            report[run]["rss_peak_mb"].as_f64().unwrap() > 0.0,
+            "{report}"
+        );
+        assert!(
+            report[run]["finished_in_window"].as_u64().unwrap() > 0,
+            "{report}"
+        );
+    }
+    assert!(
+        report["growth_ratio_vs_baseline"].as_f64().is_some(),
+        "{report}"
+    );
+}
