@@ -20,6 +20,11 @@ fn exported() -> BTreeSet<String> {
     m.pool_permits.with_label_values(&["generate"]).set(1);
     m.consumer_lag.with_label_values(&["kafka"]).set(1);
     m.circuit_state.with_label_values(&["p", "m"]).set(0);
+    m.ratelimit_throttled
+        .with_label_values(&["tenant_requests"])
+        .inc();
+    m.budget_remaining.with_label_values(&["t", "day"]).set(1.0);
+    m.budget_limit.with_label_values(&["t", "day"]).set(1.0);
     // Sample names, and family names (a histogram's, without _bucket/_sum/_count) from # TYPE.
     m.encode()
         .lines()

@@ -84,6 +84,10 @@ impl Gate {
                         .budget_remaining
                         .with_label_values(&[name, period])
                         .set(limit);
+                    gate.metrics
+                        .budget_limit
+                        .with_label_values(&[name, period])
+                        .set(limit);
                 }
             }
         }

@@ -36,6 +36,7 @@ pub struct Metrics {
     pub circuit_state: IntGaugeVec,
     pub ratelimit_throttled: IntCounterVec,
     pub budget_remaining: GaugeVec,
+    pub budget_limit: GaugeVec,
     pub tenant_queued: IntGauge,
     pub intake_pauses: IntCounter,
     pools: OnceLock<Pools>,
@@ -101,6 +102,10 @@ impl Metrics {
                 opts("budget_remaining_usd", "Budget left for tenants named in config, by period (day, month), as last seen by this replica."),
                 &["tenant", "period"],
             )?,
+            budget_limit: GaugeVec::new(
+                opts("budget_limit_usd", "Configured budget of tenants named in config, by period (day, month)."),
+                &["tenant", "period"],
+            )?,
             tenant_queued: IntGauge::with_opts(opts("scheduler_queued_jobs", "Jobs holding their claim and waiting for a run slot in their tenant's queue."))?,
             intake_pauses: IntCounter::with_opts(opts(
                 "intake_pauses_total",
@@ -127,6 +132,7 @@ impl Metrics {
         m.registry
             .register(Box::new(m.ratelimit_throttled.clone()))?;
         m.registry.register(Box::new(m.budget_remaining.clone()))?;
+        m.registry.register(Box::new(m.budget_limit.clone()))?;
         m.registry.register(Box::new(m.tenant_queued.clone()))?;
         m.registry.register(Box::new(m.intake_pauses.clone()))?;
         Ok(Arc::new(m))
