@@ -28,7 +28,19 @@ fn replica_plan(
     limits: &str,
     tenants: &str,
 ) -> Plan {
-    let text = format!(
+    let text = replica_config(brokers, group, prefix, llm, limits, tenants);
+    config::load_str(&text, "test config", std::iter::empty()).unwrap()
+}
+
+fn replica_config(
+    brokers: &str,
+    group: &str,
+    prefix: &str,
+    llm: &str,
+    limits: &str,
+    tenants: &str,
+) -> String {
+    format!(
         r#"
 source: {{kind: kafka, brokers: "{brokers}", group: "{group}", topic: {JOBS_TOPIC},
          librdkafka: {{auto.commit.interval.ms: 200, session.timeout.ms: 6000, heartbeat.interval.ms: 500}}}}
@@ -51,8 +63,7 @@ tenants:
   {tenants}
 "#,
         redis = redis_url(),
-    );
-    config::load_str(&text, "test config", std::iter::empty()).unwrap()
+    )
 }
 
 async fn replicas(plans: Vec<Plan>) -> Vec<Service> {
@@ -454,4 +465,61 @@ async fn a_deadline_that_passes_while_throttled_costs_no_provider_call() {
         2 * finished as u64,
         "only finished jobs reached the provider (two calls each)"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_budget_moves_jobs_to_the_pipelines_budget_fallback_model() {
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let llm = mock_llm(5).await;
+    let tenant = unique("frugal");
+    let (group, prefix) = (unique("bf-"), format!("{}:", unique("it")));
+    let limits = "{max_inflight_jobs: 256, drain_timeout_ms: 5000}";
+    let tenants = format!("{tenant}: {{budget_usd_per_day: 0.5}}");
+    let text = replica_config(&brokers, &group, &prefix, &llm.addr().to_string(), limits, &tenants)
+        .replace(
+            "models:\n",
+            "models:\n  free: {provider: llm, model: local-free, price: {input: 0, output: 0}, timeout_ms: 5000}\n",
+        )
+        .replace("  support:\n    steps:", "  support:\n    budget_fallback: free\n    steps:");
+    let plan = config::load_str(&text, "test config", std::iter::empty()).unwrap();
+    let services = replicas(vec![plan]).await;
+    let outputs = collector(&brokers);
+    let n = 40;
+    publish(
+        &brokers,
+        JOBS_TOPIC,
+        (0..n).map(|i| job(&format!("{tenant}-{i}"), &tenant, "summarise my invoices")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(outputs.wait_for(n, STALL, |_| {}).await, n);
+    for s in services {
+        s.stop().await;
+    }
+    let all = outputs.snapshot();
+    assert_schema_valid(&all);
+    let results = results_of(&all, &tenant);
+    assert_eq!(
+        results.len(),
+        n,
+        "no job dead-lettered: the fallback model answered"
+    );
+    let on_fallback = results
+        .iter()
+        .filter(|r| {
+            r.steps
+                .iter()
+                .any(|s| s.model.as_deref() == Some("local-free"))
+        })
+        .collect::<Vec<_>>();
+    let spent: f64 = results.iter().map(|r| r.usage.cost_usd).sum();
+    eprintln!(
+        "{} of {n} jobs used the budget fallback; spent ${spent:.4} of $0.5",
+        on_fallback.len()
+    );
+    assert!(!on_fallback.is_empty(), "the budget ran out part way");
+    assert!(on_fallback
+        .iter()
+        .all(|r| r.status == switchyard::model::ResultStatus::Degraded));
 }
