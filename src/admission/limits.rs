@@ -157,7 +157,8 @@ impl Gate {
                     .await?;
             }
         }
-        if let Some(keys) = self.budget_keys(scope.tenant) {
+        // A free model (the usual budget fallback) needs no reservation.
+        if let Some(keys) = self.budget_keys(scope.tenant).filter(|_| cost > 0.0) {
             // Calls in flight hold reservations (their worst case) that shrink to the real cost
             // when they finish; a refusal is final only once that has had time to happen.
             let started = std::time::Instant::now();
@@ -230,12 +231,12 @@ impl Gate {
                 }
             }
         }
-        if let Some(keys) = self.budget_keys(&reservation.tenant) {
-            match self
-                .state
-                .spend(&keys, cost - reservation.cost, false)
-                .await
-            {
+        let settle = cost - reservation.cost;
+        if let Some(keys) = self
+            .budget_keys(&reservation.tenant)
+            .filter(|_| settle != 0.0)
+        {
+            match self.state.spend(&keys, settle, false).await {
                 Ok(spend) => {
                     self.publish_remaining(&reservation.tenant, &keys, spend.day, spend.month)
                 }
