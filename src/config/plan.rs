@@ -173,8 +173,20 @@ pub enum ProviderKind {
         base_url: String,
         api_key_env: Option<String>,
     },
-    /// Served in-process by the built-in mock server; the OpenAI client talks to it over HTTP.
-    Mock(MockSettings),
+    Anthropic {
+        base_url: String,
+        api_key_env: Option<String>,
+        cache_system_min_chars: usize,
+    },
+    /// Served in-process by the built-in mock server, spoken to over HTTP with the given API.
+    Mock(MockSettings, WireApi),
+}
+
+/// Which HTTP API a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireApi {
+    OpenAi,
+    Anthropic,
 }
 
 #[derive(Debug, Clone)]
@@ -803,7 +815,36 @@ fn provider_plan(p: &mut Problems, field: &str, provider: RawProvider) -> Provid
                 limits,
             )
         }
+        RawProvider::Anthropic {
+            base_url,
+            api_key_env,
+            cache_system_min_chars,
+            retry,
+            circuit,
+            limits,
+        } => {
+            if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+                p.add(
+                    format!("{field}.base_url"),
+                    format!("`{base_url}` is not an http(s) URL (e.g. https://api.anthropic.com)"),
+                );
+            }
+            if let Some(var) = &api_key_env {
+                non_empty(p, format!("{field}.api_key_env"), var);
+            }
+            (
+                ProviderKind::Anthropic {
+                    base_url: base_url.trim_end_matches('/').to_owned(),
+                    api_key_env,
+                    cache_system_min_chars,
+                },
+                retry,
+                circuit,
+                limits,
+            )
+        }
         RawProvider::Mock {
+            api,
             latency,
             faults,
             seed,
@@ -840,11 +881,17 @@ fn provider_plan(p: &mut Problems, field: &str, provider: RawProvider) -> Provid
                 _ => {}
             }
             (
-                ProviderKind::Mock(MockSettings {
-                    latency,
-                    faults,
-                    seed,
-                }),
+                ProviderKind::Mock(
+                    MockSettings {
+                        latency,
+                        faults,
+                        seed,
+                    },
+                    match api {
+                        raw::RawApi::Openai => WireApi::OpenAi,
+                        raw::RawApi::Anthropic => WireApi::Anthropic,
+                    },
+                ),
                 retry,
                 circuit,
                 limits,

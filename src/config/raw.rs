@@ -327,8 +327,27 @@ pub enum RawProvider {
         #[serde(default)]
         limits: RawRateLimits,
     },
+    /// Anthropic's Messages API.
+    Anthropic {
+        #[serde(default = "anthropic_url")]
+        base_url: String,
+        #[serde(default)]
+        api_key_env: Option<String>,
+        /// System prompts at least this long (characters) are marked for prompt caching.
+        #[serde(default = "cache_system_min_chars")]
+        cache_system_min_chars: usize,
+        #[serde(default)]
+        retry: RawRetry,
+        #[serde(default)]
+        circuit: RawCircuit,
+        #[serde(default)]
+        limits: RawRateLimits,
+    },
     /// The built-in mock provider, served in-process over HTTP on a loopback port.
     Mock {
+        /// Which API the mock is spoken to with: `openai` (default) or `anthropic`.
+        #[serde(default)]
+        api: RawApi,
         #[serde(default)]
         latency: RawLatency,
         #[serde(default)]
@@ -461,6 +480,22 @@ fn default_timeout_ms() -> u64 {
 }
 fn default_max_tokens() -> u32 {
     1024
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RawApi {
+    #[default]
+    Openai,
+    Anthropic,
+}
+
+fn anthropic_url() -> String {
+    "https://api.anthropic.com".into()
+}
+
+fn cache_system_min_chars() -> usize {
+    4096
 }
 
 /// USD per million tokens.

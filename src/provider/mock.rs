@@ -1,6 +1,8 @@
-//! The built-in mock LLM server: OpenAI-compatible `POST /v1/chat/completions` with the real
-//! API's JSON (including `usage`), simulated latency and injected faults (429 with `Retry-After`,
-//! 500, hangs), plus `GET /mock/stats` counting what it served.
+//! The built-in mock LLM server: OpenAI-compatible `POST /v1/chat/completions` and Anthropic's
+//! `POST /v1/messages` with each real API's JSON (including `usage`; for Anthropic also prompt
+//! cache writes and reads of `cache_control` system blocks, and the required `anthropic-version`
+//! header), simulated latency and the same injected faults (429 with `Retry-After`, 500 or
+//! Anthropic's 529 `overloaded_error`, hangs), plus `GET /mock/stats` counting what it served.
 //!
 //! A classify prompt (one with a `Categories: a, b, c` line) gets a JSON answer
 //! `{"category": .., "confidence": ..}` chosen from the text, so routing is exercised; other
@@ -65,7 +67,12 @@ struct MockState {
     /// The random source and the current faults (adjustable while serving).
     dice: Mutex<(StdRng, Faults)>,
     stats: Arc<MockStats>,
+    /// Hashes of system prompts marked `cache_control` (Anthropic), bounded.
+    prompt_cache: Mutex<std::collections::HashSet<u64>>,
 }
+
+/// Most cached prompts the mock remembers.
+const PROMPT_CACHE_MAX: usize = 1024;
 
 impl MockState {
     fn draw(&self) -> (Fault, Duration, u64) {
@@ -159,12 +166,14 @@ fn mock_state(settings: MockSettings) -> Arc<MockState> {
         latency: settings.latency,
         dice: Mutex::new((rng, settings.faults)),
         stats: Arc::new(MockStats::default()),
+        prompt_cache: Mutex::new(Default::default()),
     })
 }
 
 fn router(state: Arc<MockState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/messages", post(messages))
         .route("/mock/stats", get(stats_handler))
         .route("/mock/faults", axum::routing::put(set_faults_handler))
         .with_state(state)
@@ -325,6 +334,164 @@ async fn chat_completions(
             "total_tokens": prompt_tokens + completion_tokens
         },
         "system_fingerprint": "fp_switchyard_mock"
+    }))
+    .into_response()
+}
+
+fn anthropic_error(status: StatusCode, kind: &str, message: &str) -> Response {
+    let body = json!({"type": "error", "error": {"type": kind, "message": message}});
+    (status, Json(body)).into_response()
+}
+
+/// Text of an Anthropic `content`/`system` value: a string or an array of text blocks.
+fn blocks_text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Array(blocks) => blocks
+            .iter()
+            .filter_map(|b| b.get("text").and_then(Value::as_str))
+            .collect(),
+        _ => String::new(),
+    }
+}
+
+/// Anthropic Messages API.
+async fn messages(
+    State(state): State<Arc<MockState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let stats = &state.stats;
+    stats.requests.fetch_add(1, Ordering::Relaxed);
+    if headers.contains_key("x-api-key") {
+        stats.authorized.fetch_add(1, Ordering::Relaxed);
+    }
+    let bad = |message: &str| {
+        stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+        anthropic_error(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    };
+    if !headers.contains_key("anthropic-version") {
+        return bad("anthropic-version: header is required");
+    }
+    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+        return bad("There was an issue with the format or content of your request.");
+    };
+    let model = request
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let Some(max_tokens) = request.get("max_tokens").and_then(Value::as_u64) else {
+        return bad("max_tokens: Field required");
+    };
+    let mut turns: Vec<(String, String)> = request
+        .get("messages")
+        .and_then(Value::as_array)
+        .map(|msgs| {
+            msgs.iter()
+                .filter_map(|m| {
+                    let role = m.get("role")?.as_str()?.to_owned();
+                    Some((role, blocks_text(m.get("content")?)))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if model.is_empty() || turns.is_empty() {
+        return bad("messages: at least one message is required");
+    }
+    let system = request.get("system").map(blocks_text).unwrap_or_default();
+    let cached_system = request
+        .pointer("/system/0/cache_control/type")
+        .and_then(Value::as_str)
+        == Some("ephemeral");
+    let (drawn, latency, retry_after_s) = state.draw();
+    let fault = match headers.get("x-mock-fault").and_then(|v| v.to_str().ok()) {
+        Some("429") => Fault::RateLimited,
+        Some("500") => Fault::ServerError,
+        Some("hang") => Fault::Hang,
+        _ => drawn,
+    };
+    match fault {
+        Fault::RateLimited => {
+            stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+            let mut response = anthropic_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "This request would exceed the rate limit for your organization of requests per minute.",
+            );
+            if let Ok(value) = HeaderValue::from_str(&retry_after_s.to_string()) {
+                response.headers_mut().insert("retry-after", value);
+            }
+            return response;
+        }
+        Fault::Hang => {
+            stats.hung.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(HANG).await;
+            return anthropic_error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "api_error",
+                "upstream timed out",
+            );
+        }
+        Fault::ServerError => {
+            tokio::time::sleep(latency).await;
+            stats.server_errors.fetch_add(1, Ordering::Relaxed);
+            let overloaded = StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            return anthropic_error(overloaded, "overloaded_error", "Overloaded");
+        }
+        Fault::None => {}
+    }
+    tokio::time::sleep(latency).await;
+    let system_tokens = if system.is_empty() {
+        0
+    } else {
+        estimate_tokens(&system)
+    };
+    let (cache_write, cache_read) = if cached_system {
+        let key = fnv1a(system.as_bytes());
+        let mut cache = state.prompt_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.contains(&key) {
+            (0, system_tokens)
+        } else {
+            if cache.len() >= PROMPT_CACHE_MAX {
+                cache.clear();
+            }
+            cache.insert(key);
+            (system_tokens, 0)
+        }
+    } else {
+        (0, 0)
+    };
+    let message_tokens: u64 = turns.iter().map(|(_, c)| estimate_tokens(c) + 3).sum();
+    let input_tokens = message_tokens + if cached_system { 0 } else { system_tokens };
+    if !system.is_empty() {
+        turns.insert(0, ("system".into(), system));
+    }
+    let (mut content, _) = answer(&turns);
+    let mut stop_reason = "end_turn";
+    if estimate_tokens(&content) > max_tokens.max(1) {
+        content = content
+            .chars()
+            .take(usize::try_from(max_tokens * 4).unwrap_or(usize::MAX))
+            .collect();
+        stop_reason = "max_tokens";
+    }
+    stats.ok.fetch_add(1, Ordering::Relaxed);
+    let id = stats.requests.load(Ordering::Relaxed);
+    Json(json!({
+        "id": format!("msg_mock{id:016}"),
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": content}],
+        "stop_reason": stop_reason,
+        "stop_sequence": null,
+        "usage": {
+            "input_tokens": input_tokens,
+            "cache_creation_input_tokens": cache_write,
+            "cache_read_input_tokens": cache_read,
+            "output_tokens": estimate_tokens(&content)
+        }
     }))
     .into_response()
 }

@@ -5,6 +5,7 @@
 //! and reached through the same OpenAI-compatible client, so tests and the demo exercise the
 //! real HTTP path.
 
+pub mod anthropic;
 pub mod circuit;
 pub mod errors;
 pub mod mock;
@@ -17,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use crate::config::{ModelPlan, Plan, ProviderKind, RetryPolicy};
+use crate::config::{ModelPlan, Plan, ProviderKind, RetryPolicy, WireApi};
 pub use errors::{ErrorAction, ProviderError};
 pub use reliability::{CallFailure, CallOutcome};
 
@@ -46,6 +47,7 @@ pub fn estimate_tokens(text: &str) -> u64 {
 #[derive(Clone)]
 pub enum LlmProvider {
     OpenAi(openai::OpenAiClient),
+    Anthropic(anthropic::AnthropicClient),
 }
 
 impl LlmProvider {
@@ -56,6 +58,7 @@ impl LlmProvider {
     ) -> Result<ChatResponse, ProviderError> {
         match self {
             LlmProvider::OpenAi(client) => client.chat(request, timeout).await,
+            LlmProvider::Anthropic(client) => client.chat(request, timeout).await,
         }
     }
 }
@@ -99,45 +102,68 @@ impl Providers {
         let mut targets = BTreeMap::new();
         let mut mock_servers = Vec::new();
         for (name, provider) in &plan.providers {
+            let key_of = |var: &Option<String>| match var {
+                Some(var) => std::env::var(var).map(Some).map_err(|_| {
+                    anyhow::anyhow!(
+                        "providers.{name}.api_key_env: environment variable {var} is not set"
+                    )
+                }),
+                None => Ok(None),
+            };
+            let max_body = plan.limits.max_response_bytes;
             let client = match &provider.kind {
                 ProviderKind::OpenAi {
                     base_url,
                     api_key_env,
-                } => {
-                    let api_key = match api_key_env {
-                        Some(var) => Some(std::env::var(var).map_err(|_| {
-                            anyhow::anyhow!("providers.{name}.api_key_env: environment variable {var} is not set")
-                        })?),
-                        None => None,
-                    };
-                    openai::OpenAiClient::new(
-                        http.clone(),
-                        base_url,
-                        api_key,
-                        plan.limits.max_response_bytes,
-                    )
-                }
-                ProviderKind::Mock(settings) => {
+                } => LlmProvider::OpenAi(openai::OpenAiClient::new(
+                    http.clone(),
+                    base_url,
+                    key_of(api_key_env)?,
+                    max_body,
+                )),
+                ProviderKind::Anthropic {
+                    base_url,
+                    api_key_env,
+                    cache_system_min_chars,
+                } => LlmProvider::Anthropic(anthropic::AnthropicClient::new(
+                    http.clone(),
+                    base_url,
+                    key_of(api_key_env)?,
+                    max_body,
+                    *cache_system_min_chars,
+                )),
+                ProviderKind::Mock(settings, api) => {
                     let server = mock::MockServer::start("127.0.0.1:0", settings.clone())
                         .await
                         .with_context(|| {
                             format!("starting the mock server for providers.{name}")
                         })?;
-                    let base_url = format!("http://{}/v1", server.addr());
+                    let addr = server.addr();
                     mock_servers.push(server);
-                    openai::OpenAiClient::new(
-                        http.clone(),
-                        &base_url,
-                        None,
-                        plan.limits.max_response_bytes,
-                    )
+                    match api {
+                        WireApi::OpenAi => LlmProvider::OpenAi(openai::OpenAiClient::new(
+                            http.clone(),
+                            &format!("http://{addr}/v1"),
+                            None,
+                            max_body,
+                        )),
+                        WireApi::Anthropic => {
+                            LlmProvider::Anthropic(anthropic::AnthropicClient::new(
+                                http.clone(),
+                                &format!("http://{addr}"),
+                                None,
+                                max_body,
+                                4096,
+                            ))
+                        }
+                    }
                 }
             };
             targets.insert(
                 name.clone(),
                 ProviderHandle {
                     name: name.clone(),
-                    client: LlmProvider::OpenAi(client),
+                    client,
                     retry: provider.retry,
                 },
             );

@@ -1,0 +1,252 @@
+//! Anthropic Messages API (`POST {base_url}/v1/messages`).
+//!
+//! The system prompt goes in the top-level `system` field; a long one is sent as a text block
+//! with `cache_control: {type: ephemeral}` so Anthropic's prompt cache serves it on later calls.
+//! `usage` maps to input tokens (including cache writes and reads) and output tokens. Errors use
+//! Anthropic's `{"type": "error", "error": {"type", "message"}}` shape: `rate_limit_error`
+//! (429, `retry-after`), `overloaded_error` (529) and `api_error` (500) are retried;
+//! authentication and permission errors are not; a prompt that is too long is a context-length
+//! error.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::errors::{parse_retry_after, ProviderError};
+use super::{ChatRequest, ChatResponse};
+
+/// The API version switchyard speaks (sent as `anthropic-version`).
+pub const API_VERSION: &str = "2023-06-01";
+
+#[derive(Clone)]
+pub struct AnthropicClient {
+    http: reqwest::Client,
+    endpoint: String,
+    api_key: Option<String>,
+    max_response_bytes: usize,
+    /// System prompts at least this long (characters) are marked for prompt caching.
+    cache_system_min_chars: usize,
+}
+
+impl AnthropicClient {
+    pub fn new(
+        http: reqwest::Client,
+        base_url: &str,
+        api_key: Option<String>,
+        max_response_bytes: usize,
+        cache_system_min_chars: usize,
+    ) -> Self {
+        Self {
+            http,
+            endpoint: format!("{}/v1/messages", base_url.trim_end_matches('/')),
+            api_key,
+            max_response_bytes,
+            cache_system_min_chars,
+        }
+    }
+
+    /// One attempt, bounded by `timeout` from send to the last body byte.
+    pub async fn chat(
+        &self,
+        request: &ChatRequest,
+        timeout: Duration,
+    ) -> Result<ChatResponse, ProviderError> {
+        match tokio::time::timeout(timeout, self.attempt(request)).await {
+            Ok(result) => result,
+            Err(_) => Err(ProviderError::Timeout(timeout)),
+        }
+    }
+
+    fn body(&self, request: &ChatRequest) -> Value {
+        let mut body = json!({
+            "model": request.model,
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature.min(1.0),
+            "messages": [{"role": "user", "content": request.user}],
+        });
+        if let Some(system) = &request.system {
+            body["system"] = if system.chars().count() >= self.cache_system_min_chars {
+                json!([{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}])
+            } else {
+                json!(system)
+            };
+        }
+        body
+    }
+
+    async fn attempt(&self, request: &ChatRequest) -> Result<ChatResponse, ProviderError> {
+        let mut builder = self
+            .http
+            .post(&self.endpoint)
+            .header("anthropic-version", API_VERSION)
+            .json(&self.body(request));
+        if let Some(key) = &self.api_key {
+            builder = builder.header("x-api-key", key);
+        }
+        let mut response = builder.send().await.map_err(transport_error)?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(transport_error)? {
+            if bytes.len() + chunk.len() > self.max_response_bytes {
+                return Err(ProviderError::InvalidResponse(format!(
+                    "response is larger than {} bytes (limits.max_response_bytes)",
+                    self.max_response_bytes
+                )));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        if status == 200 {
+            return parse_success(&bytes);
+        }
+        Err(classify_status(status, retry_after, &bytes))
+    }
+}
+
+fn transport_error(e: reqwest::Error) -> ProviderError {
+    if e.is_timeout() {
+        ProviderError::Timeout(Duration::ZERO)
+    } else {
+        ProviderError::Connect(e.to_string())
+    }
+}
+
+fn parse_success(bytes: &[u8]) -> Result<ChatResponse, ProviderError> {
+    let body: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ProviderError::InvalidResponse(format!("body is not JSON: {e}")))?;
+    let blocks = body
+        .get("content")
+        .and_then(Value::as_array)
+        .ok_or_else(|| {
+            ProviderError::InvalidResponse("no `content` array in the response".into())
+        })?;
+    let content: String = blocks
+        .iter()
+        .filter(|b| b.get("type").and_then(Value::as_str) == Some("text"))
+        .filter_map(|b| b.get("text").and_then(Value::as_str))
+        .collect();
+    let usage = |field: &str| {
+        body.pointer(&format!("/usage/{field}"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    };
+    Ok(ChatResponse {
+        content,
+        input_tokens: usage("input_tokens")
+            + usage("cache_creation_input_tokens")
+            + usage("cache_read_input_tokens"),
+        output_tokens: usage("output_tokens"),
+    })
+}
+
+fn classify_status(status: u16, retry_after: Option<Duration>, bytes: &[u8]) -> ProviderError {
+    let body: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
+    let kind = body
+        .pointer("/error/type")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let message = match body.pointer("/error/message").and_then(Value::as_str) {
+        Some(m) => m.to_owned(),
+        None => String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned(),
+    };
+    match (status, kind) {
+        (429, _) | (_, "rate_limit_error") => ProviderError::RateLimited {
+            retry_after,
+            message,
+        },
+        (401 | 403, _) | (_, "authentication_error" | "permission_error") => {
+            ProviderError::Auth { status, message }
+        }
+        (400 | 413, _) if message.contains("prompt is too long") || kind == "request_too_large" => {
+            ProviderError::ContextLength(message)
+        }
+        (408 | 409 | 500..=599, _) | (_, "overloaded_error" | "api_error") => {
+            ProviderError::Server {
+                status,
+                retry_after,
+                message,
+            }
+        }
+        _ => ProviderError::BadRequest { status, message },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(system: Option<&str>) -> ChatRequest {
+        ChatRequest {
+            model: "claude-3-5-haiku-latest".into(),
+            system: system.map(str::to_owned),
+            user: "hello".into(),
+            max_tokens: 64,
+            temperature: 0.0,
+        }
+    }
+
+    fn client(cache_min: usize) -> AnthropicClient {
+        AnthropicClient::new(reqwest::Client::new(), "http://x", None, 1024, cache_min)
+    }
+
+    #[test]
+    fn long_system_prompts_are_marked_for_caching() {
+        let short = client(100).body(&request(Some("be brief")));
+        assert_eq!(short["system"], "be brief");
+        let long_text = "policy ".repeat(50);
+        let long = client(100).body(&request(Some(&long_text)));
+        assert_eq!(long["system"][0]["cache_control"]["type"], "ephemeral");
+        assert_eq!(long["messages"][0]["role"], "user");
+        assert_eq!(long["max_tokens"], 64);
+    }
+
+    #[test]
+    fn reads_the_documented_response_and_usage() {
+        let body = br#"{"id":"msg_01","type":"message","role":"assistant","model":"claude-3-5-haiku-20241022","content":[{"type":"text","text":"Hi there"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":12,"cache_creation_input_tokens":0,"cache_read_input_tokens":100,"output_tokens":4}}"#;
+        let r = parse_success(body).unwrap();
+        assert_eq!(
+            (r.content.as_str(), r.input_tokens, r.output_tokens),
+            ("Hi there", 112, 4)
+        );
+    }
+
+    #[test]
+    fn maps_documented_error_types() {
+        let e = |status, kind: &str, msg: &str| {
+            let body =
+                format!(r#"{{"type":"error","error":{{"type":"{kind}","message":"{msg}"}}}}"#);
+            classify_status(status, Some(Duration::from_secs(3)), body.as_bytes())
+        };
+        assert!(matches!(
+            e(429, "rate_limit_error", "slow down"),
+            ProviderError::RateLimited {
+                retry_after: Some(_),
+                ..
+            }
+        ));
+        assert!(matches!(
+            e(529, "overloaded_error", "Overloaded"),
+            ProviderError::Server { status: 529, .. }
+        ));
+        assert!(matches!(
+            e(401, "authentication_error", "invalid x-api-key"),
+            ProviderError::Auth { .. }
+        ));
+        assert!(matches!(
+            e(
+                400,
+                "invalid_request_error",
+                "prompt is too long: 210000 tokens > 200000 maximum"
+            ),
+            ProviderError::ContextLength(_)
+        ));
+        assert!(matches!(
+            e(400, "invalid_request_error", "max_tokens: field required"),
+            ProviderError::BadRequest { .. }
+        ));
+    }
+}
