@@ -67,11 +67,17 @@ pub async fn run_with(
     }
     let result = async {
         let gate = Arc::new(Gate::new(&plan, state.clone(), metrics.clone()));
-        let providers = Arc::new(
-            Providers::start(&plan, metrics.clone())
-                .await?
-                .with_gate(gate.clone()),
-        );
+        let mut providers = Providers::start(&plan, metrics.clone())
+            .await?
+            .with_gate(gate.clone());
+        if let Some(cache) = plan.cache {
+            providers = providers.with_cache(crate::provider::cache::ResponseCache::new(
+                cache,
+                state.clone(),
+                metrics.clone(),
+            ));
+        }
+        let providers = Arc::new(providers);
         let scheduler = Scheduler::start(
             gate,
             plan.limits.max_running_jobs,

@@ -289,3 +289,50 @@ async fn an_open_circuit_sends_traffic_to_the_fallback_until_the_primary_recover
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_deterministic_requests_are_answered_from_the_cache() {
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let llm = mock_llm(5).await;
+    let plan = plan(
+        &brokers,
+        &llm.addr().to_string(),
+        &[("SWITCHYARD__CACHE", "{enabled: true, ttl_s: 60}")],
+    );
+    let outputs = collector(&brokers);
+    let service = Service::start(plan, memory());
+    let metrics = service.metrics.clone();
+    publish(&brokers, JOBS_TOPIC, [job("c-0", "acme", "my invoice is wrong")])
+        .await
+        .unwrap();
+    assert_eq!(outputs.wait_for(1, STALL, |_| {}).await, 1);
+    let n = 20;
+    publish(
+        &brokers,
+        JOBS_TOPIC,
+        (1..n).map(|i| job(&format!("c-{i}"), "acme", "my invoice is wrong")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(outputs.wait_for(n, STALL, |_| {}).await, n);
+    service.stop().await;
+    let all = outputs.snapshot();
+    assert_schema_valid(&all);
+    assert_eq!(llm.stats().requests(), 2, "only the first job reached the provider");
+    let mut cached_steps = 0;
+    for (c, _) in &all {
+        let (Collected::Result(r) | Collected::Review(r)) = c else {
+            panic!("every job completes, got {c:?}")
+        };
+        if r.job_id != "c-0" {
+            let llm_steps: Vec<_> = r.steps.iter().filter(|s| s.provider.is_some()).collect();
+            assert!(llm_steps.iter().all(|s| s.cached && s.cost_usd == 0.0));
+            cached_steps += llm_steps.len();
+        }
+    }
+    assert_eq!(cached_steps, 2 * (n - 1));
+    let hits = metrics.cache_requests.with_label_values(&["hit"]).get();
+    let misses = metrics.cache_requests.with_label_values(&["miss"]).get();
+    assert_eq!((hits, misses), (2 * (n as u64 - 1), 2));
+}

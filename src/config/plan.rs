@@ -26,6 +26,8 @@ pub struct Plan {
     pub http_listen: Option<String>,
     pub log: LogPlan,
     pub tenants: TenantsPlan,
+    /// The response cache; `None` when disabled.
+    pub cache: Option<CachePlan>,
     /// Things that work but deserve a look (e.g. a model without a price).
     pub warnings: Vec<String>,
 }
@@ -180,6 +182,12 @@ pub enum ProviderKind {
     },
     /// Served in-process by the built-in mock server, spoken to over HTTP with the given API.
     Mock(MockSettings, WireApi),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CachePlan {
+    pub ttl: Duration,
+    pub max_temperature: f64,
 }
 
 /// Which HTTP API a provider speaks.
@@ -727,12 +735,23 @@ pub(super) fn validate(raw: RawConfig) -> Result<Plan, Vec<String>> {
     };
 
     let tenants = tenants_plan(&mut p, raw.tenants, limits.max_inflight_jobs);
+    let cache = raw.cache.enabled.then(|| {
+        positive(&mut p, "cache.ttl_s", raw.cache.ttl_s);
+        if !(0.0..=2.0).contains(&raw.cache.max_temperature) {
+            p.add("cache.max_temperature", "must be between 0 and 2");
+        }
+        CachePlan {
+            ttl: Duration::from_secs(raw.cache.ttl_s),
+            max_temperature: raw.cache.max_temperature,
+        }
+    });
 
     if !p.0.is_empty() {
         return Err(p.0);
     }
     Ok(Plan {
         tenants,
+        cache,
         source,
         sink,
         state,

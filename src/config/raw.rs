@@ -33,6 +33,28 @@ pub struct RawConfig {
     /// not named (and fills the fields a named tenant leaves out).
     #[serde(default)]
     pub tenants: BTreeMap<String, RawTenant>,
+    #[serde(default)]
+    pub cache: RawCache,
+}
+
+/// Exact-match response cache in the state store.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCache {
+    pub enabled: bool,
+    pub ttl_s: u64,
+    /// Only requests at or below this temperature are cached (deterministic ones by default).
+    pub max_temperature: f64,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            ttl_s: 3600,
+            max_temperature: 0.0,
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

@@ -147,11 +147,16 @@ impl StepContext<'_> {
             provider: Some(model.provider.clone()),
             model: Some(model.model.clone()),
             attempts: outcome.attempts,
-            cached: false,
+            cached: outcome.cached,
             latency_ms: elapsed_ms(started),
-            input_tokens: r.input_tokens,
-            output_tokens: r.output_tokens,
-            cost_usd: model.price.cost(r.input_tokens, r.output_tokens),
+            // A cache hit spent nothing: no tokens were sent or generated for this job.
+            input_tokens: if outcome.cached { 0 } else { r.input_tokens },
+            output_tokens: if outcome.cached { 0 } else { r.output_tokens },
+            cost_usd: if outcome.cached {
+                0.0
+            } else {
+                model.price.cost(r.input_tokens, r.output_tokens)
+            },
             throttled_ms: self.throttled_ms.load(std::sync::atomic::Ordering::Relaxed),
         }
     }

@@ -6,6 +6,7 @@
 //! real HTTP path.
 
 pub mod anthropic;
+pub mod cache;
 pub mod circuit;
 pub mod errors;
 pub mod mock;
@@ -84,6 +85,7 @@ pub struct Providers {
     circuits: Circuits,
     /// Limits and budgets every call passes first (absent in unit tests of the call loop).
     gate: Option<Arc<crate::admission::Gate>>,
+    cache: Option<cache::ResponseCache>,
 }
 
 impl Providers {
@@ -189,7 +191,14 @@ impl Providers {
             log_payloads: plan.log.payloads,
             circuits,
             gate: None,
+            cache: None,
         })
+    }
+
+    /// Answers deterministic requests from `cache` when it can.
+    pub fn with_cache(mut self, cache: cache::ResponseCache) -> Self {
+        self.cache = Some(cache);
+        self
     }
 
     /// Puts every call behind `gate`'s limits and budgets.

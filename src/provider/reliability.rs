@@ -24,6 +24,8 @@ pub struct CallOutcome {
     pub model: Arc<ModelPlan>,
     pub attempts: u32,
     pub degraded: bool,
+    /// Answered from the response cache (no provider call).
+    pub cached: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +88,18 @@ impl Providers {
             let breaker = self.circuit(&model.provider, &model.model);
             let req = request(model);
             let mut last = None;
+            let cache_key = self.cache.as_ref().and_then(|c| c.key(&target.name, &req));
+            if let (Some(cache), Some(key)) = (&self.cache, &cache_key) {
+                if let Some(response) = cache.get(key).await {
+                    return Ok(CallOutcome {
+                        response,
+                        model: model.clone(),
+                        attempts,
+                        degraded: position > 0,
+                        cached: true,
+                    });
+                }
+            }
             let prompt_tokens = super::estimate_tokens(&req.user)
                 + req.system.as_deref().map_or(0, super::estimate_tokens);
             for attempt in 0..target.retry.max_attempts {
@@ -174,12 +188,16 @@ impl Providers {
                 );
                 match result {
                     Ok(response) => {
+                        if let (Some(cache), Some(key)) = (&self.cache, &cache_key) {
+                            cache.put(key, &response).await;
+                        }
                         return Ok(CallOutcome {
                             response,
                             model: model.clone(),
                             attempts,
                             degraded: position > 0,
-                        })
+                            cached: false,
+                        });
                     }
                     Err(error) => {
                         let action = error.action();

@@ -27,7 +27,12 @@ pub struct MemoryStore {
     inner: Arc<Mutex<Inner>>,
     max_entries: usize,
     counters: super::counters::MemoryCounters,
+    /// Cached provider responses: entries with their expiry, and insertion order for eviction.
+    cache: Arc<Mutex<CacheEntries>>,
 }
+
+/// Cached responses with their expiry, and keys in insertion order for eviction.
+type CacheEntries = (HashMap<String, (Bytes, Instant)>, VecDeque<String>);
 
 impl MemoryStore {
     pub fn new(max_entries: usize) -> Self {
@@ -38,6 +43,33 @@ impl MemoryStore {
             })),
             max_entries: max_entries.max(1),
             counters: Default::default(),
+            cache: Default::default(),
+        }
+    }
+
+    pub fn cache_get(&self, key: &str) -> Option<Bytes> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .0
+            .get(key)
+            .filter(|(_, expires)| *expires > Instant::now())
+            .map(|(v, _)| v.clone())
+    }
+
+    /// Stores a response; the oldest entries go beyond `max_entries`.
+    pub fn cache_put(&self, key: &str, value: Bytes, ttl: Duration) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let (entries, order) = &mut *cache;
+        if entries
+            .insert(key.to_owned(), (value, Instant::now() + ttl))
+            .is_none()
+        {
+            order.push_back(key.to_owned());
+        }
+        while order.len() > self.max_entries {
+            if let Some(oldest) = order.pop_front() {
+                entries.remove(&oldest);
+            }
         }
     }
 

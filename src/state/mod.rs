@@ -213,6 +213,31 @@ impl StateStore {
         self.track(result)
     }
 
+    /// A cached provider response, if one is stored under `key`.
+    pub async fn cache_get(&self, key: &str) -> Result<Option<bytes::Bytes>, StateError> {
+        let result = match &self.backend {
+            Backend::Memory(m) => Ok(m.cache_get(key)),
+            Backend::Redis(r) => r.cache_get(key).await,
+        };
+        self.track(result)
+    }
+
+    pub async fn cache_put(
+        &self,
+        key: &str,
+        value: bytes::Bytes,
+        ttl: Duration,
+    ) -> Result<(), StateError> {
+        let result = match &self.backend {
+            Backend::Memory(m) => {
+                m.cache_put(key, value, ttl);
+                Ok(())
+            }
+            Backend::Redis(r) => r.cache_put(key, value, ttl).await,
+        };
+        self.track(result)
+    }
+
     /// Checks reachability (updates [`Self::is_available`]).
     pub async fn ping(&self) -> Result<(), StateError> {
         let result = match &self.backend {

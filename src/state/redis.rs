@@ -163,6 +163,33 @@ impl RedisStore {
         Ok(())
     }
 
+    pub async fn cache_get(&self, key: &str) -> Result<Option<Bytes>, StateError> {
+        let mut conn = self.conn.clone();
+        let value: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(format!("{}cache:{key}", self.prefix))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(value.map(Bytes::from))
+    }
+
+    pub async fn cache_put(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Duration,
+    ) -> Result<(), StateError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("SET")
+            .arg(format!("{}cache:{key}", self.prefix))
+            .arg(value.as_ref())
+            .arg("PX")
+            .arg(millis(ttl))
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
     /// GCRA throttle (`check`) or adjustment; the wait when throttled.
     pub async fn gcra(
         &self,

@@ -39,6 +39,7 @@ pub struct Metrics {
     pub budget_limit: GaugeVec,
     pub tenant_queued: IntGauge,
     pub intake_pauses: IntCounter,
+    pub cache_requests: IntCounterVec,
     pools: OnceLock<Pools>,
 }
 
@@ -111,6 +112,7 @@ impl Metrics {
                 "intake_pauses_total",
                 "Times intake paused the source because in-flight jobs stayed at limits.max_inflight_jobs.",
             ))?,
+            cache_requests: IntCounterVec::new(opts("cache_requests_total", "Response cache lookups by result (hit, miss)."), &["result"])?,
             registry,
             pools: OnceLock::new(),
         };
@@ -135,6 +137,7 @@ impl Metrics {
         m.registry.register(Box::new(m.budget_limit.clone()))?;
         m.registry.register(Box::new(m.tenant_queued.clone()))?;
         m.registry.register(Box::new(m.intake_pauses.clone()))?;
+        m.registry.register(Box::new(m.cache_requests.clone()))?;
         Ok(Arc::new(m))
     }
 
