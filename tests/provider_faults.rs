@@ -303,9 +303,13 @@ async fn identical_deterministic_requests_are_answered_from_the_cache() {
     let outputs = collector(&brokers);
     let service = Service::start(plan, memory());
     let metrics = service.metrics.clone();
-    publish(&brokers, JOBS_TOPIC, [job("c-0", "acme", "my invoice is wrong")])
-        .await
-        .unwrap();
+    publish(
+        &brokers,
+        JOBS_TOPIC,
+        [job("c-0", "acme", "my invoice is wrong")],
+    )
+    .await
+    .unwrap();
     assert_eq!(outputs.wait_for(1, STALL, |_| {}).await, 1);
     let n = 20;
     publish(
@@ -319,7 +323,11 @@ async fn identical_deterministic_requests_are_answered_from_the_cache() {
     service.stop().await;
     let all = outputs.snapshot();
     assert_schema_valid(&all);
-    assert_eq!(llm.stats().requests(), 2, "only the first job reached the provider");
+    assert_eq!(
+        llm.stats().requests(),
+        2,
+        "only the first job reached the provider"
+    );
     let mut cached_steps = 0;
     for (c, _) in &all {
         let (Collected::Result(r) | Collected::Review(r)) = c else {

@@ -356,6 +356,59 @@ pub enum ModelChoice {
 pub struct GeneratePlan {
     pub model: ModelChoice,
     pub prompt: Arc<PromptPlan>,
+    /// When set, the answer must be JSON satisfying this schema.
+    pub output: Option<OutputSchema>,
+}
+
+/// A step's output schema, compiled at start-up.
+#[derive(Clone)]
+pub struct OutputSchema {
+    pub path: String,
+    pub validator: Arc<jsonschema::Validator>,
+    pub max_repairs: u32,
+}
+
+impl std::fmt::Debug for OutputSchema {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutputSchema")
+            .field("path", &self.path)
+            .field("max_repairs", &self.max_repairs)
+            .finish()
+    }
+}
+
+/// Reads and compiles a step's `output_schema`; problems name the field.
+fn output_schema(
+    p: &mut Problems,
+    field: &str,
+    path: &str,
+    max_repairs: u32,
+) -> Option<OutputSchema> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) => {
+            p.add(field, format!("cannot read `{path}`: {e}"));
+            return None;
+        }
+    };
+    let schema: serde_json::Value = match serde_json::from_str(&text) {
+        Ok(schema) => schema,
+        Err(e) => {
+            p.add(field, format!("`{path}` is not JSON: {e}"));
+            return None;
+        }
+    };
+    match jsonschema::validator_for(&schema) {
+        Ok(validator) => Some(OutputSchema {
+            path: path.to_owned(),
+            validator: Arc::new(validator),
+            max_repairs,
+        }),
+        Err(e) => {
+            p.add(field, format!("`{path}` is not a valid JSON Schema: {e}"));
+            None
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -1252,7 +1305,13 @@ fn pipeline_plan(
                     review_below_confidence,
                 })
             }
-            RawStep::Generate { model, prompt, .. } => {
+            RawStep::Generate {
+                model,
+                prompt,
+                output_schema: schema_path,
+                max_repairs,
+                ..
+            } => {
                 let model = if model.replace(' ', "") == ROUTE_MODEL {
                     let routes: Vec<usize> = mine
                         .iter()
@@ -1277,7 +1336,14 @@ fn pipeline_plan(
                     ModelChoice::Fixed(model_ref(p, &field, Some(&model), models))
                 };
                 let prompt = prompt_ref(p, &field, Some(&prompt), prompts);
-                StepKindPlan::Generate(GeneratePlan { model, prompt })
+                let output = schema_path.and_then(|path| {
+                    output_schema(p, &format!("{field}.output_schema"), &path, max_repairs)
+                });
+                StepKindPlan::Generate(GeneratePlan {
+                    model,
+                    prompt,
+                    output,
+                })
             }
         };
         // Every step a prompt reads must be one this step waits for.

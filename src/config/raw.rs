@@ -578,7 +578,17 @@ pub enum RawStep {
         needs: Option<Vec<String>>,
         model: String,
         prompt: String,
+        /// JSON Schema file the answer must satisfy (path relative to the working directory).
+        #[serde(default)]
+        output_schema: Option<String>,
+        /// Repair attempts (the validation error fed back to the model) before `output_invalid`.
+        #[serde(default = "default_max_repairs")]
+        max_repairs: u32,
     },
+}
+
+fn default_max_repairs() -> u32 {
+    2
 }
 
 #[derive(Debug, Default, Clone, Copy, Deserialize, PartialEq, Eq)]

@@ -8,6 +8,7 @@ mod classify;
 mod generate;
 mod route;
 mod runner;
+mod structured;
 pub mod template;
 
 pub use runner::{Pools, RunFailure, RunOutput, Runner};
@@ -32,6 +33,8 @@ pub enum StepOutput {
         text: String,
         model: String,
         degraded: bool,
+        /// The validated JSON answer of a step with an `output_schema`.
+        json: Option<serde_json::Value>,
     },
 }
 

@@ -364,7 +364,12 @@ fn finish(
     let output = outputs
         .get(pipeline.output_step())
         .and_then(Option::as_ref)
-        .map(|o| Value::String(o.text().to_owned()))
+        .map(|o| match o {
+            StepOutput::Generated {
+                json: Some(json), ..
+            } => json.clone(),
+            other => Value::String(other.text().to_owned()),
+        })
         .unwrap_or(Value::Null);
     let status = if review {
         ResultStatus::Review
