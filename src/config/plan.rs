@@ -160,6 +160,8 @@ pub struct RetryPolicy {
     pub max_attempts: u32,
     pub base_delay: Duration,
     pub max_delay: Duration,
+    pub budget_ratio: f64,
+    pub budget_min_per_s: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -975,6 +977,18 @@ fn provider_plan(p: &mut Problems, field: &str, provider: RawProvider) -> Provid
         format!("{field}.retry.max_attempts"),
         u64::from(retry.max_attempts),
     );
+    if !(retry.budget_ratio.is_finite() && retry.budget_ratio >= 0.0) {
+        p.add(
+            format!("{field}.retry.budget_ratio"),
+            "must be 0 or more (retries per first attempt)",
+        );
+    }
+    if !(retry.budget_min_per_s.is_finite() && retry.budget_min_per_s >= 0.0) {
+        p.add(
+            format!("{field}.retry.budget_min_per_s"),
+            "must be 0 or more",
+        );
+    }
     if retry.base_delay_ms > retry.max_delay_ms {
         p.add(
             format!("{field}.retry"),
@@ -1011,6 +1025,8 @@ fn provider_plan(p: &mut Problems, field: &str, provider: RawProvider) -> Provid
             max_attempts: retry.max_attempts,
             base_delay: Duration::from_millis(retry.base_delay_ms),
             max_delay: Duration::from_millis(retry.max_delay_ms),
+            budget_ratio: retry.budget_ratio,
+            budget_min_per_s: retry.budget_min_per_s,
         },
         circuit: CircuitPolicy {
             consecutive_failures: circuit.consecutive_failures,

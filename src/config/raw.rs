@@ -391,6 +391,11 @@ pub struct RawRetry {
     pub max_attempts: u32,
     pub base_delay_ms: u64,
     pub max_delay_ms: u64,
+    /// Retries allowed per first attempt to this provider (a retry budget, so an outage adds
+    /// at most this share of load) ...
+    pub budget_ratio: f64,
+    /// ... plus this many retries per second regardless.
+    pub budget_min_per_s: f64,
 }
 
 impl Default for RawRetry {
@@ -399,6 +404,8 @@ impl Default for RawRetry {
             max_attempts: 3,
             base_delay_ms: 200,
             max_delay_ms: 10_000,
+            budget_ratio: 0.5,
+            budget_min_per_s: 10.0,
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod errors;
 pub mod mock;
 pub mod openai;
 pub mod reliability;
+pub mod retry_budget;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -68,6 +69,7 @@ pub struct ProviderHandle {
     pub name: String,
     pub client: LlmProvider,
     pub retry: RetryPolicy,
+    pub retry_budget: retry_budget::RetryBudget,
 }
 
 /// One circuit breaker per provider + model.
@@ -167,6 +169,7 @@ impl Providers {
                     name: name.clone(),
                     client,
                     retry: provider.retry,
+                    retry_budget: retry_budget::RetryBudget::new(&provider.retry),
                 },
             );
         }

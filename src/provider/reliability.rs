@@ -155,6 +155,9 @@ impl Providers {
                     break;
                 }
                 attempts += 1;
+                if attempt == 0 {
+                    target.retry_budget.deposit();
+                }
                 let started = std::time::Instant::now();
                 let result = target.client.chat(&req, timeout).await;
                 if let Some(b) = breaker {
@@ -206,6 +209,16 @@ impl Providers {
                             break;
                         };
                         if attempt + 1 == target.retry.max_attempts {
+                            break;
+                        }
+                        if !target.retry_budget.try_withdraw() {
+                            // The provider's retry budget is spent (it is failing a lot): no
+                            // extra load on it; the fallbacks get the call.
+                            self.metrics
+                                .ratelimit_throttled
+                                .with_label_values(&["retry_budget"])
+                                .inc();
+                            tracing::debug!(provider = %target.name, "retry budget exhausted; moving on");
                             break;
                         }
                         let delay = match after {
@@ -300,6 +313,8 @@ mod tests {
             max_attempts: 5,
             base_delay: Duration::from_millis(100),
             max_delay: Duration::from_millis(1000),
+            budget_ratio: 0.5,
+            budget_min_per_s: 10.0,
         };
         for attempt in 0..10 {
             let ceiling = Duration::from_millis((100u64 << attempt.min(20)).min(1000));

@@ -96,7 +96,7 @@ impl Metrics {
                 &["provider", "model"],
             )?,
             ratelimit_throttled: IntCounterVec::new(
-                opts("ratelimit_throttled_total", "Times a limiter held work back, by scope (tenant_requests, tenant_tokens, tenant_budget, provider_requests, provider_tokens, model_requests, model_tokens)."),
+                opts("ratelimit_throttled_total", "Times a limiter held work back, by scope (tenant_requests, tenant_tokens, tenant_budget, provider_requests, provider_tokens, model_requests, model_tokens; retry_budget: a retry skipped because the provider's retry budget was spent)."),
                 &["scope"],
             )?,
             budget_remaining: GaugeVec::new(
