@@ -344,3 +344,216 @@ async fn identical_deterministic_requests_are_answered_from_the_cache() {
     let misses = metrics.cache_requests.with_label_values(&["miss"]).get();
     assert_eq!((hits, misses), (2 * (n as u64 - 1), 2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_thousand_jobs_complete_through_429s_500s_and_hangs_honouring_retry_after() {
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let faults = Faults {
+        rate_429: 0.10,
+        retry_after_s: 1,
+        rate_500: 0.05,
+        rate_hang: 0.02,
+    };
+    let llm = mock_llm_with(1, faults).await;
+    // Hangs end at the 1 s attempt timeout. The circuit is kept out of the way (it has its own
+    // test): with 17% failures, five in a row happen by chance over 10,000 calls.
+    let providers = format!(
+        "llm: {{kind: openai, base_url: \"http://{}/v1\", retry: {{max_attempts: 8, base_delay_ms: 5, max_delay_ms: 50}},
+           circuit: {{consecutive_failures: 1000, failure_rate: 1.0, window: 1000, min_calls: 1000}}}}",
+        llm.addr()
+    );
+    let models = "small: {provider: llm, model: gpt-4o-mini, timeout_ms: 1000}\n  \
+                  large: {provider: llm, model: gpt-4o, timeout_ms: 1000}";
+    let env = [
+        ("SWITCHYARD__LIMITS__MAX_INFLIGHT_JOBS", "1024"),
+        ("SWITCHYARD__LIMITS__MAX_RUNNING_JOBS", "1024"),
+        (
+            "SWITCHYARD__POOLS",
+            "{classify: 1024, route: 1024, generate: 1024}",
+        ),
+    ];
+    let outputs = collector(&brokers);
+    let service = Service::start(plan_with(&brokers, &providers, models, &env), memory());
+    let n = 5000;
+    publish(
+        &brokers,
+        JOBS_TOPIC,
+        (0..n).map(|i| {
+            job(
+                &format!("h-{i}"),
+                "acme",
+                &format!("ticket {i}: billing question"),
+            )
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        outputs.wait_for(n, Duration::from_secs(60), |_| {}).await,
+        n
+    );
+    service.stop().await;
+
+    let all = outputs.snapshot();
+    assert_schema_valid(&all);
+    let per_job = originals(&all);
+    assert_eq!(per_job.len(), n, "no job lost");
+    let mut retried_steps = 0;
+    for (c, _) in &all {
+        let (Collected::Result(r) | Collected::Review(r)) = c else {
+            panic!("every job completes, got {c:?}")
+        };
+        retried_steps += r.steps.iter().filter(|s| s.attempts > 1).count();
+    }
+    // From the mock's log: every 429 was followed by the same request no sooner than its
+    // Retry-After.
+    let log = llm.log();
+    let mut next_of: std::collections::HashMap<u64, Vec<f64>> = Default::default();
+    for entry in &log {
+        next_of
+            .entry(entry.body_hash)
+            .or_default()
+            .push(entry.at_ms);
+    }
+    let (mut limited, mut hung, mut early) = (0, 0, 0);
+    let mut shortest_wait = f64::MAX;
+    for entry in &log {
+        match entry.outcome {
+            "rate_limited" => {
+                limited += 1;
+                let retry = next_of[&entry.body_hash]
+                    .iter()
+                    .copied()
+                    .find(|&t| t > entry.at_ms)
+                    .expect("a rate-limited request is retried");
+                let waited = retry - entry.at_ms;
+                shortest_wait = shortest_wait.min(waited);
+                if waited < entry.retry_after_s.unwrap_or(0) as f64 * 1000.0 - 5.0 {
+                    early += 1;
+                }
+            }
+            "hang" => hung += 1,
+            _ => {}
+        }
+    }
+    eprintln!(
+        "{n} jobs: {} requests ({limited} 429s, {hung} hangs), {retried_steps} steps retried; shortest wait after a 429: {shortest_wait:.0} ms",
+        log.len()
+    );
+    assert!(limited > 0 && hung > 0, "faults were injected");
+    assert!(retried_steps > 0, "step records show the extra attempts");
+    assert_eq!(early, 0, "{early} retries came before their Retry-After");
+}
+
+/// A provider that always answers `status` with an OpenAI error body; counts its requests.
+async fn refusing(
+    status: u16,
+    body: serde_json::Value,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use axum::routing::post;
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = calls.clone();
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        post(move || {
+            let counter = counter.clone();
+            let body = body.clone();
+            async move {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                (
+                    axum::http::StatusCode::from_u16(status).unwrap(),
+                    axum::Json(body),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio_util::task::TaskTracker::new();
+    server.spawn(async move { axum::serve(listener, app).await });
+    (addr, calls)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_filter_and_auth_errors_are_not_retried_on_the_same_target() {
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    // Bodies as the OpenAI API documents them.
+    let (denied, denied_calls) = refusing(
+        401,
+        serde_json::json!({"error": {"message": "Incorrect API key provided: sk-****. You can find your API key at https://platform.openai.com/account/api-keys.", "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}}),
+    )
+    .await;
+    let (filtered, filtered_calls) = refusing(
+        400,
+        serde_json::json!({"error": {"message": "The response was filtered due to the prompt triggering content management policy.", "type": null, "param": "prompt", "code": "content_filter"}}),
+    )
+    .await;
+    let healthy = mock_llm(1).await;
+    let providers = format!(
+        "denied: {{kind: openai, base_url: \"http://{denied}/v1\", retry: {{max_attempts: 5, base_delay_ms: 1, max_delay_ms: 5}}}}\n  \
+         filtered: {{kind: openai, base_url: \"http://{filtered}/v1\", retry: {{max_attempts: 5, base_delay_ms: 1, max_delay_ms: 5}}}}\n  \
+         healthy: {{kind: openai, base_url: \"http://{}/v1\"}}",
+        healthy.addr()
+    );
+    let models = "small: {provider: denied, model: gpt-4o-mini, fallbacks: [backup]}\n  \
+                  large: {provider: filtered, model: gpt-4o, fallbacks: [backup]}\n  \
+                  backup: {provider: healthy, model: llama-3-8b}";
+    let outputs = collector(&brokers);
+    let service = Service::start(plan_with(&brokers, &providers, models, &[]), memory());
+    let n = 10;
+    // "technical" tickets route their answer to `large` (content filter), the rest to `small`.
+    publish(
+        &brokers,
+        JOBS_TOPIC,
+        (0..n).map(|i| {
+            let text = if i % 2 == 0 {
+                "technical error in the app"
+            } else {
+                "billing question"
+            };
+            job(&format!("nr-{i}"), "acme", text)
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(outputs.wait_for(n, STALL, |_| {}).await, n);
+    service.stop().await;
+    let all = outputs.snapshot();
+    assert_schema_valid(&all);
+    let mut llm_steps = 0u64;
+    let mut on_large = 0u64;
+    for (c, _) in &all {
+        let (Collected::Result(r) | Collected::Review(r)) = c else {
+            panic!("the fallback answers, got {c:?}")
+        };
+        assert_eq!(r.status, ResultStatus::Degraded);
+        for s in r.steps.iter().filter(|s| s.provider.is_some()) {
+            assert_eq!(s.provider.as_deref(), Some("healthy"));
+            assert_eq!(s.attempts, 2, "one refused attempt, then the fallback");
+            llm_steps += 1;
+        }
+        on_large += u64::from(r.route.model.as_deref() == Some("large"));
+    }
+    let (denied_calls, filtered_calls) = (
+        denied_calls.load(std::sync::atomic::Ordering::Relaxed),
+        filtered_calls.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    assert_eq!(
+        denied_calls + filtered_calls,
+        llm_steps,
+        "exactly one attempt per refused step"
+    );
+    assert_eq!(
+        filtered_calls, on_large,
+        "one content-filtered attempt per answer routed to `large`"
+    );
+    assert!(
+        on_large > 0 && denied_calls > 0,
+        "both refusals were exercised"
+    );
+}

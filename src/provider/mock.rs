@@ -2,7 +2,8 @@
 //! `POST /v1/messages` with each real API's JSON (including `usage`; for Anthropic also prompt
 //! cache writes and reads of `cache_control` system blocks, and the required `anthropic-version`
 //! header), simulated latency and the same injected faults (429 with `Retry-After`, 500 or
-//! Anthropic's 529 `overloaded_error`, hangs), plus `GET /mock/stats` counting what it served.
+//! Anthropic's 529 `overloaded_error`, hangs), plus `GET /mock/stats` counting what it served and `GET /mock/log` listing recent requests
+//! (time, body hash, outcome), so client behaviour such as Retry-After can be checked afterwards.
 //!
 //! A classify prompt (one with a `Categories: a, b, c` line) gets a JSON answer
 //! `{"category": .., "confidence": ..}` chosen from the text, so routing is exercised; other
@@ -69,6 +70,41 @@ struct MockState {
     stats: Arc<MockStats>,
     /// Hashes of system prompts marked `cache_control` (Anthropic), bounded.
     prompt_cache: Mutex<std::collections::HashSet<u64>>,
+    /// The most recent requests, for checking client behaviour (e.g. Retry-After) afterwards.
+    log: Mutex<std::collections::VecDeque<LogEntry>>,
+    started: std::time::Instant,
+}
+
+/// Requests the log keeps (the oldest are dropped).
+const LOG_MAX: usize = 200_000;
+
+/// One request the mock answered.
+#[derive(Debug, Clone, Serialize)]
+pub struct LogEntry {
+    /// Milliseconds since the server started.
+    pub at_ms: f64,
+    /// FNV-1a hash of the request body: a retry of the same call has the same one.
+    pub body_hash: u64,
+    /// `ok`, `rate_limited`, `server_error`, `hang` or `bad_request`.
+    pub outcome: &'static str,
+    /// The `Retry-After` seconds sent with a 429.
+    pub retry_after_s: Option<u64>,
+}
+
+impl MockState {
+    fn record(&self, body: &[u8], outcome: &'static str, retry_after_s: Option<u64>) {
+        let entry = LogEntry {
+            at_ms: self.started.elapsed().as_secs_f64() * 1000.0,
+            body_hash: fnv1a(body),
+            outcome,
+            retry_after_s,
+        };
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        if log.len() >= LOG_MAX {
+            log.pop_front();
+        }
+        log.push_back(entry);
+    }
 }
 
 /// Most cached prompts the mock remembers.
@@ -147,6 +183,17 @@ impl MockServer {
         self.addr
     }
 
+    /// The most recent requests (also `GET /mock/log`).
+    pub fn log(&self) -> Vec<LogEntry> {
+        self.state
+            .log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
     pub fn stats(&self) -> &MockStats {
         &self.state.stats
     }
@@ -167,6 +214,8 @@ fn mock_state(settings: MockSettings) -> Arc<MockState> {
         dice: Mutex::new((rng, settings.faults)),
         stats: Arc::new(MockStats::default()),
         prompt_cache: Mutex::new(Default::default()),
+        log: Mutex::new(Default::default()),
+        started: std::time::Instant::now(),
     })
 }
 
@@ -175,6 +224,7 @@ fn router(state: Arc<MockState>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/messages", post(messages))
         .route("/mock/stats", get(stats_handler))
+        .route("/mock/log", get(log_handler))
         .route("/mock/faults", axum::routing::put(set_faults_handler))
         .with_state(state)
 }
@@ -185,6 +235,11 @@ async fn set_faults_handler(
 ) -> StatusCode {
     state.dice.lock().unwrap_or_else(|e| e.into_inner()).1 = faults;
     StatusCode::NO_CONTENT
+}
+
+async fn log_handler(State(state): State<Arc<MockState>>) -> Json<Value> {
+    let log = state.log.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    Json(serde_json::to_value(log).unwrap_or(Value::Null))
 }
 
 async fn stats_handler(State(state): State<Arc<MockState>>) -> Json<Value> {
@@ -258,6 +313,7 @@ async fn chat_completions(
     };
     match fault {
         Fault::RateLimited => {
+            state.record(&body, "rate_limited", Some(retry_after_s));
             stats.rate_limited.fetch_add(1, Ordering::Relaxed);
             let mut response = error(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -272,6 +328,7 @@ async fn chat_completions(
             return response;
         }
         Fault::Hang => {
+            state.record(&body, "hang", None);
             stats.hung.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(HANG).await;
             return error(
@@ -282,6 +339,7 @@ async fn chat_completions(
             );
         }
         Fault::ServerError => {
+            state.record(&body, "server_error", None);
             tokio::time::sleep(latency).await;
             stats.server_errors.fetch_add(1, Ordering::Relaxed);
             return error(
@@ -315,6 +373,7 @@ async fn chat_completions(
         finish_reason = "length";
     }
     let completion_tokens = estimate_tokens(&content);
+    state.record(&body, "ok", None);
     stats.ok.fetch_add(1, Ordering::Relaxed);
     let id = stats.requests.load(Ordering::Relaxed);
     Json(json!({
@@ -413,6 +472,7 @@ async fn messages(
     };
     match fault {
         Fault::RateLimited => {
+            state.record(&body, "rate_limited", Some(retry_after_s));
             stats.rate_limited.fetch_add(1, Ordering::Relaxed);
             let mut response = anthropic_error(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -425,6 +485,7 @@ async fn messages(
             return response;
         }
         Fault::Hang => {
+            state.record(&body, "hang", None);
             stats.hung.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(HANG).await;
             return anthropic_error(
@@ -434,6 +495,7 @@ async fn messages(
             );
         }
         Fault::ServerError => {
+            state.record(&body, "server_error", None);
             tokio::time::sleep(latency).await;
             stats.server_errors.fetch_add(1, Ordering::Relaxed);
             let overloaded = StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
@@ -476,6 +538,7 @@ async fn messages(
             .collect();
         stop_reason = "max_tokens";
     }
+    state.record(&body, "ok", None);
     stats.ok.fetch_add(1, Ordering::Relaxed);
     let id = stats.requests.load(Ordering::Relaxed);
     Json(json!({
