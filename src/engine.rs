@@ -178,6 +178,20 @@ impl<K: OutputSink> Engine<K> {
                     r.status.as_str()
                 };
                 m.jobs_finished.with_label_values(&[pipeline, status]).inc();
+                if !r.duplicate {
+                    let tenant = self.plan.tenants.label(&r.tenant);
+                    m.tenant_tokens
+                        .with_label_values(&[tenant, "input"])
+                        .inc_by(r.usage.input_tokens);
+                    m.tenant_tokens
+                        .with_label_values(&[tenant, "output"])
+                        .inc_by(r.usage.output_tokens);
+                    if r.usage.cost_usd.is_finite() && r.usage.cost_usd > 0.0 {
+                        m.tenant_cost
+                            .with_label_values(&[tenant])
+                            .inc_by(r.usage.cost_usd);
+                    }
+                }
                 tracing::info!(job_id = %r.job_id, tenant = %r.tenant, pipeline, status, traceparent = trace, latency_ms = r.latency_ms,
                     input_tokens = r.usage.input_tokens, output_tokens = r.usage.output_tokens, cost_usd = r.usage.cost_usd,
                     "job finished");

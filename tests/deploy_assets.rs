@@ -25,6 +25,9 @@ fn exported() -> BTreeSet<String> {
         .inc();
     m.budget_remaining.with_label_values(&["t", "day"]).set(1.0);
     m.budget_limit.with_label_values(&["t", "day"]).set(1.0);
+    m.cache_requests.with_label_values(&["hit"]).inc();
+    m.tenant_tokens.with_label_values(&["t", "input"]).inc();
+    m.tenant_cost.with_label_values(&["t"]).inc_by(1.0);
     // Sample names, and family names (a histogram's, without _bucket/_sum/_count) from # TYPE.
     m.encode()
         .lines()

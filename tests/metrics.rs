@@ -39,7 +39,14 @@ async fn metrics_after_a_known_workload_match_the_outputs() {
     let llm = mock_llm(2).await;
     let outputs = collector(&brokers);
     let service = Service::start(
-        plan(&brokers, &llm.addr().to_string(), &[]),
+        plan(
+            &brokers,
+            &llm.addr().to_string(),
+            &[(
+                "SWITCHYARD__TENANTS",
+                "{acme: {weight: 2, budget_usd_per_day: 100}}",
+            )],
+        ),
         StateStore::from(MemoryStore::new(1000)),
     );
 
@@ -111,6 +118,25 @@ async fn metrics_after_a_known_workload_match_the_outputs() {
     assert_eq!(
         sample(&text, r#"switchyard_jobs_received_total{source="kafka"}"#),
         26.0
+    );
+    // Per-tenant usage and budget for the tenant named in config.
+    assert_eq!(
+        sample(
+            &text,
+            r#"switchyard_tenant_tokens_total{direction="input",tenant="acme"}"#
+        ),
+        tokens_in as f64
+    );
+    assert!(
+        (sample(&text, r#"switchyard_tenant_cost_usd_total{tenant="acme"}"#) - cost).abs() < 1e-9
+    );
+    let remaining = sample(
+        &text,
+        r#"switchyard_budget_remaining_usd{period="day",tenant="acme"}"#,
+    );
+    assert!(
+        (remaining - (100.0 - cost)).abs() < 1e-6,
+        "budget remaining {remaining} after spending {cost}"
     );
     assert_eq!(
         sample(

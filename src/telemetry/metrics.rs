@@ -40,6 +40,8 @@ pub struct Metrics {
     pub tenant_queued: IntGauge,
     pub intake_pauses: IntCounter,
     pub cache_requests: IntCounterVec,
+    pub tenant_tokens: IntCounterVec,
+    pub tenant_cost: CounterVec,
     pools: OnceLock<Pools>,
 }
 
@@ -113,6 +115,14 @@ impl Metrics {
                 "Times intake paused the source because in-flight jobs stayed at limits.max_inflight_jobs.",
             ))?,
             cache_requests: IntCounterVec::new(opts("cache_requests_total", "Response cache lookups by result (hit, miss)."), &["result"])?,
+            tenant_tokens: IntCounterVec::new(
+                opts("tenant_tokens_total", "Tokens of finished jobs by tenant (tenants named in config; the rest are `other`) and direction."),
+                &["tenant", "direction"],
+            )?,
+            tenant_cost: CounterVec::new(
+                opts("tenant_cost_usd_total", "Spend of finished jobs by tenant (tenants named in config; the rest are `other`), in USD."),
+                &["tenant"],
+            )?,
             registry,
             pools: OnceLock::new(),
         };
@@ -138,6 +148,8 @@ impl Metrics {
         m.registry.register(Box::new(m.tenant_queued.clone()))?;
         m.registry.register(Box::new(m.intake_pauses.clone()))?;
         m.registry.register(Box::new(m.cache_requests.clone()))?;
+        m.registry.register(Box::new(m.tenant_tokens.clone()))?;
+        m.registry.register(Box::new(m.tenant_cost.clone()))?;
         Ok(Arc::new(m))
     }
 
