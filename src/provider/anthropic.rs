@@ -83,35 +83,18 @@ impl AnthropicClient {
         if let Some(key) = &self.api_key {
             builder = builder.header("x-api-key", key);
         }
-        let mut response = builder.send().await.map_err(transport_error)?;
+        let mut response = builder.send().await.map_err(super::transport_error)?;
         let status = response.status().as_u16();
         let retry_after = response
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
-        let mut bytes = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(transport_error)? {
-            if bytes.len() + chunk.len() > self.max_response_bytes {
-                return Err(ProviderError::InvalidResponse(format!(
-                    "response is larger than {} bytes (limits.max_response_bytes)",
-                    self.max_response_bytes
-                )));
-            }
-            bytes.extend_from_slice(&chunk);
-        }
+        let bytes = super::read_body(&mut response, self.max_response_bytes).await?;
         if status == 200 {
             return parse_success(&bytes);
         }
         Err(classify_status(status, retry_after, &bytes))
-    }
-}
-
-fn transport_error(e: reqwest::Error) -> ProviderError {
-    if e.is_timeout() {
-        ProviderError::Timeout(Duration::ZERO)
-    } else {
-        ProviderError::Connect(e.to_string())
     }
 }
 

@@ -111,6 +111,18 @@ impl MockState {
 const PROMPT_CACHE_MAX: usize = 1024;
 
 impl MockState {
+    /// The fault for a request: the `x-mock-fault` header's (429, 500, hang) or a random draw.
+    fn draw_for(&self, headers: &HeaderMap) -> (Fault, Duration, u64) {
+        let (drawn, latency, retry_after_s) = self.draw();
+        let fault = match headers.get("x-mock-fault").and_then(|v| v.to_str().ok()) {
+            Some("429") => Fault::RateLimited,
+            Some("500") => Fault::ServerError,
+            Some("hang") => Fault::Hang,
+            _ => drawn,
+        };
+        (fault, latency, retry_after_s)
+    }
+
     fn draw(&self) -> (Fault, Duration, u64) {
         let mut dice = self.dice.lock().unwrap_or_else(|e| e.into_inner());
         let (rng, f) = &mut *dice;
@@ -304,13 +316,7 @@ async fn chat_completions(
             "you must provide a model parameter and at least one message",
         );
     }
-    let (drawn, latency, retry_after_s) = state.draw();
-    let fault = match headers.get("x-mock-fault").and_then(|v| v.to_str().ok()) {
-        Some("429") => Fault::RateLimited,
-        Some("500") => Fault::ServerError,
-        Some("hang") => Fault::Hang,
-        _ => drawn,
-    };
+    let (fault, latency, retry_after_s) = state.draw_for(&headers);
     match fault {
         Fault::RateLimited => {
             state.record(&body, "rate_limited", Some(retry_after_s));
@@ -463,13 +469,7 @@ async fn messages(
         .pointer("/system/0/cache_control/type")
         .and_then(Value::as_str)
         == Some("ephemeral");
-    let (drawn, latency, retry_after_s) = state.draw();
-    let fault = match headers.get("x-mock-fault").and_then(|v| v.to_str().ok()) {
-        Some("429") => Fault::RateLimited,
-        Some("500") => Fault::ServerError,
-        Some("hang") => Fault::Hang,
-        _ => drawn,
-    };
+    let (fault, latency, retry_after_s) = state.draw_for(&headers);
     match fault {
         Fault::RateLimited => {
             state.record(&body, "rate_limited", Some(retry_after_s));

@@ -41,6 +41,30 @@ pub struct ChatResponse {
     pub output_tokens: u64,
 }
 
+/// Reads a response body, failing once it grows past `max` bytes (`limits.max_response_bytes`).
+async fn read_body(response: &mut reqwest::Response, max: usize) -> Result<Vec<u8>, ProviderError> {
+    let mut bytes = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(transport_error)? {
+        if bytes.len() + chunk.len() > max {
+            return Err(ProviderError::InvalidResponse(format!(
+                "response is larger than {max} bytes (limits.max_response_bytes)"
+            )));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
+}
+
+/// Transport failures: timeouts, and everything else (refused, reset, truncated) as the
+/// connection class.
+fn transport_error(e: reqwest::Error) -> ProviderError {
+    if e.is_timeout() {
+        ProviderError::Timeout(Duration::ZERO)
+    } else {
+        ProviderError::Connect(e.to_string())
+    }
+}
+
 /// Rough token count (4 characters a token) for servers that omit `usage`.
 pub fn estimate_tokens(text: &str) -> u64 {
     (text.chars().count() as u64).div_ceil(4)

@@ -82,34 +82,14 @@ impl OpenAiClient {
         if let Some(key) = &self.api_key {
             builder = builder.bearer_auth(key);
         }
-        let mut response = builder.send().await.map_err(transport_error)?;
+        let mut response = builder.send().await.map_err(super::transport_error)?;
         let status = response.status().as_u16();
         let retry_after = retry_after(response.headers());
-        let mut bytes = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(transport_error)? {
-            if bytes.len() + chunk.len() > self.max_response_bytes {
-                return Err(ProviderError::InvalidResponse(format!(
-                    "response is larger than {} bytes (limits.max_response_bytes)",
-                    self.max_response_bytes
-                )));
-            }
-            bytes.extend_from_slice(&chunk);
-        }
+        let bytes = super::read_body(&mut response, self.max_response_bytes).await?;
         if status == 200 {
             return parse_success(&bytes, request);
         }
         Err(classify_status(status, retry_after, &bytes))
-    }
-}
-
-fn transport_error(e: reqwest::Error) -> ProviderError {
-    if e.is_timeout() {
-        ProviderError::Timeout(Duration::ZERO)
-    } else if e.is_connect() {
-        ProviderError::Connect(e.to_string())
-    } else {
-        // Resets and truncated bodies: the same class as a connection failure.
-        ProviderError::Connect(format!("{e}"))
     }
 }
 

@@ -133,18 +133,14 @@ impl Providers {
                 };
                 let timeout = match remaining(deadline) {
                     Some(left) if left.is_zero() => {
-                        if let (Some(gate), Some(r)) = (&self.gate, reservation) {
-                            gate.after_call(r, model, 0, 0.0).await;
-                        }
+                        self.release(reservation, model).await;
                         return Err(CallFailure::DeadlineExceeded { attempts });
                     }
                     Some(left) => left.min(model.timeout),
                     None => model.timeout,
                 };
                 if breaker.is_some_and(|b| !b.allow()) {
-                    if let (Some(gate), Some(r)) = (&self.gate, reservation) {
-                        gate.after_call(r, model, 0, 0.0).await;
-                    }
+                    self.release(reservation, model).await;
                     // Skipped at once: no attempt is made, so none is counted.
                     self.metrics
                         .circuit_state
@@ -242,6 +238,13 @@ impl Providers {
 }
 
 impl Providers {
+    /// Gives back a reservation for a call that was not made.
+    async fn release(&self, reservation: Option<crate::admission::Reservation>, model: &ModelPlan) {
+        if let (Some(gate), Some(r)) = (&self.gate, reservation) {
+            gate.after_call(r, model, 0, 0.0).await;
+        }
+    }
+
     /// One metrics update and one log record per provider attempt. The record carries the job,
     /// tenant, pipeline and step from the enclosing spans; prompt and response text only with
     /// `log.payloads: true`.
