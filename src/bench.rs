@@ -57,7 +57,8 @@ pub struct BenchArgs {
     /// The mock provider's fixed latency per call.
     #[arg(long, default_value_t = 200)]
     pub provider_latency_ms: u64,
-    /// Jobs in flight (switchyard's limits.max_inflight_jobs, and the bare loop's bound).
+    /// Jobs in flight (switchyard's limits.max_inflight_jobs and max_running_jobs, and the bare
+    /// loop's bound).
     #[arg(long, default_value_t = 512)]
     pub inflight: usize,
     /// Backlog mode: how long each run works through its backlog.
@@ -242,6 +243,10 @@ async fn run_switchyard(
         ),
         (
             "SWITCHYARD__LIMITS__MAX_INFLIGHT_JOBS",
+            args.inflight.to_string(),
+        ),
+        (
+            "SWITCHYARD__LIMITS__MAX_RUNNING_JOBS",
             args.inflight.to_string(),
         ),
         (
