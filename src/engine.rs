@@ -33,6 +33,8 @@ const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 /// How often a job whose tenant queue is full tries to enter it again.
 const QUEUE_FULL_RETRY: Duration = Duration::from_millis(50);
+/// How long a JetStream message whose tenant queue was full waits before its redelivery.
+const QUEUE_FULL_DEFER: Duration = Duration::from_secs(2);
 
 pub struct Engine<K> {
     plan: Arc<Plan>,
@@ -43,8 +45,13 @@ pub struct Engine<K> {
     metrics: Arc<Metrics>,
 }
 
-/// The job was stopped before its output was confirmed: it stays unacked for redelivery.
-struct Stopped;
+/// The job was stopped before its output was confirmed: it stays unacked for redelivery, at
+/// once or after a delay (its tenant's queue was full and the broker can redeliver later).
+#[derive(Debug, Clone, Copy)]
+enum Stopped {
+    Now,
+    Deferred(Duration),
+}
 
 /// The claim on a job's key now belongs to someone else.
 struct LeaseLost;
@@ -92,14 +99,16 @@ impl<K: OutputSink> Engine<K> {
             ack,
         } = delivery;
         let trace = traceparent.as_deref();
-        let work = self.process(&payload, &source, received_at, trace, stop);
+        let deferrable = ack.can_defer();
+        let work = self.process(&payload, &source, received_at, trace, stop, deferrable);
         let finished = tokio::select! {
             finished = work => finished,
             never = ack.keep_alive_forever() => match never {},
         };
         match finished {
             Ok(poison) => ack.ack(poison).await,
-            Err(Stopped) => ack.hand_back().await,
+            Err(Stopped::Now) => ack.hand_back().await,
+            Err(Stopped::Deferred(delay)) => ack.defer(delay).await,
         }
     }
 
@@ -111,13 +120,14 @@ impl<K: OutputSink> Engine<K> {
         received_at: DateTime<Utc>,
         trace: Option<&str>,
         stop: &CancellationToken,
+        deferrable: bool,
     ) -> Result<bool, Stopped> {
         let Decision {
             outcome,
             claim,
             pipeline,
         } = self
-            .decide(payload, source, received_at, trace, stop)
+            .decide(payload, source, received_at, trace, stop, deferrable)
             .await?;
         let poison = matches!(&outcome, Outcome::DeadLetter(dl) if dl.reason == DeadLetterReason::InvalidJob);
         let Some((key, token)) = claim else {
@@ -142,7 +152,7 @@ impl<K: OutputSink> Engine<K> {
             LeaseLost = self.hold_claim(&key, &token) => {
                 // Another worker owns the key now; writing too would duplicate its output.
                 tracing::warn!(key = %key, "claim lease lost before the output was written; handing the job back");
-                return Err(Stopped);
+                return Err(Stopped::Now);
             }
         };
         match finished {
@@ -261,6 +271,7 @@ impl<K: OutputSink> Engine<K> {
         received_at: DateTime<Utc>,
         trace: Option<&str>,
         stop: &CancellationToken,
+        deferrable: bool,
     ) -> Result<Decision, Stopped> {
         let dead = |reason, error: String, job: Option<&Job>, attempts| {
             let mut dl = DeadLetter::new(reason, error, payload, source.clone());
@@ -323,12 +334,18 @@ impl<K: OutputSink> Engine<K> {
             biased;
             () = stop.cancelled() => {
                 self.release(&key, &token).await;
-                return Err(Stopped);
+                return Err(Stopped::Now);
             }
-            run = self.admit_and_run(&job, &pipeline).instrument(span) => run,
+            run = self.admit_and_run(&job, &pipeline, deferrable).instrument(span) => match run {
+                Ok(run) => run,
+                Err(deferred) => {
+                    self.release(&key, &token).await;
+                    return Err(deferred);
+                }
+            },
             LeaseLost = self.hold_claim(&key, &token) => {
                 tracing::warn!(key = %key, "claim lease lost while the job ran; handing it back to the worker that holds it");
-                return Err(Stopped);
+                return Err(Stopped::Now);
             }
         };
         let outcome = match run {
@@ -377,7 +394,8 @@ impl<K: OutputSink> Engine<K> {
         &self,
         job: &Job,
         pipeline: &crate::config::PipelinePlan,
-    ) -> Result<RunOutput, RunFailure> {
+        deferrable: bool,
+    ) -> Result<Result<RunOutput, RunFailure>, Stopped> {
         let expired = async {
             match job.deadline {
                 Some(deadline) => {
@@ -394,26 +412,34 @@ impl<K: OutputSink> Engine<K> {
                     .admit(job.tenant.as_str(), job.priority)
                     .await
                 {
-                    Ok(Some(slot)) => return slot,
+                    Ok(Some(slot)) => return Ok(slot),
                     // The scheduler stopped: the process is shutting down and hands this back.
                     Ok(None) => std::future::pending::<()>().await,
-                    // The tenant's queue is full: wait outside it (still bounded by the
-                    // in-flight limit), so it cannot crowd other tenants out of the scheduler.
+                    // The tenant's queue is full. Where the broker can redeliver later
+                    // (JetStream), give the message back with a delay so it frees its in-flight
+                    // slot for other tenants; otherwise wait outside the queue (still bounded
+                    // by the in-flight limit).
+                    Err(crate::admission::QueueFull) if deferrable => {
+                        return Err(Stopped::Deferred(QUEUE_FULL_DEFER))
+                    }
                     Err(crate::admission::QueueFull) => tokio::time::sleep(QUEUE_FULL_RETRY).await,
                 }
             }
         };
         let slot = tokio::select! {
-            slot = admitted => slot,
+            slot = admitted => slot?,
             () = expired => {
-                return Err(RunFailure {
+                return Ok(Err(RunFailure {
                     reason: DeadLetterReason::DeadlineExceeded,
                     error: "the deadline passed while the job waited for admission (tenant limits or a full scheduler); no provider was called".into(),
                     attempts: 0,
-                });
+                }));
             }
         };
-        let mut out = self.runner.run(job, pipeline).await?;
+        let mut out = match self.runner.run(job, pipeline).await {
+            Ok(out) => out,
+            Err(failure) => return Ok(Err(failure)),
+        };
         if slot.throttled {
             let queued_ms = u64::try_from(slot.queued.as_millis()).unwrap_or(u64::MAX);
             out.steps.insert(
@@ -434,7 +460,7 @@ impl<K: OutputSink> Engine<K> {
             );
         }
         drop(slot);
-        Ok(out)
+        Ok(Ok(out))
     }
 
     fn pipeline_for(&self, job: &Job) -> Result<Arc<crate::config::PipelinePlan>, String> {
@@ -486,7 +512,7 @@ impl<K: OutputSink> Engine<K> {
             };
             tokio::select! {
                 biased;
-                () = stop.cancelled() => return Err(Stopped),
+                () = stop.cancelled() => return Err(Stopped::Now),
                 () = tokio::time::sleep(wait) => {}
             }
         }
@@ -551,7 +577,7 @@ impl<K: OutputSink> Engine<K> {
             }
             tokio::select! {
                 biased;
-                () = stop.cancelled() => return Err(Stopped),
+                () = stop.cancelled() => return Err(Stopped::Now),
                 () = tokio::time::sleep(delay) => {}
             }
             delay = (delay * 2).min(RETRY_MAX);
@@ -584,7 +610,7 @@ fn output_for(outcome: &Outcome, trace: Option<&str>) -> Result<Output, Stopped>
     };
     let payload = payload.map_err(|e| {
         tracing::error!(error = %e, "could not encode output");
-        Stopped
+        Stopped::Now
     })?;
     Ok(Output {
         destination,

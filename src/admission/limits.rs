@@ -53,6 +53,9 @@ pub struct Reservation {
     tenant: String,
     provider: String,
     model: String,
+    /// The budget keys reserved against (kept, so a call crossing midnight settles on the day
+    /// it reserved).
+    budget: Option<BudgetKeys>,
 }
 
 pub struct Gate {
@@ -115,18 +118,28 @@ impl Gate {
     ) -> Result<Reservation, Refusal> {
         let tokens = (prompt_tokens + u64::from(model.max_tokens)) as f64;
         let cost = model.price.cost(prompt_tokens, u64::from(model.max_tokens));
+        // The budget first: a refused call must not use up rate limits others share.
+        // A free model (the usual budget fallback) needs no reservation.
+        let budget = match self.budget_keys(scope.tenant).filter(|_| cost > 0.0) {
+            Some(keys) => {
+                self.reserve_budget(scope, model, &keys, cost).await?;
+                Some(keys)
+            }
+            None => None,
+        };
         let tenant = self.tenants.get(scope.tenant);
-        if let Some(tpm) = tenant.tokens_per_min {
-            let key = format!("t:{}:tpm", scope.tenant);
-            self.wait(scope, "tenant_tokens", &key, tokens, per_minute(tpm))
-                .await?;
-        }
         let provider = self
             .providers
             .get(&model.provider)
             .copied()
             .unwrap_or_default();
-        for (scope_name, key, cost_units, limit) in [
+        let limiters = [
+            (
+                "tenant_tokens",
+                format!("t:{}:tpm", scope.tenant),
+                tokens,
+                tenant.tokens_per_min,
+            ),
             (
                 "provider_requests",
                 format!("p:{}:rpm", model.provider),
@@ -151,44 +164,22 @@ impl Gate {
                 tokens,
                 model.limits.tpm,
             ),
-        ] {
-            if let Some(limit) = limit {
-                self.wait(scope, scope_name, &key, cost_units, per_minute(limit))
-                    .await?;
-            }
-        }
-        // A free model (the usual budget fallback) needs no reservation.
-        if let Some(keys) = self.budget_keys(scope.tenant).filter(|_| cost > 0.0) {
-            // Calls in flight hold reservations (their worst case) that shrink to the real cost
-            // when they finish; a refusal is final only once that has had time to happen.
-            let started = std::time::Instant::now();
-            let spend = loop {
-                let spend = self.retrying(|| self.state.spend(&keys, cost, true)).await;
-                let settled = started.elapsed() >= BUDGET_SETTLE
-                    || scope.deadline.is_some_and(|d| {
-                        d <= Utc::now()
-                            + chrono::Duration::from_std(BUDGET_RETRY).unwrap_or_default()
-                    });
-                if spend.allowed || settled {
-                    break spend;
+        ];
+        let mut charged: Vec<(String, f64, Rate)> = Vec::new();
+        for (scope_name, key, units, limit) in limiters {
+            let Some(limit) = limit else { continue };
+            let rate = per_minute(limit);
+            if let Err(refusal) = self.wait(scope, scope_name, &key, units, rate).await {
+                // Give back what this call already took: it will not be made.
+                for (key, units, rate) in charged {
+                    let _ = self.state.adjust(&key, -units, rate).await;
                 }
-                tokio::time::sleep(BUDGET_RETRY + jitter(BUDGET_RETRY)).await;
-            };
-            self.publish_remaining(scope.tenant, &keys, spend.day, spend.month);
-            if !spend.allowed {
-                self.metrics
-                    .ratelimit_throttled
-                    .with_label_values(&["tenant_budget"])
-                    .inc();
-                let (spent, limit, period) = match keys.day_limit {
-                    Some(l) if spend.day + cost > l => (spend.day, l, "today"),
-                    _ => (spend.month, keys.month_limit.unwrap_or(0.0), "this month"),
-                };
-                return Err(Refusal::Budget(format!(
-                    "tenant `{}` has spent ${spent:.4} of its ${limit:.4} budget {period}; a call to `{}` may cost up to ${cost:.4}",
-                    scope.tenant, model.alias
-                )));
+                if let Some(keys) = &budget {
+                    let _ = self.state.spend(keys, -cost, false).await;
+                }
+                return Err(refusal);
             }
+            charged.push((key, units, rate));
         }
         Ok(Reservation {
             tokens,
@@ -196,7 +187,50 @@ impl Gate {
             tenant: scope.tenant.to_owned(),
             provider: model.provider.clone(),
             model: model.model.clone(),
+            budget,
         })
+    }
+
+    /// Reserves `cost` against the tenant's budget. Calls in flight hold reservations (their
+    /// worst case) that shrink to the real cost when they finish, so a refusal is final only
+    /// once that has had time to happen (or the deadline is near).
+    async fn reserve_budget(
+        &self,
+        scope: &CallScope<'_>,
+        model: &ModelPlan,
+        keys: &BudgetKeys,
+        cost: f64,
+    ) -> Result<(), Refusal> {
+        let started = std::time::Instant::now();
+        let spend = loop {
+            let spend = self
+                .retrying(scope, || self.state.spend(keys, cost, true))
+                .await?;
+            let settled = started.elapsed() >= BUDGET_SETTLE
+                || scope.deadline.is_some_and(|d| {
+                    d <= Utc::now() + chrono::Duration::from_std(BUDGET_RETRY).unwrap_or_default()
+                });
+            if spend.allowed || settled {
+                break spend;
+            }
+            tokio::time::sleep(BUDGET_RETRY + jitter(BUDGET_RETRY)).await;
+        };
+        self.publish_remaining(scope.tenant, keys, spend.day, spend.month);
+        if spend.allowed {
+            return Ok(());
+        }
+        self.metrics
+            .ratelimit_throttled
+            .with_label_values(&["tenant_budget"])
+            .inc();
+        let (spent, limit, period) = match keys.day_limit {
+            Some(l) if spend.day + cost > l => (spend.day, l, "today"),
+            _ => (spend.month, keys.month_limit.unwrap_or(0.0), "this month"),
+        };
+        Err(Refusal::Budget(format!(
+            "tenant `{}` has spent ${spent:.4} of its ${limit:.4} budget {period}; a call to `{}` may cost up to ${cost:.4}",
+            scope.tenant, model.alias
+        )))
     }
 
     /// Corrects the reservation with what the call really used (zero when it failed).
@@ -232,13 +266,10 @@ impl Gate {
             }
         }
         let settle = cost - reservation.cost;
-        if let Some(keys) = self
-            .budget_keys(&reservation.tenant)
-            .filter(|_| settle != 0.0)
-        {
-            match self.state.spend(&keys, settle, false).await {
+        if let Some(keys) = reservation.budget.as_ref().filter(|_| settle != 0.0) {
+            match self.state.spend(keys, settle, false).await {
                 Ok(spend) => {
-                    self.publish_remaining(&reservation.tenant, &keys, spend.day, spend.month)
+                    self.publish_remaining(&reservation.tenant, keys, spend.day, spend.month)
                 }
                 Err(e) => {
                     tracing::warn!(tenant = %reservation.tenant, error = %e, "could not reconcile a budget reservation")
@@ -305,16 +336,24 @@ impl Gate {
         }
     }
 
-    /// Budget operations are retried through a store outage: a call never runs unreserved.
-    async fn retrying<F, Fut>(&self, op: F) -> crate::state::Spend
+    /// Budget operations are retried through a store outage (a call never runs unreserved),
+    /// until the job's deadline.
+    async fn retrying<F, Fut>(
+        &self,
+        scope: &CallScope<'_>,
+        op: F,
+    ) -> Result<crate::state::Spend, Refusal>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<crate::state::Spend, crate::state::StateError>>,
     {
         loop {
             match op().await {
-                Ok(spend) => return spend,
+                Ok(spend) => return Ok(spend),
                 Err(e) => {
+                    if scope.deadline.is_some_and(|d| d <= Utc::now()) {
+                        return Err(Refusal::Deadline);
+                    }
                     tracing::warn!(error = %e, "budget store unreachable; the call waits");
                     tokio::time::sleep(STORE_RETRY).await;
                 }

@@ -117,9 +117,15 @@ impl Scheduler {
             let queues = &mut *q;
             let queue = queues.tenants.entry(tenant.to_owned()).or_default();
             if queue.len() >= max_queued {
-                return Err(QueueFull);
+                // Jobs that stopped waiting (deadline, shutdown) do not hold places.
+                for lane in &mut queue.lanes {
+                    lane.retain(|w| !w.tx.is_closed());
+                }
+                if queue.len() >= max_queued {
+                    return Err(QueueFull);
+                }
             }
-            if queue.len() == 0 {
+            if !queues.ring.iter().any(|t| t == tenant) {
                 queues.ring.push_back(tenant.to_owned());
             }
             queue.lanes[lane(priority)].push_back(Waiter {

@@ -42,6 +42,17 @@ pub trait Acknowledge: Send + Sync {
     /// The job could not be finished here: let the broker redeliver it (JetStream nak; Kafka
     /// leaves the offset uncommitted).
     fn hand_back(self: Box<Self>) -> BoxFuture<'static, ()>;
+
+    /// Whether the broker can redeliver this message after a delay without it counting against
+    /// a delivery limit it is close to (JetStream nak with delay); Kafka cannot.
+    fn can_defer(&self) -> bool {
+        false
+    }
+
+    /// Hands the message back for redelivery after `delay` (where [`Self::can_defer`]).
+    fn defer(self: Box<Self>, _delay: Duration) -> BoxFuture<'static, ()> {
+        self.hand_back()
+    }
 }
 
 pub struct AckHandle(Box<dyn Acknowledge>);
@@ -57,6 +68,14 @@ impl AckHandle {
 
     pub async fn hand_back(self) {
         self.0.hand_back().await;
+    }
+
+    pub fn can_defer(&self) -> bool {
+        self.0.can_defer()
+    }
+
+    pub async fn defer(self, delay: Duration) {
+        self.0.defer(delay).await;
     }
 
     /// Keeps the delivery alive for as long as it is polled; never returns.

@@ -24,6 +24,8 @@ pub struct NatsSource {
     consumer: PullConsumer,
     messages: pull::Stream,
     ack_wait: Duration,
+    /// -1: unlimited.
+    max_deliver: i64,
 }
 
 impl NatsSource {
@@ -101,6 +103,7 @@ impl NatsSource {
             consumer,
             messages,
             ack_wait: plan.ack_wait,
+            max_deliver: plan.max_deliver,
         })
     }
 }
@@ -122,7 +125,12 @@ impl JobSource for NatsSource {
                 ))
             }
         };
-        let stream_seq = message.info().ok().map(|i| i.stream_sequence);
+        let info = message
+            .info()
+            .ok()
+            .map(|i| (i.stream_sequence, i.delivered));
+        let stream_seq = info.map(|(seq, _)| seq);
+        let delivered = info.map_or(1, |(_, d)| d);
         let (message, acker) = message.split();
         let traceparent = message
             .headers
@@ -139,6 +147,8 @@ impl JobSource for NatsSource {
         let ack = NatsAck {
             acker,
             keep_alive_every: self.ack_wait / 3,
+            // Deferring is a redelivery: never let it use up the last deliveries.
+            deferrable: self.max_deliver < 0 || delivered + 2 < self.max_deliver,
         };
         Ok(Delivery {
             payload: message.payload.to_vec(),
@@ -176,6 +186,7 @@ impl JobSource for NatsSource {
 struct NatsAck {
     acker: Acker,
     keep_alive_every: Duration,
+    deferrable: bool,
 }
 
 impl NatsAck {
@@ -209,5 +220,13 @@ impl Acknowledge for NatsAck {
 
     fn hand_back(self: Box<Self>) -> BoxFuture<'static, ()> {
         Box::pin(async move { Self::send(&self.acker, AckKind::Nak(None)).await })
+    }
+
+    fn can_defer(&self) -> bool {
+        self.deferrable
+    }
+
+    fn defer(self: Box<Self>, delay: Duration) -> BoxFuture<'static, ()> {
+        Box::pin(async move { Self::send(&self.acker, AckKind::Nak(Some(delay))).await })
     }
 }
