@@ -144,3 +144,72 @@ async fn a_job_published_three_times_with_one_key_calls_the_provider_once() {
     );
     names.delete_streams().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_tenant_queue_naks_with_a_delay_so_other_tenants_keep_flowing() {
+    let names = NatsNames::new();
+    let llm = mock_llm(2).await;
+    // 16 in flight; the noisy tenant may queue 4 and is admitted at 10/s.
+    let plan = nats_plan(
+        &names,
+        &llm.addr().to_string(),
+        &[
+            ("SWITCHYARD__SOURCE__MAX_DELIVER", "-1"),
+            ("SWITCHYARD__LIMITS__MAX_INFLIGHT_JOBS", "16"),
+            ("SWITCHYARD__TENANTS", "{noisy: {rps: 10, max_queued: 4}}"),
+        ],
+    );
+    let outputs = OutputCollector::start_nats(&nats_url(), &names.topics())
+        .await
+        .unwrap();
+    let service = Service::start(plan.clone(), redis_state(&plan).await);
+    service.wait_ready().await;
+    let (noisy, quiet) = (60, 20);
+    let mut messages: Vec<(String, Vec<u8>)> = (0..noisy)
+        .map(|i| {
+            (
+                names.job_subject("noisy"),
+                job(&format!("nz-{i}"), "noisy", "refund"),
+            )
+        })
+        .collect();
+    messages.extend((0..quiet).map(|i| {
+        (
+            names.job_subject("quiet"),
+            job(&format!("qt-{i}"), "quiet", "hello"),
+        )
+    }));
+    publish_nats(&nats_url(), messages).await.unwrap();
+    assert_eq!(
+        outputs.wait_for(noisy + quiet, STALL, |_| {}).await,
+        noisy + quiet
+    );
+    service.stop().await;
+    names.delete_streams().await;
+
+    let all = outputs.snapshot();
+    assert_schema_valid(&all);
+    let per_job = originals(&all);
+    assert_eq!(per_job.len(), noisy + quiet, "no job lost");
+    assert!(per_job.values().all(|&c| c == 1), "no job finished twice");
+    let finished = |tenant: &str| -> Vec<chrono::DateTime<chrono::Utc>> {
+        all.iter()
+            .filter_map(|(c, _)| match c {
+                Collected::Result(r) | Collected::Review(r) if r.tenant == tenant => {
+                    Some(r.completed_at)
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let last_quiet = finished("quiet").into_iter().max().unwrap();
+    let last_noisy = finished("noisy").into_iter().max().unwrap();
+    eprintln!(
+        "last quiet job done {} ms before the last noisy one",
+        (last_noisy - last_quiet).num_milliseconds()
+    );
+    assert!(
+        last_noisy - last_quiet > chrono::Duration::seconds(2),
+        "the quiet tenant was not held behind the noisy one's backlog"
+    );
+}
