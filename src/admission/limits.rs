@@ -25,6 +25,10 @@ const MINUTE_BURST: Duration = Duration::from_secs(6);
 /// How long a call that does not fit the budget waits for in-flight reservations to settle.
 const BUDGET_SETTLE: Duration = Duration::from_secs(3);
 const BUDGET_RETRY: Duration = Duration::from_millis(100);
+/// After a final refusal, how long the tenant's further refusals skip the settling wait.
+const EXHAUSTED_MEMO: Duration = Duration::from_secs(5);
+/// Most tenants remembered as exhausted at once.
+const EXHAUSTED_MAX: usize = 4096;
 /// How long to wait between attempts while the state store is unreachable.
 const STORE_RETRY: Duration = Duration::from_millis(250);
 
@@ -63,6 +67,9 @@ pub struct Gate {
     tenants: TenantsPlan,
     providers: std::collections::BTreeMap<String, RateLimits>,
     metrics: Arc<Metrics>,
+    /// Tenants whose budget refused a call after waiting for in-flight reservations, until when:
+    /// their next refusals are immediate instead of waiting again.
+    exhausted: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 impl Gate {
@@ -76,6 +83,7 @@ impl Gate {
                 .map(|(name, p)| (name.clone(), p.limits))
                 .collect(),
             metrics,
+            exhausted: Default::default(),
         };
         for (name, tenant) in &gate.tenants.named {
             for (period, limit) in [
@@ -202,11 +210,18 @@ impl Gate {
         cost: f64,
     ) -> Result<(), Refusal> {
         let started = std::time::Instant::now();
+        let recently_exhausted = self
+            .exhausted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(scope.tenant)
+            .is_some_and(|until| *until > started);
         let spend = loop {
             let spend = self
                 .retrying(scope, || self.state.spend(keys, cost, true))
                 .await?;
-            let settled = started.elapsed() >= BUDGET_SETTLE
+            let settled = recently_exhausted
+                || started.elapsed() >= BUDGET_SETTLE
                 || scope.deadline.is_some_and(|d| {
                     d <= Utc::now() + chrono::Duration::from_std(BUDGET_RETRY).unwrap_or_default()
                 });
@@ -223,6 +238,16 @@ impl Gate {
             .ratelimit_throttled
             .with_label_values(&["tenant_budget"])
             .inc();
+        {
+            let mut exhausted = self.exhausted.lock().unwrap_or_else(|e| e.into_inner());
+            if exhausted.len() >= EXHAUSTED_MAX {
+                exhausted.clear();
+            }
+            exhausted.insert(
+                scope.tenant.to_owned(),
+                std::time::Instant::now() + EXHAUSTED_MEMO,
+            );
+        }
         let (spent, limit, period) = match keys.day_limit {
             Some(l) if spend.day + cost > l => (spend.day, l, "today"),
             _ => (spend.month, keys.month_limit.unwrap_or(0.0), "this month"),

@@ -121,7 +121,11 @@ impl Providers {
                 // is not time the provider gets.
                 let reservation = match &self.gate {
                     Some(gate) => match gate.before_call(scope, model, prompt_tokens).await {
-                        Ok(r) => Some(r),
+                        Ok(r) => Some(Pending {
+                            gate: gate.clone(),
+                            model: model.clone(),
+                            reservation: Some(r),
+                        }),
                         Err(Refusal::Deadline) => {
                             return Err(CallFailure::DeadlineExceeded { attempts })
                         }
@@ -133,14 +137,14 @@ impl Providers {
                 };
                 let timeout = match remaining(deadline) {
                     Some(left) if left.is_zero() => {
-                        self.release(reservation, model).await;
+                        settle(reservation, 0, 0.0).await;
                         return Err(CallFailure::DeadlineExceeded { attempts });
                     }
                     Some(left) => left.min(model.timeout),
                     None => model.timeout,
                 };
                 if breaker.is_some_and(|b| !b.allow()) {
-                    self.release(reservation, model).await;
+                    settle(reservation, 0, 0.0).await;
                     // Skipped at once: no attempt is made, so none is counted.
                     self.metrics
                         .circuit_state
@@ -167,16 +171,14 @@ impl Providers {
                         .with_label_values(&[&target.name, &model.model])
                         .set(state.gauge());
                 }
-                if let (Some(gate), Some(r)) = (&self.gate, reservation) {
-                    let (used, cost) = match &result {
-                        Ok(r) => (
-                            r.input_tokens + r.output_tokens,
-                            model.price.cost(r.input_tokens, r.output_tokens),
-                        ),
-                        Err(_) => (0, 0.0),
-                    };
-                    gate.after_call(r, model, used, cost).await;
-                }
+                let (used, cost) = match &result {
+                    Ok(r) => (
+                        r.input_tokens + r.output_tokens,
+                        model.price.cost(r.input_tokens, r.output_tokens),
+                    ),
+                    Err(_) => (0, 0.0),
+                };
+                settle(reservation, used, cost).await;
                 self.observe(
                     &target.name,
                     model,
@@ -237,14 +239,41 @@ impl Providers {
     }
 }
 
-impl Providers {
-    /// Gives back a reservation for a call that was not made.
-    async fn release(&self, reservation: Option<crate::admission::Reservation>, model: &ModelPlan) {
-        if let (Some(gate), Some(r)) = (&self.gate, reservation) {
-            gate.after_call(r, model, 0, 0.0).await;
+/// A reservation for one call, reconciled when the call ends. If the call is abandoned instead
+/// (the job stopped, or a sibling step failed and the pipeline dropped this one), dropping it
+/// gives the reservation back in the background, so the budget is not left over-counted.
+struct Pending {
+    gate: Arc<crate::admission::Gate>,
+    model: Arc<ModelPlan>,
+    reservation: Option<crate::admission::Reservation>,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let Some(reservation) = self.reservation.take() else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (gate, model) = (self.gate.clone(), self.model.clone());
+            runtime.spawn(async move { gate.after_call(reservation, &model, 0, 0.0).await });
         }
     }
+}
 
+/// Reconciles a call's reservation with what it used (nothing, when it was not made).
+async fn settle(pending: Option<Pending>, used: u64, cost: f64) {
+    let Some(mut pending) = pending else {
+        return;
+    };
+    if let Some(reservation) = pending.reservation.take() {
+        pending
+            .gate
+            .after_call(reservation, &pending.model, used, cost)
+            .await;
+    }
+}
+
+impl Providers {
     /// One metrics update and one log record per provider attempt. The record carries the job,
     /// tenant, pipeline and step from the enclosing spans; prompt and response text only with
     /// `log.payloads: true`.
