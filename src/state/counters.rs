@@ -14,6 +14,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+/// The longest interval per unit a limiter uses (one unit a day).
+const MAX_INTERVAL: Duration = Duration::from_secs(86_400);
+
 /// A rate: `interval` per unit, with `tolerance` of burst.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rate {
@@ -24,7 +27,10 @@ pub struct Rate {
 impl Rate {
     /// `per_period` units per `period`, bursting up to `burst_period`'s worth.
     pub fn new(per_period: f64, period: Duration, burst_period: Duration) -> Self {
-        let interval = period.div_f64(per_period.max(f64::MIN_POSITIVE));
+        // Bounded both ways, so a pathological limit (1e-300/s) cannot overflow the arithmetic.
+        let interval = Duration::try_from_secs_f64(period.as_secs_f64() / per_period.max(1e-9))
+            .unwrap_or(MAX_INTERVAL)
+            .min(MAX_INTERVAL);
         Self {
             interval,
             tolerance: burst_period,
