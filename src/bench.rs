@@ -260,18 +260,7 @@ async fn run_switchyard(
     let env = overrides.iter().map(|(k, v)| ((*k).to_owned(), v.clone()));
     let plan = config::load_str(DEMO_CONFIG, "embedded config/demo.yaml (bench)", env)?;
     let collector = OutputCollector::start(brokers, topics)?;
-    let shutdown = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    let telemetry = crate::telemetry::Telemetry::new().context("metrics")?;
-    let health = telemetry.health.clone();
-    let state = crate::state::StateStore::open(&plan.state).await?;
-    let service = tasks.spawn(crate::app::run_with(
-        plan,
-        state,
-        telemetry,
-        shutdown.clone(),
-    ));
-    tasks.close();
+    let (service, health, shutdown) = start_service(plan).await?;
 
     let stall = Duration::from_secs(60);
     let cpu_before;
@@ -369,6 +358,29 @@ async fn run_switchyard(
     let throughput = outputs.len() as f64 / span.as_secs_f64().max(1e-3);
     let cpu_per_job = cpu.as_secs_f64() * 1000.0 / args.jobs as f64;
     Ok((throughput, latency, overhead, cpu_per_job, outputs))
+}
+
+/// The service on `plan` in the background: its task, its health and the token that stops it.
+async fn start_service(
+    plan: config::Plan,
+) -> anyhow::Result<(
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+    std::sync::Arc<crate::telemetry::health::Health>,
+    CancellationToken,
+)> {
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let telemetry = crate::telemetry::Telemetry::new().context("metrics")?;
+    let health = telemetry.health.clone();
+    let state = crate::state::StateStore::open(&plan.state).await?;
+    let service = tasks.spawn(crate::app::run_with(
+        plan,
+        state,
+        telemetry,
+        shutdown.clone(),
+    ));
+    tasks.close();
+    Ok((service, health, shutdown))
 }
 
 /// (lost, duplicated): jobs without a result, and results beyond one per job.

@@ -10,8 +10,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use serde::Serialize;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::{bench_job, BenchArgs};
 use crate::config::{self, Faults, Latency, MockSettings, Topics};
@@ -136,18 +134,7 @@ async fn one_run(args: &BenchArgs, backlog: usize, llm: &str) -> anyhow::Result<
     let plan = config::load_str(DEMO_CONFIG, "embedded config/demo.yaml (bench)", env)?;
     let collector = OutputCollector::start(&brokers, &topics)?;
     let rss_after_publish = rss_mb();
-    let shutdown = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    let telemetry = crate::telemetry::Telemetry::new().context("metrics")?;
-    let health = telemetry.health.clone();
-    let state = crate::state::StateStore::open(&plan.state).await?;
-    let service = tasks.spawn(crate::app::run_with(
-        plan,
-        state,
-        telemetry,
-        shutdown.clone(),
-    ));
-    tasks.close();
+    let (service, health, shutdown) = super::start_service(plan).await?;
     // The window starts once the consumer has joined its group.
     let joined = Instant::now() + Duration::from_secs(30);
     while !health.is_ready() && Instant::now() < joined {

@@ -860,6 +860,25 @@ fn state_plan(
     }
 }
 
+/// Checks an HTTP provider's `base_url` and `api_key_env`; the URL without a trailing `/`.
+fn http_endpoint(
+    p: &mut Problems,
+    field: &str,
+    base_url: &str,
+    api_key_env: Option<&str>,
+) -> String {
+    if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+        p.add(
+            format!("{field}.base_url"),
+            format!("`{base_url}` is not an http(s) URL"),
+        );
+    }
+    if let Some(var) = api_key_env {
+        non_empty(p, format!("{field}.api_key_env"), var);
+    }
+    base_url.trim_end_matches('/').to_owned()
+}
+
 fn provider_plan(p: &mut Problems, field: &str, provider: RawProvider) -> ProviderPlan {
     let (kind, retry, circuit, limits) = match provider {
         RawProvider::Openai {
@@ -869,16 +888,7 @@ fn provider_plan(p: &mut Problems, field: &str, provider: RawProvider) -> Provid
             circuit,
             limits,
         } => {
-            if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
-                p.add(
-                    format!("{field}.base_url"),
-                    format!("`{base_url}` is not an http(s) URL"),
-                );
-            }
-            if let Some(var) = &api_key_env {
-                non_empty(p, format!("{field}.api_key_env"), var);
-            }
-            let base_url = base_url.trim_end_matches('/').to_owned();
+            let base_url = http_endpoint(p, field, &base_url, api_key_env.as_deref());
             (
                 ProviderKind::OpenAi {
                     base_url,
@@ -897,18 +907,10 @@ fn provider_plan(p: &mut Problems, field: &str, provider: RawProvider) -> Provid
             circuit,
             limits,
         } => {
-            if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
-                p.add(
-                    format!("{field}.base_url"),
-                    format!("`{base_url}` is not an http(s) URL (e.g. https://api.anthropic.com)"),
-                );
-            }
-            if let Some(var) = &api_key_env {
-                non_empty(p, format!("{field}.api_key_env"), var);
-            }
+            let base_url = http_endpoint(p, field, &base_url, api_key_env.as_deref());
             (
                 ProviderKind::Anthropic {
-                    base_url: base_url.trim_end_matches('/').to_owned(),
+                    base_url,
                     api_key_env,
                     cache_system_min_chars,
                 },
