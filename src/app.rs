@@ -17,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::{Gate, Scheduler};
+use crate::calls::cache::ResponseCache;
+use crate::calls::Calls;
 use crate::config::Plan;
 use crate::engine::Engine;
 use crate::pipeline::{Pools, Runner};
@@ -67,17 +69,13 @@ pub async fn run_with(
     }
     let result = async {
         let gate = Arc::new(Gate::new(&plan, state.clone(), metrics.clone()));
-        let mut providers = Providers::start(&plan, metrics.clone())
-            .await?
+        let providers = Providers::start(&plan).await?;
+        let mut calls = Calls::new(&plan, providers, metrics.clone(), background.clone())
             .with_gate(gate.clone());
         if let Some(cache) = plan.cache {
-            providers = providers.with_cache(crate::provider::cache::ResponseCache::new(
-                cache,
-                state.clone(),
-                metrics.clone(),
-            ));
+            calls = calls.with_cache(ResponseCache::new(cache, state.clone(), metrics.clone()));
         }
-        let providers = Arc::new(providers);
+        let calls = Arc::new(calls);
         let scheduler = Scheduler::start(
             gate,
             plan.limits.max_running_jobs,
@@ -106,7 +104,7 @@ pub async fn run_with(
                 }
             }
         });
-        let runner = Runner::new(providers, Pools::new(&plan.pools), metrics.clone());
+        let runner = Runner::new(calls, Pools::new(&plan.pools), metrics.clone());
         let engine = Arc::new(Engine::new(
             plan.clone(),
             runner,

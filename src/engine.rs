@@ -18,14 +18,14 @@ use crate::telemetry::metrics::Metrics;
 
 use crate::admission::Scheduler;
 use crate::config::Plan;
-use crate::model::{
-    decode_job, DeadLetter, DeadLetterReason, Job, JobResult, Outcome, ResultStatus, SourceInfo,
-    TenantId, Usage,
-};
 use crate::pipeline::{RunFailure, RunOutput, Runner};
 use crate::sink::{Destination, Output, OutputSink, SinkError};
 use crate::source::Delivery;
 use crate::state::{Claim, ClaimToken, StateStore};
+use crate::wire::{
+    decode_job, DeadLetter, DeadLetterReason, Job, JobResult, Outcome, ResultStatus, SourceInfo,
+    TenantId, Usage,
+};
 
 /// How long to wait between looks at a key another worker is processing.
 const BUSY_POLL: Duration = Duration::from_millis(100);
@@ -444,7 +444,7 @@ impl<K: OutputSink> Engine<K> {
             let queued_ms = u64::try_from(slot.queued.as_millis()).unwrap_or(u64::MAX);
             out.steps.insert(
                 0,
-                crate::model::StepRecord {
+                crate::wire::StepRecord {
                     name: "admission".into(),
                     kind: "admission".into(),
                     provider: None,

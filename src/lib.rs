@@ -11,18 +11,18 @@
 //! owns shutdown; [`demo`] runs everything in one process against an in-process Kafka cluster and
 //! the built-in mock provider; [`tools`] holds the operator commands (`publish`, `tail`) and [`mod@bench`] the benchmark.
 
-pub mod ack;
 pub mod admission;
 pub mod app;
-pub mod bench;
+pub mod calls;
 pub mod config;
-pub mod demo;
 pub mod engine;
-pub mod model;
 pub mod pipeline;
 pub mod provider;
 pub mod sink;
 pub mod source;
 pub mod state;
 pub mod telemetry;
-pub mod tools;
+pub mod template;
+#[cfg(feature = "testkit")]
+pub mod testkit;
+pub mod wire;

@@ -5,7 +5,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use switchyard::config::{self, Faults, Latency, MockSettings};
-use switchyard::{app, demo, provider, telemetry, tools};
+use switchyard::{app, provider, telemetry};
+
+mod cli;
+use cli::{demo, publish, tail};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -58,11 +61,11 @@ enum Command {
         seed: Option<u64>,
     },
     /// Publish jobs (JSONL file or generated) to the source of a config.
-    Publish(tools::PublishArgs),
+    Publish(publish::PublishArgs),
     /// Print results, review requests and dead letters as they arrive.
-    Tail(tools::TailArgs),
+    Tail(tail::TailArgs),
     /// Benchmark the embedded deployment (drain: throughput against a bare loop; rate: latency).
-    Bench(switchyard::bench::BenchArgs),
+    Bench(cli::bench::BenchArgs),
     /// Validate a config file; exits non-zero naming every bad field.
     CheckConfig { file: PathBuf },
 }
@@ -146,15 +149,15 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Publish(args) => {
             telemetry::init_tracing("warn", false);
-            tools::publish(args).await
+            publish::publish(args).await
         }
         Command::Tail(args) => {
             telemetry::init_tracing("warn", false);
-            tools::tail(args).await
+            tail::tail(args).await
         }
         Command::Bench(args) => {
             telemetry::init_tracing("error", false);
-            switchyard::bench::run(args).await
+            cli::bench::run(args).await
         }
         Command::Demo(args) => {
             telemetry::init_tracing("error", false);

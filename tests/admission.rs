@@ -10,9 +10,9 @@ mod common;
 use std::time::Duration;
 
 use switchyard::config::{self, Plan};
-use switchyard::demo::{publish, Collected};
-use switchyard::model::{DeadLetterReason, JobResult};
 use switchyard::state::StateStore;
+use switchyard::testkit::{publish, Collected};
+use switchyard::wire::{DeadLetterReason, JobResult};
 
 use common::*;
 
@@ -116,7 +116,7 @@ async fn trickle(brokers: &str, tenant: &str, n: usize, per_sec: f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_noisy_tenant_is_held_to_its_global_rate_and_does_not_slow_a_quiet_one() {
-    let kafka = switchyard::demo::EmbeddedKafka::start(JOBS_TOPIC, &topics(), 6).unwrap();
+    let kafka = switchyard::testkit::EmbeddedKafka::start(JOBS_TOPIC, &topics(), 6).unwrap();
     let brokers = kafka.bootstrap_servers();
     let llm = mock_llm(10).await;
     let (noisy, quiet) = (unique("noisy"), unique("quiet"));
@@ -240,7 +240,7 @@ async fn a_noisy_tenant_is_held_to_its_global_rate_and_does_not_slow_a_quiet_one
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daily_budget_holds_across_replicas() {
-    let kafka = switchyard::demo::EmbeddedKafka::start(JOBS_TOPIC, &topics(), 6).unwrap();
+    let kafka = switchyard::testkit::EmbeddedKafka::start(JOBS_TOPIC, &topics(), 6).unwrap();
     let brokers = kafka.bootstrap_servers();
     let llm = mock_llm(5).await;
     let tenant = unique("thrifty");
@@ -534,5 +534,5 @@ async fn an_exhausted_budget_moves_jobs_to_the_pipelines_budget_fallback_model()
     assert!(!on_fallback.is_empty(), "the budget ran out part way");
     assert!(on_fallback
         .iter()
-        .all(|r| r.status == switchyard::model::ResultStatus::Degraded));
+        .all(|r| r.status == switchyard::wire::ResultStatus::Degraded));
 }

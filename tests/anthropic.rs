@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use switchyard::config::Faults;
-use switchyard::demo::{publish, Collected};
-use switchyard::model::ResultStatus;
 use switchyard::state::{MemoryStore, StateStore};
+use switchyard::testkit::{publish, Collected};
+use switchyard::wire::ResultStatus;
 
 use common::*;
 

@@ -21,7 +21,7 @@ fn the_demo_accounts_for_every_message_and_exits_zero() {
     );
     let summary: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
 
-    let workload = switchyard::demo::workload(n, 65_536);
+    let workload = switchyard::testkit::workload(n, 65_536);
     let invalid = workload.iter().filter(|i| i.valid_id.is_none()).count() as u64;
     let duplicates = workload.iter().filter(|i| i.duplicate).count() as u64;
     let valid = n as u64 - invalid - duplicates;

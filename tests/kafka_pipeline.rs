@@ -12,9 +12,9 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use switchyard::config::SourcePlan;
-use switchyard::demo::{publish, Collected};
-use switchyard::model::{DeadLetterReason, PayloadEncoding, ResultStatus};
 use switchyard::state::{MemoryStore, StateStore};
+use switchyard::testkit::{publish, Collected};
+use switchyard::wire::{DeadLetterReason, PayloadEncoding, ResultStatus};
 
 use common::*;
 
@@ -179,7 +179,7 @@ async fn bad_payloads_become_invalid_job_dead_letters_and_the_offset_moves_on() 
         .collect();
     assert_eq!(dead.len(), bad.len());
     for (payload, expected) in &bad {
-        let original = |d: &switchyard::model::DeadLetter| match d.payload_encoding {
+        let original = |d: &switchyard::wire::DeadLetter| match d.payload_encoding {
             PayloadEncoding::Utf8 => d.payload.as_bytes().to_vec(),
             PayloadEncoding::Base64 => base64::engine::general_purpose::STANDARD
                 .decode(&d.payload)

@@ -7,8 +7,8 @@ mod common;
 
 use std::time::Duration;
 
-use switchyard::demo::{publish, Collected};
 use switchyard::state::{MemoryStore, StateStore};
+use switchyard::testkit::{publish, Collected};
 
 use common::*;
 

@@ -7,9 +7,9 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use switchyard::demo::{publish_nats, Collected, OutputCollector};
-use switchyard::model::DeadLetterReason;
 use switchyard::state::StateStore;
+use switchyard::testkit::{publish_nats, Collected, OutputCollector};
+use switchyard::wire::DeadLetterReason;
 
 use common::*;
 

@@ -8,9 +8,9 @@ mod common;
 use std::time::Duration;
 
 use switchyard::config::Faults;
-use switchyard::demo::{publish, Collected};
-use switchyard::model::{DeadLetterReason, ResultStatus};
 use switchyard::state::{MemoryStore, StateStore};
+use switchyard::testkit::{publish, Collected};
+use switchyard::wire::{DeadLetterReason, ResultStatus};
 
 use common::*;
 

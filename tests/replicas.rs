@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use switchyard::demo::{publish, publish_nats, OutputCollector};
+use switchyard::testkit::{publish, publish_nats, OutputCollector};
 
 use common::*;
 
@@ -182,7 +182,7 @@ async fn kill_restart_and_check(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_kafka_replicas_lose_nothing_when_one_is_killed_and_restarted() {
-    let kafka = switchyard::demo::EmbeddedKafka::start(JOBS_TOPIC, &topics(), 6).unwrap();
+    let kafka = switchyard::testkit::EmbeddedKafka::start(JOBS_TOPIC, &topics(), 6).unwrap();
     let brokers = kafka.bootstrap_servers();
     let llm = mock_llm(20).await;
     let dir = tempfile::tempdir().unwrap();
@@ -271,7 +271,7 @@ providers:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumers_joining_and_leaving_under_load_lose_nothing_and_finish_nothing_twice() {
-    let kafka = switchyard::demo::EmbeddedKafka::start(JOBS_TOPIC, &topics(), 6).unwrap();
+    let kafka = switchyard::testkit::EmbeddedKafka::start(JOBS_TOPIC, &topics(), 6).unwrap();
     let brokers = kafka.bootstrap_servers();
     let llm = mock_llm(20).await;
     let dir = tempfile::tempdir().unwrap();

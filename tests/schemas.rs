@@ -5,7 +5,7 @@
 mod common;
 
 use serde_json::json;
-use switchyard::model::decode_job;
+use switchyard::wire::decode_job;
 
 #[test]
 fn the_job_schema_and_the_decoder_agree() {

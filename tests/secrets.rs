@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use switchyard::config::Faults;
-use switchyard::demo::publish;
+use switchyard::testkit::publish;
 
 use common::*;
 

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use switchyard::demo::{publish_nats, Collected, OutputCollector};
 use switchyard::state::StateStore;
+use switchyard::testkit::{publish_nats, Collected, OutputCollector};
 
 use common::*;
 

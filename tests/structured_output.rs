@@ -15,9 +15,9 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use switchyard::config;
-use switchyard::demo::{publish, Collected};
-use switchyard::model::DeadLetterReason;
 use switchyard::state::{MemoryStore, StateStore};
+use switchyard::testkit::{publish, Collected};
+use switchyard::wire::DeadLetterReason;
 
 use common::*;
 

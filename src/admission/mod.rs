@@ -2,12 +2,12 @@
 //! and fair scheduling, shared by every replica through the state store.
 //!
 //! [`scheduler`] hands out run slots fairly across tenants (weights, priorities, requests per
-//! second); [`limits`] gates each provider call (tokens per minute for tenants, providers and
+//! second); [`gate`] gates each provider call (tokens per minute for tenants, providers and
 //! models; day and month budgets), reserving estimates before the call and reconciling them with
 //! the reported usage after it.
 
-pub mod limits;
+pub mod gate;
 pub mod scheduler;
 
-pub use limits::{CallScope, Gate, Refusal, Reservation};
+pub use gate::{CallScope, Gate, Refusal, Reservation};
 pub use scheduler::{QueueFull, RunSlot, Scheduler};

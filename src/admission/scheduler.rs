@@ -15,8 +15,8 @@ use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::limits::Gate;
-use crate::model::Priority;
+use super::gate::Gate;
+use crate::wire::Priority;
 
 /// Permission to run a pipeline; the slot frees when it is dropped.
 #[derive(Debug)]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::raw::{
     self, RawClassifyMethod, RawConfig, RawProvider, RawSink, RawSource, RawState, RawStep,
 };
-use crate::pipeline::template::{Template, Var};
+use crate::template::{Template, Var};
 
 pub use super::raw::{RawFaults as Faults, RawLatency as Latency};
 
@@ -1549,7 +1549,7 @@ fn tenants_plan(
     let mut named = BTreeMap::new();
     let mut bad_names = Vec::new();
     for (name, t) in &raw {
-        if crate::model::TenantId::parse(name).is_err() {
+        if crate::wire::TenantId::parse(name).is_err() {
             bad_names.push(name.clone());
         }
         named.insert(name.clone(), plan_of(name, t));

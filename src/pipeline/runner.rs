@@ -1,4 +1,5 @@
-//! Runs one job through its pipeline's DAG.
+//! Runs one job through its pipeline's DAG: a step starts when every step it needs has
+//! finished, on its kind's worker pool; the first failing step fails the job.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,11 +10,11 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 use tracing::Instrument as _;
 
-use super::StepOutput;
-use crate::config::{PipelinePlan, PoolSizes, StepKindPlan, StepPlan};
-use crate::model::{DeadLetterReason, Job, ResultStatus, RouteInfo, StepRecord};
-use crate::pipeline::template::Scope;
-use crate::provider::{CallFailure, Providers};
+use super::step::{RunFailure, StepContext, StepKind as _, StepOutput, StepResult};
+use crate::calls::Calls;
+use crate::config::{PipelinePlan, PoolSizes, StepKindPlan};
+use crate::telemetry::metrics::Metrics;
+use crate::wire::{DeadLetterReason, Job, ResultStatus, RouteInfo, StepRecord};
 
 /// One semaphore per step kind: the most steps of that kind running at once.
 #[derive(Clone)]
@@ -49,176 +50,30 @@ pub struct RunOutput {
     pub steps: Vec<StepRecord>,
 }
 
-/// Why a job could not be finished, as it goes into the dead letter.
-#[derive(Debug)]
-pub struct RunFailure {
-    pub reason: DeadLetterReason,
-    pub error: String,
-    pub attempts: u32,
-}
-
-/// What a step returns: its output for later steps and its record for the result.
-pub(super) type StepResult = Result<(StepOutput, StepRecord), RunFailure>;
-
-/// Everything a step needs to run.
-pub(super) struct StepContext<'a> {
-    pub job: &'a Job,
-    pub step: &'a StepPlan,
-    pub providers: &'a Providers,
-    /// Outputs of every step this one depends on, by index into the pipeline.
-    pub inputs: Vec<(usize, StepOutput)>,
-    pub pipeline: &'a PipelinePlan,
-    /// Milliseconds this step's calls waited for rate limits.
-    pub throttled_ms: std::sync::atomic::AtomicU64,
-}
-
-impl StepContext<'_> {
-    pub fn output_of(&self, index: usize) -> Option<&StepOutput> {
-        self.inputs
-            .iter()
-            .find(|(i, _)| *i == index)
-            .map(|(_, o)| o)
-    }
-
-    pub fn render(
-        &self,
-        template: &super::template::Template,
-        categories: &[String],
-    ) -> Result<String, RunFailure> {
-        let lookup = |name: &str| {
-            let index = self.pipeline.steps.iter().position(|s| s.name == name)?;
-            self.output_of(index).map(|o| o.text().to_owned())
-        };
-        let scope = Scope {
-            input: &self.job.input,
-            categories,
-            step_output: &lookup,
-        };
-        template.render(&scope).map_err(|e| RunFailure {
-            reason: DeadLetterReason::InvalidJob,
-            error: format!("step `{}`: {e}", self.step.name),
-            attempts: 0,
-        })
-    }
-
-    /// Calls `alias` for this job; when the tenant's budget cannot cover it and the pipeline
-    /// names a `budget_fallback`, that (cheaper) model answers instead, as a degraded result.
-    pub async fn call(
-        &self,
-        alias: &str,
-        request: impl Fn(&crate::config::ModelPlan) -> crate::provider::ChatRequest,
-    ) -> Result<crate::provider::CallOutcome, RunFailure> {
-        let scope = crate::admission::CallScope {
-            tenant: self.job.tenant.as_str(),
-            deadline: self.job.deadline,
-            throttled_ms: &self.throttled_ms,
-        };
-        match self.providers.call(alias, &request, &scope).await {
-            Err(CallFailure::BudgetExceeded { attempts, detail }) => {
-                let Some(cheaper) = self
-                    .pipeline
-                    .budget_fallback
-                    .as_deref()
-                    .filter(|f| *f != alias)
-                else {
-                    return Err(self.call_failed(CallFailure::BudgetExceeded { attempts, detail }));
-                };
-                tracing::info!(step = %self.step.name, model = alias, fallback = cheaper, "budget cannot cover the model; using the pipeline's budget fallback");
-                let mut outcome = self
-                    .providers
-                    .call(cheaper, &request, &scope)
-                    .await
-                    .map_err(|f| self.call_failed(f))?;
-                outcome.degraded = true;
-                outcome.attempts += attempts;
-                Ok(outcome)
-            }
-            other => other.map_err(|f| self.call_failed(f)),
-        }
-    }
-
-    /// A record for a step that made an LLM call.
-    pub fn record(&self, started: Instant, outcome: &crate::provider::CallOutcome) -> StepRecord {
-        let model = &outcome.model;
-        let r = &outcome.response;
-        StepRecord {
-            name: self.step.name.clone(),
-            kind: self.step.kind.name().to_owned(),
-            provider: Some(model.provider.clone()),
-            model: Some(model.model.clone()),
-            attempts: outcome.attempts,
-            cached: outcome.cached,
-            latency_ms: elapsed_ms(started),
-            // A cache hit spent nothing: no tokens were sent or generated for this job.
-            input_tokens: if outcome.cached { 0 } else { r.input_tokens },
-            output_tokens: if outcome.cached { 0 } else { r.output_tokens },
-            cost_usd: if outcome.cached {
-                0.0
-            } else {
-                model.price.cost(r.input_tokens, r.output_tokens)
-            },
-            throttled_ms: self.throttled_ms.load(std::sync::atomic::Ordering::Relaxed),
-        }
-    }
-
-    /// A record for a step that ran locally.
-    pub fn local_record(&self, started: Instant) -> StepRecord {
-        StepRecord {
-            name: self.step.name.clone(),
-            kind: self.step.kind.name().to_owned(),
-            provider: None,
-            model: None,
-            attempts: 0,
-            cached: false,
-            latency_ms: elapsed_ms(started),
-            input_tokens: 0,
-            output_tokens: 0,
-            cost_usd: 0.0,
-            throttled_ms: 0,
-        }
-    }
-
-    pub fn call_failed(&self, failure: CallFailure) -> RunFailure {
-        let attempts = failure.attempts();
-        let reason = match failure {
-            CallFailure::DeadlineExceeded { .. } => DeadLetterReason::DeadlineExceeded,
-            CallFailure::AllTargetsFailed { .. } => DeadLetterReason::ProviderFailed,
-            CallFailure::BudgetExceeded { .. } => DeadLetterReason::BudgetExceeded,
-        };
-        RunFailure {
-            reason,
-            error: format!("step `{}`: {failure}", self.step.name),
-            attempts,
-        }
-    }
-}
-
-pub fn elapsed_ms(started: Instant) -> u64 {
-    u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)
-}
-
 pub struct Runner {
-    providers: Arc<Providers>,
+    calls: Arc<Calls>,
     pools: Pools,
-    metrics: Arc<crate::telemetry::metrics::Metrics>,
+    metrics: Arc<Metrics>,
 }
 
 impl Runner {
-    pub fn new(
-        providers: Arc<Providers>,
-        pools: Pools,
-        metrics: Arc<crate::telemetry::metrics::Metrics>,
-    ) -> Self {
-        metrics.watch_pools(pools.clone());
+    pub fn new(calls: Arc<Calls>, pools: Pools, metrics: Arc<Metrics>) -> Self {
+        for (name, pool) in [
+            ("classify", &pools.classify),
+            ("route", &pools.route),
+            ("generate", &pools.generate),
+        ] {
+            metrics.watch_pool(name, pool.clone());
+        }
         Self {
-            providers,
+            calls,
             pools,
             metrics,
         }
     }
 
-    pub fn providers(&self) -> &Providers {
-        &self.providers
+    pub fn calls(&self) -> &Calls {
+        &self.calls
     }
 
     /// Runs every step of `pipeline` for `job`; the first failing step fails the job.
@@ -242,7 +97,7 @@ impl Runner {
                 let ctx = StepContext {
                     job,
                     step,
-                    providers: &self.providers,
+                    calls: &self.calls,
                     inputs,
                     pipeline,
                     throttled_ms: Default::default(),
@@ -317,9 +172,9 @@ async fn run_step(ctx: &StepContext<'_>) -> StepResult {
         }
     }
     match &ctx.step.kind {
-        StepKindPlan::Classify(plan) => super::classify::run(ctx, plan).await,
-        StepKindPlan::Route(plan) => super::route::run(ctx, plan),
-        StepKindPlan::Generate(plan) => super::generate::run(ctx, plan).await,
+        StepKindPlan::Classify(plan) => plan.run(ctx).await,
+        StepKindPlan::Route(plan) => plan.run(ctx).await,
+        StepKindPlan::Generate(plan) => plan.run(ctx).await,
     }
 }
 

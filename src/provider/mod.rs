@@ -1,28 +1,23 @@
-//! LLM providers: one pooled HTTP client, a client per configured provider (enum dispatch), and
-//! the reliability loop around each call ([`reliability`]).
+//! LLM providers over HTTP: one pooled HTTP client, a client per configured provider (enum
+//! dispatch), and the error taxonomy their failures map to ([`errors`]). What happens around a
+//! call (cache, circuit, limits, retries, fallbacks) is [`crate::calls`].
 //!
 //! `kind: mock` providers are served by the built-in mock server ([`mock`]) on a loopback port
 //! and reached through the same OpenAI-compatible client, so tests and the demo exercise the
 //! real HTTP path.
 
 pub mod anthropic;
-pub mod cache;
-pub mod circuit;
 pub mod errors;
 pub mod mock;
 pub mod openai;
-pub mod reliability;
-pub mod retry_budget;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 
-use crate::config::{ModelPlan, Plan, ProviderKind, RetryPolicy, WireApi};
+use crate::config::{Plan, ProviderKind, RetryPolicy, WireApi};
 pub use errors::{ErrorAction, ProviderError};
-pub use reliability::{CallFailure, CallOutcome};
 
 /// One chat request, already rendered from its prompt.
 #[derive(Debug, Clone)]
@@ -93,34 +88,19 @@ pub struct ProviderHandle {
     pub name: String,
     pub client: LlmProvider,
     pub retry: RetryPolicy,
-    pub retry_budget: retry_budget::RetryBudget,
 }
 
-/// One circuit breaker per provider + model.
-pub type Circuits = BTreeMap<(String, String), circuit::CircuitBreaker>;
-
-/// Every provider and model of the plan, ready to call.
+/// Every provider of the plan, ready to call.
 pub struct Providers {
     targets: BTreeMap<String, ProviderHandle>,
-    models: BTreeMap<String, Arc<ModelPlan>>,
     /// Keeps the in-process mock servers running as long as the providers live.
-    _mock_servers: Vec<mock::MockServer>,
-    metrics: Arc<crate::telemetry::metrics::Metrics>,
-    /// Log prompt and response text with each call (`log.payloads`).
-    log_payloads: bool,
-    circuits: Circuits,
-    /// Limits and budgets every call passes first (absent in unit tests of the call loop).
-    gate: Option<Arc<crate::admission::Gate>>,
-    cache: Option<cache::ResponseCache>,
+    mock_servers: Vec<mock::MockServer>,
 }
 
 impl Providers {
     /// Builds the clients; starts a mock server for each `kind: mock` provider. Fails naming the
     /// field when a referenced API key variable is not set.
-    pub async fn start(
-        plan: &Plan,
-        metrics: Arc<crate::telemetry::metrics::Metrics>,
-    ) -> anyhow::Result<Self> {
+    pub async fn start(plan: &Plan) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(1024)
             .pool_idle_timeout(Duration::from_secs(90))
@@ -193,54 +173,13 @@ impl Providers {
                     name: name.clone(),
                     client,
                     retry: provider.retry,
-                    retry_budget: retry_budget::RetryBudget::new(&provider.retry),
                 },
             );
         }
-        let mut circuits = Circuits::new();
-        for model in plan.models.values() {
-            if let Some(provider) = plan.providers.get(&model.provider) {
-                let key = (model.provider.clone(), model.model.clone());
-                circuits
-                    .entry(key)
-                    .or_insert_with(|| circuit::CircuitBreaker::new(provider.circuit));
-                metrics
-                    .circuit_state
-                    .with_label_values(&[&model.provider, &model.model])
-                    .set(0);
-            }
-        }
         Ok(Self {
             targets,
-            models: plan.models.clone(),
-            _mock_servers: mock_servers,
-            metrics,
-            log_payloads: plan.log.payloads,
-            circuits,
-            gate: None,
-            cache: None,
+            mock_servers,
         })
-    }
-
-    /// Answers deterministic requests from `cache` when it can.
-    pub fn with_cache(mut self, cache: cache::ResponseCache) -> Self {
-        self.cache = Some(cache);
-        self
-    }
-
-    /// Puts every call behind `gate`'s limits and budgets.
-    pub fn with_gate(mut self, gate: Arc<crate::admission::Gate>) -> Self {
-        self.gate = Some(gate);
-        self
-    }
-
-    /// The breaker of a provider + model (every configured model has one).
-    pub fn circuit(&self, provider: &str, model: &str) -> Option<&circuit::CircuitBreaker> {
-        self.circuits.get(&(provider.to_owned(), model.to_owned()))
-    }
-
-    pub fn model(&self, alias: &str) -> Option<&Arc<ModelPlan>> {
-        self.models.get(alias)
     }
 
     pub fn target(&self, provider: &str) -> Option<&ProviderHandle> {
@@ -249,6 +188,6 @@ impl Providers {
 
     /// Addresses of the in-process mock servers (for stats in tests and the demo).
     pub fn mock_servers(&self) -> impl Iterator<Item = &mock::MockServer> {
-        self._mock_servers.iter()
+        self.mock_servers.iter()
     }
 }

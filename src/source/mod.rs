@@ -15,7 +15,7 @@ use futures::future::BoxFuture;
 
 use chrono::{DateTime, Utc};
 
-use crate::model::SourceInfo;
+use crate::wire::SourceInfo;
 
 pub struct Delivery {
     pub payload: Vec<u8>,

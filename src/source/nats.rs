@@ -17,7 +17,7 @@ use futures::StreamExt;
 
 use super::{AckHandle, Acknowledge, Delivery, JobSource, SourceError};
 use crate::config::NatsSourcePlan;
-use crate::model::SourceInfo;
+use crate::wire::SourceInfo;
 
 pub struct NatsSource {
     client: async_nats::Client,
@@ -136,7 +136,7 @@ impl JobSource for NatsSource {
             .headers
             .as_ref()
             .and_then(|h| h.get("traceparent"))
-            .and_then(|v| crate::model::valid_traceparent(v.as_str().as_bytes()));
+            .and_then(|v| crate::wire::valid_traceparent(v.as_str().as_bytes()));
         let source = SourceInfo {
             transport: "nats".into(),
             topic: message.subject.to_string(),

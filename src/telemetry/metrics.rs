@@ -4,14 +4,14 @@
 //! the plan, fixed enums for status, outcome, reason and direction. Nothing job- or user-derived
 //! becomes a label. Histograms use buckets for LLM latencies (10 ms to 120 s).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use prometheus::{
     Counter, CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
     IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::pipeline::Pools;
+use tokio::sync::Semaphore;
 
 const NAMESPACE: &str = "switchyard";
 const LATENCY_BUCKETS: [f64; 15] = [
@@ -42,7 +42,8 @@ pub struct Metrics {
     pub cache_requests: IntCounterVec,
     pub tenant_tokens: IntCounterVec,
     pub tenant_cost: CounterVec,
-    pools: OnceLock<Pools>,
+    /// Worker pools whose free permits a scrape reports, by pool name.
+    pools: Mutex<Vec<(&'static str, Arc<Semaphore>)>>,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -124,7 +125,7 @@ impl Metrics {
                 &["tenant"],
             )?,
             registry,
-            pools: OnceLock::new(),
+            pools: Mutex::new(Vec::new()),
         };
         m.registry.register(Box::new(m.jobs_received.clone()))?;
         m.registry.register(Box::new(m.jobs_finished.clone()))?;
@@ -153,9 +154,11 @@ impl Metrics {
         Ok(Arc::new(m))
     }
 
-    /// Lets scrapes report the pools' free permits.
-    pub fn watch_pools(&self, pools: Pools) {
-        let _ = self.pools.set(pools);
+    /// Lets scrapes report a worker pool's free permits as `pool_permits_available{pool=name}`.
+    pub fn watch_pool(&self, name: &'static str, pool: Arc<Semaphore>) {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools.retain(|(n, _)| *n != name);
+        pools.push((name, pool));
     }
 
     /// Records one provider attempt.
@@ -191,16 +194,10 @@ impl Metrics {
 
     /// The Prometheus text exposition of everything.
     pub fn encode(&self) -> String {
-        if let Some(pools) = self.pools.get() {
-            for (name, pool) in [
-                ("classify", &pools.classify),
-                ("route", &pools.route),
-                ("generate", &pools.generate),
-            ] {
-                self.pool_permits
-                    .with_label_values(&[name])
-                    .set(pool.available_permits() as i64);
-            }
+        for (name, pool) in self.pools.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            self.pool_permits
+                .with_label_values(&[name])
+                .set(pool.available_permits() as i64);
         }
         let mut buffer = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {

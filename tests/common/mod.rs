@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 use switchyard::config::{self, Faults, Latency, MockSettings, Plan, Topics};
-use switchyard::demo::{Collected, EmbeddedKafka, OutputCollector};
 use switchyard::provider::mock::MockServer;
 use switchyard::state::StateStore;
 use switchyard::telemetry::health::Health;
 use switchyard::telemetry::metrics::Metrics;
 use switchyard::telemetry::Telemetry;
+use switchyard::testkit::{Collected, EmbeddedKafka, OutputCollector};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

@@ -4,13 +4,18 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use super::runner::{RunFailure, StepContext, StepResult};
-use super::StepOutput;
 use crate::config::{ClassifyMethod, ClassifyPlan};
-use crate::model::DeadLetterReason;
+use crate::pipeline::step::{RunFailure, StepContext, StepKind, StepOutput, StepResult};
 use crate::provider::ChatRequest;
+use crate::wire::DeadLetterReason;
 
-pub(super) async fn run(ctx: &StepContext<'_>, plan: &ClassifyPlan) -> StepResult {
+impl StepKind for ClassifyPlan {
+    async fn run(&self, ctx: &StepContext<'_>) -> StepResult {
+        run(ctx, self).await
+    }
+}
+
+async fn run(ctx: &StepContext<'_>, plan: &ClassifyPlan) -> StepResult {
     let started = Instant::now();
     match &plan.method {
         ClassifyMethod::Rules(rules) => {

@@ -2,13 +2,19 @@
 
 use std::time::Instant;
 
-use super::runner::{RunFailure, StepContext, StepResult};
-use super::{structured, StepOutput};
+use super::structured;
 use crate::config::{GeneratePlan, ModelChoice};
-use crate::model::DeadLetterReason;
+use crate::pipeline::step::{RunFailure, StepContext, StepKind, StepOutput, StepResult};
 use crate::provider::ChatRequest;
+use crate::wire::DeadLetterReason;
 
-pub(super) async fn run(ctx: &StepContext<'_>, plan: &GeneratePlan) -> StepResult {
+impl StepKind for GeneratePlan {
+    async fn run(&self, ctx: &StepContext<'_>) -> StepResult {
+        run(ctx, self).await
+    }
+}
+
+async fn run(ctx: &StepContext<'_>, plan: &GeneratePlan) -> StepResult {
     let started = Instant::now();
     let alias = match &plan.model {
         ModelChoice::Fixed(alias) => alias.clone(),

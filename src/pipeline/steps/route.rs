@@ -2,12 +2,17 @@
 
 use std::time::Instant;
 
-use super::runner::{RunFailure, StepContext, StepResult};
-use super::StepOutput;
 use crate::config::RoutePlan;
-use crate::model::DeadLetterReason;
+use crate::pipeline::step::{RunFailure, StepContext, StepKind, StepOutput, StepResult};
+use crate::wire::DeadLetterReason;
 
-pub(super) fn run(ctx: &StepContext<'_>, plan: &RoutePlan) -> StepResult {
+impl StepKind for RoutePlan {
+    async fn run(&self, ctx: &StepContext<'_>) -> StepResult {
+        run(ctx, self)
+    }
+}
+
+fn run(ctx: &StepContext<'_>, plan: &RoutePlan) -> StepResult {
     let started = Instant::now();
     let Some(StepOutput::Classified {
         category,

@@ -1,8 +1,7 @@
-//! Operator commands: `publish` jobs to the configured source and `tail` the outputs.
+//! `switchyard publish`: jobs from a JSONL file or generated, to the configured source.
 //!
-//! Both read the same config file as `run`, so they talk to exactly the topics or subjects the
-//! service uses: Kafka topics, or NATS subjects `<jobs prefix>.<tenant>` and
-//! `<output prefix>.<tenant>`.
+//! It reads the same config file as `run`, so jobs go exactly where the service reads them: the
+//! Kafka jobs topic (keyed by tenant), or the NATS subject `<jobs prefix>.<tenant>`.
 
 use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
@@ -12,15 +11,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use futures::stream::{self, StreamExt};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use serde_json::Value;
+use switchyard::config::{Plan, SourcePlan};
+use switchyard::testkit::workload;
+use switchyard::wire::TenantId;
 
-use crate::config::{self, Plan, SinkPlan, SourcePlan};
-use crate::demo::{parse_output, workload, Collected, OutputKind};
-use crate::model::TenantId;
+use super::{load, subject_prefix};
 
 #[derive(Debug, clap::Args)]
 pub struct PublishArgs {
@@ -37,44 +35,6 @@ pub struct PublishArgs {
     /// Jobs per second; unlimited when absent.
     #[arg(long)]
     pub rate: Option<f64>,
-}
-
-#[derive(Debug, clap::Args)]
-pub struct TailArgs {
-    /// The service's config: outputs are read from its sink.
-    #[arg(long, short)]
-    pub config: PathBuf,
-    /// Print each output as one JSON line (as written by the service).
-    #[arg(long)]
-    pub json: bool,
-    /// Start from the oldest retained output instead of new ones only.
-    #[arg(long)]
-    pub from_beginning: bool,
-    /// Only one kind of output.
-    #[arg(long, value_enum)]
-    pub only: Option<Only>,
-    /// Stop after this many outputs.
-    #[arg(long)]
-    pub count: Option<usize>,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum Only {
-    Results,
-    Review,
-    Dlq,
-}
-
-fn load(path: &Path) -> anyhow::Result<Plan> {
-    Ok(config::load(path)?)
-}
-
-/// The NATS subject prefix jobs are published under (`switchyard.jobs.>` -> `switchyard.jobs`).
-fn subject_prefix(subject: &str) -> &str {
-    subject
-        .strip_suffix(".>")
-        .or_else(|| subject.strip_suffix(".*"))
-        .unwrap_or(subject)
 }
 
 /// The tenant token of a payload, for the Kafka key and the NATS subject.
@@ -229,124 +189,6 @@ impl Sender {
             }
         }
         Ok(())
-    }
-}
-
-pub async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
-    let plan = load(&args.config)?;
-    let topics = plan.sink.topics().clone();
-    let wanted: Vec<&String> = match args.only {
-        None => vec![&topics.results, &topics.review, &topics.dlq],
-        Some(Only::Results) => vec![&topics.results],
-        Some(Only::Review) => vec![&topics.review],
-        Some(Only::Dlq) => vec![&topics.dlq],
-    };
-    let mut seen = 0usize;
-    let mut print = |kind: OutputKind, topic: &str, payload: &[u8]| -> bool {
-        let (collected, raw) = parse_output(kind, topic, payload);
-        if args.json {
-            println!("{raw}");
-        } else {
-            println!("{}", pretty(&collected));
-        }
-        seen += 1;
-        args.count.is_some_and(|n| seen >= n)
-    };
-    match &plan.sink {
-        SinkPlan::Kafka(k) => {
-            let consumer: StreamConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &k.brokers)
-                .set(
-                    "group.id",
-                    format!("switchyard-tail-{:016x}", rand::random::<u64>()),
-                )
-                .set(
-                    "auto.offset.reset",
-                    if args.from_beginning {
-                        "earliest"
-                    } else {
-                        "latest"
-                    },
-                )
-                .set("enable.auto.commit", "false")
-                .create()
-                .context("creating the Kafka consumer")?;
-            let names: Vec<&str> = wanted.iter().map(|t| t.as_str()).collect();
-            consumer.subscribe(&names)?;
-            loop {
-                let message = consumer.recv().await?;
-                let kind = OutputKind::of(&topics, message.topic());
-                if print(kind, message.topic(), message.payload().unwrap_or_default()) {
-                    break;
-                }
-            }
-        }
-        SinkPlan::Nats(n) => {
-            let client = async_nats::connect(&n.url)
-                .await
-                .with_context(|| format!("connecting to {}", n.url))?;
-            let mut subscriptions = Vec::new();
-            for prefix in &wanted {
-                subscriptions.push(client.subscribe(format!("{prefix}.>")).await?);
-            }
-            if args.from_beginning {
-                eprintln!("note: NATS tail shows new outputs only; replay the output stream with `nats stream view`");
-            }
-            let mut merged = stream::select_all(subscriptions);
-            while let Some(message) = merged.next().await {
-                let subject = message.subject.as_str();
-                let prefix = subject.rsplit_once('.').map_or(subject, |(p, _)| p);
-                if print(OutputKind::of(&topics, prefix), subject, &message.payload) {
-                    break;
-                }
-            }
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// One readable line per output.
-pub fn pretty(collected: &Collected) -> String {
-    match collected {
-        Collected::Result(r) | Collected::Review(r) => {
-            let route = match (&r.route.category, &r.route.model) {
-                (Some(c), Some(m)) => format!("{c}->{m}"),
-                (Some(c), None) => c.clone(),
-                (None, Some(m)) => m.clone(),
-                (None, None) => "-".into(),
-            };
-            let status = if r.duplicate {
-                format!("{} (dup)", r.status.as_str())
-            } else {
-                r.status.as_str().to_owned()
-            };
-            let output = match &r.output {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            let short: String = output.chars().take(80).collect();
-            format!(
-                "{}  {status:<10} {:<12} {:<16} {:<10} {route:<22} {:>6}ms  in={} out={}  ${:.6}  {short:?}",
-                r.completed_at.format("%H:%M:%S%.3f"),
-                r.tenant,
-                r.job_id,
-                r.pipeline,
-                r.latency_ms,
-                r.usage.input_tokens,
-                r.usage.output_tokens,
-                r.usage.cost_usd
-            )
-        }
-        Collected::DeadLetter(d) => format!(
-            "{}  {:<10} {:<12} {:<16} {:<18} {:?}",
-            d.failed_at.format("%H:%M:%S%.3f"),
-            if d.duplicate { "DLQ (dup)" } else { "DLQ" },
-            d.tenant.as_deref().unwrap_or("-"),
-            d.job_id.as_deref().unwrap_or("-"),
-            d.reason.as_str(),
-            d.error
-        ),
-        Collected::Unreadable { topic, error } => format!("unreadable output on {topic}: {error}"),
     }
 }
 

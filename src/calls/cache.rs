@@ -12,8 +12,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{ChatRequest, ChatResponse};
 use crate::config::CachePlan;
+use crate::provider::{ChatRequest, ChatResponse};
 use crate::state::StateStore;
 use crate::telemetry::metrics::Metrics;
 

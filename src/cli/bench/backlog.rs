@@ -12,9 +12,9 @@ use anyhow::Context as _;
 use serde::Serialize;
 
 use super::{bench_job, BenchArgs};
-use crate::config::{self, Faults, Latency, MockSettings, Topics};
-use crate::demo::{publish, EmbeddedKafka, OutputCollector, DEMO_CONFIG};
-use crate::provider::mock::MockServer;
+use switchyard::config::{self, Faults, Latency, MockSettings, Topics};
+use switchyard::provider::mock::MockServer;
+use switchyard::testkit::{publish, EmbeddedKafka, OutputCollector, DEMO_CONFIG};
 
 #[derive(Debug, Serialize)]
 pub struct BacklogRun {

@@ -1,5 +1,5 @@
 //! Kafka source: a consumer-group member that stores an offset only when every earlier offset of
-//! its partition is finished (see [`crate::ack`]).
+//! its partition is finished (see [`offsets`]).
 //!
 //! Offsets are stored by switchyard (`enable.auto.offset.store=false`) and committed by
 //! librdkafka's auto-commit and on close, so a commit never covers an unfinished job. Revoked
@@ -17,10 +17,13 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers as _, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
+mod offsets;
+
+use offsets::{OffsetTracker, PartitionKey, Ticket};
+
 use super::{AckHandle, Acknowledge, Delivery, JobSource, SourceError};
-use crate::ack::{OffsetTracker, PartitionKey, Ticket};
 use crate::config::KafkaSourcePlan;
-use crate::model::SourceInfo;
+use crate::wire::SourceInfo;
 
 /// Longest a revocation waits for in-flight jobs of the revoked partitions.
 const REVOKE_DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
@@ -260,7 +263,7 @@ impl KafkaSource {
                 .iter()
                 .find(|h| h.key.eq_ignore_ascii_case("traceparent"))
                 .and_then(|h| h.value)
-                .and_then(crate::model::valid_traceparent)
+                .and_then(crate::wire::valid_traceparent)
         });
         let ack = KafkaAck {
             ticket,

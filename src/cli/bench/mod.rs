@@ -31,9 +31,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{self, Faults, Latency, MockSettings, Topics};
-use crate::demo::{publish, Collected, EmbeddedKafka, OutputCollector, DEMO_CONFIG};
-use crate::provider::mock::MockServer;
+use switchyard::config::{self, Faults, Latency, MockSettings, Topics};
+use switchyard::provider::mock::MockServer;
+use switchyard::testkit::{publish, Collected, EmbeddedKafka, OutputCollector, DEMO_CONFIG};
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -365,15 +365,15 @@ async fn start_service(
     plan: config::Plan,
 ) -> anyhow::Result<(
     tokio::task::JoinHandle<anyhow::Result<()>>,
-    std::sync::Arc<crate::telemetry::health::Health>,
+    std::sync::Arc<switchyard::telemetry::health::Health>,
     CancellationToken,
 )> {
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let telemetry = crate::telemetry::Telemetry::new().context("metrics")?;
+    let telemetry = switchyard::telemetry::Telemetry::new().context("metrics")?;
     let health = telemetry.health.clone();
-    let state = crate::state::StateStore::open(&plan.state).await?;
-    let service = tasks.spawn(crate::app::run_with(
+    let state = switchyard::state::StateStore::open(&plan.state).await?;
+    let service = tasks.spawn(switchyard::app::run_with(
         plan,
         state,
         telemetry,

@@ -1,0 +1,111 @@
+//! What happens around one LLM call, in the order a call meets it (see
+//! `docs/architecture.md`, "Calls"): the response [`cache`], the [`circuit`] breaker of the
+//! provider + model, the admission [`Gate`] (rate limits and budget), the attempt itself with its
+//! timeout, the error's class, then a retry (bounded by the provider's [`retry_budget`]) or the
+//! next target of the fallback chain. [`policy`] is that sequence, one small function a step.
+//!
+//! The HTTP clients themselves are in [`crate::provider`]; nothing here speaks a wire format.
+
+pub mod cache;
+pub mod circuit;
+mod observe;
+mod policy;
+pub mod retry_budget;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio_util::task::TaskTracker;
+
+pub use crate::admission::CallScope;
+use crate::admission::Gate;
+use crate::config::{ModelPlan, Plan};
+use crate::provider::Providers;
+use crate::telemetry::metrics::Metrics;
+pub use policy::{backoff, CallFailure, CallOutcome};
+
+/// One circuit breaker per provider + model.
+type Circuits = BTreeMap<(String, String), circuit::CircuitBreaker>;
+
+/// Every model alias of the plan, callable with the plan's policies.
+pub struct Calls {
+    providers: Providers,
+    models: BTreeMap<String, Arc<ModelPlan>>,
+    circuits: Circuits,
+    /// One retry budget per provider.
+    retry_budgets: BTreeMap<String, retry_budget::RetryBudget>,
+    /// Limits and budgets every call passes first (absent when nothing is limited).
+    gate: Option<Arc<Gate>>,
+    cache: Option<cache::ResponseCache>,
+    metrics: Arc<Metrics>,
+    /// Log prompt and response text with each call (`log.payloads`).
+    log_payloads: bool,
+    /// Where reservations of abandoned calls are given back.
+    tasks: TaskTracker,
+}
+
+impl Calls {
+    /// The plan's models over `providers`; background work (returning the reservations of
+    /// abandoned calls) runs on `tasks`.
+    pub fn new(
+        plan: &Plan,
+        providers: Providers,
+        metrics: Arc<Metrics>,
+        tasks: TaskTracker,
+    ) -> Self {
+        let mut circuits = Circuits::new();
+        for model in plan.models.values() {
+            if let Some(provider) = plan.providers.get(&model.provider) {
+                let key = (model.provider.clone(), model.model.clone());
+                circuits
+                    .entry(key)
+                    .or_insert_with(|| circuit::CircuitBreaker::new(provider.circuit));
+                metrics
+                    .circuit_state
+                    .with_label_values(&[&model.provider, &model.model])
+                    .set(0);
+            }
+        }
+        let retry_budgets = plan
+            .providers
+            .iter()
+            .map(|(name, p)| (name.clone(), retry_budget::RetryBudget::new(&p.retry)))
+            .collect();
+        Self {
+            providers,
+            models: plan.models.clone(),
+            circuits,
+            retry_budgets,
+            gate: None,
+            cache: None,
+            metrics,
+            log_payloads: plan.log.payloads,
+            tasks,
+        }
+    }
+
+    /// Answers deterministic requests from `cache` when it can.
+    pub fn with_cache(mut self, cache: cache::ResponseCache) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// Puts every call behind `gate`'s limits and budgets.
+    pub fn with_gate(mut self, gate: Arc<Gate>) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// The breaker of a provider + model (every configured model has one).
+    pub fn circuit(&self, provider: &str, model: &str) -> Option<&circuit::CircuitBreaker> {
+        self.circuits.get(&(provider.to_owned(), model.to_owned()))
+    }
+
+    pub fn model(&self, alias: &str) -> Option<&Arc<ModelPlan>> {
+        self.models.get(alias)
+    }
+
+    pub fn providers(&self) -> &Providers {
+        &self.providers
+    }
+}

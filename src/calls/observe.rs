@@ -1,0 +1,54 @@
+//! One metrics update and one log record per provider attempt. The record carries the job,
+//! tenant, pipeline and step from the enclosing spans; prompt and response text only with
+//! `log.payloads: true`.
+
+use std::time::Duration;
+
+use super::Calls;
+use crate::config::ModelPlan;
+use crate::provider::{ChatRequest, ChatResponse, ProviderError};
+
+impl Calls {
+    pub(super) fn observe(
+        &self,
+        provider: &str,
+        model: &ModelPlan,
+        attempt: u32,
+        request: &ChatRequest,
+        result: &Result<ChatResponse, ProviderError>,
+        elapsed: Duration,
+    ) {
+        let outcome = match result {
+            Ok(_) => "ok",
+            Err(e) => e.kind(),
+        };
+        self.metrics
+            .llm_attempt(provider, &model.model, outcome, elapsed.as_secs_f64());
+        let latency_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+        match result {
+            Ok(r) => {
+                let cost_usd = model.price.cost(r.input_tokens, r.output_tokens);
+                self.metrics.llm_usage(
+                    provider,
+                    &model.model,
+                    r.input_tokens,
+                    r.output_tokens,
+                    cost_usd,
+                );
+                if self.log_payloads {
+                    tracing::info!(target: "switchyard::llm", provider, model = %model.model, attempt, outcome, latency_ms,
+                        input_tokens = r.input_tokens, output_tokens = r.output_tokens, cost_usd,
+                        prompt = %request.user, system = request.system.as_deref().unwrap_or_default(), response = %r.content,
+                        "provider call");
+                } else {
+                    tracing::info!(target: "switchyard::llm", provider, model = %model.model, attempt, outcome, latency_ms,
+                        input_tokens = r.input_tokens, output_tokens = r.output_tokens, cost_usd, "provider call");
+                }
+            }
+            Err(error) => {
+                tracing::info!(target: "switchyard::llm", provider, model = %model.model, attempt, outcome, latency_ms,
+                    input_tokens = 0u64, output_tokens = 0u64, cost_usd = 0.0, error = %error, "provider call");
+            }
+        }
+    }
+}

@@ -1,0 +1,473 @@
+//! The call policy around a model alias, top-down: [`Calls::call`] (the budget fallback) ->
+//! [`Calls::call_chain`] (the alias, then its fallbacks) -> [`Calls::try_target`] (cache, then
+//! attempts) -> per attempt: deadline, circuit, [`Calls::admit`] (gate), [`Calls::attempt`]
+//! (timeout, HTTP call, breaker, settlement, metrics) and [`Calls::after_failure`] (retry here
+//! after a backoff, or move on).
+//!
+//! It ends in success or in a failure that carries every target's last error, so a dead letter
+//! can say exactly what was tried. The job's deadline bounds the whole loop.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use rand::Rng as _;
+
+use super::circuit::{self, CircuitBreaker, CircuitState};
+use super::retry_budget::RetryBudget;
+use super::Calls;
+use crate::admission::{CallScope, Gate, Refusal, Reservation};
+use crate::config::{ModelPlan, RetryPolicy};
+use crate::provider::ProviderHandle;
+use crate::provider::{estimate_tokens, ChatRequest, ChatResponse, ErrorAction, ProviderError};
+
+/// Longest `Retry-After` honoured; a provider asking for more is treated as down for this job.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+#[derive(Debug)]
+pub struct CallOutcome {
+    pub response: ChatResponse,
+    /// The model that answered (a fallback when `degraded`).
+    pub model: Arc<ModelPlan>,
+    pub attempts: u32,
+    pub degraded: bool,
+    /// Answered from the response cache (no provider call).
+    pub cached: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallFailure {
+    #[error("all targets failed: {}", describe(.errors))]
+    AllTargetsFailed {
+        attempts: u32,
+        errors: Vec<(String, ProviderError)>,
+    },
+    #[error("the job's deadline passed after {attempts} attempt(s)")]
+    DeadlineExceeded { attempts: u32 },
+    #[error("budget exceeded: {detail}")]
+    BudgetExceeded { attempts: u32, detail: String },
+}
+
+fn describe(errors: &[(String, ProviderError)]) -> String {
+    errors
+        .iter()
+        .map(|(alias, e)| format!("{alias}: {e}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl CallFailure {
+    pub fn attempts(&self) -> u32 {
+        match self {
+            CallFailure::AllTargetsFailed { attempts, .. }
+            | CallFailure::DeadlineExceeded { attempts }
+            | CallFailure::BudgetExceeded { attempts, .. } => *attempts,
+        }
+    }
+}
+
+/// One target of a fallback chain, with what its attempts share.
+struct Target<'a> {
+    alias: &'a str,
+    model: &'a Arc<ModelPlan>,
+    provider: &'a ProviderHandle,
+    breaker: Option<&'a CircuitBreaker>,
+    retry_budget: Option<&'a RetryBudget>,
+    request: ChatRequest,
+    /// A fallback, not the alias asked for.
+    degraded: bool,
+}
+
+impl Target<'_> {
+    fn outcome(&self, response: ChatResponse, attempts: u32, cached: bool) -> CallOutcome {
+        CallOutcome {
+            response,
+            model: self.model.clone(),
+            attempts,
+            degraded: self.degraded,
+            cached,
+        }
+    }
+}
+
+/// How trying one target ended.
+enum TargetEnd {
+    Answered(CallOutcome),
+    /// Move on to the next target; the error that ended this one, if any was seen.
+    Failed(Option<ProviderError>),
+    /// The whole call ends here (deadline, budget).
+    Stop(CallFailure),
+}
+
+/// What to do after a failed attempt.
+enum AfterFailure {
+    RetryAfter(Duration),
+    MoveOn,
+    /// The wait before the next attempt would outlast the job's deadline.
+    Deadline,
+}
+
+impl Calls {
+    /// Calls `alias` (then its fallbacks); `request` renders the request for a given model. When
+    /// the tenant's budget cannot cover the call and `budget_fallback` names another model, that
+    /// (cheaper) model answers instead, as a degraded outcome.
+    pub async fn call(
+        &self,
+        alias: &str,
+        request: impl Fn(&ModelPlan) -> ChatRequest,
+        scope: &CallScope<'_>,
+        budget_fallback: Option<&str>,
+    ) -> Result<CallOutcome, CallFailure> {
+        match self.call_chain(alias, &request, scope).await {
+            Err(CallFailure::BudgetExceeded { attempts, detail }) => {
+                let Some(cheaper) = budget_fallback.filter(|f| *f != alias) else {
+                    return Err(CallFailure::BudgetExceeded { attempts, detail });
+                };
+                tracing::info!(
+                    model = alias,
+                    fallback = cheaper,
+                    "budget cannot cover the model; using the pipeline's budget fallback"
+                );
+                let mut outcome = self.call_chain(cheaper, &request, scope).await?;
+                outcome.degraded = true;
+                outcome.attempts += attempts;
+                Ok(outcome)
+            }
+            other => other,
+        }
+    }
+
+    /// `alias`, then each of its fallbacks once, in order.
+    fn chain<'a>(&'a self, alias: &'a str) -> Vec<&'a str> {
+        let mut chain = vec![alias];
+        if let Some(model) = self.model(alias) {
+            for fallback in &model.fallbacks {
+                if !chain.contains(&fallback.as_str()) {
+                    chain.push(fallback);
+                }
+            }
+        }
+        chain
+    }
+
+    async fn call_chain(
+        &self,
+        alias: &str,
+        request: &impl Fn(&ModelPlan) -> ChatRequest,
+        scope: &CallScope<'_>,
+    ) -> Result<CallOutcome, CallFailure> {
+        let mut attempts = 0u32;
+        let mut errors = Vec::new();
+        for (position, target_alias) in self.chain(alias).into_iter().enumerate() {
+            let Some(model) = self.model(target_alias) else {
+                continue;
+            };
+            let Some(provider) = self.providers.target(&model.provider) else {
+                continue;
+            };
+            let target = Target {
+                alias: target_alias,
+                model,
+                provider,
+                breaker: self.circuit(&model.provider, &model.model),
+                retry_budget: self.retry_budgets.get(&model.provider),
+                request: request(model),
+                degraded: position > 0,
+            };
+            match self.try_target(&target, scope, &mut attempts).await {
+                TargetEnd::Answered(outcome) => return Ok(outcome),
+                TargetEnd::Failed(Some(error)) => errors.push((target.alias.to_owned(), error)),
+                TargetEnd::Failed(None) => {}
+                TargetEnd::Stop(failure) => return Err(failure),
+            }
+        }
+        Err(CallFailure::AllTargetsFailed { attempts, errors })
+    }
+
+    /// The cache, then up to `retry.max_attempts` attempts on one target.
+    async fn try_target(
+        &self,
+        target: &Target<'_>,
+        scope: &CallScope<'_>,
+        attempts: &mut u32,
+    ) -> TargetEnd {
+        let cache_key = self
+            .cache
+            .as_ref()
+            .and_then(|c| c.key(&target.provider.name, &target.request));
+        if let (Some(cache), Some(key)) = (&self.cache, &cache_key) {
+            if let Some(response) = cache.get(key).await {
+                return TargetEnd::Answered(target.outcome(response, *attempts, true));
+            }
+        }
+        let prompt_tokens = estimate_tokens(&target.request.user)
+            + target.request.system.as_deref().map_or(0, estimate_tokens);
+        let mut last = None;
+        for attempt in 0..target.provider.retry.max_attempts {
+            if remaining(scope.deadline).is_some_and(|left| left.is_zero()) {
+                return TargetEnd::Stop(CallFailure::DeadlineExceeded {
+                    attempts: *attempts,
+                });
+            }
+            if target
+                .breaker
+                .is_some_and(|b| matches!(b.state(), CircuitState::Open))
+            {
+                self.circuit_skipped(target);
+                last.get_or_insert(ProviderError::CircuitOpen);
+                break;
+            }
+            // Limits and budget come before the attempt and its timeout: waiting for them is
+            // not time the provider gets.
+            let reservation = match self.admit(target, scope, prompt_tokens).await {
+                Ok(reservation) => reservation,
+                Err(refusal) => return TargetEnd::Stop(refused(refusal, *attempts)),
+            };
+            let Some(timeout) = attempt_timeout(scope.deadline, target.model.timeout) else {
+                settle(reservation, 0, 0.0).await;
+                return TargetEnd::Stop(CallFailure::DeadlineExceeded {
+                    attempts: *attempts,
+                });
+            };
+            if target.breaker.is_some_and(|b| !b.allow()) {
+                // Skipped at once: no attempt is made, so none is counted. Keep the error that
+                // opened it, when this call saw one.
+                settle(reservation, 0, 0.0).await;
+                self.circuit_skipped(target);
+                last.get_or_insert(ProviderError::CircuitOpen);
+                break;
+            }
+            *attempts += 1;
+            if attempt == 0 {
+                if let Some(budget) = target.retry_budget {
+                    budget.deposit();
+                }
+            }
+            match self.attempt(target, attempt, timeout, reservation).await {
+                Ok(response) => {
+                    if let (Some(cache), Some(key)) = (&self.cache, &cache_key) {
+                        cache.put(key, &response).await;
+                    }
+                    return TargetEnd::Answered(target.outcome(response, *attempts, false));
+                }
+                Err(error) => {
+                    let next = self.after_failure(target, attempt, &error, scope.deadline);
+                    last = Some(error);
+                    match next {
+                        AfterFailure::RetryAfter(delay) => tokio::time::sleep(delay).await,
+                        AfterFailure::MoveOn => break,
+                        AfterFailure::Deadline => {
+                            return TargetEnd::Stop(CallFailure::DeadlineExceeded {
+                                attempts: *attempts,
+                            })
+                        }
+                    }
+                }
+            }
+        }
+        TargetEnd::Failed(last)
+    }
+
+    /// Waits for the gate's limits and reserves the call's tokens and spend.
+    async fn admit(
+        &self,
+        target: &Target<'_>,
+        scope: &CallScope<'_>,
+        prompt_tokens: u64,
+    ) -> Result<Option<Pending>, Refusal> {
+        let Some(gate) = &self.gate else {
+            return Ok(None);
+        };
+        let reservation = gate.before_call(scope, target.model, prompt_tokens).await?;
+        Ok(Some(Pending {
+            gate: gate.clone(),
+            model: target.model.clone(),
+            reservation: Some(reservation),
+            tasks: self.tasks.clone(),
+        }))
+    }
+
+    /// One HTTP attempt: the call under its timeout, then the breaker, the reservation's
+    /// settlement and one metrics update and log record.
+    async fn attempt(
+        &self,
+        target: &Target<'_>,
+        attempt: u32,
+        timeout: Duration,
+        reservation: Option<Pending>,
+    ) -> Result<ChatResponse, ProviderError> {
+        let (provider, model) = (&target.provider.name, target.model);
+        let started = Instant::now();
+        let result = target.provider.client.chat(&target.request, timeout).await;
+        if let Some(breaker) = target.breaker {
+            let failed = result
+                .as_ref()
+                .err()
+                .is_some_and(circuit::counts_as_failure);
+            let state = breaker.record(failed);
+            self.metrics
+                .circuit_state
+                .with_label_values(&[provider, &model.model])
+                .set(state.gauge());
+        }
+        let (used, cost) = match &result {
+            Ok(r) => (
+                r.input_tokens + r.output_tokens,
+                model.price.cost(r.input_tokens, r.output_tokens),
+            ),
+            Err(_) => (0, 0.0),
+        };
+        settle(reservation, used, cost).await;
+        self.observe(
+            provider,
+            model,
+            attempt + 1,
+            &target.request,
+            &result,
+            started.elapsed(),
+        );
+        result
+    }
+
+    /// Classifies a failed attempt: retry this target after a delay (`Retry-After` or
+    /// backoff, while the retry budget allows), or move on to the next target.
+    fn after_failure(
+        &self,
+        target: &Target<'_>,
+        attempt: u32,
+        error: &ProviderError,
+        deadline: Option<DateTime<Utc>>,
+    ) -> AfterFailure {
+        let ErrorAction::RetrySameTarget { after } = error.action() else {
+            return AfterFailure::MoveOn;
+        };
+        if attempt + 1 == target.provider.retry.max_attempts {
+            return AfterFailure::MoveOn;
+        }
+        if target.retry_budget.is_some_and(|b| !b.try_withdraw()) {
+            // The provider's retry budget is spent (it is failing a lot): no extra load on it;
+            // the fallbacks get the call.
+            self.metrics
+                .ratelimit_throttled
+                .with_label_values(&["retry_budget"])
+                .inc();
+            tracing::debug!(provider = %target.provider.name, "retry budget exhausted; moving on");
+            return AfterFailure::MoveOn;
+        }
+        let delay = match after {
+            Some(d) if d > MAX_RETRY_AFTER => return AfterFailure::MoveOn,
+            Some(d) => d,
+            None => backoff(&target.provider.retry, attempt),
+        };
+        if remaining(deadline).is_some_and(|left| left < delay) {
+            return AfterFailure::Deadline;
+        }
+        AfterFailure::RetryAfter(delay)
+    }
+
+    /// A call skipped because the target's breaker is open.
+    fn circuit_skipped(&self, target: &Target<'_>) {
+        self.metrics
+            .circuit_state
+            .with_label_values(&[&target.provider.name, &target.model.model])
+            .set(CircuitState::Open.gauge());
+    }
+}
+
+fn refused(refusal: Refusal, attempts: u32) -> CallFailure {
+    match refusal {
+        Refusal::Deadline => CallFailure::DeadlineExceeded { attempts },
+        Refusal::Budget(detail) => CallFailure::BudgetExceeded { attempts, detail },
+    }
+}
+
+/// A reservation for one call, reconciled when the call ends. If the call is abandoned instead
+/// (the job stopped, or a sibling step failed and the pipeline dropped this one), dropping it
+/// gives the reservation back in the background, so the budget is not left over-counted.
+struct Pending {
+    gate: Arc<Gate>,
+    model: Arc<ModelPlan>,
+    reservation: Option<Reservation>,
+    tasks: tokio_util::task::TaskTracker,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let Some(reservation) = self.reservation.take() else {
+            return;
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let (gate, model) = (self.gate.clone(), self.model.clone());
+            self.tasks
+                .spawn(async move { gate.after_call(reservation, &model, 0, 0.0).await });
+        }
+    }
+}
+
+/// Reconciles a call's reservation with what it used (nothing, when it was not made).
+async fn settle(pending: Option<Pending>, used: u64, cost: f64) {
+    let Some(mut pending) = pending else {
+        return;
+    };
+    if let Some(reservation) = pending.reservation.take() {
+        pending
+            .gate
+            .after_call(reservation, &pending.model, used, cost)
+            .await;
+    }
+}
+
+fn remaining(deadline: Option<DateTime<Utc>>) -> Option<Duration> {
+    deadline.map(|d| (d - Utc::now()).to_std().unwrap_or(Duration::ZERO))
+}
+
+/// The attempt's timeout: the model's, cut to what is left of the deadline (`None`: nothing is).
+fn attempt_timeout(deadline: Option<DateTime<Utc>>, model_timeout: Duration) -> Option<Duration> {
+    match remaining(deadline) {
+        Some(left) if left.is_zero() => None,
+        Some(left) => Some(left.min(model_timeout)),
+        None => Some(model_timeout),
+    }
+}
+
+/// Full jitter: uniform in `[0, min(max_delay, base_delay * 2^attempt)]`.
+pub fn backoff(policy: &RetryPolicy, attempt: u32) -> Duration {
+    let ceiling = policy
+        .base_delay
+        .saturating_mul(2u32.saturating_pow(attempt.min(20)))
+        .min(policy.max_delay);
+    let millis = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(rand::rng().random_range(0..=millis))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_stays_under_its_exponential_ceiling() {
+        let policy = RetryPolicy {
+            max_attempts: 5,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_millis(1000),
+            budget_ratio: 0.5,
+            budget_min_per_s: 10.0,
+        };
+        for attempt in 0..10 {
+            let ceiling = Duration::from_millis((100u64 << attempt.min(20)).min(1000));
+            for _ in 0..50 {
+                assert!(backoff(&policy, attempt) <= ceiling);
+            }
+        }
+    }
+
+    #[test]
+    fn the_attempt_timeout_is_cut_to_the_deadline() {
+        let model = Duration::from_secs(30);
+        assert_eq!(attempt_timeout(None, model), Some(model));
+        let past = Utc::now() - chrono::Duration::seconds(1);
+        assert_eq!(attempt_timeout(Some(past), model), None);
+        let soon = Utc::now() + chrono::Duration::seconds(2);
+        assert!(attempt_timeout(Some(soon), model).is_some_and(|t| t <= Duration::from_secs(2)));
+    }
+}
