@@ -1,12 +1,13 @@
 //! Configuration: one YAML file plus `SWITCHYARD__A__B=value` environment overrides, parsed once
-//! into [`raw`] structs and validated into a [`Plan`].
+//! into raw structs and validated into a [`Plan`].
 //!
 //! Everything downstream holds a `Plan`: references between sections (models -> providers,
 //! steps -> models, prompts and earlier steps) are resolved here, so a bad file fails at start-up
 //! with every problem listed, each naming its field and the fix.
 
 mod plan;
-pub mod raw;
+mod raw;
+mod validate;
 
 use std::path::Path;
 
@@ -60,7 +61,7 @@ pub fn load_str(
         };
         ConfigError::one(origin, problem)
     })?;
-    plan::validate(raw).map_err(|problems| ConfigError {
+    validate::validate(raw).map_err(|problems| ConfigError {
         origin: origin.to_owned(),
         problems,
     })

@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_norway::Value;
 
+use super::plan::{Faults, Latency};
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
@@ -371,9 +373,9 @@ pub enum RawProvider {
         #[serde(default)]
         api: RawApi,
         #[serde(default)]
-        latency: RawLatency,
+        latency: Latency,
         #[serde(default)]
-        faults: RawFaults,
+        faults: Faults,
         #[serde(default)]
         seed: Option<u64>,
         #[serde(default)]
@@ -435,51 +437,6 @@ impl Default for RawCircuit {
             min_calls: 10,
             open_ms: 30_000,
             half_open_probes: 1,
-        }
-    }
-}
-
-/// Simulated latency of the mock provider.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(tag = "dist", rename_all = "lowercase", deny_unknown_fields)]
-pub enum RawLatency {
-    Fixed {
-        ms: u64,
-    },
-    Uniform {
-        min_ms: u64,
-        max_ms: u64,
-    },
-    /// Log-normal with the given median and 99th percentile: the long tail real APIs have.
-    Lognormal {
-        p50_ms: u64,
-        p99_ms: u64,
-    },
-}
-
-impl Default for RawLatency {
-    fn default() -> Self {
-        RawLatency::Fixed { ms: 0 }
-    }
-}
-
-/// Faults the mock provider injects, as probabilities per request.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct RawFaults {
-    pub rate_429: f64,
-    pub retry_after_s: u64,
-    pub rate_500: f64,
-    pub rate_hang: f64,
-}
-
-impl Default for RawFaults {
-    fn default() -> Self {
-        Self {
-            rate_429: 0.0,
-            retry_after_s: 1,
-            rate_500: 0.0,
-            rate_hang: 0.0,
         }
     }
 }

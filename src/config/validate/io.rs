@@ -1,0 +1,289 @@
+//! `source`, `sink` (and that outputs never overlap the jobs topic), `state` and `http`.
+
+use std::time::Duration;
+
+use super::{non_empty, positive, properties, Problems};
+use crate::config::plan::*;
+use crate::config::raw::{self, RawSink, RawSource, RawState};
+
+pub(super) fn source_plan(p: &mut Problems, source: RawSource) -> SourcePlan {
+    match source {
+        RawSource::Kafka {
+            brokers,
+            group,
+            topic,
+            librdkafka,
+        } => {
+            non_empty(p, "source.brokers", &brokers);
+            non_empty(p, "source.group", &group);
+            non_empty(p, "source.topic", &topic);
+            SourcePlan::Kafka(KafkaSourcePlan {
+                brokers,
+                group,
+                topic,
+                librdkafka: properties(p, "source.librdkafka", librdkafka),
+            })
+        }
+        RawSource::Nats {
+            url,
+            stream,
+            subjects,
+            create_stream,
+            consumer,
+            ack_wait_ms,
+            max_deliver,
+            batch,
+        } => {
+            if !(url.starts_with("nats://") || url.starts_with("tls://") || url.contains(':')) {
+                p.add(
+                    "source.url",
+                    format!("`{url}` is not a NATS URL (nats://host:4222)"),
+                );
+            }
+            if stream.is_empty() || stream.contains(['.', ' ', '*', '>']) {
+                p.add(
+                    "source.stream",
+                    "a stream name cannot be empty or contain `.`, spaces or wildcards",
+                );
+            }
+            if consumer.is_empty() || consumer.contains(['.', ' ', '*', '>']) {
+                p.add(
+                    "source.consumer",
+                    "a consumer name cannot be empty or contain `.`, spaces or wildcards",
+                );
+            }
+            if subjects.is_empty() {
+                p.add(
+                    "source.subjects",
+                    "list at least one subject (e.g. switchyard.jobs.>)",
+                );
+            }
+            if ack_wait_ms < 1000 {
+                p.add(
+                    "source.ack_wait_ms",
+                    "must be at least 1000 (in-progress acks are sent every third of it)",
+                );
+            }
+            if max_deliver == 0 || max_deliver < -1 {
+                p.add("source.max_deliver", "must be -1 (unlimited) or at least 1");
+            }
+            positive(p, "source.batch", batch as u64);
+            SourcePlan::Nats(NatsSourcePlan {
+                url,
+                stream,
+                subjects,
+                create_stream,
+                consumer,
+                ack_wait: Duration::from_millis(ack_wait_ms),
+                max_deliver,
+                batch,
+            })
+        }
+    }
+}
+
+pub(super) fn sink_plan(p: &mut Problems, sink: RawSink, source: &SourcePlan) -> SinkPlan {
+    match sink {
+        RawSink::Kafka {
+            brokers,
+            topics,
+            delivery_timeout_ms,
+            librdkafka,
+        } => {
+            let brokers = match (brokers, source) {
+                (Some(b), _) => b,
+                (None, SourcePlan::Kafka(k)) => k.brokers.clone(),
+                (None, SourcePlan::Nats(_)) => {
+                    p.add("sink.brokers", "required when the source is not Kafka");
+                    String::new()
+                }
+            };
+            let topics = topics_plan(p, topics);
+            positive(p, "sink.delivery_timeout_ms", delivery_timeout_ms);
+            SinkPlan::Kafka(KafkaSinkPlan {
+                brokers,
+                topics,
+                delivery_timeout: Duration::from_millis(delivery_timeout_ms),
+                librdkafka: properties(p, "sink.librdkafka", librdkafka),
+            })
+        }
+        RawSink::Nats {
+            url,
+            topics,
+            jetstream,
+            stream,
+            delivery_timeout_ms,
+        } => {
+            let url = match (url, source) {
+                (Some(u), _) => u,
+                (None, SourcePlan::Nats(n)) => n.url.clone(),
+                (None, SourcePlan::Kafka(_)) => {
+                    p.add("sink.url", "required when the source is not NATS");
+                    String::new()
+                }
+            };
+            let topics = topics_plan(p, topics);
+            for (field, subject) in [
+                ("results", &topics.results),
+                ("review", &topics.review),
+                ("dlq", &topics.dlq),
+            ] {
+                if subject.contains(['*', '>', ' ']) {
+                    p.add(
+                        format!("sink.topics.{field}"),
+                        "a subject prefix cannot contain wildcards or spaces",
+                    );
+                }
+            }
+            positive(p, "sink.delivery_timeout_ms", delivery_timeout_ms);
+            SinkPlan::Nats(NatsSinkPlan {
+                url,
+                topics,
+                jetstream,
+                stream,
+                delivery_timeout: Duration::from_millis(delivery_timeout_ms),
+            })
+        }
+    }
+}
+
+/// Outputs written where jobs are read would come back as jobs.
+pub(super) fn outputs_apart_from_jobs(p: &mut Problems, source: &SourcePlan, sink: &SinkPlan) {
+    let jobs_topic: String = match source {
+        SourcePlan::Kafka(k) => k.topic.clone(),
+        SourcePlan::Nats(n) => n.subjects.first().cloned().unwrap_or_default(),
+    };
+    let outputs = sink.topics();
+    for (field, topic) in [
+        ("results", &outputs.results),
+        ("review", &outputs.review),
+        ("dlq", &outputs.dlq),
+    ] {
+        let jobs_prefix = jobs_topic.trim_end_matches(".>");
+        if *topic == jobs_topic
+            || topic.starts_with(&format!("{jobs_prefix}."))
+            || topic == jobs_prefix
+        {
+            p.add(format!("sink.topics.{field}"), format!("`{topic}` overlaps the jobs topic `{jobs_topic}`: outputs would be read back as jobs"));
+        }
+    }
+}
+
+pub(super) fn state_section(p: &mut Problems, state: RawState) -> StatePlan {
+    match state {
+        RawState::Memory {
+            max_entries,
+            result_ttl_s,
+            claim_lease_ms,
+        } => {
+            positive(p, "state.max_entries", max_entries as u64);
+            state_plan(
+                p,
+                StateKind::Memory { max_entries },
+                result_ttl_s,
+                claim_lease_ms,
+            )
+        }
+        RawState::Redis {
+            url,
+            url_env,
+            key_prefix,
+            result_ttl_s,
+            claim_lease_ms,
+            timeout_ms,
+        } => {
+            positive(p, "state.timeout_ms", timeout_ms);
+            let url = match (url, url_env) {
+                (Some(url), None) => {
+                    if !(url.starts_with("redis://")
+                        || url.starts_with("rediss://")
+                        || url.starts_with("redis+unix://"))
+                    {
+                        p.add(
+                            "state.url",
+                            format!("`{url}` is not a redis:// or rediss:// URL"),
+                        );
+                    }
+                    RedisUrl::Inline(url)
+                }
+                (None, Some(var)) => {
+                    non_empty(p, "state.url_env", &var);
+                    RedisUrl::Env(var)
+                }
+                (Some(_), Some(_)) => {
+                    p.add("state.url", "set either `url` or `url_env`, not both");
+                    RedisUrl::Inline(String::new())
+                }
+                (None, None) => {
+                    p.add("state.url", "a redis state store needs `url` (or `url_env` naming a variable holding it)");
+                    RedisUrl::Inline(String::new())
+                }
+            };
+            let kind = StateKind::Redis {
+                url,
+                key_prefix,
+                timeout: Duration::from_millis(timeout_ms),
+            };
+            state_plan(p, kind, result_ttl_s, claim_lease_ms)
+        }
+    }
+}
+
+pub(super) fn http_listen(p: &mut Problems, listen: &str) -> Option<String> {
+    match listen {
+        "off" => None,
+        listen
+            if listen.parse::<std::net::SocketAddr>().is_ok()
+                || listen
+                    .rsplit_once(':')
+                    .is_some_and(|(_, port)| port.parse::<u16>().is_ok()) =>
+        {
+            Some(listen.to_owned())
+        }
+        listen => {
+            p.add(
+                "http.listen",
+                format!("`{listen}` is not host:port (or `off`)"),
+            );
+            None
+        }
+    }
+}
+
+pub(super) fn topics_plan(p: &mut Problems, topics: raw::RawTopics) -> Topics {
+    for (field, topic) in [
+        ("results", &topics.results),
+        ("review", &topics.review),
+        ("dlq", &topics.dlq),
+    ] {
+        non_empty(p, format!("sink.topics.{field}"), topic);
+    }
+    Topics {
+        results: topics.results,
+        review: topics.review,
+        dlq: topics.dlq,
+    }
+}
+
+pub(super) fn state_plan(
+    p: &mut Problems,
+    kind: StateKind,
+    result_ttl_s: u64,
+    claim_lease_ms: u64,
+) -> StatePlan {
+    positive(p, "state.result_ttl_s", result_ttl_s);
+    if result_ttl_s > 366 * 86_400 {
+        p.add("state.result_ttl_s", "must be at most a year (31622400)");
+    }
+    if !(1000..=86_400_000).contains(&claim_lease_ms) {
+        p.add(
+            "state.claim_lease_ms",
+            "must be between 1000 (it is renewed every third of it) and 86400000 (a day)",
+        );
+    }
+    StatePlan {
+        kind,
+        result_ttl: Duration::from_secs(result_ttl_s),
+        claim_lease: Duration::from_millis(claim_lease_ms),
+    }
+}

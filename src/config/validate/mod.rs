@@ -1,0 +1,135 @@
+//! Raw config -> [`Plan`]: every section checked and every reference resolved, one file per
+//! group of sections. Problems are collected, not returned at the first, so one run lists
+//! everything to fix, each naming its field.
+
+mod io;
+mod pipelines;
+mod providers;
+mod service;
+mod tenants;
+
+use std::collections::BTreeMap;
+
+use super::plan::*;
+use super::raw::{self, RawConfig};
+
+/// Collects problems instead of stopping at the first, so one run shows everything to fix;
+/// warnings are things that work but deserve a look.
+#[derive(Default)]
+pub(super) struct Problems(Vec<String>, Vec<String>);
+
+impl Problems {
+    pub(super) fn warn(&mut self, field: impl AsRef<str>, message: impl AsRef<str>) {
+        self.1
+            .push(format!("{}: {}", field.as_ref(), message.as_ref()));
+    }
+
+    pub(super) fn add(&mut self, field: impl AsRef<str>, message: impl AsRef<str>) {
+        self.0
+            .push(format!("{}: {}", field.as_ref(), message.as_ref()));
+    }
+}
+
+pub(super) fn validate(raw: RawConfig) -> Result<Plan, Vec<String>> {
+    let mut p = Problems::default();
+    let p = &mut p;
+    let source = io::source_plan(p, raw.source);
+    let sink = io::sink_plan(p, raw.sink, &source);
+    io::outputs_apart_from_jobs(p, &source, &sink);
+    let state = io::state_section(p, raw.state);
+    let limits = service::limits_plan(p, raw.limits);
+    let providers = providers::providers_plan(p, raw.providers);
+    let models = providers::models_plan(p, raw.models, &providers);
+    let prompts = pipelines::prompts_plan(p, raw.prompts);
+    let pipelines = pipelines::pipelines_plan(p, raw.pipelines, &models, &prompts);
+    let default_pipeline = pipelines::default_pipeline(p, raw.default_pipeline, &pipelines);
+    let pools = service::pools_plan(p, raw.pools);
+    let http_listen = io::http_listen(p, &raw.http.listen);
+    let log = service::log_plan(p, raw.log);
+    let tenants = tenants::tenants_plan(p, raw.tenants, limits.max_inflight_jobs);
+    let cache = service::cache_plan(p, raw.cache);
+    if !p.0.is_empty() {
+        return Err(std::mem::take(&mut p.0));
+    }
+    Ok(Plan {
+        tenants,
+        cache,
+        source,
+        sink,
+        state,
+        limits,
+        providers,
+        models,
+        pipelines,
+        default_pipeline,
+        pools,
+        http_listen,
+        log,
+        warnings: std::mem::take(&mut p.1),
+    })
+}
+
+pub(super) fn properties(
+    p: &mut Problems,
+    field: &str,
+    raw: BTreeMap<String, serde_norway::Value>,
+) -> Vec<(String, String)> {
+    raw.into_iter()
+        .filter_map(|(key, value)| {
+            let text = match value {
+                serde_norway::Value::String(s) => s,
+                serde_norway::Value::Number(n) => n.to_string(),
+                serde_norway::Value::Bool(b) => b.to_string(),
+                _ => {
+                    p.add(
+                        format!("{field}.{key}"),
+                        "librdkafka properties must be strings, numbers or booleans",
+                    );
+                    return None;
+                }
+            };
+            Some((key, text))
+        })
+        .collect()
+}
+
+pub(super) fn rate_limits(p: &mut Problems, field: &str, raw: &raw::RawRateLimits) -> RateLimits {
+    for (name, value) in [("rpm", raw.rpm), ("tpm", raw.tpm)] {
+        rate(p, &format!("{field}.{name}"), value);
+    }
+    RateLimits {
+        rpm: raw.rpm,
+        tpm: raw.tpm,
+    }
+}
+
+/// A rate or budget must be a positive, finite number when set.
+pub(super) fn rate(p: &mut Problems, field: &str, value: Option<f64>) {
+    if let Some(v) = value {
+        if !(v.is_finite() && v > 0.0) {
+            p.add(field, format!("{v} must be a positive number"));
+        }
+    }
+}
+
+pub(super) fn non_empty(p: &mut Problems, field: impl AsRef<str>, value: &str) {
+    if value.trim().is_empty() {
+        p.add(field, "must not be empty");
+    }
+}
+
+pub(super) fn positive(p: &mut Problems, field: impl AsRef<str>, value: u64) {
+    if value == 0 {
+        p.add(field, "must be greater than 0");
+    }
+}
+
+pub(super) fn keys<V>(map: &BTreeMap<String, V>) -> String {
+    if map.is_empty() {
+        return "none".into();
+    }
+    map.keys()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,227 @@
+//! One delivery from bytes to acknowledged output, in the admission order of
+//! `docs/architecture.md` ("One job's path"): decode -> pipeline -> deadline -> idempotency
+//! claim -> pipeline run -> confirmed write -> idempotency complete -> ack.
+//!
+//! Every path ends in exactly one of: an output confirmed by the sink and then an ack, or a hand
+//! back (no ack, claim released) when the process is stopping. Nothing is dropped silently.
+//! [`outcome`] decides what a delivery ends as (and builds every dead letter), [`claim`] holds
+//! the idempotency claim, [`write`] gets the output confirmed by the sink.
+
+mod claim;
+mod outcome;
+mod write;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+
+use crate::admission::Scheduler;
+use crate::config::Plan;
+use crate::pipeline::Runner;
+use crate::sink::OutputSink;
+use crate::source::Delivery;
+use crate::state::StateStore;
+use crate::telemetry::metrics::Metrics;
+use crate::wire::{DeadLetterReason, Outcome, SourceInfo};
+use claim::LeaseLost;
+use outcome::Decision;
+
+/// How long to wait between looks at a key another worker is processing.
+const BUSY_POLL: Duration = Duration::from_millis(100);
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+/// How often a job whose tenant queue is full tries to enter it again.
+const QUEUE_FULL_RETRY: Duration = Duration::from_millis(50);
+/// How long a JetStream message whose tenant queue was full waits before its redelivery.
+const QUEUE_FULL_DEFER: Duration = Duration::from_secs(2);
+
+pub struct Engine<K> {
+    plan: Arc<Plan>,
+    runner: Runner,
+    scheduler: Scheduler,
+    state: StateStore,
+    sink: K,
+    metrics: Arc<Metrics>,
+}
+
+/// The job was stopped before its output was confirmed: it stays unacked for redelivery, at
+/// once or after a delay (its tenant's queue was full and the broker can redeliver later).
+#[derive(Debug, Clone, Copy)]
+enum Stopped {
+    Now,
+    Deferred(Duration),
+}
+
+/// One delivery as the engine sees it: what every stage of its path needs.
+struct Incoming<'a> {
+    payload: &'a [u8],
+    source: &'a SourceInfo,
+    received_at: DateTime<Utc>,
+    /// The validated W3C `traceparent` it arrived with.
+    trace: Option<&'a str>,
+    /// The broker can redeliver it later (JetStream), so a full tenant queue may defer it.
+    deferrable: bool,
+}
+
+impl<K: OutputSink> Engine<K> {
+    pub fn new(
+        plan: Arc<Plan>,
+        runner: Runner,
+        scheduler: Scheduler,
+        state: StateStore,
+        sink: K,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            plan,
+            runner,
+            scheduler,
+            state,
+            sink,
+            metrics,
+        }
+    }
+
+    pub fn sink(&self) -> &K {
+        &self.sink
+    }
+
+    /// Processes one delivery to its end; `stop` hands unfinished work back.
+    pub async fn handle(&self, delivery: Delivery, stop: &CancellationToken) {
+        let Delivery {
+            payload,
+            traceparent,
+            source,
+            received_at,
+            ack,
+        } = delivery;
+        let incoming = Incoming {
+            payload: &payload,
+            source: &source,
+            received_at,
+            trace: traceparent.as_deref(),
+            deferrable: ack.can_defer(),
+        };
+        let work = self.process(&incoming, stop);
+        let finished = tokio::select! {
+            finished = work => finished,
+            never = ack.keep_alive_forever() => match never {},
+        };
+        match finished {
+            Ok(poison) => ack.ack(poison).await,
+            Err(Stopped::Now) => ack.hand_back().await,
+            Err(Stopped::Deferred(delay)) => ack.defer(delay).await,
+        }
+    }
+
+    /// Decides, writes and records the outcome; `Ok(poison)` once it is confirmed written.
+    async fn process(
+        &self,
+        incoming: &Incoming<'_>,
+        stop: &CancellationToken,
+    ) -> Result<bool, Stopped> {
+        let Decision {
+            outcome,
+            claim,
+            pipeline,
+        } = self.decide(incoming, stop).await?;
+        let poison = matches!(&outcome, Outcome::DeadLetter(dl) if dl.reason == DeadLetterReason::InvalidJob);
+        let Some((key, token)) = claim else {
+            let written = self.write(outcome, incoming, stop).await?;
+            self.finished(&written, pipeline.as_deref(), incoming);
+            return Ok(poison);
+        };
+        // The claim stays held until the outcome is recorded: a slow write must not let a
+        // redelivery take the key over and call the provider again.
+        let finish = async {
+            let written = self.write(outcome, incoming, stop).await?;
+            match serde_json::to_vec(&written) {
+                Ok(bytes) => self.record(&key, Bytes::from(bytes)).await,
+                Err(e) => {
+                    tracing::error!(key = %key, error = %e, "could not encode the outcome for the state store")
+                }
+            }
+            Ok(written)
+        };
+        let finished = tokio::select! {
+            finished = finish => finished,
+            LeaseLost = self.hold_claim(&key, &token) => {
+                // Another worker owns the key now; writing too would duplicate its output.
+                tracing::warn!(key = %key, "claim lease lost before the output was written; handing the job back");
+                return Err(Stopped::Now);
+            }
+        };
+        match finished {
+            Ok(written) => {
+                self.finished(&written, pipeline.as_deref(), incoming);
+                Ok(poison)
+            }
+            Err(stopped) => {
+                self.release(&key, &token).await;
+                Err(stopped)
+            }
+        }
+    }
+
+    /// The job's outcome is confirmed written: one metrics update and one log record.
+    fn finished(&self, outcome: &Outcome, pipeline: Option<&str>, incoming: &Incoming<'_>) {
+        let trace = incoming.trace;
+        let pipeline = pipeline.unwrap_or("none");
+        let m = &self.metrics;
+        m.job_duration
+            .with_label_values(&[pipeline])
+            .observe(seconds_since(incoming.received_at));
+        match outcome {
+            Outcome::Result(r) => {
+                let status = if r.duplicate {
+                    "duplicate"
+                } else {
+                    r.status.as_str()
+                };
+                m.jobs_finished.with_label_values(&[pipeline, status]).inc();
+                if !r.duplicate {
+                    let tenant = self.plan.tenants.label(&r.tenant);
+                    m.tenant_tokens
+                        .with_label_values(&[tenant, "input"])
+                        .inc_by(r.usage.input_tokens);
+                    m.tenant_tokens
+                        .with_label_values(&[tenant, "output"])
+                        .inc_by(r.usage.output_tokens);
+                    if r.usage.cost_usd.is_finite() && r.usage.cost_usd > 0.0 {
+                        m.tenant_cost
+                            .with_label_values(&[tenant])
+                            .inc_by(r.usage.cost_usd);
+                    }
+                }
+                tracing::info!(job_id = %r.job_id, tenant = %r.tenant, pipeline, status, traceparent = trace, latency_ms = r.latency_ms,
+                    input_tokens = r.usage.input_tokens, output_tokens = r.usage.output_tokens, cost_usd = r.usage.cost_usd,
+                    "job finished");
+            }
+            Outcome::DeadLetter(dl) => {
+                let status = if dl.duplicate {
+                    "duplicate"
+                } else {
+                    "dead_letter"
+                };
+                m.jobs_finished.with_label_values(&[pipeline, status]).inc();
+                if !dl.duplicate {
+                    m.dead_letters
+                        .with_label_values(&[dl.reason.as_str()])
+                        .inc();
+                }
+                tracing::warn!(job_id = dl.job_id.as_deref().unwrap_or("-"), tenant = dl.tenant.as_deref().unwrap_or("-"),
+                    pipeline, status, traceparent = trace, reason = dl.reason.as_str(), attempts = dl.attempts, error = %dl.error, "job dead-lettered");
+            }
+        }
+    }
+}
+
+fn seconds_since(at: DateTime<Utc>) -> f64 {
+    (Utc::now() - at)
+        .to_std()
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}

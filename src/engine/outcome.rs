@@ -1,0 +1,364 @@
+//! What a delivery ends as: decoded and validated, matched to its pipeline, checked against its
+//! deadline, claimed (or replayed from its stored outcome), admitted and run. Every dead letter
+//! of the engine is built here, by [`Incoming::dead_letter`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use super::{
+    seconds_since, Engine, Incoming, LeaseLost, Stopped, QUEUE_FULL_DEFER, QUEUE_FULL_RETRY,
+};
+use crate::admission::QueueFull;
+use crate::config::PipelinePlan;
+use crate::pipeline::{RunFailure, RunOutput};
+use crate::sink::OutputSink;
+use crate::state::ClaimToken;
+use crate::wire::{
+    decode_job, DeadLetter, DeadLetterReason, Job, JobResult, Outcome, StepRecord, TenantId, Usage,
+};
+
+/// What a decided job needs written and remembered.
+pub(super) struct Decision {
+    pub outcome: Outcome,
+    /// The claim to complete once the outcome is written (absent for replays and for payloads
+    /// that never got as far as a claim).
+    pub claim: Option<(String, ClaimToken)>,
+    /// The pipeline the job ran (or would have run) in, when known: a metrics label.
+    pub pipeline: Option<String>,
+}
+
+/// Whose dead letter it is.
+pub(super) enum Who<'a> {
+    /// A decoded job.
+    Job(&'a Job),
+    /// An outcome already built for a job.
+    Known {
+        job_id: Option<String>,
+        tenant: Option<String>,
+    },
+    /// A payload that did not decode: what can still be read of it.
+    Undecoded,
+}
+
+impl Who<'_> {
+    pub(super) fn of(outcome: &Outcome) -> Who<'static> {
+        match outcome {
+            Outcome::Result(r) => Who::Known {
+                job_id: Some(r.job_id.clone()),
+                tenant: Some(r.tenant.clone()),
+            },
+            Outcome::DeadLetter(d) => Who::Known {
+                job_id: d.job_id.clone(),
+                tenant: d.tenant.clone(),
+            },
+        }
+    }
+
+    pub(super) fn job_id(&self) -> Option<&str> {
+        match self {
+            Who::Job(job) => Some(&job.id),
+            Who::Known { job_id, .. } => job_id.as_deref(),
+            Who::Undecoded => None,
+        }
+    }
+}
+
+impl Incoming<'_> {
+    /// The dead letter of this delivery: its reason, a sentence to act on, the attempts made,
+    /// the original payload and source position, and whose job it was.
+    pub(super) fn dead_letter(
+        &self,
+        reason: DeadLetterReason,
+        error: String,
+        who: Who<'_>,
+        attempts: u32,
+    ) -> DeadLetter {
+        let mut dl = DeadLetter::new(reason, error, self.payload, self.source.clone());
+        dl.attempts = attempts;
+        (dl.job_id, dl.tenant) = match who {
+            Who::Job(job) => (Some(job.id.clone()), Some(job.tenant.to_string())),
+            Who::Known { job_id, tenant } => (job_id, tenant),
+            Who::Undecoded => best_effort_identity(self.payload),
+        };
+        dl
+    }
+
+    /// A decision that ends the job before any claim.
+    fn unclaimed(
+        &self,
+        reason: DeadLetterReason,
+        error: String,
+        who: Who<'_>,
+        pipeline: Option<String>,
+    ) -> Decision {
+        Decision {
+            outcome: Outcome::DeadLetter(self.dead_letter(reason, error, who, 0)),
+            claim: None,
+            pipeline,
+        }
+    }
+
+    /// The stored outcome of an earlier delivery, marked as a duplicate.
+    fn replay(&self, stored: &[u8], job: &Job) -> Outcome {
+        match serde_json::from_slice::<Outcome>(stored) {
+            Ok(Outcome::Result(mut r)) => {
+                r.duplicate = true;
+                Outcome::Result(r)
+            }
+            Ok(Outcome::DeadLetter(mut dl)) => {
+                dl.duplicate = true;
+                Outcome::DeadLetter(dl)
+            }
+            Err(e) => {
+                let mut dl = self.dead_letter(
+                    DeadLetterReason::Internal,
+                    format!("this idempotency key finished before but its stored outcome is unreadable ({e}); republish with a new idempotency_key to process it again"),
+                    Who::Job(job),
+                    0,
+                );
+                dl.duplicate = true;
+                Outcome::DeadLetter(dl)
+            }
+        }
+    }
+}
+
+impl<K: OutputSink> Engine<K> {
+    /// Decides what the delivery ends as; `Err` when it is stopped (handed back) first.
+    pub(super) async fn decide(
+        &self,
+        incoming: &Incoming<'_>,
+        stop: &CancellationToken,
+    ) -> Result<Decision, Stopped> {
+        let (payload, received_at) = (incoming.payload, incoming.received_at);
+        let job = match decode_job(payload, self.plan.limits.max_job_bytes, received_at) {
+            Ok(job) => job,
+            Err(invalid) => {
+                return Ok(incoming.unclaimed(
+                    DeadLetterReason::InvalidJob,
+                    invalid.to_string(),
+                    Who::Undecoded,
+                    None,
+                ))
+            }
+        };
+        let pipeline = match self.pipeline_for(&job) {
+            Ok(p) => p,
+            Err(error) => {
+                return Ok(incoming.unclaimed(
+                    DeadLetterReason::InvalidJob,
+                    error,
+                    Who::Job(&job),
+                    None,
+                ))
+            }
+        };
+        if let Some(deadline) = job.deadline.filter(|d| *d <= Utc::now()) {
+            let error = format!(
+                "deadline {} had passed when the job was received",
+                deadline.to_rfc3339()
+            );
+            return Ok(incoming.unclaimed(
+                DeadLetterReason::DeadlineExceeded,
+                error,
+                Who::Job(&job),
+                Some(pipeline.name.clone()),
+            ));
+        }
+        let key = job.state_key();
+        let token = match self.claim(&key, stop).await? {
+            Ok(token) => token,
+            Err(stored) => {
+                return Ok(Decision {
+                    outcome: incoming.replay(&stored, &job),
+                    claim: None,
+                    pipeline: Some(pipeline.name.clone()),
+                })
+            }
+        };
+        let started = Instant::now();
+        self.metrics.queue_wait.observe(seconds_since(received_at));
+        let span = tracing::info_span!("job", job_id = %job.id, tenant = %job.tenant, pipeline = %pipeline.name, traceparent = incoming.trace);
+        let run = tokio::select! {
+            biased;
+            () = stop.cancelled() => {
+                self.release(&key, &token).await;
+                return Err(Stopped::Now);
+            }
+            run = self.admit_and_run(&job, &pipeline, incoming.deferrable).instrument(span) => match run {
+                Ok(run) => run,
+                Err(deferred) => {
+                    self.release(&key, &token).await;
+                    return Err(deferred);
+                }
+            },
+            LeaseLost = self.hold_claim(&key, &token) => {
+                tracing::warn!(key = %key, "claim lease lost while the job ran; handing it back to the worker that holds it");
+                return Err(Stopped::Now);
+            }
+        };
+        let outcome = match run {
+            Ok(out) => {
+                let mut usage = Usage::default();
+                out.steps.iter().for_each(|s| usage.add(s));
+                let completed_at = Utc::now();
+                Outcome::Result(JobResult {
+                    job_id: job.id.clone(),
+                    tenant: job.tenant.to_string(),
+                    pipeline: pipeline.name.clone(),
+                    status: out.status,
+                    output: out.output,
+                    route: out.route,
+                    steps: out.steps,
+                    usage,
+                    duplicate: false,
+                    metadata: job.metadata.clone(),
+                    received_at,
+                    completed_at,
+                    latency_ms: u64::try_from(
+                        (completed_at - received_at).num_milliseconds().max(0),
+                    )
+                    .unwrap_or(0),
+                })
+            }
+            Err(RunFailure {
+                reason,
+                error,
+                attempts,
+            }) => {
+                tracing::debug!(job_id = %job.id, elapsed_ms = started.elapsed().as_millis() as u64, "pipeline failed");
+                Outcome::DeadLetter(incoming.dead_letter(reason, error, Who::Job(&job), attempts))
+            }
+        };
+        Ok(Decision {
+            outcome,
+            claim: Some((key, token)),
+            pipeline: Some(pipeline.name.clone()),
+        })
+    }
+
+    /// Waits for the job's turn under its tenant's limits and the fair scheduler, then runs
+    /// its pipeline. A deadline that passes while it waits dead-letters it before any call.
+    async fn admit_and_run(
+        &self,
+        job: &Job,
+        pipeline: &PipelinePlan,
+        deferrable: bool,
+    ) -> Result<Result<RunOutput, RunFailure>, Stopped> {
+        let expired = async {
+            match job.deadline {
+                Some(deadline) => {
+                    let left = (deadline - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+                    tokio::time::sleep(left).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let admitted = async {
+            loop {
+                match self
+                    .scheduler
+                    .admit(job.tenant.as_str(), job.priority)
+                    .await
+                {
+                    Ok(Some(slot)) => return Ok(slot),
+                    // The scheduler stopped: the process is shutting down and hands this back.
+                    Ok(None) => std::future::pending::<()>().await,
+                    // The tenant's queue is full. Where the broker can redeliver later
+                    // (JetStream), give the message back with a delay so it frees its in-flight
+                    // slot for other tenants; otherwise wait outside the queue (still bounded
+                    // by the in-flight limit).
+                    Err(QueueFull) if deferrable => {
+                        return Err(Stopped::Deferred(QUEUE_FULL_DEFER))
+                    }
+                    Err(QueueFull) => tokio::time::sleep(QUEUE_FULL_RETRY).await,
+                }
+            }
+        };
+        let slot = tokio::select! {
+            slot = admitted => slot?,
+            () = expired => {
+                return Ok(Err(RunFailure {
+                    reason: DeadLetterReason::DeadlineExceeded,
+                    error: "the deadline passed while the job waited for admission (tenant limits or a full scheduler); no provider was called".into(),
+                    attempts: 0,
+                }));
+            }
+        };
+        let mut out = match self.runner.run(job, pipeline).await {
+            Ok(out) => out,
+            Err(failure) => return Ok(Err(failure)),
+        };
+        if slot.throttled {
+            let queued_ms = u64::try_from(slot.queued.as_millis()).unwrap_or(u64::MAX);
+            out.steps.insert(
+                0,
+                StepRecord {
+                    name: "admission".into(),
+                    kind: "admission".into(),
+                    provider: None,
+                    model: None,
+                    attempts: 0,
+                    cached: false,
+                    latency_ms: queued_ms,
+                    input_tokens: 0,
+                    output_tokens: 0,
+                    cost_usd: 0.0,
+                    throttled_ms: queued_ms,
+                },
+            );
+        }
+        drop(slot);
+        Ok(Ok(out))
+    }
+
+    fn pipeline_for(&self, job: &Job) -> Result<Arc<PipelinePlan>, String> {
+        let name = match (&job.pipeline, &self.plan.default_pipeline) {
+            (Some(name), _) | (None, Some(name)) => name,
+            (None, None) => {
+                return Err(format!(
+                "job names no `pipeline` and the config sets no `default_pipeline`; set one of: {}",
+                self.pipeline_names()
+            ))
+            }
+        };
+        self.plan.pipelines.get(name).cloned().ok_or_else(|| {
+            format!(
+                "pipeline `{name}` is not configured; configured pipelines: {}",
+                self.pipeline_names()
+            )
+        })
+    }
+
+    fn pipeline_names(&self) -> String {
+        self.plan
+            .pipelines
+            .keys()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// `id` and `tenant` of a payload that failed validation, when they can still be read, so the
+/// dead letter can be routed and traced.
+fn best_effort_identity(payload: &[u8]) -> (Option<String>, Option<String>) {
+    let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(payload) else {
+        return (None, None);
+    };
+    let id = map
+        .get("id")
+        .and_then(Value::as_str)
+        .map(|s| s.chars().take(128).collect());
+    let tenant = map
+        .get("tenant")
+        .and_then(Value::as_str)
+        .and_then(|t| TenantId::parse(t).ok())
+        .map(|t| t.to_string());
+    (id, tenant)
+}

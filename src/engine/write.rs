@@ -1,0 +1,90 @@
+//! Getting an outcome confirmed by the sink: retried until confirmed or the process stops; a
+//! result the sink can never take becomes an `internal` dead letter.
+
+use tokio_util::sync::CancellationToken;
+
+use super::outcome::Who;
+use super::{Engine, Incoming, Stopped, RETRY_MAX, RETRY_MIN};
+use crate::sink::{Destination, Output, OutputSink, SinkError};
+use crate::wire::{DeadLetterReason, Outcome, ResultStatus};
+
+impl<K: OutputSink> Engine<K> {
+    /// Writes the outcome, retrying failures until confirmed or stopped, and returns what was
+    /// written. A result the sink can never take becomes an `internal` dead letter instead; a
+    /// dead letter that cannot be written is retried (and logged) until the topic is fixed,
+    /// never dropped and never handed back for a paid re-run.
+    pub(super) async fn write(
+        &self,
+        outcome: Outcome,
+        incoming: &Incoming<'_>,
+        stop: &CancellationToken,
+    ) -> Result<Outcome, Stopped> {
+        let trace = incoming.trace;
+        let mut outcome = outcome;
+        let mut output = output_for(&outcome, trace)?;
+        let mut delay = RETRY_MIN;
+        loop {
+            match self.sink.send(&output).await {
+                Ok(()) => return Ok(outcome),
+                Err(SinkError::Transient(e)) => {
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "output write failed; retrying");
+                }
+                Err(SinkError::Permanent(e)) if output.destination != Destination::DeadLetters => {
+                    let who = Who::of(&outcome);
+                    tracing::error!(job_id = who.job_id().unwrap_or("-"), error = %e, "result cannot be written; dead-lettering it");
+                    let error = format!(
+                        "the result ({} bytes) could not be written to its topic: {e}; raise the sink's message size limit or lower the model's max_tokens",
+                        output.payload.len()
+                    );
+                    outcome = Outcome::DeadLetter(incoming.dead_letter(
+                        DeadLetterReason::Internal,
+                        error,
+                        who,
+                        0,
+                    ));
+                    output = output_for(&outcome, trace)?;
+                    continue;
+                }
+                Err(SinkError::Permanent(e)) => {
+                    // Dead-letter payloads are capped, so the dead-letter topic itself is unusable
+                    // (not authorized, missing). Keep the job and retry until an operator fixes it.
+                    tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "dead letter cannot be written; retrying");
+                }
+            }
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return Err(Stopped::Now),
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(RETRY_MAX);
+        }
+    }
+}
+
+fn output_for(outcome: &Outcome, trace: Option<&str>) -> Result<Output, Stopped> {
+    let (destination, tenant, payload) = match outcome {
+        Outcome::Result(r) => {
+            let destination = if r.status == ResultStatus::Review {
+                Destination::Review
+            } else {
+                Destination::Results
+            };
+            (destination, Some(r.tenant.clone()), serde_json::to_vec(r))
+        }
+        Outcome::DeadLetter(dl) => (
+            Destination::DeadLetters,
+            dl.tenant.clone(),
+            serde_json::to_vec(dl),
+        ),
+    };
+    let payload = payload.map_err(|e| {
+        tracing::error!(error = %e, "could not encode output");
+        Stopped::Now
+    })?;
+    Ok(Output {
+        destination,
+        tenant,
+        payload,
+        traceparent: trace.map(str::to_owned),
+    })
+}
