@@ -1,4 +1,4 @@
-//! The provider error taxonomy (DESIGN section 5) and the one place that maps an error to an
+//! The provider error taxonomy (`docs/architecture.md`, section 5) and the one place that maps an error to an
 //! action. Every caller decides retries and fallbacks through [`ProviderError::action`].
 
 use std::time::Duration;

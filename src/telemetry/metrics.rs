@@ -1,4 +1,4 @@
-//! Prometheus metrics: every name and label in one place (DESIGN section 6).
+//! Prometheus metrics: every name and label in one place (`docs/architecture.md`, section 6).
 //!
 //! Labels are bounded by configuration: pipeline and step names, provider and model names from
 //! the plan, fixed enums for status, outcome, reason and direction. Nothing job- or user-derived

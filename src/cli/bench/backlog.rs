@@ -12,8 +12,7 @@ use anyhow::Context as _;
 use serde::Serialize;
 
 use super::{bench_job, BenchArgs};
-use switchyard::config::{self, Faults, Latency, MockSettings, Topics};
-use switchyard::provider::mock::MockServer;
+use switchyard::config::{self, Topics};
 use switchyard::testkit::{publish, EmbeddedKafka, OutputCollector, DEMO_CONFIG};
 
 #[derive(Debug, Serialize)]
@@ -55,17 +54,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         args.jobs >= 10,
         "--jobs must be at least 10 in backlog mode"
     );
-    let mock = MockServer::start(
-        "127.0.0.1:0",
-        MockSettings {
-            latency: Latency::Fixed {
-                ms: args.provider_latency_ms,
-            },
-            faults: Faults::default(),
-            seed: Some(7),
-        },
-    )
-    .await?;
+    let mock = super::start_mock(args.provider_latency_ms).await?;
     let llm = format!("http://{}/v1", mock.addr());
     let baseline = one_run(args, args.jobs / 10, &llm).await?;
     let full = one_run(args, args.jobs, &llm).await?;

@@ -149,17 +149,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         args.rate.is_finite() && args.rate > 0.0,
         "--rate must be positive"
     );
-    let mock = MockServer::start(
-        "127.0.0.1:0",
-        MockSettings {
-            latency: Latency::Fixed {
-                ms: args.provider_latency_ms,
-            },
-            faults: Faults::default(),
-            seed: Some(7),
-        },
-    )
-    .await?;
+    let mock = start_mock(args.provider_latency_ms).await?;
     let topics = Topics {
         results: "bench.results".into(),
         review: "bench.review".into(),
@@ -361,6 +351,19 @@ async fn run_switchyard(
 }
 
 /// The service on `plan` in the background: its task, its health and the token that stops it.
+/// The mock provider every bench mode calls: a fixed latency, no faults, a fixed seed.
+async fn start_mock(latency_ms: u64) -> anyhow::Result<MockServer> {
+    Ok(MockServer::start(
+        "127.0.0.1:0",
+        MockSettings {
+            latency: Latency::Fixed { ms: latency_ms },
+            faults: Faults::default(),
+            seed: Some(7),
+        },
+    )
+    .await?)
+}
+
 async fn start_service(
     plan: config::Plan,
 ) -> anyhow::Result<(
