@@ -437,18 +437,24 @@ pub enum Outcome {
     DeadLetter(DeadLetter),
 }
 
-/// A W3C `traceparent` value (`00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`), when the
-/// header holds a well-formed one; anything else is ignored rather than propagated.
+/// A W3C `traceparent` value, when the header is one exactly: version `00`, 55 characters
+/// (`00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`), lowercase hex, neither id all zeros.
+/// Anything else (other versions, extra fields, whitespace, control characters) is dropped, never
+/// copied: the value goes into output headers and log records.
 pub fn valid_traceparent(value: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(value).ok()?.trim();
-    let parts: Vec<&str> = text.split('-').collect();
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-    (parts.len() >= 4
-        && hex(parts[0], 2)
-        && hex(parts[1], 32)
-        && hex(parts[2], 16)
-        && hex(parts[3], 2))
-    .then(|| text.to_owned())
+    let lower_hex = |s: &[u8]| s.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let not_zero = |s: &[u8]| s.iter().any(|b| *b != b'0');
+    let ok = value.len() == 55
+        && value.starts_with(b"00-")
+        && value[35] == b'-'
+        && value[52] == b'-'
+        && lower_hex(&value[3..35])
+        && lower_hex(&value[36..52])
+        && lower_hex(&value[53..55])
+        && not_zero(&value[3..35])
+        && not_zero(&value[36..52]);
+    // Only ASCII passed the checks, so this cannot fail.
+    ok.then(|| String::from_utf8_lossy(value).into_owned())
 }
 
 /// Counts of anything keyed by name, ordered for stable printing.
@@ -531,6 +537,22 @@ mod tests {
         );
         assert_eq!(valid_traceparent(b"00-xyz-1-01"), None);
         assert_eq!(valid_traceparent(&[0xff]), None);
+    }
+
+    #[test]
+    fn a_traceparent_with_a_crlf_tail_or_any_deviation_is_dropped() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        for bad in [
+            format!("{good}-x\r\nX-Injected: 1"),
+            format!("{good}\r\n"),
+            format!(" {good}"),
+            good.to_uppercase(),
+            good.replacen("00-", "01-", 1),
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01".to_owned(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01".to_owned(),
+        ] {
+            assert_eq!(valid_traceparent(bad.as_bytes()), None, "{bad:?}");
+        }
     }
 
     #[test]

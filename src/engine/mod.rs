@@ -11,11 +11,13 @@ mod claim;
 mod outcome;
 mod write;
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use futures::FutureExt as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::Scheduler;
@@ -25,9 +27,9 @@ use crate::sink::OutputSink;
 use crate::source::Delivery;
 use crate::state::StateStore;
 use crate::telemetry::metrics::Metrics;
-use crate::wire::{DeadLetterReason, Outcome, SourceInfo};
+use crate::wire::{decode_job, DeadLetterReason, Job, Outcome, SourceInfo};
 use claim::LeaseLost;
-use outcome::Decision;
+use outcome::{Decision, Who};
 
 /// How long to wait between looks at a key another worker is processing.
 const BUSY_POLL: Duration = Duration::from_millis(100);
@@ -56,6 +58,7 @@ enum Stopped {
 }
 
 /// One delivery as the engine sees it: what every stage of its path needs.
+#[derive(Clone, Copy)]
 struct Incoming<'a> {
     payload: &'a [u8],
     source: &'a SourceInfo,
@@ -105,10 +108,17 @@ impl<K: OutputSink> Engine<K> {
             trace: traceparent.as_deref(),
             deferrable: ack.can_defer(),
         };
-        let work = self.process(&incoming, stop);
+        let work = AssertUnwindSafe(self.process(&incoming, stop)).catch_unwind();
         let finished = tokio::select! {
             finished = work => finished,
             never = ack.keep_alive_forever() => match never {},
+        };
+        let finished = match finished {
+            Ok(finished) => finished,
+            Err(panic) => {
+                self.after_panic(&incoming, panic_message(&*panic), stop)
+                    .await
+            }
         };
         match finished {
             Ok(poison) => ack.ack(poison).await,
@@ -127,17 +137,18 @@ impl<K: OutputSink> Engine<K> {
             outcome,
             claim,
             pipeline,
+            output_key,
         } = self.decide(incoming, stop).await?;
         let poison = matches!(&outcome, Outcome::DeadLetter(dl) if dl.reason == DeadLetterReason::InvalidJob);
         let Some((key, token)) = claim else {
-            let written = self.write(outcome, incoming, stop).await?;
+            let written = self.write(outcome, incoming, &output_key, stop).await?;
             self.finished(&written, pipeline.as_deref(), incoming);
             return Ok(poison);
         };
         // The claim stays held until the outcome is recorded: a slow write must not let a
         // redelivery take the key over and call the provider again.
         let finish = async {
-            let written = self.write(outcome, incoming, stop).await?;
+            let written = self.write(outcome, incoming, &output_key, stop).await?;
             match serde_json::to_vec(&written) {
                 Ok(bytes) => self.record(&key, Bytes::from(bytes)).await,
                 Err(e) => {
@@ -162,6 +173,51 @@ impl<K: OutputSink> Engine<K> {
             Err(stopped) => {
                 self.release(&key, &token).await;
                 Err(stopped)
+            }
+        }
+    }
+
+    /// A bug panicked the job's task. The job becomes an `internal` dead letter (written without
+    /// the headers it came with), recorded as its outcome and counted, so it is neither lost nor
+    /// re-run, and re-billed, after every restart.
+    async fn after_panic(
+        &self,
+        incoming: &Incoming<'_>,
+        message: String,
+        stop: &CancellationToken,
+    ) -> Result<bool, Stopped> {
+        self.metrics.job_panics.inc();
+        tracing::error!(error = %message, source = ?incoming.source, "job task panicked; dead-lettering the job as internal");
+        let job = decode_job(
+            incoming.payload,
+            self.plan.limits.max_job_bytes,
+            incoming.received_at,
+        )
+        .ok();
+        let key = job.as_ref().map(Job::state_key);
+        let who = job.as_ref().map_or(Who::Undecoded, Who::Job);
+        let error = format!("switchyard failed internally while processing this job ({message}); it is not retried automatically, so please report it with this dead letter and republish the job with a new idempotency_key once fixed");
+        let dl = incoming.dead_letter(DeadLetterReason::Internal, error, who, 0);
+        let bare = Incoming {
+            trace: None,
+            ..*incoming
+        };
+        let output_key = key.clone().unwrap_or_else(|| incoming.position());
+        let write = self.write(Outcome::DeadLetter(dl), &bare, &output_key, stop);
+        match AssertUnwindSafe(write).catch_unwind().await {
+            Ok(Ok(written)) => {
+                if let (Some(key), Ok(bytes)) = (key, serde_json::to_vec(&written)) {
+                    self.record(&key, Bytes::from(bytes)).await;
+                }
+                self.finished(&written, None, incoming);
+                Ok(false)
+            }
+            Ok(Err(stopped)) => Err(stopped),
+            Err(_) => {
+                tracing::error!(
+                    "writing the dead letter of a panicked job panicked too; handing the job back"
+                );
+                Err(Stopped::Now)
             }
         }
     }
@@ -224,4 +280,14 @@ fn seconds_since(at: DateTime<Utc>) -> f64 {
         .to_std()
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
+}
+
+/// The text a panic was raised with.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned());
+    text.chars().take(300).collect()
 }

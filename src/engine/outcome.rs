@@ -30,6 +30,9 @@ pub(super) struct Decision {
     pub claim: Option<(String, ClaimToken)>,
     /// The pipeline the job ran (or would have run) in, when known: a metrics label.
     pub pipeline: Option<String>,
+    /// The identity its outputs' ids derive from: tenant + idempotency key for a decoded job,
+    /// the source position for a payload that did not decode.
+    pub output_key: String,
 }
 
 /// Whose dead letter it is.
@@ -96,11 +99,29 @@ impl Incoming<'_> {
         who: Who<'_>,
         pipeline: Option<String>,
     ) -> Decision {
+        let output_key = match &who {
+            Who::Job(job) => job.state_key(),
+            _ => self.position(),
+        };
         Decision {
             outcome: Outcome::DeadLetter(self.dead_letter(reason, error, who, 0)),
             claim: None,
             pipeline,
+            output_key,
         }
+    }
+
+    /// Where the message sits in its source: the identity of a payload that has no other.
+    pub(super) fn position(&self) -> String {
+        let s = self.source;
+        format!(
+            "{}:{}:{}:{}:{}",
+            s.transport,
+            s.topic,
+            s.partition.map_or(String::new(), |p| p.to_string()),
+            s.offset.map_or(String::new(), |o| o.to_string()),
+            s.stream_seq.map_or(String::new(), |q| q.to_string()),
+        )
     }
 
     /// The stored outcome of an earlier delivery, marked as a duplicate.
@@ -158,18 +179,6 @@ impl<K: OutputSink> Engine<K> {
                 ))
             }
         };
-        if let Some(deadline) = job.deadline.filter(|d| *d <= Utc::now()) {
-            let error = format!(
-                "deadline {} had passed when the job was received",
-                deadline.to_rfc3339()
-            );
-            return Ok(incoming.unclaimed(
-                DeadLetterReason::DeadlineExceeded,
-                error,
-                Who::Job(&job),
-                Some(pipeline.name.clone()),
-            ));
-        }
         let key = job.state_key();
         let token = match self.claim(&key, stop).await? {
             Ok(token) => token,
@@ -178,9 +187,27 @@ impl<K: OutputSink> Engine<K> {
                     outcome: incoming.replay(&stored, &job),
                     claim: None,
                     pipeline: Some(pipeline.name.clone()),
+                    output_key: key,
                 })
             }
         };
+        // After the stored-outcome lookup: a redelivery past the deadline of a job that finished
+        // replays its outcome instead of adding a dead letter next to it. The dead letter of an
+        // expired job is recorded like any other outcome.
+        if let Some(deadline) = job.deadline.filter(|d| *d <= Utc::now()) {
+            let error = format!(
+                "deadline {} had passed when the job was received",
+                deadline.to_rfc3339()
+            );
+            let dl =
+                incoming.dead_letter(DeadLetterReason::DeadlineExceeded, error, Who::Job(&job), 0);
+            return Ok(Decision {
+                outcome: Outcome::DeadLetter(dl),
+                claim: Some((key.clone(), token)),
+                pipeline: Some(pipeline.name.clone()),
+                output_key: key,
+            });
+        }
         let started = Instant::now();
         self.metrics.queue_wait.observe(seconds_since(received_at));
         let span = tracing::info_span!("job", job_id = %job.id, tenant = %job.tenant, pipeline = %pipeline.name, traceparent = incoming.trace);
@@ -237,8 +264,9 @@ impl<K: OutputSink> Engine<K> {
         };
         Ok(Decision {
             outcome,
-            claim: Some((key, token)),
+            claim: Some((key.clone(), token)),
             pipeline: Some(pipeline.name.clone()),
+            output_key: key,
         })
     }
 

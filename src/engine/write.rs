@@ -17,11 +17,12 @@ impl<K: OutputSink> Engine<K> {
         &self,
         outcome: Outcome,
         incoming: &Incoming<'_>,
+        output_key: &str,
         stop: &CancellationToken,
     ) -> Result<Outcome, Stopped> {
         let trace = incoming.trace;
         let mut outcome = outcome;
-        let mut output = output_for(&outcome, trace)?;
+        let mut output = output_for(&outcome, trace, output_key)?;
         let mut delay = RETRY_MIN;
         loop {
             match self.sink.send(&output).await {
@@ -42,7 +43,7 @@ impl<K: OutputSink> Engine<K> {
                         who,
                         0,
                     ));
-                    output = output_for(&outcome, trace)?;
+                    output = output_for(&outcome, trace, output_key)?;
                     continue;
                 }
                 Err(SinkError::Permanent(e)) => {
@@ -61,20 +62,28 @@ impl<K: OutputSink> Engine<K> {
     }
 }
 
-fn output_for(outcome: &Outcome, trace: Option<&str>) -> Result<Output, Stopped> {
-    let (destination, tenant, payload) = match outcome {
+/// The output of an outcome; its id is derived from `output_key` (the job's identity) and the
+/// output's kind, so the same job's same output always has the same id.
+fn output_for(outcome: &Outcome, trace: Option<&str>, output_key: &str) -> Result<Output, Stopped> {
+    let (destination, tenant, payload, duplicate) = match outcome {
         Outcome::Result(r) => {
             let destination = if r.status == ResultStatus::Review {
                 Destination::Review
             } else {
                 Destination::Results
             };
-            (destination, Some(r.tenant.clone()), serde_json::to_vec(r))
+            (
+                destination,
+                Some(r.tenant.clone()),
+                serde_json::to_vec(r),
+                r.duplicate,
+            )
         }
         Outcome::DeadLetter(dl) => (
             Destination::DeadLetters,
             dl.tenant.clone(),
             serde_json::to_vec(dl),
+            dl.duplicate,
         ),
     };
     let payload = payload.map_err(|e| {
@@ -86,5 +95,41 @@ fn output_for(outcome: &Outcome, trace: Option<&str>) -> Result<Output, Stopped>
         tenant,
         payload,
         traceparent: trace.map(str::to_owned),
+        id: output_id(output_key, destination, duplicate),
     })
+}
+
+/// 32 hex characters of SHA-256 over the job's identity, the output kind and whether it is a
+/// replay (a replay is its own message: it answers a repeated publication).
+fn output_id(output_key: &str, destination: Destination, duplicate: bool) -> String {
+    use sha2::{Digest as _, Sha256};
+    let kind = match destination {
+        Destination::Results => "result",
+        Destination::Review => "review",
+        Destination::DeadLetters => "dead_letter",
+    };
+    let mut hash = Sha256::new();
+    for part in [output_key, kind, if duplicate { "replay" } else { "first" }] {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part.as_bytes());
+    }
+    hash.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_job_and_output_kind_always_get_the_same_id() {
+        let a = output_id("acme/k-1", Destination::Results, false);
+        assert_eq!(a, output_id("acme/k-1", Destination::Results, false));
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, output_id("acme/k-2", Destination::Results, false));
+        assert_ne!(a, output_id("acme/k-1", Destination::DeadLetters, false));
+        assert_ne!(a, output_id("acme/k-1", Destination::Results, true));
+    }
 }

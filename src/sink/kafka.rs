@@ -63,12 +63,19 @@ impl OutputSink for KafkaSink {
         if let Some(tenant) = &output.tenant {
             record = record.key(tenant.as_str());
         }
-        if let Some(traceparent) = &output.traceparent {
-            record = record.headers(OwnedHeaders::new().insert(Header {
-                key: "traceparent",
-                value: Some(traceparent.as_str()),
-            }));
+        let mut headers = OwnedHeaders::new();
+        for (key, value) in [
+            ("switchyard-output-id", Some(output.id.as_str())),
+            ("traceparent", output.traceparent.as_deref()),
+        ] {
+            if let Some(value) = value.and_then(super::header_value) {
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(value),
+                });
+            }
         }
+        record = record.headers(headers);
         match self
             .producer
             .send(record, Timeout::After(self.delivery_timeout))

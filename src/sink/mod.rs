@@ -21,8 +21,20 @@ pub struct Output {
     /// The tenant, when known: the message key, so one tenant's outputs stay in order.
     pub tenant: Option<String>,
     pub payload: Vec<u8>,
-    /// Propagated W3C `traceparent`, written as a message header.
+    /// Propagated W3C `traceparent` (validated at the source), written as a message header.
     pub traceparent: Option<String>,
+    /// Deterministic id of this output: the same job (tenant + idempotency key, or the source
+    /// position of an undecodable message) and the same output kind give the same id, so a
+    /// broker with duplicate detection (JetStream `Nats-Msg-Id`) drops a second copy. Lowercase
+    /// hex, safe in any header.
+    pub id: String,
+}
+
+/// A header value a broker or consumer can take as it is: printable ASCII only, so no CR/LF
+/// can split a header and no control character reaches a consumer. Anything else is dropped.
+pub fn header_value(value: &str) -> Option<&str> {
+    (!value.is_empty() && value.len() <= 256 && value.bytes().all(|b| (0x20..0x7f).contains(&b)))
+        .then_some(value)
 }
 
 #[derive(Debug, thiserror::Error)]

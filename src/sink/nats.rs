@@ -72,6 +72,24 @@ impl NatsSink {
     }
 }
 
+/// The output's headers, each value checked: `Nats-Msg-Id` (JetStream drops a repeat within the
+/// stream's duplicate window) and `traceparent` when it has one.
+fn headers(output: &Output) -> Option<async_nats::HeaderMap> {
+    let mut headers = async_nats::HeaderMap::new();
+    for (name, value) in [
+        ("Nats-Msg-Id", Some(output.id.as_str())),
+        ("traceparent", output.traceparent.as_deref()),
+    ] {
+        let checked = value
+            .and_then(super::header_value)
+            .and_then(|v| v.parse::<async_nats::HeaderValue>().ok());
+        if let Some(v) = checked {
+            headers.insert(name, v);
+        }
+    }
+    Some(headers)
+}
+
 impl OutputSink for NatsSink {
     async fn send(&self, output: &Output) -> Result<(), SinkError> {
         let subject = self.subject(output);
@@ -83,11 +101,7 @@ impl OutputSink for NatsSink {
                 self.client.server_info().max_payload
             )));
         }
-        let headers = output.traceparent.as_ref().map(|tp| {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("traceparent", tp.as_str());
-            headers
-        });
+        let headers = headers(output);
         let transient = |e: &dyn std::fmt::Display| SinkError::Transient(e.to_string());
         match &self.js {
             Some(js) => {

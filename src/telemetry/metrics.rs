@@ -39,6 +39,7 @@ pub struct Metrics {
     pub budget_limit: GaugeVec,
     pub tenant_queued: IntGauge,
     pub intake_pauses: IntCounter,
+    pub job_panics: IntCounter,
     pub cache_requests: IntCounterVec,
     pub tenant_tokens: IntCounterVec,
     pub tenant_cost: CounterVec,
@@ -111,6 +112,10 @@ impl Metrics {
                 &["tenant", "period"],
             )?,
             tenant_queued: IntGauge::with_opts(opts("scheduler_queued_jobs", "Jobs holding their claim and waiting for a run slot in their tenant's queue."))?,
+            job_panics: IntCounter::with_opts(opts(
+                "job_panics_total",
+                "Job tasks that panicked; each such job was dead-lettered as internal (a bug to report).",
+            ))?,
             intake_pauses: IntCounter::with_opts(opts(
                 "intake_pauses_total",
                 "Times intake paused the source because in-flight jobs stayed at limits.max_inflight_jobs.",
@@ -148,6 +153,7 @@ impl Metrics {
         m.registry.register(Box::new(m.budget_limit.clone()))?;
         m.registry.register(Box::new(m.tenant_queued.clone()))?;
         m.registry.register(Box::new(m.intake_pauses.clone()))?;
+        m.registry.register(Box::new(m.job_panics.clone()))?;
         m.registry.register(Box::new(m.cache_requests.clone()))?;
         m.registry.register(Box::new(m.tenant_tokens.clone()))?;
         m.registry.register(Box::new(m.tenant_cost.clone()))?;
