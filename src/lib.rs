@@ -1,15 +1,16 @@
 //! switchyard: a stream processor for production LLM jobs.
 //!
 //! Jobs arrive from a broker ([`source`]) as bytes with an ack handle, are decoded and validated
-//! against the v1 wire contract ([`model`]), claimed for idempotency ([`state`]), admitted fairly under their tenant's limits and budget
-//! ([`admission`]), run through
-//! their pipeline's DAG of steps on bounded per-kind worker pools ([`pipeline`]) that call LLM
-//! providers through the retry and fallback loop ([`provider`]), and end as a result, review
-//! request or dead letter written to the broker ([`sink`]). Only after the broker confirms that
-//! write is the input acknowledged ([`ack`]: Kafka offsets are committed only below the lowest
-//! unfinished one). [`engine`] is that per-job path; [`app`] wires it to a plan ([`config`]) and
-//! owns shutdown; [`demo`] runs everything in one process against an in-process Kafka cluster and
-//! the built-in mock provider; [`tools`] holds the operator commands (`publish`, `tail`) and [`mod@bench`] the benchmark.
+//! against the v1 wire contract ([`wire`]), claimed for idempotency ([`state`]), admitted fairly
+//! under their tenant's limits and budget ([`admission`]), run through their pipeline's DAG of
+//! steps on bounded per-kind worker pools ([`pipeline`]) whose LLM calls go through the call
+//! policy ([`calls`]: cache, circuit, limits, retries, fallbacks) to the HTTP clients
+//! ([`provider`]), and end as a result, review request or dead letter written to the broker
+//! ([`sink`]). Only after the broker confirms that write is the input acknowledged (Kafka
+//! offsets are committed only below the lowest unfinished one). [`engine`] is that per-job path;
+//! [`app`] wires it to a plan ([`config`]) and owns shutdown. `testkit` (cargo feature
+//! `testkit`) is the embedded deployment the `demo` and `bench` commands and the tests run on.
+//! The design, and which module owns what, is `docs/architecture.md`.
 
 pub mod admission;
 pub mod app;

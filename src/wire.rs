@@ -324,6 +324,8 @@ pub enum DeadLetterReason {
     ProviderFailed,
     OutputInvalid,
     GuardrailBlocked,
+    /// The tenant is not named in config and `tenants.unknown: reject`.
+    UnknownTenant,
     Internal,
 }
 
@@ -337,6 +339,7 @@ impl DeadLetterReason {
             DeadLetterReason::ProviderFailed => "provider_failed",
             DeadLetterReason::OutputInvalid => "output_invalid",
             DeadLetterReason::GuardrailBlocked => "guardrail_blocked",
+            DeadLetterReason::UnknownTenant => "unknown_tenant",
             DeadLetterReason::Internal => "internal",
         }
     }

@@ -191,3 +191,82 @@ async fn a_job_processed_again_after_the_state_store_lost_it_reaches_the_output_
         "the second fresh result carries the same Nats-Msg-Id and JetStream drops it"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_cannot_spend_another_tenants_budget_or_invent_tenants() {
+    let names = NatsNames::new();
+    let llm = mock_llm(1).await;
+    let plan = nats_plan(
+        &names,
+        &llm.addr().to_string(),
+        &[
+            ("SWITCHYARD__TENANTS__UNKNOWN", "reject"),
+            ("SWITCHYARD__TENANTS__ACME__RPS", "1000"),
+            ("SWITCHYARD__TENANTS__GLOBEX__RPS", "1000"),
+        ],
+    );
+    let outputs = OutputCollector::start_nats(&nats_url(), &names.topics())
+        .await
+        .unwrap();
+    let mut plan = plan;
+    plan.state.kind = config::StateKind::Memory { max_entries: 1000 };
+    let service = Service::start(plan, StateStore::from(MemoryStore::new(1000)));
+    service.wait_ready().await;
+    publish_nats(
+        &nats_url(),
+        [
+            // On acme's subject, claiming to be globex.
+            (names.job_subject("acme"), job("spoof-1", "globex", "hi")),
+            // A tenant nobody configured.
+            (
+                names.job_subject("invented"),
+                job("new-1", "invented", "hi"),
+            ),
+            (names.job_subject("acme"), job("fine-1", "acme", "hi")),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(outputs.wait_for(3, STALL, |_| {}).await, 3);
+    service.stop().await;
+    names.delete_streams().await;
+
+    let all = outputs.snapshot();
+    let dead: Vec<_> = all
+        .iter()
+        .filter_map(|(c, _)| match c {
+            Collected::DeadLetter(d) => Some(d.clone()),
+            _ => None,
+        })
+        .collect();
+    let spoof = dead
+        .iter()
+        .find(|d| d.job_id.as_deref() == Some("spoof-1"))
+        .expect("the spoofed job is dead-lettered");
+    assert_eq!(spoof.reason.as_str(), "invalid_job");
+    assert!(
+        spoof.error.contains("`globex`") && spoof.error.contains("`acme`"),
+        "names both tenants: {}",
+        spoof.error
+    );
+    assert_eq!(
+        spoof.tenant.as_deref(),
+        Some("acme"),
+        "filed under the subject's tenant"
+    );
+    let invented = dead
+        .iter()
+        .find(|d| d.job_id.as_deref() == Some("new-1"))
+        .expect("the invented tenant's job is dead-lettered");
+    assert_eq!(invented.reason.as_str(), "unknown_tenant");
+    assert!(
+        all.iter()
+            .any(|(c, _)| matches!(c, Collected::Result(r) if r.job_id == "fine-1")),
+        "the honest job runs"
+    );
+    assert_eq!(
+        llm.stats().requests(),
+        2,
+        "only the honest job reached the provider"
+    );
+}

@@ -39,13 +39,16 @@ impl ResponseCache {
         }
     }
 
-    /// The cache key of a request to `provider`, or `None` when it is not cacheable.
-    pub fn key(&self, provider: &str, request: &ChatRequest) -> Option<String> {
+    /// The cache key of `tenant`'s request to `provider`, or `None` when it is not cacheable.
+    /// The tenant is part of the key unless `cache.scope: global`: one tenant's answers (and
+    /// their timing) never reach another by default.
+    pub fn key(&self, tenant: &str, provider: &str, request: &ChatRequest) -> Option<String> {
         if request.temperature > self.plan.max_temperature {
             return None;
         }
         let mut hash = Sha256::new();
         for part in [
+            if self.plan.global { "" } else { tenant },
             provider,
             &request.model,
             request.system.as_deref().unwrap_or_default(),
@@ -117,17 +120,29 @@ mod tests {
             CachePlan {
                 ttl: std::time::Duration::from_secs(60),
                 max_temperature: 0.0,
+                global: false,
             },
             StateStore::from(MemoryStore::new(10)),
             Metrics::new().unwrap(),
         );
         assert!(
-            cache.key("p", &request("hi", 0.7)).is_none(),
+            cache.key("t", "p", &request("hi", 0.7)).is_none(),
             "sampled requests are not cached"
         );
-        let key = cache.key("p", &request("hi", 0.0)).unwrap();
-        assert_ne!(Some(&key), cache.key("p", &request("hi!", 0.0)).as_ref());
-        assert_ne!(Some(&key), cache.key("q", &request("hi", 0.0)).as_ref());
+        let key = cache.key("t", "p", &request("hi", 0.0)).unwrap();
+        assert_ne!(
+            Some(&key),
+            cache.key("t", "p", &request("hi!", 0.0)).as_ref()
+        );
+        assert_ne!(
+            Some(&key),
+            cache.key("t", "q", &request("hi", 0.0)).as_ref()
+        );
+        assert_ne!(
+            Some(&key),
+            cache.key("u", "p", &request("hi", 0.0)).as_ref(),
+            "another tenant never shares the answer"
+        );
         assert!(cache.get(&key).await.is_none());
         let answer = ChatResponse {
             content: "hello".into(),

@@ -194,7 +194,7 @@ impl Calls {
         let cache_key = self
             .cache
             .as_ref()
-            .and_then(|c| c.key(&target.provider.name, &target.request));
+            .and_then(|c| c.key(scope.tenant, &target.provider.name, &target.request));
         if let (Some(cache), Some(key)) = (&self.cache, &cache_key) {
             if let Some(response) = cache.get(key).await {
                 return TargetEnd::Answered(target.outcome(response, *attempts, true));

@@ -69,6 +69,8 @@ pub struct KafkaSourcePlan {
     pub brokers: String,
     pub group: String,
     pub topic: String,
+    /// The message key must name the job's tenant (`tenant_from: key`).
+    pub tenant_from_key: bool,
     /// librdkafka properties passed through verbatim (they win over switchyard's defaults,
     /// except the ones at-least-once delivery depends on).
     pub librdkafka: Vec<(String, String)>,
@@ -188,6 +190,8 @@ pub enum ProviderKind {
 pub struct CachePlan {
     pub ttl: Duration,
     pub max_temperature: f64,
+    /// Answers are shared across tenants (`cache.scope: global`); by default only within one.
+    pub global: bool,
 }
 
 /// Which HTTP API a provider speaks.
@@ -255,6 +259,17 @@ pub struct TenantsPlan {
     pub default: TenantPlan,
     /// Tenants named in config: they get their own metric labels.
     pub named: BTreeMap<String, TenantPlan>,
+    /// What happens to jobs of tenants not named (`tenants.unknown`).
+    pub unknown: UnknownTenants,
+}
+
+/// `tenants.unknown`: whether a tenant the config does not name may run at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownTenants {
+    /// It runs under the `default` plan (limits and budgets per tenant name).
+    Default,
+    /// Its jobs are dead-lettered as `unknown_tenant`: inventing a name buys nothing.
+    Reject,
 }
 
 impl TenantsPlan {

@@ -34,7 +34,9 @@ pub struct RawConfig {
     /// Per-tenant limits, budgets and scheduling weight; `default` applies to every tenant
     /// not named (and fills the fields a named tenant leaves out).
     #[serde(default)]
-    pub tenants: BTreeMap<String, RawTenant>,
+    /// Tenant name -> [`RawTenant`], plus the reserved `unknown: default | reject`; each entry
+    /// is read in validation, so a problem names its tenant.
+    pub tenants: BTreeMap<String, Value>,
     #[serde(default)]
     pub cache: RawCache,
 }
@@ -45,6 +47,8 @@ pub struct RawConfig {
 pub struct RawCache {
     pub enabled: bool,
     pub ttl_s: u64,
+    /// `tenant` (default): answers are shared only within a tenant; `global`: across tenants.
+    pub scope: String,
     /// Only requests at or below this temperature are cached (deterministic ones by default).
     pub max_temperature: f64,
 }
@@ -54,6 +58,7 @@ impl Default for RawCache {
         Self {
             enabled: false,
             ttl_s: 3600,
+            scope: "tenant".into(),
             max_temperature: 0.0,
         }
     }
@@ -131,6 +136,10 @@ pub enum RawSource {
         topic: String,
         #[serde(default)]
         librdkafka: BTreeMap<String, Value>,
+        /// Where a job's tenant is vouched for: `payload` (its `tenant` field alone) or `key`
+        /// (the message key must name the same tenant).
+        #[serde(default)]
+        tenant_from: Option<String>,
     },
     /// A durable JetStream pull consumer, shared by all replicas (queue semantics).
     Nats {

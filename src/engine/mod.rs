@@ -1,6 +1,7 @@
 //! One delivery from bytes to acknowledged output, in the admission order of
-//! `docs/architecture.md` ("One job's path"): decode -> pipeline -> deadline -> idempotency
-//! claim -> pipeline run -> confirmed write -> idempotency complete -> ack.
+//! `docs/architecture.md` ("One job's path"): decode -> tenant -> pipeline -> idempotency claim
+//! (or replay) -> deadline -> scheduler -> pipeline run -> confirmed write -> idempotency
+//! complete -> ack.
 //!
 //! Every path ends in exactly one of: an output confirmed by the sink and then an ack, or a hand
 //! back (no ack, claim released) when the process is stopping. Nothing is dropped silently.
@@ -67,6 +68,8 @@ struct Incoming<'a> {
     trace: Option<&'a str>,
     /// The broker can redeliver it later (JetStream), so a full tenant queue may defer it.
     deferrable: bool,
+    /// The tenant the transport vouches for, which the job's own must match.
+    vouched_tenant: Option<&'a str>,
 }
 
 impl<K: OutputSink> Engine<K> {
@@ -98,6 +101,7 @@ impl<K: OutputSink> Engine<K> {
             payload,
             traceparent,
             source,
+            tenant,
             received_at,
             ack,
         } = delivery;
@@ -107,6 +111,7 @@ impl<K: OutputSink> Engine<K> {
             received_at,
             trace: traceparent.as_deref(),
             deferrable: ack.can_defer(),
+            vouched_tenant: tenant.as_deref(),
         };
         let work = AssertUnwindSafe(self.process(&incoming, stop)).catch_unwind();
         let finished = tokio::select! {

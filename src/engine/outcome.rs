@@ -14,7 +14,7 @@ use super::{
     seconds_since, Engine, Incoming, LeaseLost, Stopped, QUEUE_FULL_DEFER, QUEUE_FULL_RETRY,
 };
 use crate::admission::QueueFull;
-use crate::config::PipelinePlan;
+use crate::config::{PipelinePlan, UnknownTenants};
 use crate::pipeline::{RunFailure, RunOutput};
 use crate::sink::OutputSink;
 use crate::state::ClaimToken;
@@ -168,6 +168,9 @@ impl<K: OutputSink> Engine<K> {
                 ))
             }
         };
+        if let Some(refusal) = self.tenant_refusal(&job, incoming) {
+            return Ok(refusal);
+        }
         let pipeline = match self.pipeline_for(&job) {
             Ok(p) => p,
             Err(error) => {
@@ -343,6 +346,46 @@ impl<K: OutputSink> Engine<K> {
         }
         drop(slot);
         Ok(Ok(out))
+    }
+
+    /// A job whose tenant the transport contradicts, or an unknown tenant under
+    /// `tenants.unknown: reject`, ends here: no claim, no spend, nothing stored under the
+    /// tenant it claimed.
+    fn tenant_refusal(&self, job: &Job, incoming: &Incoming<'_>) -> Option<Decision> {
+        let tenant = job.tenant.as_str();
+        if let Some(vouched) = incoming.vouched_tenant.filter(|v| *v != tenant) {
+            let error = format!(
+                "the job says tenant `{tenant}` but its {} names tenant `{vouched}`; a producer may only publish jobs for the tenant its {} names",
+                if incoming.source.transport == "nats" { "subject" } else { "message key" },
+                if incoming.source.transport == "nats" { "subject" } else { "key" },
+            );
+            // Not under the claimed tenant's identity: the dead letter goes to the vouched one.
+            let mut decision = incoming.unclaimed(
+                DeadLetterReason::InvalidJob,
+                error,
+                Who::Known {
+                    job_id: Some(job.id.clone()),
+                    tenant: crate::wire::TenantId::parse(vouched)
+                        .ok()
+                        .map(|t| t.to_string()),
+                },
+                None,
+            );
+            decision.output_key = incoming.position();
+            return Some(decision);
+        }
+        if self.plan.tenants.unknown == UnknownTenants::Reject
+            && !self.plan.tenants.named.contains_key(tenant)
+        {
+            let error = format!("tenant `{tenant}` is not configured under `tenants` and `tenants.unknown` is `reject`; add the tenant to the config or publish under a configured one");
+            return Some(incoming.unclaimed(
+                DeadLetterReason::UnknownTenant,
+                error,
+                Who::Job(job),
+                None,
+            ));
+        }
+        None
     }
 
     fn pipeline_for(&self, job: &Job) -> Result<Arc<PipelinePlan>, String> {

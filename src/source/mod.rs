@@ -22,6 +22,9 @@ pub struct Delivery {
     /// The W3C `traceparent` header of the message, carried to the outputs and logs.
     pub traceparent: Option<String>,
     pub source: SourceInfo,
+    /// The tenant the transport vouches for (the NATS subject's tenant token, or the Kafka key
+    /// with `tenant_from: key`); the job's own `tenant` must match it.
+    pub tenant: Option<String>,
     pub received_at: DateTime<Utc>,
     pub ack: AckHandle,
 }

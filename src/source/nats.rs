@@ -26,6 +26,8 @@ pub struct NatsSource {
     ack_wait: Duration,
     /// -1: unlimited.
     max_deliver: i64,
+    /// The configured subject patterns: a subject's tenant token comes after their prefix.
+    subjects: Vec<String>,
 }
 
 impl NatsSource {
@@ -104,6 +106,7 @@ impl NatsSource {
             messages,
             ack_wait: plan.ack_wait,
             max_deliver: plan.max_deliver,
+            subjects: plan.subjects.clone(),
         })
     }
 }
@@ -150,9 +153,11 @@ impl JobSource for NatsSource {
             // Deferring is a redelivery: never let it use up the last deliveries.
             deferrable: self.max_deliver < 0 || delivered + 2 < self.max_deliver,
         };
+        let tenant = subject_tenant(&self.subjects, &source.topic);
         Ok(Delivery {
             payload: message.payload.to_vec(),
             traceparent,
+            tenant,
             source,
             received_at: Utc::now(),
             ack: AckHandle::new(ack),
@@ -228,5 +233,37 @@ impl Acknowledge for NatsAck {
 
     fn defer(self: Box<Self>, delay: Duration) -> BoxFuture<'static, ()> {
         Box::pin(async move { Self::send(&self.acker, AckKind::Nak(Some(delay))).await })
+    }
+}
+
+/// The tenant token of `subject` under a configured pattern ending in a wildcard
+/// (`switchyard.jobs.>` or `switchyard.jobs.*`): the token right after the prefix.
+fn subject_tenant(patterns: &[String], subject: &str) -> Option<String> {
+    patterns.iter().find_map(|pattern| {
+        let prefix = pattern
+            .strip_suffix(".>")
+            .or_else(|| pattern.strip_suffix(".*"))?;
+        let rest = subject.strip_prefix(prefix)?.strip_prefix('.')?;
+        rest.split('.').next().map(str::to_owned)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_subject_names_the_tenant_after_the_wildcard_prefix() {
+        let patterns = vec!["switchyard.jobs.>".to_owned()];
+        assert_eq!(
+            subject_tenant(&patterns, "switchyard.jobs.acme").as_deref(),
+            Some("acme")
+        );
+        assert_eq!(
+            subject_tenant(&patterns, "switchyard.jobs.acme.urgent").as_deref(),
+            Some("acme")
+        );
+        assert_eq!(subject_tenant(&patterns, "other.acme"), None);
+        assert_eq!(subject_tenant(&["jobs".to_owned()], "jobs"), None);
     }
 }

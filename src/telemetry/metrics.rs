@@ -160,7 +160,7 @@ impl Metrics {
         Ok(Arc::new(m))
     }
 
-    /// Lets scrapes report a worker pool's free permits as `pool_permits_available{pool=name}`.
+    /// Lets scrapes report a worker pool's free permits as `pool_available_permits{pool=name}`.
     pub fn watch_pool(&self, name: &'static str, pool: Arc<Semaphore>) {
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         pools.retain(|(n, _)| *n != name);

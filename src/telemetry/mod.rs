@@ -6,6 +6,8 @@ pub mod metrics;
 
 use std::sync::Arc;
 
+use tracing_subscriber::field::MakeExt as _;
+use tracing_subscriber::fmt::format::debug_fn;
 use tracing_subscriber::EnvFilter;
 
 /// What the service reports about itself: readiness and metrics.
@@ -28,8 +30,11 @@ impl Telemetry {
 pub fn init_tracing(default_filter: &str, json: bool) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    // Colour only on a terminal: a file or pipe gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     // A second init (tests) is harmless: the first subscriber stays. JSON records put the event's
     // fields at the top level and list the enclosing spans (job: job_id, tenant, pipeline;
@@ -42,6 +47,48 @@ pub fn init_tracing(default_filter: &str, json: bool) {
             .with_span_list(true)
             .try_init()
     } else {
-        builder.try_init()
+        // Field values can carry text from a job (ids, idempotency keys, errors quoting them):
+        // control characters are escaped so none can forge a log line.
+        let fields = debug_fn(|writer, field, value| {
+            let raw = format!("{value:?}");
+            let text = escape_controls(&raw);
+            if field.name() == "message" {
+                write!(writer, "{text}")
+            } else {
+                write!(writer, "{field}={text}")
+            }
+        })
+        .delimited(" ");
+        builder.fmt_fields(fields).try_init()
     };
+}
+
+/// `text` with every control character (CR, LF, ESC, ...) written as its Rust escape.
+pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_newline_in_a_field_cannot_start_a_forged_log_line() {
+        let forged = "t-1\n2026-11-30T00:00:00Z  INFO job finished job_id=admin\u{1b}[2J";
+        let escaped = escape_controls(forged);
+        assert!(!escaped.contains('\n') && !escaped.contains('\u{1b}'));
+        assert!(escaped.contains("t-1\\n2026"));
+        assert_eq!(escape_controls("plain"), "plain");
+    }
 }

@@ -13,7 +13,19 @@ pub(super) fn source_plan(p: &mut Problems, source: RawSource) -> SourcePlan {
             group,
             topic,
             librdkafka,
+            tenant_from,
         } => {
+            let tenant_from_key = match tenant_from.as_deref() {
+                None | Some("payload") => false,
+                Some("key") => true,
+                Some(other) => {
+                    p.add(
+                        "source.tenant_from",
+                        format!("`{other}` is not `payload` (the job's own `tenant` field) or `key` (the message key must name the job's tenant)"),
+                    );
+                    false
+                }
+            };
             non_empty(p, "source.brokers", &brokers);
             non_empty(p, "source.group", &group);
             non_empty(p, "source.topic", &topic);
@@ -21,6 +33,7 @@ pub(super) fn source_plan(p: &mut Problems, source: RawSource) -> SourcePlan {
                 brokers,
                 group,
                 topic,
+                tenant_from_key,
                 librdkafka: properties(p, "source.librdkafka", librdkafka),
             })
         }

@@ -71,9 +71,21 @@ pub(super) fn cache_plan(p: &mut Problems, raw: raw::RawCache) -> Option<CachePl
         if !(0.0..=2.0).contains(&raw.max_temperature) {
             p.add("cache.max_temperature", "must be between 0 and 2");
         }
+        let global = match raw.scope.as_str() {
+            "tenant" => false,
+            "global" => true,
+            other => {
+                p.add(
+                    "cache.scope",
+                    format!("`{other}` is not `tenant` (answers shared within a tenant) or `global` (shared across tenants)"),
+                );
+                false
+            }
+        };
         CachePlan {
             ttl: Duration::from_secs(raw.ttl_s),
             max_temperature: raw.max_temperature,
+            global,
         }
     })
 }

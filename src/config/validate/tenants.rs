@@ -8,9 +8,38 @@ use crate::config::raw::{self};
 
 pub(super) fn tenants_plan(
     p: &mut Problems,
-    mut raw: BTreeMap<String, raw::RawTenant>,
+    entries: BTreeMap<String, serde_norway::Value>,
     max_inflight: usize,
 ) -> TenantsPlan {
+    let mut unknown = UnknownTenants::Default;
+    let mut raw: BTreeMap<String, raw::RawTenant> = BTreeMap::new();
+    for (name, value) in entries {
+        if name == "unknown" {
+            match value.as_str() {
+                Some("default") => unknown = UnknownTenants::Default,
+                Some("reject") => unknown = UnknownTenants::Reject,
+                _ => p.add(
+                    "tenants.unknown",
+                    "must be `default` (tenants not named here get the default plan) or `reject` (their jobs are dead-lettered as unknown_tenant); `unknown` is reserved and cannot name a tenant",
+                ),
+            }
+            continue;
+        }
+        match serde_path_to_error::deserialize::<_, raw::RawTenant>(value) {
+            Ok(t) => {
+                raw.insert(name, t);
+            }
+            Err(e) => {
+                let path = e.path().to_string();
+                let field = if path == "." {
+                    format!("tenants.{name}")
+                } else {
+                    format!("tenants.{name}.{path}")
+                };
+                p.add(field, e.into_inner().to_string());
+            }
+        }
+    }
     let base = raw.remove("default").unwrap_or_default();
     let mut plan_of = |name: &str, t: &raw::RawTenant| {
         let field = format!("tenants.{name}");
@@ -53,5 +82,9 @@ pub(super) fn tenants_plan(
             "not a valid tenant name (letters, digits, `_` and `-`, starting with a letter or digit)",
         );
     }
-    TenantsPlan { default, named }
+    TenantsPlan {
+        default,
+        named,
+        unknown,
+    }
 }

@@ -130,6 +130,8 @@ pub struct KafkaSource {
     topic: Arc<str>,
     /// Messages that arrived while paused (fetched before the pause took effect).
     stash: std::collections::VecDeque<Delivery>,
+    /// The message key names the job's tenant (`tenant_from: key`).
+    tenant_from_key: bool,
 }
 
 /// Most messages kept while paused; beyond it polling stops until intake resumes.
@@ -187,6 +189,7 @@ impl KafkaSource {
             tracker,
             topic: Arc::from(plan.topic.as_str()),
             stash: Default::default(),
+            tenant_from_key: plan.tenant_from_key,
         })
     }
 }
@@ -270,9 +273,19 @@ impl KafkaSource {
             consumer: Arc::downgrade(&self.consumer),
             tracker: self.tracker.clone(),
         };
+        // With `tenant_from: key` the key vouches for the tenant; a missing or unreadable key
+        // vouches for none of them, so the job cannot match.
+        let tenant = self.tenant_from_key.then(|| {
+            message
+                .key()
+                .and_then(|k| std::str::from_utf8(k).ok())
+                .unwrap_or("")
+                .to_owned()
+        });
         Ok(Delivery {
             payload,
             traceparent,
+            tenant,
             source,
             received_at: Utc::now(),
             ack: AckHandle::new(ack),
