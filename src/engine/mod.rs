@@ -28,7 +28,7 @@ use crate::sink::OutputSink;
 use crate::source::Delivery;
 use crate::state::StateStore;
 use crate::telemetry::metrics::Metrics;
-use crate::wire::{decode_job, DeadLetterReason, Job, Outcome, SourceInfo};
+use crate::wire::{decode_job, DeadLetterReason, Outcome, SourceInfo};
 use claim::LeaseLost;
 use outcome::{Decision, Who};
 
@@ -113,17 +113,34 @@ impl<K: OutputSink> Engine<K> {
             deferrable: ack.can_defer(),
             vouched_tenant: tenant.as_deref(),
         };
-        let work = AssertUnwindSafe(self.process(&incoming, stop)).catch_unwind();
+        // The panic path runs under the same keep-alive, so the broker does not redeliver the
+        // job while its dead letter is being written.
+        let work = async {
+            match AssertUnwindSafe(self.process(&incoming, stop))
+                .catch_unwind()
+                .await
+            {
+                Ok(finished) => finished,
+                Err(panic) => {
+                    let message = panic_message(&*panic);
+                    match AssertUnwindSafe(self.after_panic(&incoming, message, stop))
+                        .catch_unwind()
+                        .await
+                    {
+                        Ok(finished) => finished,
+                        Err(_) => {
+                            tracing::error!(
+                                "dead-lettering a panicked job panicked too; handing the job back"
+                            );
+                            Err(Stopped::Now)
+                        }
+                    }
+                }
+            }
+        };
         let finished = tokio::select! {
             finished = work => finished,
             never = ack.keep_alive_forever() => match never {},
-        };
-        let finished = match finished {
-            Ok(finished) => finished,
-            Err(panic) => {
-                self.after_panic(&incoming, panic_message(&*panic), stop)
-                    .await
-            }
         };
         match finished {
             Ok(poison) => ack.ack(poison).await,
@@ -183,8 +200,11 @@ impl<K: OutputSink> Engine<K> {
     }
 
     /// A bug panicked the job's task. The job becomes an `internal` dead letter (written without
-    /// the headers it came with), recorded as its outcome and counted, so it is neither lost nor
-    /// re-run, and re-billed, after every restart.
+    /// the headers it came with) and is counted, so it is neither lost nor silently re-run after
+    /// every restart. Nothing is recorded in the state store: the panic may have come at any
+    /// point, including while another worker held the claim or while a stored result was being
+    /// replayed, and neither may be overwritten. The dead letter is filed under the job's tenant
+    /// only when the transport does not contradict it.
     async fn after_panic(
         &self,
         incoming: &Incoming<'_>,
@@ -199,32 +219,27 @@ impl<K: OutputSink> Engine<K> {
             incoming.received_at,
         )
         .ok();
-        let key = job.as_ref().map(Job::state_key);
-        let who = job.as_ref().map_or(Who::Undecoded, Who::Job);
+        let who = match (&job, incoming.vouched_tenant) {
+            (Some(job), Some(vouched)) if vouched != job.tenant.as_str() => Who::Known {
+                job_id: Some(job.id.clone()),
+                tenant: crate::wire::TenantId::parse(vouched)
+                    .ok()
+                    .map(|t| t.to_string()),
+            },
+            (Some(job), _) => Who::Job(job),
+            (None, _) => Who::Undecoded,
+        };
         let error = format!("switchyard failed internally while processing this job ({message}); it is not retried automatically, so please report it with this dead letter and republish the job with a new idempotency_key once fixed");
         let dl = incoming.dead_letter(DeadLetterReason::Internal, error, who, 0);
         let bare = Incoming {
             trace: None,
             ..*incoming
         };
-        let output_key = key.clone().unwrap_or_else(|| incoming.position());
-        let write = self.write(Outcome::DeadLetter(dl), &bare, &output_key, stop);
-        match AssertUnwindSafe(write).catch_unwind().await {
-            Ok(Ok(written)) => {
-                if let (Some(key), Ok(bytes)) = (key, serde_json::to_vec(&written)) {
-                    self.record(&key, Bytes::from(bytes)).await;
-                }
-                self.finished(&written, None, incoming);
-                Ok(false)
-            }
-            Ok(Err(stopped)) => Err(stopped),
-            Err(_) => {
-                tracing::error!(
-                    "writing the dead letter of a panicked job panicked too; handing the job back"
-                );
-                Err(Stopped::Now)
-            }
-        }
+        let written = self
+            .write(Outcome::DeadLetter(dl), &bare, &incoming.position(), stop)
+            .await?;
+        self.finished(&written, None, incoming);
+        Ok(false)
     }
 
     /// The job's outcome is confirmed written: one metrics update and one log record.

@@ -99,10 +99,9 @@ impl Incoming<'_> {
         who: Who<'_>,
         pipeline: Option<String>,
     ) -> Decision {
-        let output_key = match &who {
-            Who::Job(job) => job.state_key(),
-            _ => self.position(),
-        };
+        // Nothing is recorded for it, so the same key may later end differently: its id is
+        // this message's, not the job key's.
+        let output_key = self.position();
         Decision {
             outcome: Outcome::DeadLetter(self.dead_letter(reason, error, who, 0)),
             claim: None,
@@ -190,8 +189,10 @@ impl<K: OutputSink> Engine<K> {
                     outcome: incoming.replay(&stored, &job),
                     claim: None,
                     pipeline: Some(pipeline.name.clone()),
-                    output_key: key,
-                })
+                    // Each repeated publication gets its own answer; a redelivery of the same
+                    // message does not.
+                    output_key: incoming.position(),
+                });
             }
         };
         // After the stored-outcome lookup: a redelivery past the deadline of a job that finished
@@ -360,7 +361,7 @@ impl<K: OutputSink> Engine<K> {
                 if incoming.source.transport == "nats" { "subject" } else { "key" },
             );
             // Not under the claimed tenant's identity: the dead letter goes to the vouched one.
-            let mut decision = incoming.unclaimed(
+            let decision = incoming.unclaimed(
                 DeadLetterReason::InvalidJob,
                 error,
                 Who::Known {
@@ -371,7 +372,6 @@ impl<K: OutputSink> Engine<K> {
                 },
                 None,
             );
-            decision.output_key = incoming.position();
             return Some(decision);
         }
         if self.plan.tenants.unknown == UnknownTenants::Reject

@@ -65,25 +65,30 @@ impl<K: OutputSink> Engine<K> {
 /// The output of an outcome; its id is derived from `output_key` (the job's identity) and the
 /// output's kind, so the same job's same output always has the same id.
 fn output_for(outcome: &Outcome, trace: Option<&str>, output_key: &str) -> Result<Output, Stopped> {
-    let (destination, tenant, payload, duplicate) = match outcome {
+    let (destination, tenant, payload, variant) = match outcome {
         Outcome::Result(r) => {
             let destination = if r.status == ResultStatus::Review {
                 Destination::Review
             } else {
                 Destination::Results
             };
+            let variant = if r.duplicate { "replay" } else { "first" };
             (
                 destination,
                 Some(r.tenant.clone()),
                 serde_json::to_vec(r),
-                r.duplicate,
+                variant,
             )
         }
         Outcome::DeadLetter(dl) => (
             Destination::DeadLetters,
             dl.tenant.clone(),
             serde_json::to_vec(dl),
-            dl.duplicate,
+            if dl.duplicate {
+                "replay"
+            } else {
+                dl.reason.as_str()
+            },
         ),
     };
     let payload = payload.map_err(|e| {
@@ -95,13 +100,13 @@ fn output_for(outcome: &Outcome, trace: Option<&str>, output_key: &str) -> Resul
         tenant,
         payload,
         traceparent: trace.map(str::to_owned),
-        id: output_id(output_key, destination, duplicate),
+        id: output_id(output_key, destination, variant),
     })
 }
 
-/// 32 hex characters of SHA-256 over the job's identity, the output kind and whether it is a
-/// replay (a replay is its own message: it answers a repeated publication).
-fn output_id(output_key: &str, destination: Destination, duplicate: bool) -> String {
+/// 32 hex characters of SHA-256 over the job's identity, the output kind and its variant (a
+/// dead letter's reason, or whether a result is a replay).
+fn output_id(output_key: &str, destination: Destination, variant: &str) -> String {
     use sha2::{Digest as _, Sha256};
     let kind = match destination {
         Destination::Results => "result",
@@ -109,7 +114,7 @@ fn output_id(output_key: &str, destination: Destination, duplicate: bool) -> Str
         Destination::DeadLetters => "dead_letter",
     };
     let mut hash = Sha256::new();
-    for part in [output_key, kind, if duplicate { "replay" } else { "first" }] {
+    for part in [output_key, kind, variant] {
         hash.update((part.len() as u64).to_be_bytes());
         hash.update(part.as_bytes());
     }
@@ -125,11 +130,15 @@ mod tests {
 
     #[test]
     fn the_same_job_and_output_kind_always_get_the_same_id() {
-        let a = output_id("acme/k-1", Destination::Results, false);
-        assert_eq!(a, output_id("acme/k-1", Destination::Results, false));
+        let a = output_id("acme/k-1", Destination::Results, "first");
+        assert_eq!(a, output_id("acme/k-1", Destination::Results, "first"));
         assert_eq!(a.len(), 32);
-        assert_ne!(a, output_id("acme/k-2", Destination::Results, false));
-        assert_ne!(a, output_id("acme/k-1", Destination::DeadLetters, false));
-        assert_ne!(a, output_id("acme/k-1", Destination::Results, true));
+        assert_ne!(a, output_id("acme/k-2", Destination::Results, "first"));
+        assert_ne!(a, output_id("acme/k-1", Destination::DeadLetters, "first"));
+        assert_ne!(a, output_id("acme/k-1", Destination::Results, "replay"));
+        assert_ne!(
+            output_id("acme/k-1", Destination::DeadLetters, "provider_failed"),
+            output_id("acme/k-1", Destination::DeadLetters, "output_invalid"),
+        );
     }
 }
