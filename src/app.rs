@@ -33,6 +33,8 @@ use crate::telemetry::Telemetry;
 const HEALTH_TICK: Duration = Duration::from_millis(100);
 /// How long intake waits for a free in-flight slot before it pauses the source.
 const PAUSE_AFTER: Duration = Duration::from_secs(1);
+/// How long shutdown takes messages a NATS source pulled but did not start, to hand them back.
+const BUFFERED_HAND_BACK: Duration = Duration::from_millis(200);
 /// How long handed-back jobs get to stop after the drain timeout.
 const HAND_BACK_GRACE: Duration = Duration::from_secs(5);
 /// How often consumer lag is sampled.
@@ -228,6 +230,18 @@ async fn consume<K: OutputSink>(
         }
     }
     health.set_draining();
+    if transport == "nats" {
+        // JetStream has already counted the messages pulled but not started as deliveries:
+        // each goes through the engine with the stop already given, which hands it back, or
+        // dead-letters it when this was its last allowed delivery (a plain nak would lose it).
+        let stopped = CancellationToken::new();
+        stopped.cancel();
+        let deadline = tokio::time::Instant::now() + BUFFERED_HAND_BACK;
+        while let Ok(Ok(delivery)) = tokio::time::timeout_at(deadline, source.next()).await {
+            let (engine, stopped) = (engine.clone(), stopped.clone());
+            tasks.spawn(async move { engine.handle(delivery, &stopped).await });
+        }
+    }
     tasks.close();
     let in_flight = tasks.len();
     tracing::info!(

@@ -324,6 +324,8 @@ pub enum DeadLetterReason {
     ProviderFailed,
     OutputInvalid,
     GuardrailBlocked,
+    /// Handed back on its last allowed delivery; the broker will not deliver it again.
+    MaxDeliveriesExceeded,
     /// The tenant is not named in config and `tenants.unknown: reject`.
     UnknownTenant,
     Internal,
@@ -340,6 +342,7 @@ impl DeadLetterReason {
             DeadLetterReason::OutputInvalid => "output_invalid",
             DeadLetterReason::GuardrailBlocked => "guardrail_blocked",
             DeadLetterReason::UnknownTenant => "unknown_tenant",
+            DeadLetterReason::MaxDeliveriesExceeded => "max_deliveries_exceeded",
             DeadLetterReason::Internal => "internal",
         }
     }
@@ -380,6 +383,9 @@ pub struct DeadLetter {
     /// The payload holds only the first [`MAX_DEAD_LETTER_PAYLOAD`] bytes of the original.
     pub payload_truncated: bool,
     pub source: SourceInfo,
+    /// Times the message was delivered before it was given up (`max_deliveries_exceeded`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub deliveries: Option<u64>,
     pub duplicate: bool,
     pub failed_at: DateTime<Utc>,
 }
@@ -426,6 +432,7 @@ impl DeadLetter {
             payload_encoding,
             payload_truncated,
             source,
+            deliveries: None,
             duplicate: false,
             failed_at: Utc::now(),
         }

@@ -270,3 +270,165 @@ async fn a_producer_cannot_spend_another_tenants_budget_or_invent_tenants() {
         "only the honest job reached the provider"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_handed_back_on_its_last_jetstream_delivery_becomes_a_dead_letter_not_a_loss() {
+    let names = NatsNames::new();
+    // Every call takes 3 s; the drain gives in-flight jobs 200 ms, then hands them back.
+    let llm = mock_llm(3000).await;
+    let mut plan = nats_plan(
+        &names,
+        &llm.addr().to_string(),
+        &[
+            ("SWITCHYARD__SOURCE__MAX_DELIVER", "1"),
+            ("SWITCHYARD__LIMITS__DRAIN_TIMEOUT_MS", "200"),
+        ],
+    );
+    plan.state.kind = config::StateKind::Memory { max_entries: 1000 };
+    let outputs = OutputCollector::start_nats(&nats_url(), &names.topics())
+        .await
+        .unwrap();
+    let service = Service::start(plan, StateStore::from(MemoryStore::new(1000)));
+    service.wait_ready().await;
+    let jobs: Vec<_> = (0..3)
+        .map(|i| {
+            (
+                names.job_subject("acme"),
+                job(&format!("last-{i}"), "acme", "a slow one"),
+            )
+        })
+        .collect();
+    publish_nats(&nats_url(), jobs).await.unwrap();
+    let started = tokio::time::Instant::now();
+    while llm.stats().requests() < 3 && started.elapsed() < STALL {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    service.stop().await;
+    let seen = outputs.wait_for(3, Duration::from_secs(10), |_| {}).await;
+    names.delete_streams().await;
+
+    assert_eq!(
+        seen,
+        3,
+        "each job has an output: {:?}",
+        job_ids(&outputs.snapshot())
+    );
+    for (c, raw) in outputs.snapshot() {
+        let Collected::DeadLetter(d) = c else {
+            panic!("expected dead letters, got {c:?}");
+        };
+        assert_eq!(d.reason.as_str(), "max_deliveries_exceeded");
+        assert_eq!(d.deliveries, Some(1));
+        assert!(
+            d.payload.contains("a slow one"),
+            "carries the original payload"
+        );
+        assert_eq!(raw["deliveries"], 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_job_handed_back_after_losing_its_claim_runs_again_and_commits_move_on() {
+    use redis::AsyncCommands as _;
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let llm = mock_llm(1500).await;
+    let prefix = format!("it{:x}-", rand::random::<u64>());
+    let url = redis_url();
+    let env = [
+        ("SWITCHYARD__STATE__KIND", "redis"),
+        ("SWITCHYARD__STATE__URL", url.as_str()),
+        ("SWITCHYARD__STATE__KEY_PREFIX", prefix.as_str()),
+        ("SWITCHYARD__STATE__CLAIM_LEASE_MS", "1500"),
+    ];
+    let plan = plan(&brokers, &llm.addr().to_string(), &env);
+    let state = || async {
+        StateStore::open(&plan.state)
+            .await
+            .expect("Redis must be running at REDIS_URL")
+    };
+    let outputs = collector(&brokers);
+    let service = Service::start(plan.clone(), state().await);
+    service.wait_ready().await;
+
+    // One partition: the job whose claim is taken, then jobs behind it.
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    for i in 0..6 {
+        producer
+            .send(
+                FutureRecord::<str, [u8]>::to(JOBS_TOPIC)
+                    .key("acme")
+                    .payload(&job(&format!("behind-{i}"), "acme", "hello")),
+                Timeout::After(Duration::from_secs(10)),
+            )
+            .await
+            .unwrap();
+    }
+    // While `behind-0` runs, another worker takes its claim (as after a lease expiry).
+    let mut redis = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = format!("{prefix}idem:acme/acme:behind-0");
+    let started = tokio::time::Instant::now();
+    loop {
+        let value: Option<String> = redis.get(&key).await.unwrap();
+        if value.is_some_and(|v| v.starts_with("C:")) {
+            break;
+        }
+        assert!(started.elapsed() < STALL, "the job never got its claim");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _: () = redis
+        .set_options(
+            &key,
+            "C:intruder",
+            redis::SetOptions::default().with_expiration(redis::SetExpiry::PX(1500)),
+        )
+        .await
+        .unwrap();
+
+    assert_eq!(
+        outputs.wait_for(6, STALL, |_| {}).await,
+        6,
+        "every job, the handed-back one too, has its output in this run: {:?}",
+        job_ids(&outputs.snapshot())
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await; // an auto-commit interval or two
+    service.stop().await;
+
+    // A restart in the same group must find everything committed: nothing is redelivered.
+    let service = Service::start(plan.clone(), state().await);
+    service.wait_ready().await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    service.stop().await;
+    let all = outputs.snapshot();
+    assert_eq!(
+        all.len(),
+        6,
+        "after the restart nothing was redelivered: {:?}",
+        job_ids(&all)
+    );
+}
+
+/// The job id of each output, marked when it is a replay, for assertion messages.
+fn job_ids(outputs: &[(Collected, serde_json::Value)]) -> Vec<String> {
+    outputs
+        .iter()
+        .map(|(c, _)| match c {
+            Collected::Result(r) | Collected::Review(r) => {
+                format!("{}{}", r.job_id, if r.duplicate { " (replay)" } else { "" })
+            }
+            Collected::DeadLetter(d) => format!(
+                "{} dead letter {}",
+                d.job_id.as_deref().unwrap_or("-"),
+                d.reason.as_str()
+            ),
+            Collected::Unreadable { error, .. } => format!("unreadable: {error}"),
+        })
+        .collect()
+}

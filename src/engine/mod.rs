@@ -38,6 +38,8 @@ const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 /// How often a job whose tenant queue is full tries to enter it again.
 const QUEUE_FULL_RETRY: Duration = Duration::from_millis(50);
+/// How long the dead letter of a job on its last delivery may take to write.
+const GIVE_UP_WRITE: Duration = Duration::from_secs(5);
 /// How long a JetStream message whose tenant queue was full waits before its redelivery.
 const QUEUE_FULL_DEFER: Duration = Duration::from_secs(2);
 
@@ -144,8 +146,57 @@ impl<K: OutputSink> Engine<K> {
         };
         match finished {
             Ok(poison) => ack.ack(poison).await,
-            Err(Stopped::Now) => ack.hand_back().await,
+            Err(Stopped::Now) => match ack.last_delivery(stop.is_cancelled()) {
+                // Handing it back would be the end of it: the broker will not deliver it again.
+                Some(deliveries) => {
+                    let last = self.give_up(&incoming, deliveries);
+                    let last = tokio::select! {
+                        last = last => last,
+                        never = ack.keep_alive_forever() => match never {},
+                    };
+                    match last {
+                        Ok(()) => ack.ack(false).await,
+                        Err(()) => ack.hand_back().await,
+                    }
+                }
+                None => ack.hand_back().await,
+            },
             Err(Stopped::Deferred(delay)) => ack.defer(delay).await,
+        }
+    }
+
+    /// The job was handed back on its last allowed delivery: it becomes a
+    /// `max_deliveries_exceeded` dead letter with its payload, so it is not silently lost. The
+    /// write gets [`GIVE_UP_WRITE`] even while the process stops; `Err` when it did not land.
+    async fn give_up(&self, incoming: &Incoming<'_>, deliveries: u64) -> Result<(), ()> {
+        let job = decode_job(
+            incoming.payload,
+            self.plan.limits.max_job_bytes,
+            incoming.received_at,
+        )
+        .ok();
+        let who = match (&job, incoming.vouched_tenant) {
+            (Some(job), Some(vouched)) if vouched != job.tenant.as_str() => Who::Undecoded,
+            (Some(job), _) => Who::Job(job),
+            (None, _) => Who::Undecoded,
+        };
+        let error = format!("the job was handed back (shutdown, or its claim passed to another worker) on its last allowed delivery ({deliveries}); the broker will not deliver it again, so it is dead-lettered with its payload: republish it to run it");
+        let mut dl = incoming.dead_letter(DeadLetterReason::MaxDeliveriesExceeded, error, who, 0);
+        dl.deliveries = Some(deliveries);
+        // Not the process's stop token: it is cancelled while shutting down, and this is the
+        // last chance to keep the job.
+        let own_stop = CancellationToken::new();
+        let key = incoming.position();
+        let write = self.write(Outcome::DeadLetter(dl), incoming, &key, &own_stop);
+        match tokio::time::timeout(GIVE_UP_WRITE, write).await {
+            Ok(Ok(written)) => {
+                self.finished(&written, None, incoming);
+                Ok(())
+            }
+            _ => {
+                tracing::error!(source = ?incoming.source, deliveries, "could not write the dead letter of a job on its last delivery; handing it back (the broker may drop it)");
+                Err(())
+            }
         }
     }
 

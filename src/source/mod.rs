@@ -56,6 +56,14 @@ pub trait Acknowledge: Send + Sync {
     fn defer(self: Box<Self>, _delay: Duration) -> BoxFuture<'static, ()> {
         self.hand_back()
     }
+
+    /// `Some(deliveries made)` when a hand-back now would be the end of the message: no
+    /// redelivery will follow (JetStream's `max_deliver` reached; Kafka's local redelivery
+    /// limit outside shutdown). The engine then dead-letters it instead of handing it back.
+    /// `stopping`: the process is shutting down (Kafka redelivers after the restart).
+    fn last_delivery(&self, _stopping: bool) -> Option<u64> {
+        None
+    }
 }
 
 pub struct AckHandle(Box<dyn Acknowledge>);
@@ -75,6 +83,11 @@ impl AckHandle {
 
     pub fn can_defer(&self) -> bool {
         self.0.can_defer()
+    }
+
+    /// See [`Acknowledge::last_delivery`].
+    pub fn last_delivery(&self, stopping: bool) -> Option<u64> {
+        self.0.last_delivery(stopping)
     }
 
     pub async fn defer(self, delay: Duration) {

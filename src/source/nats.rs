@@ -152,6 +152,8 @@ impl JobSource for NatsSource {
             keep_alive_every: self.ack_wait / 3,
             // Deferring is a redelivery: never let it use up the last deliveries.
             deferrable: self.max_deliver < 0 || delivered + 2 < self.max_deliver,
+            delivered,
+            max_deliver: self.max_deliver,
         };
         let tenant = subject_tenant(&self.subjects, &source.topic);
         Ok(Delivery {
@@ -192,6 +194,10 @@ struct NatsAck {
     acker: Acker,
     keep_alive_every: Duration,
     deferrable: bool,
+    /// This delivery's number (1 for the first).
+    delivered: i64,
+    /// -1: unlimited.
+    max_deliver: i64,
 }
 
 impl NatsAck {
@@ -233,6 +239,12 @@ impl Acknowledge for NatsAck {
 
     fn defer(self: Box<Self>, delay: Duration) -> BoxFuture<'static, ()> {
         Box::pin(async move { Self::send(&self.acker, AckKind::Nak(Some(delay))).await })
+    }
+
+    fn last_delivery(&self, _stopping: bool) -> Option<u64> {
+        // JetStream never redelivers a message past `max_deliver`, shutdown or not.
+        (self.max_deliver > 0 && self.delivered >= self.max_deliver)
+            .then(|| u64::try_from(self.delivered).unwrap_or(0))
     }
 }
 

@@ -132,7 +132,42 @@ pub struct KafkaSource {
     stash: std::collections::VecDeque<Delivery>,
     /// The message key names the job's tenant (`tenant_from: key`).
     tenant_from_key: bool,
+    /// Jobs handed back outside shutdown, to run again here: their offsets stay in flight
+    /// meanwhile, so nothing is committed past them and nothing after them is blocked for good.
+    requeue: Arc<Requeue>,
 }
+
+/// Jobs to run again in this process, at most [`STASH_MAX`] (each was an in-flight job, so
+/// `limits.max_inflight_jobs` bounds it in practice).
+#[derive(Default)]
+struct Requeue {
+    queue: std::sync::Mutex<std::collections::VecDeque<Delivery>>,
+    added: tokio::sync::Notify,
+}
+
+impl Requeue {
+    fn push(&self, delivery: Delivery) -> bool {
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if queue.len() >= STASH_MAX {
+            return false;
+        }
+        queue.push_back(delivery);
+        drop(queue);
+        self.added.notify_one();
+        true
+    }
+
+    fn pop(&self) -> Option<Delivery> {
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front()
+    }
+}
+
+/// How many times a job is run in this process (first delivery plus local redeliveries after a
+/// hand-back) before its last hand-back becomes a `max_deliveries_exceeded` dead letter.
+const MAX_LOCAL_DELIVERIES: u64 = 10;
 
 /// Most messages kept while paused; beyond it polling stops until intake resumes.
 const STASH_MAX: usize = 4096;
@@ -190,6 +225,7 @@ impl KafkaSource {
             topic: Arc::from(plan.topic.as_str()),
             stash: Default::default(),
             tenant_from_key: plan.tenant_from_key,
+            requeue: Arc::default(),
         })
     }
 }
@@ -241,7 +277,7 @@ impl KafkaSource {
         }
     }
 
-    async fn receive(&mut self) -> Result<Delivery, SourceError> {
+    async fn receive(&self) -> Result<Delivery, SourceError> {
         let message = self.consumer.recv().await.map_err(classify)?;
         let topic = if message.topic() == &*self.topic {
             self.topic.clone()
@@ -268,11 +304,6 @@ impl KafkaSource {
                 .and_then(|h| h.value)
                 .and_then(crate::wire::valid_traceparent)
         });
-        let ack = KafkaAck {
-            ticket,
-            consumer: Arc::downgrade(&self.consumer),
-            tracker: self.tracker.clone(),
-        };
         // With `tenant_from: key` the key vouches for the tenant; a missing or unreadable key
         // vouches for none of them, so the job cannot match.
         let tenant = self.tenant_from_key.then(|| {
@@ -282,6 +313,19 @@ impl KafkaSource {
                 .unwrap_or("")
                 .to_owned()
         });
+        let ack = KafkaAck {
+            ticket,
+            consumer: Arc::downgrade(&self.consumer),
+            tracker: self.tracker.clone(),
+            again: Box::new(Again {
+                payload: payload.clone(),
+                traceparent: traceparent.clone(),
+                tenant: tenant.clone(),
+                source: source.clone(),
+                deliveries: 1,
+                requeue: Arc::downgrade(&self.requeue),
+            }),
+        };
         Ok(Delivery {
             payload,
             traceparent,
@@ -298,7 +342,20 @@ impl JobSource for KafkaSource {
         if let Some(delivery) = self.stash.pop_front() {
             return Ok(delivery);
         }
-        self.receive().await
+        // A job handed back here runs again before new messages. (One whose partition is
+        // revoked meanwhile runs once more; its ack is then ignored and the claim answers the
+        // new owner's redelivery.)
+        loop {
+            if let Some(again) = self.requeue.pop() {
+                return Ok(again);
+            }
+            tokio::select! {
+                biased;
+                // `notify_one` keeps a permit when nobody waits, so no hand-back is missed.
+                () = self.requeue.added.notified() => {}
+                received = self.receive() => return received,
+            }
+        }
     }
 
     fn is_connected(&self) -> bool {
@@ -363,6 +420,20 @@ struct KafkaAck {
     /// membership) alive; its offset is then simply not stored.
     consumer: std::sync::Weak<Inner>,
     tracker: Arc<OffsetTracker>,
+    /// What it takes to run the job again after a hand-back.
+    again: Box<Again>,
+}
+
+/// A delivery's content kept for a local redelivery.
+struct Again {
+    payload: Vec<u8>,
+    traceparent: Option<String>,
+    tenant: Option<String>,
+    source: SourceInfo,
+    /// Times this process has run the job so far.
+    deliveries: u64,
+    /// Weak: queued deliveries hold it, and must not keep the queue alive after the source.
+    requeue: std::sync::Weak<Requeue>,
 }
 
 impl Acknowledge for KafkaAck {
@@ -380,9 +451,62 @@ impl Acknowledge for KafkaAck {
     }
 
     fn hand_back(self: Box<Self>) -> BoxFuture<'static, ()> {
-        // The offset stays in flight, so no commit passes it; it is redelivered after a restart
-        // or rebalance.
+        // The offset stays in flight, so no commit passes it. The job is queued to run here
+        // again (a lost claim, an unwritable dead letter), so the partition's commits move on
+        // once it finishes; at shutdown nothing takes it from the queue and it is redelivered
+        // after the restart or rebalance.
+        let KafkaAck {
+            ticket,
+            consumer,
+            tracker,
+            again,
+        } = *self;
+        if !tracker.is_current(&ticket) {
+            return Box::pin(std::future::ready(()));
+        }
+        let Again {
+            payload,
+            traceparent,
+            tenant,
+            source,
+            deliveries,
+            requeue,
+        } = *again;
+        let ack = KafkaAck {
+            ticket,
+            consumer,
+            tracker,
+            again: Box::new(Again {
+                payload: payload.clone(),
+                traceparent: traceparent.clone(),
+                tenant: tenant.clone(),
+                source: source.clone(),
+                deliveries: deliveries + 1,
+                requeue: requeue.clone(),
+            }),
+        };
+        let delivery = Delivery {
+            payload,
+            traceparent,
+            tenant,
+            source,
+            received_at: Utc::now(),
+            ack: AckHandle::new(ack),
+        };
+        let Some(queue) = requeue.upgrade() else {
+            return Box::pin(std::future::ready(()));
+        };
+        if !queue.push(delivery) {
+            tracing::warn!(
+                "local redelivery queue full; the job is redelivered after a restart or rebalance"
+            );
+        }
         Box::pin(std::future::ready(()))
+    }
+
+    fn last_delivery(&self, stopping: bool) -> Option<u64> {
+        (!stopping && self.again.deliveries >= MAX_LOCAL_DELIVERIES)
+            .then_some(self.again.deliveries)
     }
 }
 

@@ -90,6 +90,14 @@ impl OffsetTracker {
         })
     }
 
+    /// Whether `ticket`'s partition is still ours since it was handed out (not revoked).
+    pub fn is_current(&self, ticket: &Ticket) -> bool {
+        self.lock()
+            .partitions
+            .get(&ticket.key)
+            .is_some_and(|state| state.epoch == ticket.epoch)
+    }
+
     /// Forgets partitions that were revoked; later acks for them are ignored.
     pub fn revoke(&self, keys: impl IntoIterator<Item = PartitionKey>) {
         let mut inner = self.lock();
