@@ -432,3 +432,164 @@ fn job_ids(outputs: &[(Collected, serde_json::Value)]) -> Vec<String> {
         })
         .collect()
 }
+
+/// A TCP proxy to Redis that can be cut: every connection through it stalls (as in a network
+/// partition) until it is restored.
+struct Partition {
+    addr: std::net::SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Partition {
+    async fn to(upstream: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let upstream = upstream.to_owned();
+        let flag = cut.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (upstream, flag) = (upstream.clone(), flag.clone());
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    tokio::join!(pump(cr, sw, flag.clone()), pump(sr, cw, flag));
+                });
+            }
+        });
+        Self { addr, cut }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Copies bytes one way, holding them while the partition is cut.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while cut.load(std::sync::atomic::Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cut_off_from_redis_past_its_lease_does_not_publish_over_the_one_that_took_over() {
+    use redis::AsyncCommands as _;
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let llm = mock_llm(1500).await;
+    let upstream = redis_url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_owned();
+    let partition = Partition::to(&upstream).await;
+    let prefix = format!("it{:x}-", rand::random::<u64>());
+    let via_proxy = format!("redis://{}", partition.addr);
+    let env = [
+        ("SWITCHYARD__STATE__KIND", "redis"),
+        ("SWITCHYARD__STATE__URL", via_proxy.as_str()),
+        ("SWITCHYARD__STATE__KEY_PREFIX", prefix.as_str()),
+        ("SWITCHYARD__STATE__CLAIM_LEASE_MS", "1000"),
+        ("SWITCHYARD__STATE__TIMEOUT_MS", "300"),
+    ];
+    let plan = plan(&brokers, &llm.addr().to_string(), &env);
+    let outputs = collector(&brokers);
+    let service = Service::start(plan.clone(), StateStore::open(&plan.state).await.unwrap());
+    service.wait_ready().await;
+    publish(&brokers, JOBS_TOPIC, [job("fence-1", "acme", "hello")])
+        .await
+        .unwrap();
+
+    // Worker A holds the claim and is calling the provider; then it is cut off from Redis.
+    let mut redis = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = format!("{prefix}idem:acme/acme:fence-1");
+    let started = tokio::time::Instant::now();
+    while !redis
+        .get::<_, Option<String>>(&key)
+        .await
+        .unwrap()
+        .is_some_and(|v| v.starts_with("C:"))
+    {
+        assert!(started.elapsed() < STALL, "the job never got its claim");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    partition.set_cut(true);
+    // A's lease lapses; worker B takes the key over, runs the job and records its result.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let b = switchyard::state::RedisStore::connect(&redis_url(), &prefix, Duration::from_secs(2))
+        .await
+        .unwrap();
+    let switchyard::state::Claim::Acquired(token) = b
+        .claim("acme/acme:fence-1", Duration::from_secs(10))
+        .await
+        .unwrap()
+    else {
+        panic!("B takes over the lapsed claim")
+    };
+    let now = chrono::Utc::now();
+    let b_result = serde_json::json!({"kind": "result", "body": {
+        "job_id": "fence-1", "tenant": "acme", "pipeline": "support", "status": "ok",
+        "output": "answered by B", "route": {"category": null, "confidence": null, "model": null, "variant": null},
+        "steps": [], "usage": {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0},
+        "duplicate": false, "metadata": null, "received_at": now, "completed_at": now, "latency_ms": 1
+    }});
+    assert!(b
+        .complete(
+            "acme/acme:fence-1",
+            &token,
+            serde_json::to_vec(&b_result).unwrap().into(),
+            Duration::from_secs(60)
+        )
+        .await
+        .unwrap());
+    // A is reachable again once its provider call has long finished.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    partition.set_cut(false);
+
+    assert_eq!(outputs.wait_for(1, STALL, |_| {}).await, 1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    service.stop().await;
+    let all = outputs.snapshot();
+    let fresh: Vec<_> = all
+        .iter()
+        .filter(|(c, _)| matches!(c, Collected::Result(r) if !r.duplicate))
+        .collect();
+    assert!(
+        fresh.is_empty(),
+        "A must not publish a fresh result after B took over: {:?}",
+        job_ids(&all)
+    );
+    assert!(
+        all.iter()
+            .all(|(c, _)| matches!(c, Collected::Result(r) if r.output == "answered by B")),
+        "A answers with B's stored result: {:?}",
+        job_ids(&all)
+    );
+    let stored: String = redis.get(&key).await.unwrap();
+    assert!(
+        stored.contains("answered by B"),
+        "B's outcome was not overwritten"
+    );
+}

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use switchyard::state::{Claim, RedisStore};
+use switchyard::state::{Claim, RedisStore, Renewal};
 
 async fn store(prefix: &str) -> RedisStore {
     RedisStore::connect(&common::redis_url(), prefix, Duration::from_secs(2))
@@ -38,14 +38,18 @@ async fn only_one_replica_wins_a_claim_and_the_outcome_is_replayed() {
         .iter()
         .all(|c| matches!(c, Claim::Acquired(_) | Claim::Busy)));
 
-    replicas[1]
+    let Some(Claim::Acquired(winner)) = winners.first().copied() else {
+        panic!("a winner")
+    };
+    assert!(replicas[1]
         .complete(
             "acme/k1",
+            winner,
             Bytes::from_static(b"{\"stored\":true}"),
             Duration::from_secs(60),
         )
         .await
-        .unwrap();
+        .unwrap());
     assert_eq!(
         replicas[2].claim("acme/k1", lease).await.unwrap(),
         Claim::Done(Bytes::from_static(b"{\"stored\":true}"))
@@ -72,10 +76,12 @@ async fn a_crashed_workers_lease_expires_and_is_taken_over_but_a_renewed_one_is_
     };
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(150)).await;
-        assert!(a
-            .renew("t/alive", &alive, Duration::from_millis(300))
-            .await
-            .unwrap());
+        assert_eq!(
+            a.renew("t/alive", &alive, Duration::from_millis(300))
+                .await
+                .unwrap(),
+            Renewal::Held
+        );
     }
     assert!(
         matches!(
@@ -89,14 +95,15 @@ async fn a_crashed_workers_lease_expires_and_is_taken_over_but_a_renewed_one_is_
         Claim::Busy,
         "a renewed lease holds"
     );
-    assert!(
-        !b.renew(
+    assert_eq!(
+        b.renew(
             "t/alive",
             &switchyard_token_from_claim(&b).await,
             Duration::from_secs(1)
         )
         .await
         .unwrap(),
+        Renewal::Lost,
         "a stranger cannot renew"
     );
 }
@@ -159,10 +166,11 @@ async fn a_claim_whose_key_vanished_is_renewed_back_but_one_taken_over_is_lost()
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert!(
+    assert_eq!(
         a.renew("t/v", &token, Duration::from_secs(10))
             .await
             .unwrap(),
+        Renewal::Held,
         "the owner re-establishes its claim"
     );
     assert_eq!(
@@ -178,5 +186,50 @@ async fn a_claim_whose_key_vanished_is_renewed_back_but_one_taken_over_is_lost()
         b.claim("t/w", Duration::from_secs(10)).await.unwrap(),
         Claim::Acquired(_)
     ));
-    assert!(!a.renew("t/w", &old, Duration::from_secs(10)).await.unwrap());
+    assert_eq!(
+        a.renew("t/w", &old, Duration::from_secs(10)).await.unwrap(),
+        Renewal::Lost
+    );
+}
+
+#[tokio::test]
+async fn a_worker_whose_lease_was_taken_over_cannot_record_over_the_new_holder() {
+    let p = prefix();
+    let (a, b) = (store(&p).await, store(&p).await);
+    let Claim::Acquired(old) = a.claim("t/f", Duration::from_millis(100)).await.unwrap() else {
+        panic!("claim")
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let Claim::Acquired(new) = b.claim("t/f", Duration::from_secs(10)).await.unwrap() else {
+        panic!("takeover")
+    };
+    let ttl = Duration::from_secs(60);
+    assert!(
+        !a.complete("t/f", &old, Bytes::from_static(b"stale"), ttl)
+            .await
+            .unwrap(),
+        "the stale worker's outcome is refused"
+    );
+    assert_eq!(
+        b.claim("t/f", Duration::from_secs(10)).await.unwrap(),
+        Claim::Busy,
+        "the new holder's claim stands"
+    );
+    assert!(b
+        .complete("t/f", &new, Bytes::from_static(b"fresh"), ttl)
+        .await
+        .unwrap());
+    assert_eq!(
+        a.renew("t/f", &old, Duration::from_secs(10)).await.unwrap(),
+        Renewal::Finished,
+        "a finished key is reported as such, not as a claim to take"
+    );
+    assert!(!a
+        .complete("t/f", &old, Bytes::from_static(b"stale"), ttl)
+        .await
+        .unwrap());
+    assert_eq!(
+        a.claim("t/f", Duration::from_secs(10)).await.unwrap(),
+        Claim::Done(Bytes::from_static(b"fresh"))
+    );
 }

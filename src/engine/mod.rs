@@ -213,41 +213,40 @@ impl<K: OutputSink> Engine<K> {
             output_key,
         } = self.decide(incoming, stop).await?;
         let poison = matches!(&outcome, Outcome::DeadLetter(dl) if dl.reason == DeadLetterReason::InvalidJob);
-        let Some((key, token)) = claim else {
+        let Some(held) = claim else {
             let written = self.write(outcome, incoming, &output_key, stop).await?;
             self.finished(&written, pipeline.as_deref(), incoming);
             return Ok(poison);
         };
-        // The claim stays held until the outcome is recorded: a slow write must not let a
-        // redelivery take the key over and call the provider again.
-        let finish = async {
-            let written = self.write(outcome, incoming, &output_key, stop).await?;
-            match serde_json::to_vec(&written) {
-                Ok(bytes) => self.record(&key, Bytes::from(bytes)).await,
-                Err(e) => {
-                    tracing::error!(key = %key, error = %e, "could not encode the outcome for the state store")
-                }
-            }
-            Ok(written)
-        };
-        let finished = tokio::select! {
-            finished = finish => finished,
-            LeaseLost = self.hold_claim(&key, &token) => {
-                // Another worker owns the key now; writing too would duplicate its output.
-                tracing::warn!(key = %key, "claim lease lost before the output was written; handing the job back");
+        // Publish only with the lease surely ours (fencing): a worker cut off from the store
+        // for most of a lease waits here until the store confirms it, or hands the job back if
+        // another worker took it meanwhile.
+        self.confirm_lease(&held, stop).await?;
+        let written = tokio::select! {
+            written = self.write(outcome, incoming, &output_key, stop) => written,
+            LeaseLost = self.hold_claim(&held) => {
+                // Another worker owns the key now: writing too would duplicate its output.
+                tracing::warn!(key = %held.key, "claim lease lost before the output was written; handing the job back");
                 return Err(Stopped::Now);
             }
         };
-        match finished {
-            Ok(written) => {
-                self.finished(&written, pipeline.as_deref(), incoming);
-                Ok(poison)
-            }
+        let written = match written {
+            Ok(written) => written,
             Err(stopped) => {
-                self.release(&key, &token).await;
-                Err(stopped)
+                self.release(&held).await;
+                return Err(stopped);
+            }
+        };
+        // The output is out: record it (fenced, so never over another worker's claim) and ack,
+        // whatever the lease does meanwhile; handing back now would run the job again.
+        match serde_json::to_vec(&written) {
+            Ok(bytes) => self.record(&held, Bytes::from(bytes)).await,
+            Err(e) => {
+                tracing::error!(key = %held.key, error = %e, "could not encode the outcome for the state store")
             }
         }
+        self.finished(&written, pipeline.as_deref(), incoming);
+        Ok(poison)
     }
 
     /// A bug panicked the job's task. The job becomes an `internal` dead letter (written without

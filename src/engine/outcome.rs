@@ -10,6 +10,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
+use super::claim::Held;
 use super::{
     seconds_since, Engine, Incoming, LeaseLost, Stopped, QUEUE_FULL_DEFER, QUEUE_FULL_RETRY,
 };
@@ -17,7 +18,6 @@ use crate::admission::QueueFull;
 use crate::config::{PipelinePlan, UnknownTenants};
 use crate::pipeline::{RunFailure, RunOutput};
 use crate::sink::OutputSink;
-use crate::state::ClaimToken;
 use crate::wire::{
     decode_job, DeadLetter, DeadLetterReason, Job, JobResult, Outcome, StepRecord, TenantId, Usage,
 };
@@ -27,7 +27,7 @@ pub(super) struct Decision {
     pub outcome: Outcome,
     /// The claim to complete once the outcome is written (absent for replays and for payloads
     /// that never got as far as a claim).
-    pub claim: Option<(String, ClaimToken)>,
+    pub claim: Option<Held>,
     /// The pipeline the job ran (or would have run) in, when known: a metrics label.
     pub pipeline: Option<String>,
     /// The identity its outputs' ids derive from: tenant + idempotency key for a decoded job,
@@ -182,8 +182,8 @@ impl<K: OutputSink> Engine<K> {
             }
         };
         let key = job.state_key();
-        let token = match self.claim(&key, stop).await? {
-            Ok(token) => token,
+        let held = match self.claim(&key, stop).await? {
+            Ok(held) => held,
             Err(stored) => {
                 return Ok(Decision {
                     outcome: incoming.replay(&stored, &job),
@@ -207,7 +207,7 @@ impl<K: OutputSink> Engine<K> {
                 incoming.dead_letter(DeadLetterReason::DeadlineExceeded, error, Who::Job(&job), 0);
             return Ok(Decision {
                 outcome: Outcome::DeadLetter(dl),
-                claim: Some((key.clone(), token)),
+                claim: Some(held),
                 pipeline: Some(pipeline.name.clone()),
                 output_key: key,
             });
@@ -218,17 +218,17 @@ impl<K: OutputSink> Engine<K> {
         let run = tokio::select! {
             biased;
             () = stop.cancelled() => {
-                self.release(&key, &token).await;
+                self.release(&held).await;
                 return Err(Stopped::Now);
             }
             run = self.admit_and_run(&job, &pipeline, incoming.deferrable).instrument(span) => match run {
                 Ok(run) => run,
                 Err(deferred) => {
-                    self.release(&key, &token).await;
+                    self.release(&held).await;
                     return Err(deferred);
                 }
             },
-            LeaseLost = self.hold_claim(&key, &token) => {
+            LeaseLost = self.hold_claim(&held) => {
                 tracing::warn!(key = %key, "claim lease lost while the job ran; handing it back to the worker that holds it");
                 return Err(Stopped::Now);
             }
@@ -268,7 +268,7 @@ impl<K: OutputSink> Engine<K> {
         };
         Ok(Decision {
             outcome,
-            claim: Some((key.clone(), token)),
+            claim: Some(held),
             pipeline: Some(pipeline.name.clone()),
             output_key: key,
         })

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::{Claim, ClaimToken};
+use super::{Claim, ClaimToken, Renewal};
 
 enum Entry {
     Claimed { owner: ClaimToken, expires: Instant },
@@ -104,32 +104,40 @@ impl MemoryStore {
         Claim::Acquired(owner)
     }
 
-    /// Extends `token`'s claim; false when it no longer holds the key.
-    pub fn renew(&self, key: &str, token: &ClaimToken, lease: Duration) -> bool {
+    /// Extends `token`'s claim (see [`super::Renewal`]).
+    pub fn renew(&self, key: &str, token: &ClaimToken, lease: Duration) -> Renewal {
+        let now = Instant::now();
         let mut inner = self.lock();
         match inner.entries.get_mut(key) {
             Some(Entry::Claimed { owner, expires }) if owner == token => {
-                *expires = Instant::now() + lease;
-                true
+                *expires = now + lease;
+                Renewal::Held
             }
-            Some(_) => false,
-            None => {
+            Some(Entry::Done { expires, .. }) if *expires > now => Renewal::Finished,
+            Some(Entry::Claimed { expires, .. }) if *expires > now => Renewal::Lost,
+            _ => {
                 let claim = Entry::Claimed {
                     owner: token.clone(),
-                    expires: Instant::now() + lease,
+                    expires: now + lease,
                 };
                 inner.entries.insert(key.to_owned(), claim);
-                true
+                Renewal::Held
             }
         }
     }
 
-    pub fn complete(&self, key: &str, outcome: Bytes, ttl: Duration) {
-        // Stored even if the lease was taken over meanwhile: it is a valid final answer for the
-        // key, and the later writer's is equally valid.
+    /// Stores the outcome when `token` holds the claim (or the key is free); false otherwise.
+    pub fn complete(&self, key: &str, token: &ClaimToken, outcome: Bytes, ttl: Duration) -> bool {
         let now = Instant::now();
         let expires = now + ttl;
         let mut inner = self.lock();
+        match inner.entries.get(key) {
+            Some(Entry::Claimed { owner, expires }) if owner != token && *expires > now => {
+                return false
+            }
+            Some(Entry::Done { expires, .. }) if *expires > now => return false,
+            _ => {}
+        }
         inner
             .entries
             .insert(key.to_owned(), Entry::Done { outcome, expires });
@@ -137,6 +145,7 @@ impl MemoryStore {
         while inner.done_order.len() > self.max_entries {
             inner.evict_oldest();
         }
+        true
     }
 
     pub fn release(&self, key: &str, token: &ClaimToken) {
@@ -188,18 +197,47 @@ mod tests {
             panic!("first claim")
         };
         assert_eq!(store.claim("k", LEASE), Claim::Busy);
-        assert!(
+        assert_eq!(
             store.renew("k", &token, LEASE),
+            Renewal::Held,
             "the owner renews its lease"
         );
-        assert!(
-            !store.renew("k", &ClaimToken::random(), LEASE),
+        assert_eq!(
+            store.renew("k", &ClaimToken::random(), LEASE),
+            Renewal::Lost,
             "others cannot"
         );
-        store.complete("k", Bytes::from_static(b"out"), TTL);
+        assert!(store.complete("k", &token, Bytes::from_static(b"out"), TTL));
         assert_eq!(
             store.claim("k", LEASE),
             Claim::Done(Bytes::from_static(b"out"))
+        );
+        assert_eq!(
+            store.renew("k", &token, LEASE),
+            Renewal::Finished,
+            "a renew racing the job's own record is not a lost lease"
+        );
+    }
+
+    #[test]
+    fn a_worker_whose_lease_was_taken_over_cannot_record_over_the_new_holder() {
+        let store = MemoryStore::new(10);
+        let Claim::Acquired(old) = store.claim("k", Duration::ZERO) else {
+            panic!("first claim")
+        };
+        let Claim::Acquired(new) = store.claim("k", LEASE) else {
+            panic!("takeover after the lease lapsed")
+        };
+        assert!(!store.complete("k", &old, Bytes::from_static(b"stale"), TTL));
+        assert_eq!(store.renew("k", &old, LEASE), Renewal::Lost);
+        assert!(store.complete("k", &new, Bytes::from_static(b"fresh"), TTL));
+        assert!(
+            !store.complete("k", &old, Bytes::from_static(b"stale"), TTL),
+            "nor over its outcome"
+        );
+        assert_eq!(
+            store.claim("k", LEASE),
+            Claim::Done(Bytes::from_static(b"fresh"))
         );
     }
 
@@ -230,10 +268,10 @@ mod tests {
         let store = MemoryStore::new(3);
         for i in 0..10 {
             let key = format!("k{i}");
-            let Claim::Acquired(_) = store.claim(&key, LEASE) else {
+            let Claim::Acquired(token) = store.claim(&key, LEASE) else {
                 panic!("claim")
             };
-            store.complete(&key, Bytes::new(), TTL);
+            assert!(store.complete(&key, &token, Bytes::new(), TTL));
         }
         assert_eq!(store.len(), 3);
         assert!(matches!(store.claim("k9", LEASE), Claim::Done(_)));

@@ -43,6 +43,18 @@ pub enum Claim {
     Busy,
 }
 
+/// What renewing a claim found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    /// Still ours, lease extended (or re-taken after the key vanished in a store restart).
+    Held,
+    /// The key holds a finished outcome: ours, recorded a moment ago (a renew racing the
+    /// record), or another worker's.
+    Finished,
+    /// Another worker holds the claim: ours lapsed and was taken over.
+    Lost,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     /// The store cannot be reached; the job must wait, never run unclaimed.
@@ -129,13 +141,13 @@ impl StateStore {
     }
 
     /// Extends a live claim (re-claiming a key that vanished, e.g. after a Redis restart without
-    /// persistence); `Ok(false)` when another worker holds or finished the key.
+    /// persistence), only for the holder of `token`.
     pub async fn renew(
         &self,
         key: &str,
         token: &ClaimToken,
         lease: Duration,
-    ) -> Result<bool, StateError> {
+    ) -> Result<Renewal, StateError> {
         let result = match &self.backend {
             Backend::Memory(m) => Ok(m.renew(key, token, lease)),
             Backend::Redis(r) => r.renew(key, token, lease).await,
@@ -143,19 +155,19 @@ impl StateStore {
         self.track(result)
     }
 
-    /// Stores the final outcome under `key` for `ttl`, ending the claim.
+    /// Stores the final outcome under `key` for `ttl`, ending `token`'s claim. Fenced: `Ok(false)`
+    /// (nothing stored) when another worker holds the claim or the key already has an outcome,
+    /// so a worker whose lease lapsed never overwrites the worker that took over.
     pub async fn complete(
         &self,
         key: &str,
+        token: &ClaimToken,
         outcome: bytes::Bytes,
         ttl: Duration,
-    ) -> Result<(), StateError> {
+    ) -> Result<bool, StateError> {
         let result = match &self.backend {
-            Backend::Memory(m) => {
-                m.complete(key, outcome, ttl);
-                Ok(())
-            }
-            Backend::Redis(r) => r.complete(key, outcome, ttl).await,
+            Backend::Memory(m) => Ok(m.complete(key, token, outcome, ttl)),
+            Backend::Redis(r) => r.complete(key, token, outcome, ttl).await,
         };
         self.track(result)
     }

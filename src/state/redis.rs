@@ -14,7 +14,7 @@ use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 
-use super::{Claim, ClaimToken, StateError};
+use super::{Claim, ClaimToken, Renewal, StateError};
 
 const CLAIM: &str = r"
 local v = redis.call('GET', KEYS[1])
@@ -29,13 +29,29 @@ return {3, ''}
 ";
 
 // Renews our claim; a key that vanished (Redis restarted without persistence) is claimed again.
+// 1: held, 2: finished (a `D:` outcome), 0: another worker's claim.
 const RENEW: &str = r"
 local v = redis.call('GET', KEYS[1])
 if v == 'C:' .. ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
 end
 if not v then
   redis.call('SET', KEYS[1], 'C:' .. ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if string.sub(v, 1, 2) == 'D:' then
+  return 2
+end
+return 0
+";
+
+// Records the outcome only for the claim's holder (or a key that vanished): a worker whose lease
+// was taken over never overwrites the new holder's claim or outcome. 1: stored, 0: not ours.
+const COMPLETE: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v == 'C:' .. ARGV[1] or not v then
+  redis.call('SET', KEYS[1], 'D:' .. ARGV[2], 'PX', ARGV[3])
   return 1
 end
 return 0
@@ -54,6 +70,7 @@ pub struct RedisStore {
     prefix: String,
     claim: Script,
     renew: Script,
+    complete: Script,
     release: Script,
     gcra: Script,
     spend: Script,
@@ -85,6 +102,7 @@ impl RedisStore {
             prefix: prefix.to_owned(),
             claim: Script::new(CLAIM),
             renew: Script::new(RENEW),
+            complete: Script::new(COMPLETE),
             release: Script::new(RELEASE),
             gcra: Script::new(super::counters::GCRA),
             spend: Script::new(super::counters::SPEND),
@@ -118,9 +136,9 @@ impl RedisStore {
         key: &str,
         token: &ClaimToken,
         lease: Duration,
-    ) -> Result<bool, StateError> {
+    ) -> Result<Renewal, StateError> {
         let mut conn = self.conn.clone();
-        let renewed: i64 = self
+        let code: i64 = self
             .renew
             .key(self.key(key))
             .arg(&token.0)
@@ -128,27 +146,31 @@ impl RedisStore {
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        Ok(renewed == 1)
+        Ok(match code {
+            1 => Renewal::Held,
+            2 => Renewal::Finished,
+            _ => Renewal::Lost,
+        })
     }
 
     pub async fn complete(
         &self,
         key: &str,
+        token: &ClaimToken,
         outcome: Bytes,
         ttl: Duration,
-    ) -> Result<(), StateError> {
-        let mut value = Vec::with_capacity(outcome.len() + 2);
-        value.extend_from_slice(b"D:");
-        value.extend_from_slice(&outcome);
+    ) -> Result<bool, StateError> {
         let mut conn = self.conn.clone();
-        redis::cmd("SET")
-            .arg(self.key(key))
-            .arg(value)
-            .arg("PX")
+        let stored: i64 = self
+            .complete
+            .key(self.key(key))
+            .arg(&token.0)
+            .arg(outcome.as_ref())
             .arg(millis(ttl))
-            .query_async::<()>(&mut conn)
+            .invoke_async(&mut conn)
             .await
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        Ok(stored == 1)
     }
 
     pub async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StateError> {
