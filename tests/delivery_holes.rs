@@ -438,6 +438,7 @@ fn job_ids(outputs: &[(Collected, serde_json::Value)]) -> Vec<String> {
 struct Partition {
     addr: std::net::SocketAddr,
     cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    _tasks: tokio_util::task::TaskTracker,
 }
 
 impl Partition {
@@ -447,10 +448,12 @@ impl Partition {
         let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let upstream = upstream.to_owned();
         let flag = cut.clone();
-        tokio::spawn(async move {
+        let tasks = tokio_util::task::TaskTracker::new();
+        let inner = tasks.clone();
+        tasks.spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let (upstream, flag) = (upstream.clone(), flag.clone());
-                tokio::spawn(async move {
+                inner.spawn(async move {
                     let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
                         return;
                     };
@@ -460,7 +463,11 @@ impl Partition {
                 });
             }
         });
-        Self { addr, cut }
+        Self {
+            addr,
+            cut,
+            _tasks: tasks,
+        }
     }
 
     fn set_cut(&self, cut: bool) {
