@@ -113,7 +113,7 @@ pub async fn run_with(
             scheduler,
             state.clone(),
             sink,
-            metrics.clone(),
+            &telemetry,
         ));
         tracing::info!(
             pipelines = plan.pipelines.len(),
@@ -146,6 +146,27 @@ async fn consume<K: OutputSink>(
     let mut backoff = Duration::from_millis(100);
     let mut tick = tokio::time::interval(HEALTH_TICK);
     'intake: loop {
+        if health.sink_rejecting() {
+            // An output topic refuses writes: jobs in flight keep their outputs and retry; no
+            // new job is taken (the source stays polled, so a Kafka member keeps its place).
+            source.pause();
+            metrics.intake_pauses.inc();
+            loop {
+                tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => break 'intake,
+                    _ = tick.tick() => {
+                        health.set_source_connected(source.is_connected());
+                        if !health.sink_rejecting() {
+                            break;
+                        }
+                    }
+                    () = source.poll_paused() => {}
+                }
+            }
+            source.resume();
+            continue;
+        }
         if !state.is_available() {
             // Paused: no new job is taken until the store answers again.
             tokio::select! {

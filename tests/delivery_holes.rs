@@ -600,3 +600,50 @@ async fn a_worker_cut_off_from_redis_past_its_lease_does_not_publish_over_the_on
         "B's outcome was not overwritten"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_results_topic_that_refuses_writes_keeps_the_paid_answer_and_fails_readiness() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let llm = mock_llm(300).await;
+    let plan = plan(&brokers, &llm.addr().to_string(), &[]);
+    let outputs = collector(&brokers);
+    let service = Service::start(plan, StateStore::from(MemoryStore::new(1000)));
+    service.wait_ready().await;
+    publish(
+        &brokers,
+        JOBS_TOPIC,
+        (0..5).map(|i| job(&format!("acl-{i}"), "acme", "hello")),
+    )
+    .await
+    .unwrap();
+    // While the jobs call the provider, the topic starts refusing writes (an ACL change).
+    kafka.cluster().request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 4],
+    );
+    let mut went_unready = false;
+    let started = tokio::time::Instant::now();
+    while outputs.len() < 5 && started.elapsed() < STALL {
+        went_unready |= !service.health.is_ready();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let ready_after = service.health.is_ready();
+    service.stop().await;
+
+    let all = outputs.snapshot();
+    assert_eq!(all.len(), 5, "one output per job: {:?}", job_ids(&all));
+    assert!(
+        all.iter().all(
+            |(c, _)| matches!(c, Collected::Result(r) if !r.duplicate && r.output.is_string())
+        ),
+        "every paid answer is delivered, none replaced by a dead letter: {:?}",
+        job_ids(&all)
+    );
+    assert!(
+        went_unready,
+        "readiness fails while the topic refuses writes"
+    );
+    assert!(ready_after, "and recovers by itself once it takes them");
+}

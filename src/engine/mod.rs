@@ -27,7 +27,9 @@ use crate::pipeline::Runner;
 use crate::sink::OutputSink;
 use crate::source::Delivery;
 use crate::state::StateStore;
+use crate::telemetry::health::Health;
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::Telemetry;
 use crate::wire::{decode_job, DeadLetterReason, Outcome, SourceInfo};
 use claim::LeaseLost;
 use outcome::{Decision, Who};
@@ -50,6 +52,7 @@ pub struct Engine<K> {
     state: StateStore,
     sink: K,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
 }
 
 /// The job was stopped before its output was confirmed: it stays unacked for redelivery, at
@@ -81,7 +84,7 @@ impl<K: OutputSink> Engine<K> {
         scheduler: Scheduler,
         state: StateStore,
         sink: K,
-        metrics: Arc<Metrics>,
+        telemetry: &Telemetry,
     ) -> Self {
         Self {
             plan,
@@ -89,7 +92,8 @@ impl<K: OutputSink> Engine<K> {
             scheduler,
             state,
             sink,
-            metrics,
+            metrics: telemetry.metrics.clone(),
+            health: telemetry.health.clone(),
         }
     }
 

@@ -26,9 +26,18 @@ impl<K: OutputSink> Engine<K> {
         let mut delay = RETRY_MIN;
         loop {
             match self.sink.send(&output).await {
-                Ok(()) => return Ok(outcome),
+                Ok(()) => {
+                    self.health.set_sink_rejecting(None);
+                    return Ok(outcome);
+                }
                 Err(SinkError::Transient(e)) => {
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "output write failed; retrying");
+                }
+                Err(SinkError::Rejected(e)) => {
+                    // A paid answer is never swapped for a dead letter because of the topic:
+                    // keep it, stop taking jobs and report not-ready until the topic takes it.
+                    tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "output topic rejects writes; holding the output, intake paused until it is fixed");
+                    self.health.set_sink_rejecting(Some(&e));
                 }
                 Err(SinkError::Permanent(e)) if output.destination != Destination::DeadLetters => {
                     let who = Who::of(&outcome);
@@ -47,8 +56,8 @@ impl<K: OutputSink> Engine<K> {
                     continue;
                 }
                 Err(SinkError::Permanent(e)) => {
-                    // Dead-letter payloads are capped, so the dead-letter topic itself is unusable
-                    // (not authorized, missing). Keep the job and retry until an operator fixes it.
+                    // Dead-letter payloads are capped, so this is the dead-letter topic's own
+                    // limit. Keep the job and retry until an operator raises it.
                     tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "dead letter cannot be written; retrying");
                 }
             }

@@ -100,13 +100,10 @@ impl OutputSink for KafkaSink {
 fn classify(e: KafkaError) -> SinkError {
     use rdkafka::types::RDKafkaErrorCode as C;
     match e.rdkafka_error_code() {
-        Some(
-            C::MessageSizeTooLarge
-            | C::InvalidMessageSize
-            | C::TopicAuthorizationFailed
-            | C::ClusterAuthorizationFailed
-            | C::InvalidTopic,
-        ) => SinkError::Permanent(e.to_string()),
+        Some(C::MessageSizeTooLarge | C::InvalidMessageSize) => SinkError::Permanent(e.to_string()),
+        Some(C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed | C::InvalidTopic) => {
+            SinkError::Rejected(e.to_string())
+        }
         _ => SinkError::Transient(e.to_string()),
     }
 }

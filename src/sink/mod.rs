@@ -42,7 +42,12 @@ pub enum SinkError {
     /// The broker did not confirm in time or is unreachable: retry later.
     #[error("output write failed, will retry: {0}")]
     Transient(String),
-    /// This output can never be written (too large, not authorized).
+    /// The topic refuses writes (not authorized, missing, invalid): nothing this output can
+    /// change, and an operator can fix it. The write is retried, intake pauses and readiness
+    /// fails meanwhile; the output is never replaced.
+    #[error("output topic rejects writes: {0}")]
+    Rejected(String),
+    /// This output itself can never be written (larger than the broker takes).
     #[error("output cannot be written: {0}")]
     Permanent(String),
 }

@@ -1,13 +1,13 @@
 //! Liveness and readiness, and the HTTP port that serves them with the metrics (`/healthz`,
 //! `/readyz`, `/metrics`).
 //!
-//! Ready means: the source is connected, the state store is reachable and the process is not
-//! draining. Kubernetes stops routing to (and the HPA stops counting on) a replica that is not
+//! Ready means: the source is connected, the state store is reachable, no output topic is
+//! refusing writes and the process is not draining. Kubernetes stops routing to (and the HPA stops counting on) a replica that is not
 //! ready; a replica that is alive but not ready is never restarted for it.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -22,6 +22,9 @@ pub struct Health {
     /// The state store's own reachability flag, read live.
     state_available: OnceLock<Arc<AtomicBool>>,
     draining: AtomicBool,
+    /// The last write refused by an output topic (authorization, missing topic), until a write
+    /// succeeds again.
+    sink_rejecting: Mutex<Option<String>>,
     http_addr: OnceLock<SocketAddr>,
 }
 
@@ -45,6 +48,27 @@ impl Health {
             .is_some_and(|a| a.load(Ordering::Relaxed))
     }
 
+    /// An output topic refused a write (`Some`, with the error), or a write went through again.
+    pub fn set_sink_rejecting(&self, error: Option<&str>) {
+        let mut current = self
+            .sink_rejecting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match error {
+            None if current.is_none() => {}
+            None => *current = None,
+            Some(e) => *current = Some(e.chars().take(300).collect()),
+        }
+    }
+
+    /// Whether an output topic is refusing writes (intake pauses meanwhile).
+    pub fn sink_rejecting(&self) -> bool {
+        self.sink_rejecting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
     }
@@ -52,6 +76,7 @@ impl Health {
     pub fn is_ready(&self) -> bool {
         self.source_connected.load(Ordering::Relaxed)
             && self.state_available()
+            && !self.sink_rejecting()
             && !self.draining.load(Ordering::Relaxed)
     }
 
@@ -66,6 +91,7 @@ impl Health {
             "source_connected": self.source_connected.load(Ordering::Relaxed),
             "state_available": self.state_available(),
             "draining": self.draining.load(Ordering::Relaxed),
+            "sink_rejecting": *self.sink_rejecting.lock().unwrap_or_else(|e| e.into_inner()),
         })
     }
 }
