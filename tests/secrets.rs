@@ -158,3 +158,86 @@ pipelines:
         .count();
     assert_eq!(outcomes, 20, "one record per job outcome");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_anthropic_key_is_not_sent_on_to_another_host_by_a_redirect() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::routing::post;
+
+    // "Elsewhere": counts requests that arrive carrying the key.
+    let leaked = Arc::new(AtomicU64::new(0));
+    let seen = leaked.clone();
+    let elsewhere = axum::Router::new().route(
+        "/v1/messages",
+        post(move |headers: HeaderMap| {
+            let seen = seen.clone();
+            async move {
+                if headers.contains_key("x-api-key") {
+                    seen.fetch_add(1, Ordering::Relaxed);
+                }
+                StatusCode::OK
+            }
+        }),
+    );
+    let other = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let other_port = other.local_addr().unwrap().port();
+    let tasks = tokio_util::task::TaskTracker::new();
+    tasks.spawn(async move { axum::serve(other, elsewhere).await });
+    // The configured endpoint redirects every call to another host name.
+    let redirector = axum::Router::new().route(
+        "/v1/messages",
+        post(move || async move {
+            (
+                StatusCode::TEMPORARY_REDIRECT,
+                [(
+                    "location",
+                    format!("http://localhost:{other_port}/v1/messages"),
+                )],
+            )
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tasks.spawn(async move { axum::serve(listener, redirector).await });
+
+    std::env::set_var("SY_TEST_REDIRECT_KEY", SECRET);
+    let config = format!(
+        r#"
+source: {{kind: kafka, brokers: "127.0.0.1:9", topic: t}}
+providers:
+  llm: {{kind: anthropic, base_url: "http://{addr}", api_key_env: SY_TEST_REDIRECT_KEY}}
+models:
+  small: {{provider: llm, model: claude-haiku}}
+prompts:
+  p: {{user: "{{{{input.text}}}}"}}
+pipelines:
+  support:
+    steps:
+      - {{name: answer, kind: generate, model: small, prompt: p}}
+"#
+    );
+    let plan = switchyard::config::load_str(&config, "test", Vec::new()).unwrap();
+    let providers = switchyard::provider::Providers::start(&plan).await.unwrap();
+    let request = switchyard::provider::ChatRequest {
+        model: "claude-haiku".into(),
+        system: None,
+        user: "hello".into(),
+        max_tokens: 16,
+        temperature: 0.0,
+    };
+    let answer = providers
+        .target("llm")
+        .unwrap()
+        .client
+        .chat(&request, Duration::from_secs(5))
+        .await;
+    assert!(answer.is_err(), "a cross-host redirect is not followed");
+    assert_eq!(
+        leaked.load(Ordering::Relaxed),
+        0,
+        "the key never reached the other host"
+    );
+}

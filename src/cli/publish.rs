@@ -154,9 +154,9 @@ impl Sender {
                 }
             }
             SourcePlan::Nats(n) => {
-                let client = async_nats::connect(&n.url)
-                    .await
-                    .with_context(|| format!("connecting to {}", n.url))?;
+                let client = async_nats::connect(&n.url).await.with_context(|| {
+                    format!("connecting to {}", switchyard::config::redact_url(&n.url))
+                })?;
                 let prefix = subject_prefix(
                     n.subjects
                         .first()

@@ -34,6 +34,38 @@ impl ConfigError {
     }
 }
 
+/// `url` with any credentials (`user:password@`) replaced by `***@`, for every message that
+/// may show it: logs, errors, `check-config`. Comma-separated server lists are handled too.
+pub fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|one| {
+            let Some((scheme, rest)) = one.split_once("://") else {
+                return one.to_owned();
+            };
+            let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            let (authority, path) = rest.split_at(authority_end);
+            match authority.rsplit_once('@') {
+                Some((_, host)) => format!("{scheme}://***@{host}{path}"),
+                None => one.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `text` (an error message) with every occurrence of `url` shown redacted.
+pub fn redact_in(text: &str, url: &str) -> String {
+    let redacted = redact_url(url);
+    if redacted == url {
+        return text.to_owned();
+    }
+    let mut out = text.replace(url, &redacted);
+    for one in url.split(',') {
+        out = out.replace(one, &redact_url(one));
+    }
+    out
+}
+
 /// Loads a config file, applies the process environment's overrides and validates it.
 pub fn load(path: &Path) -> Result<Plan, ConfigError> {
     let origin = path.display().to_string();

@@ -133,3 +133,58 @@ fn a_model_without_a_price_loads_with_a_warning_naming_it() {
     );
     assert!(load(MINIMAL).unwrap().warnings.is_empty());
 }
+
+#[test]
+fn credentials_in_urls_never_reach_a_message() {
+    assert_eq!(
+        redact_url("nats://alice:s3cret@nats-1:4222"),
+        "nats://***@nats-1:4222"
+    );
+    assert_eq!(
+        redact_url("nats://a:b@n1:4222,nats://n2:4222"),
+        "nats://***@n1:4222,nats://n2:4222"
+    );
+    assert_eq!(
+        redact_url("rediss://default:pw@cache:6380/0"),
+        "rediss://***@cache:6380/0"
+    );
+    assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+    let message = redact_in(
+        "cannot connect to nats://alice:s3cret@nats-1:4222: refused",
+        "nats://alice:s3cret@nats-1:4222",
+    );
+    assert!(!message.contains("s3cret"), "{message}");
+}
+
+#[test]
+fn an_api_key_over_plain_http_to_a_remote_host_is_warned_about() {
+    let config = |base_url: &str| {
+        format!(
+            r#"
+source: {{kind: kafka, brokers: "k:9092", topic: t}}
+providers:
+  llm: {{kind: openai, base_url: "{base_url}", api_key_env: KEY}}
+models:
+  small: {{provider: llm, model: m}}
+prompts:
+  p: {{user: "{{{{input.text}}}}"}}
+pipelines:
+  s:
+    steps:
+      - {{name: a, kind: generate, model: small, prompt: p}}
+"#
+        )
+    };
+    let warned = |url: &str| {
+        load_str(&config(url), "t", Vec::new())
+            .unwrap()
+            .warnings
+            .iter()
+            .any(|w| w.contains("unencrypted"))
+    };
+    assert!(warned("http://llm.internal.example:8000/v1"));
+    assert!(!warned("https://api.openai.com/v1"));
+    assert!(!warned("http://127.0.0.1:11434/v1"));
+    assert!(!warned("http://localhost:8000/v1"));
+    assert!(!warned("http://[::1]:8000/v1"));
+}

@@ -60,6 +60,25 @@ fn transport_error(e: reqwest::Error) -> ProviderError {
     }
 }
 
+/// Redirects are followed only within the same host (at most 5): reqwest drops
+/// `Authorization` on a cross-host redirect, but not Anthropic's `x-api-key`, so an API key is
+/// never sent to a host the config did not name.
+fn same_host_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let same_host = attempt.previous().last().is_some_and(|prev| {
+            prev.host_str() == attempt.url().host_str()
+                && prev.port_or_known_default() == attempt.url().port_or_known_default()
+        });
+        if !same_host {
+            attempt.stop()
+        } else if attempt.previous().len() > 5 {
+            attempt.error("more than 5 redirects")
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
 /// Rough token count (4 characters a token) for servers that omit `usage`.
 pub fn estimate_tokens(text: &str) -> u64 {
     (text.chars().count() as u64).div_ceil(4)
@@ -102,6 +121,7 @@ impl Providers {
     /// field when a referenced API key variable is not set.
     pub async fn start(plan: &Plan) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
+            .redirect(same_host_redirects())
             .pool_max_idle_per_host(1024)
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)

@@ -27,7 +27,11 @@ impl NatsSink {
             .connect(&plan.url)
             .await
             .map_err(|e| {
-                anyhow::anyhow!("sink.url: cannot connect to NATS at {}: {e}", plan.url)
+                anyhow::anyhow!(
+                    "sink.url: cannot connect to NATS at {}: {}",
+                    crate::config::redact_url(&plan.url),
+                    crate::config::redact_in(&e.to_string(), &plan.url)
+                )
             })?;
         let js = if plan.jetstream {
             let mut js = jetstream::new(client.clone());

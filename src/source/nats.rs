@@ -38,7 +38,11 @@ impl NatsSource {
             .connect(&plan.url)
             .await
             .map_err(|e| {
-                anyhow::anyhow!("source.url: cannot connect to NATS at {}: {e}", plan.url)
+                anyhow::anyhow!(
+                    "source.url: cannot connect to NATS at {}: {}",
+                    crate::config::redact_url(&plan.url),
+                    crate::config::redact_in(&e.to_string(), &plan.url)
+                )
             })?;
         let js = jetstream::new(client.clone());
         let stream = if plan.create_stream {

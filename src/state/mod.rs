@@ -101,7 +101,13 @@ impl StateStore {
                 };
                 let store = RedisStore::connect(&url, key_prefix, *timeout)
                     .await
-                    .map_err(|e| anyhow::anyhow!("state: cannot connect to Redis: {e}"))?;
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "state: cannot connect to Redis at {}: {}",
+                            crate::config::redact_url(&url),
+                            crate::config::redact_in(&e.to_string(), &url)
+                        )
+                    })?;
                 Backend::Redis(Box::new(store))
             }
         };

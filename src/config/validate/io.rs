@@ -50,7 +50,10 @@ pub(super) fn source_plan(p: &mut Problems, source: RawSource) -> SourcePlan {
             if !(url.starts_with("nats://") || url.starts_with("tls://") || url.contains(':')) {
                 p.add(
                     "source.url",
-                    format!("`{url}` is not a NATS URL (nats://host:4222)"),
+                    format!(
+                        "`{}` is not a NATS URL (nats://host:4222)",
+                        crate::config::redact_url(&url)
+                    ),
                 );
             }
             if stream.is_empty() || stream.contains(['.', ' ', '*', '>']) {
@@ -214,7 +217,10 @@ pub(super) fn state_section(p: &mut Problems, state: RawState) -> StatePlan {
                     {
                         p.add(
                             "state.url",
-                            format!("`{url}` is not a redis:// or rediss:// URL"),
+                            format!(
+                                "`{}` is not a redis:// or rediss:// URL",
+                                crate::config::redact_url(&url)
+                            ),
                         );
                     }
                     RedisUrl::Inline(url)

@@ -43,8 +43,30 @@ pub(super) fn http_endpoint(
     }
     if let Some(var) = api_key_env {
         non_empty(p, format!("{field}.api_key_env"), var);
+        if let Some(host) = plaintext_remote_host(base_url) {
+            p.warn(
+                format!("{field}.base_url"),
+                format!("the API key would travel unencrypted over http:// to `{host}`; use https:// (plain http is only safe to a loopback address)"),
+            );
+        }
     }
     base_url.trim_end_matches('/').to_owned()
+}
+
+/// The host of an `http://` URL when it is not a loopback address.
+fn plaintext_remote_host(base_url: &str) -> Option<String> {
+    let rest = base_url.strip_prefix("http://")?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.split(':').next().unwrap_or_default(),
+    };
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    (!loopback).then(|| host.to_owned())
 }
 
 pub(super) fn provider_plan(p: &mut Problems, field: &str, provider: RawProvider) -> ProviderPlan {
