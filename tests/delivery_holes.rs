@@ -647,3 +647,37 @@ async fn a_results_topic_that_refuses_writes_keeps_the_paid_answer_and_fails_rea
     );
     assert!(ready_after, "and recovers by itself once it takes them");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tenant_from_key_a_kafka_producer_cannot_claim_another_tenant() {
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let llm = mock_llm(1).await;
+    let plan = plan(
+        &brokers,
+        &llm.addr().to_string(),
+        &[("SWITCHYARD__SOURCE__TENANT_FROM", "key")],
+    );
+    let outputs = collector(&brokers);
+    let service = Service::start(plan, StateStore::from(MemoryStore::new(1000)));
+    service.wait_ready().await;
+    let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    // Both keyed `acme`: one claims to be globex.
+    publish_with_traceparent(&brokers, &job("spoof-k", "globex", "hi"), good).await;
+    publish_with_traceparent(&brokers, &job("fine-k", "acme", "hi"), good).await;
+    assert_eq!(outputs.wait_for(2, STALL, |_| {}).await, 2);
+    service.stop().await;
+    let all = outputs.snapshot();
+    let spoof = all
+        .iter()
+        .find_map(|(c, _)| match c {
+            Collected::DeadLetter(d) if d.job_id.as_deref() == Some("spoof-k") => Some(d.clone()),
+            _ => None,
+        })
+        .expect("the spoofed job is dead-lettered");
+    assert_eq!(spoof.reason.as_str(), "invalid_job");
+    assert!(spoof.error.contains("message key"), "{}", spoof.error);
+    assert!(all
+        .iter()
+        .any(|(c, _)| matches!(c, Collected::Result(r) if r.job_id == "fine-k")));
+}

@@ -69,8 +69,8 @@ pub struct KafkaSourcePlan {
     pub brokers: String,
     pub group: String,
     pub topic: String,
-    /// The message key must name the job's tenant (`tenant_from: key`).
-    pub tenant_from_key: bool,
+    /// What vouches for a job's tenant (`tenant_from`).
+    pub tenant_from: TenantFrom,
     /// librdkafka properties passed through verbatim (they win over switchyard's defaults,
     /// except the ones at-least-once delivery depends on).
     pub librdkafka: Vec<(String, String)>,
@@ -261,6 +261,17 @@ pub struct TenantsPlan {
     pub named: BTreeMap<String, TenantPlan>,
     /// What happens to jobs of tenants not named (`tenants.unknown`).
     pub unknown: UnknownTenants,
+}
+
+/// `source.tenant_from` (Kafka): what must name the same tenant as the job's `tenant` field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TenantFrom {
+    /// Nothing but the payload itself.
+    Payload,
+    /// The message key.
+    Key,
+    /// The named message header.
+    Header(String),
 }
 
 /// `tenants.unknown`: whether a tenant the config does not name may run at all.

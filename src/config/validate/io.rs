@@ -15,16 +15,19 @@ pub(super) fn source_plan(p: &mut Problems, source: RawSource) -> SourcePlan {
             librdkafka,
             tenant_from,
         } => {
-            let tenant_from_key = match tenant_from.as_deref() {
-                None | Some("payload") => false,
-                Some("key") => true,
-                Some(other) => {
-                    p.add(
-                        "source.tenant_from",
-                        format!("`{other}` is not `payload` (the job's own `tenant` field) or `key` (the message key must name the job's tenant)"),
-                    );
-                    false
-                }
+            let tenant_from = match tenant_from.as_deref() {
+                None | Some("payload") => TenantFrom::Payload,
+                Some("key") => TenantFrom::Key,
+                Some(other) => match other.strip_prefix("header:") {
+                    Some(name) if !name.is_empty() => TenantFrom::Header(name.to_owned()),
+                    _ => {
+                        p.add(
+                            "source.tenant_from",
+                            format!("`{other}` is not `payload` (the job's own `tenant` field), `key` (the message key must name the job's tenant) or `header:<name>` (that header must)"),
+                        );
+                        TenantFrom::Payload
+                    }
+                },
             };
             non_empty(p, "source.brokers", &brokers);
             non_empty(p, "source.group", &group);
@@ -33,7 +36,7 @@ pub(super) fn source_plan(p: &mut Problems, source: RawSource) -> SourcePlan {
                 brokers,
                 group,
                 topic,
-                tenant_from_key,
+                tenant_from,
                 librdkafka: properties(p, "source.librdkafka", librdkafka),
             })
         }

@@ -22,7 +22,7 @@ mod offsets;
 use offsets::{OffsetTracker, PartitionKey, Ticket};
 
 use super::{AckHandle, Acknowledge, Delivery, JobSource, SourceError};
-use crate::config::KafkaSourcePlan;
+use crate::config::{KafkaSourcePlan, TenantFrom};
 use crate::wire::SourceInfo;
 
 /// Longest a revocation waits for in-flight jobs of the revoked partitions.
@@ -130,8 +130,8 @@ pub struct KafkaSource {
     topic: Arc<str>,
     /// Messages that arrived while paused (fetched before the pause took effect).
     stash: std::collections::VecDeque<Delivery>,
-    /// The message key names the job's tenant (`tenant_from: key`).
-    tenant_from_key: bool,
+    /// What vouches for a job's tenant (`tenant_from`).
+    tenant_from: TenantFrom,
     /// Jobs handed back outside shutdown, to run again here: their offsets stay in flight
     /// meanwhile, so nothing is committed past them and nothing after them is blocked for good.
     requeue: Arc<Requeue>,
@@ -224,7 +224,7 @@ impl KafkaSource {
             tracker,
             topic: Arc::from(plan.topic.as_str()),
             stash: Default::default(),
-            tenant_from_key: plan.tenant_from_key,
+            tenant_from: plan.tenant_from.clone(),
             requeue: Arc::default(),
         })
     }
@@ -304,12 +304,21 @@ impl KafkaSource {
                 .and_then(|h| h.value)
                 .and_then(crate::wire::valid_traceparent)
         });
-        // With `tenant_from: key` the key vouches for the tenant; a missing or unreadable key
-        // vouches for none of them, so the job cannot match.
-        let tenant = self.tenant_from_key.then(|| {
-            message
-                .key()
-                .and_then(|k| std::str::from_utf8(k).ok())
+        // With `tenant_from: key` (or a header) that part of the message vouches for the
+        // tenant; a missing or unreadable one vouches for none, so the job cannot match.
+        let vouching = match &self.tenant_from {
+            TenantFrom::Payload => None,
+            TenantFrom::Key => Some(message.key()),
+            TenantFrom::Header(name) => Some(message.headers().and_then(|headers| {
+                headers
+                    .iter()
+                    .find(|h| h.key.eq_ignore_ascii_case(name))
+                    .and_then(|h| h.value)
+            })),
+        };
+        let tenant = vouching.map(|bytes| {
+            bytes
+                .and_then(|b| std::str::from_utf8(b).ok())
                 .unwrap_or("")
                 .to_owned()
         });
