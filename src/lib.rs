@@ -26,4 +26,5 @@ pub mod telemetry;
 pub mod template;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+pub mod tokens;
 pub mod wire;

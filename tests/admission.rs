@@ -536,3 +536,75 @@ async fn an_exhausted_budget_moves_jobs_to_the_pipelines_budget_fallback_model()
         .iter()
         .all(|r| r.status == switchyard::wire::ResultStatus::Degraded));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cjk_jobs_on_three_replicas_never_spend_past_the_budget() {
+    let kafka = switchyard::testkit::EmbeddedKafka::start(JOBS_TOPIC, &topics(), 6).unwrap();
+    let brokers = kafka.bootstrap_servers();
+    let llm = mock_llm(20).await;
+    let tenant = unique("cjk");
+    let (group, prefix) = (unique("budget-cjk-"), format!("{}:", unique("it")));
+    let budget = 1.0;
+    let tenants = format!("{tenant}: {{budget_usd_per_day: {budget}}}");
+    // 50 jobs at once per replica.
+    let limits = "{max_inflight_jobs: 50, max_running_jobs: 50, drain_timeout_ms: 5000}";
+    let services = replicas(
+        (0..3)
+            .map(|_| {
+                replica_plan(
+                    &brokers,
+                    &group,
+                    &prefix,
+                    &llm.addr().to_string(),
+                    limits,
+                    &tenants,
+                )
+            })
+            .collect(),
+    )
+    .await;
+    let outputs = collector(&brokers);
+    // About one token a character, where a chars/4 estimate would see a quarter of that.
+    let text = "我上个月的账单被重复收费了，请尽快退还其中一笔付款。".repeat(6);
+    let n = 150;
+    publish(
+        &brokers,
+        JOBS_TOPIC,
+        (0..n).map(|i| job(&format!("{tenant}-{i}"), &tenant, &text)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(outputs.wait_for(n, STALL, |_| {}).await, n);
+    for s in services {
+        s.stop().await;
+    }
+    let all = outputs.snapshot();
+    let results = results_of(&all, &tenant);
+    let spent: f64 = results.iter().map(|r| r.usage.cost_usd).sum();
+    let mut redis = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let day_key = format!(
+        "{prefix}budget:{tenant}:d:{}",
+        chrono::Utc::now().format("%Y-%m-%d")
+    );
+    let recorded: f64 = redis::cmd("GET")
+        .arg(&day_key)
+        .query_async::<String>(&mut redis)
+        .await
+        .unwrap()
+        .parse()
+        .unwrap();
+    eprintln!(
+        "{} of {n} CJK jobs finished; results ${spent:.4}, recorded spend ${recorded:.4} of ${budget}",
+        results.len()
+    );
+    assert!(
+        recorded <= budget + 1e-9,
+        "recorded spend ${recorded:.4} is over the ${budget} budget"
+    );
+    assert!(!results.is_empty(), "the budget paid for some jobs");
+    assert!(recorded >= spent - 1e-9, "every result's cost was recorded");
+}

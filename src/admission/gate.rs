@@ -62,6 +62,18 @@ pub struct Reservation {
     budget: Option<BudgetKeys>,
 }
 
+impl Reservation {
+    /// The tokens reserved (prompt count plus `max_tokens`).
+    pub fn tokens(&self) -> u64 {
+        self.tokens as u64
+    }
+
+    /// The spend reserved, in USD.
+    pub fn cost(&self) -> f64 {
+        self.cost
+    }
+}
+
 pub struct Gate {
     state: StateStore,
     tenants: TenantsPlan,

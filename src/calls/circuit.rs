@@ -60,6 +60,7 @@ pub fn counts_as_failure(error: &ProviderError) -> bool {
         ProviderError::Server { .. }
             | ProviderError::Timeout(_)
             | ProviderError::Connect(_)
+            | ProviderError::Interrupted(_)
             | ProviderError::InvalidResponse(_)
     )
 }

@@ -19,7 +19,7 @@ use super::Calls;
 use crate::admission::{CallScope, Gate, Refusal, Reservation};
 use crate::config::{ModelPlan, RetryPolicy};
 use crate::provider::ProviderHandle;
-use crate::provider::{estimate_tokens, ChatRequest, ChatResponse, ErrorAction, ProviderError};
+use crate::provider::{ChatRequest, ChatResponse, ErrorAction, ProviderError};
 
 /// Longest `Retry-After` honoured; a provider asking for more is treated as down for this job.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
@@ -200,8 +200,11 @@ impl Calls {
                 return TargetEnd::Answered(target.outcome(response, *attempts, true));
             }
         }
-        let prompt_tokens = estimate_tokens(&target.request.user)
-            + target.request.system.as_deref().map_or(0, estimate_tokens);
+        let prompt_tokens = crate::tokens::prompt(
+            &target.request.model,
+            target.request.system.as_deref(),
+            &target.request.user,
+        );
         let mut last = None;
         for attempt in 0..target.provider.retry.max_attempts {
             if remaining(scope.deadline).is_some_and(|left| left.is_zero()) {
@@ -315,6 +318,12 @@ impl Calls {
                 r.input_tokens + r.output_tokens,
                 model.price.cost(r.input_tokens, r.output_tokens),
             ),
+            // Sent, then lost: the provider may well have billed it, so it is charged at its
+            // reservation (the most it could have cost) rather than at nothing.
+            Err(e) if e.may_have_been_billed() => reservation
+                .as_ref()
+                .and_then(|p| p.reservation.as_ref())
+                .map_or((0, 0.0), |r| (r.tokens(), r.cost())),
             Err(_) => (0, 0.0),
         };
         settle(reservation, used, cost).await;

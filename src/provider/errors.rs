@@ -20,6 +20,9 @@ pub enum ProviderError {
     Timeout(Duration),
     #[error("connection failed: {0}")]
     Connect(String),
+    /// The request went out but the exchange broke off (reset, truncated body).
+    #[error("connection broke off after the request was sent: {0}")]
+    Interrupted(String),
     #[error("prompt exceeds the model's context window: {0}")]
     ContextLength(String),
     #[error("blocked by the provider's content filter: {0}")]
@@ -53,6 +56,7 @@ impl ProviderError {
             },
             ProviderError::Timeout(_)
             | ProviderError::Connect(_)
+            | ProviderError::Interrupted(_)
             | ProviderError::InvalidResponse(_) => ErrorAction::RetrySameTarget { after: None },
             ProviderError::ContextLength(_)
             | ProviderError::ContentFilter(_)
@@ -62,6 +66,19 @@ impl ProviderError {
         }
     }
 
+    /// Whether the provider may have billed the attempt although it failed: the request was
+    /// sent and then timed out or broke off, or was answered with a body that could not be
+    /// read. Such an attempt is charged at its reservation; a refused connection or an error
+    /// status is not.
+    pub fn may_have_been_billed(&self) -> bool {
+        matches!(
+            self,
+            ProviderError::Timeout(_)
+                | ProviderError::Interrupted(_)
+                | ProviderError::InvalidResponse(_)
+        )
+    }
+
     /// Short label for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -69,6 +86,7 @@ impl ProviderError {
             ProviderError::Server { .. } => "server_error",
             ProviderError::Timeout(_) => "timeout",
             ProviderError::Connect(_) => "connect",
+            ProviderError::Interrupted(_) => "interrupted",
             ProviderError::ContextLength(_) => "context_length",
             ProviderError::ContentFilter(_) => "content_filter",
             ProviderError::Auth { .. } => "auth",
@@ -134,5 +152,28 @@ mod tests {
                 after: Some(Duration::from_secs(3))
             }
         );
+    }
+
+    #[test]
+    fn only_attempts_that_reached_the_provider_may_be_billed() {
+        for sent in [
+            ProviderError::Timeout(Duration::from_secs(30)),
+            ProviderError::Interrupted("reset".into()),
+            ProviderError::InvalidResponse("truncated".into()),
+        ] {
+            assert!(sent.may_have_been_billed(), "{sent}");
+            assert_eq!(sent.action(), ErrorAction::RetrySameTarget { after: None });
+        }
+        for not_sent in [
+            ProviderError::Connect("refused".into()),
+            ProviderError::CircuitOpen,
+            ProviderError::Server {
+                status: 503,
+                retry_after: None,
+                message: String::new(),
+            },
+        ] {
+            assert!(!not_sent.may_have_been_billed(), "{not_sent}");
+        }
     }
 }

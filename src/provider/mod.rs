@@ -50,13 +50,15 @@ async fn read_body(response: &mut reqwest::Response, max: usize) -> Result<Vec<u
     Ok(bytes)
 }
 
-/// Transport failures: timeouts, and everything else (refused, reset, truncated) as the
-/// connection class.
+/// Transport failures: timeouts; failures to connect (nothing was sent); and everything else
+/// (reset, truncated) as an interrupted exchange.
 fn transport_error(e: reqwest::Error) -> ProviderError {
     if e.is_timeout() {
         ProviderError::Timeout(Duration::ZERO)
-    } else {
+    } else if e.is_connect() {
         ProviderError::Connect(e.to_string())
+    } else {
+        ProviderError::Interrupted(e.to_string())
     }
 }
 
@@ -77,11 +79,6 @@ fn same_host_redirects() -> reqwest::redirect::Policy {
             attempt.follow()
         }
     })
-}
-
-/// Rough token count (4 characters a token) for servers that omit `usage`.
-pub fn estimate_tokens(text: &str) -> u64 {
-    (text.chars().count() as u64).div_ceil(4)
 }
 
 #[derive(Clone)]

@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::errors::{parse_retry_after, ProviderError};
-use super::{estimate_tokens, ChatRequest, ChatResponse};
+use super::{ChatRequest, ChatResponse};
 
 #[derive(Clone)]
 pub struct OpenAiClient {
@@ -120,11 +120,12 @@ fn parse_success(bytes: &[u8], request: &ChatRequest) -> Result<ChatResponse, Pr
         body.pointer(&format!("/usage/{field}"))
             .and_then(Value::as_u64)
     };
+    // A server that omits `usage` is billed at our own (never lower) count.
     let input_tokens = usage("prompt_tokens").unwrap_or_else(|| {
-        estimate_tokens(request.system.as_deref().unwrap_or_default())
-            + estimate_tokens(&request.user)
+        crate::tokens::prompt(&request.model, request.system.as_deref(), &request.user)
     });
-    let output_tokens = usage("completion_tokens").unwrap_or_else(|| estimate_tokens(&content));
+    let output_tokens = usage("completion_tokens")
+        .unwrap_or_else(|| crate::tokens::count(&request.model, &content));
     Ok(ChatResponse {
         content,
         input_tokens,

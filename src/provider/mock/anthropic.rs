@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use super::answer::answer;
 use super::{fnv1a, limit_to, play_fault, ErrorShapes, MockState, PROMPT_CACHE_MAX};
-use crate::provider::estimate_tokens;
+use crate::tokens::typical;
 
 const ERRORS: ErrorShapes = ErrorShapes {
     rate_limited: |_model| {
@@ -111,7 +111,7 @@ pub(super) async fn messages(
     let system_tokens = if system.is_empty() {
         0
     } else {
-        estimate_tokens(&system)
+        typical(&system)
     };
     let (cache_write, cache_read) = if cached_system {
         let key = fnv1a(system.as_bytes());
@@ -128,7 +128,7 @@ pub(super) async fn messages(
     } else {
         (0, 0)
     };
-    let message_tokens: u64 = turns.iter().map(|(_, c)| estimate_tokens(c) + 3).sum();
+    let message_tokens: u64 = turns.iter().map(|(_, c)| typical(c) + 3).sum();
     let input_tokens = message_tokens + if cached_system { 0 } else { system_tokens };
     if !system.is_empty() {
         turns.insert(0, ("system".into(), system));
@@ -150,7 +150,7 @@ pub(super) async fn messages(
             "input_tokens": input_tokens,
             "cache_creation_input_tokens": cache_write,
             "cache_read_input_tokens": cache_read,
-            "output_tokens": estimate_tokens(&content)
+            "output_tokens": typical(&content)
         }
     }))
     .into_response()

@@ -306,15 +306,20 @@ async fn play_fault(
     }
 }
 
-/// `content` cut to `max_tokens` (4 characters a token), and whether it was cut.
+/// `content` cut to `max_tokens` tokens, and whether it was cut.
 fn limit_to(content: String, max_tokens: u64) -> (String, bool) {
-    if super::estimate_tokens(&content) <= max_tokens.max(1) {
+    let max = usize::try_from(max_tokens.max(1)).unwrap_or(usize::MAX);
+    let bpe = tiktoken_rs::o200k_base_singleton();
+    let tokens = bpe.encode_ordinary(&content);
+    if tokens.len() <= max {
         return (content, false);
     }
-    let cut = content
-        .chars()
-        .take(usize::try_from(max_tokens.max(1) * 4).unwrap_or(usize::MAX))
-        .collect();
+    // A cut through a multi-byte character does not decode; one token less always ends on a
+    // character within a few tries.
+    let cut = (max.saturating_sub(3)..=max)
+        .rev()
+        .find_map(|n| bpe.decode(&tokens[..n]).ok())
+        .unwrap_or_else(|| content.chars().take(max).collect());
     (cut, true)
 }
 

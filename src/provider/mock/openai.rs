@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use super::answer::answer;
 use super::{limit_to, play_fault, ErrorShapes, MockState};
-use crate::provider::estimate_tokens;
+use crate::tokens::typical;
 
 const ERRORS: ErrorShapes = ErrorShapes {
     rate_limited: |model| {
@@ -114,14 +114,10 @@ pub(super) async fn chat_completions(
         .and_then(Value::as_u64)
         .unwrap_or(4096)
         .max(1);
-    let prompt_tokens: u64 = messages
-        .iter()
-        .map(|(_, c)| estimate_tokens(c) + 3)
-        .sum::<u64>()
-        + 3;
+    let prompt_tokens: u64 = messages.iter().map(|(_, c)| typical(c) + 3).sum::<u64>() + 3;
     let (content, cut) = limit_to(answer(&messages).0, max_tokens);
     let finish_reason = if cut { "length" } else { "stop" };
-    let completion_tokens = estimate_tokens(&content);
+    let completion_tokens = typical(&content);
     state.record(&body, "ok", None);
     stats.ok.fetch_add(1, Ordering::Relaxed);
     let id = stats.requests.load(Ordering::Relaxed);
