@@ -607,4 +607,18 @@ async fn cjk_jobs_on_three_replicas_never_spend_past_the_budget() {
     );
     assert!(!results.is_empty(), "the budget paid for some jobs");
     assert!(recorded >= spent - 1e-9, "every result's cost was recorded");
+    assert!(
+        recorded <= spent + 1e-9,
+        "no job was refused half-way: all ${recorded:.4} spent is in results (${spent:.4})"
+    );
+    let refused = all.iter().find_map(|(c, _)| match c {
+        Collected::DeadLetter(d) if d.reason == DeadLetterReason::BudgetExceeded => Some(d),
+        _ => None,
+    });
+    let refused = refused.expect("the budget ran out");
+    assert!(
+        refused.error.contains("no provider was called") && refused.attempts == 0,
+        "{}",
+        refused.error
+    );
 }

@@ -38,6 +38,31 @@ pub struct CallScope<'a> {
     pub deadline: Option<DateTime<Utc>>,
     /// Milliseconds this job's calls spent waiting for limits (goes into the step record).
     pub throttled_ms: &'a AtomicU64,
+    /// The job's budget reservation, which its calls draw on instead of reserving their own.
+    pub job_budget: Option<&'a Arc<JobBudget>>,
+}
+
+/// A job's budget reservation: its pipeline's worst case, reserved before its first call so
+/// the job is never refused half-way (after paying for its first steps). Its calls draw on it,
+/// and it is settled to what they cost when the job ends.
+#[derive(Debug)]
+pub struct JobBudget {
+    keys: BudgetKeys,
+    tenant: String,
+    reserved: f64,
+    /// What the job's calls cost so far (failed attempts that may have been billed included).
+    charged: std::sync::Mutex<f64>,
+}
+
+impl JobBudget {
+    fn charge(&self, cost: f64) {
+        *self.charged.lock().unwrap_or_else(|e| e.into_inner()) += cost;
+    }
+
+    /// The spend reserved for the whole job, in USD.
+    pub fn reserved(&self) -> f64 {
+        self.reserved
+    }
 }
 
 /// Why the gate will not let a call through.
@@ -60,6 +85,8 @@ pub struct Reservation {
     /// The budget keys reserved against (kept, so a call crossing midnight settles on the day
     /// it reserved).
     budget: Option<BudgetKeys>,
+    /// The job reservation the call drew on instead of reserving its own.
+    job: Option<Arc<JobBudget>>,
 }
 
 impl Reservation {
@@ -82,6 +109,8 @@ pub struct Gate {
     /// Tenants whose budget refused a call after waiting for in-flight reservations, until when:
     /// their next refusals are immediate instead of waiting again.
     exhausted: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// Where job reservations are settled once their jobs let go of them.
+    settling: tokio_util::task::TaskTracker,
 }
 
 impl Gate {
@@ -96,6 +125,7 @@ impl Gate {
                 .collect(),
             metrics,
             exhausted: Default::default(),
+            settling: tokio_util::task::TaskTracker::new(),
         };
         for (name, tenant) in &gate.tenants.named {
             for (period, limit) in [
@@ -141,8 +171,11 @@ impl Gate {
         // The budget first: a refused call must not use up rate limits others share.
         // A free model (the usual budget fallback) needs no reservation.
         let budget = match self.budget_keys(scope.tenant).filter(|_| cost > 0.0) {
+            // The job's own reservation already covers it.
+            Some(_) if scope.job_budget.is_some() => None,
             Some(keys) => {
-                self.reserve_budget(scope, model, &keys, cost).await?;
+                let what = format!("a call to `{}`", model.alias);
+                self.reserve_budget(scope, &what, &keys, cost).await?;
                 Some(keys)
             }
             None => None,
@@ -208,7 +241,57 @@ impl Gate {
             provider: model.provider.clone(),
             model: model.model.clone(),
             budget,
+            job: scope.job_budget.cloned(),
         })
+    }
+
+    /// Reserves `worst` (the job's pipeline at its worst: every LLM step on its costliest
+    /// candidate model, full prompts and `max_tokens`) against the tenant's budget before the
+    /// job's first call. `Ok(None)` when the tenant has no budget or the job cannot cost
+    /// anything.
+    pub async fn reserve_job(
+        &self,
+        scope: &CallScope<'_>,
+        pipeline: &str,
+        worst: f64,
+    ) -> Result<Option<Arc<JobBudget>>, Refusal> {
+        let Some(keys) = self.budget_keys(scope.tenant).filter(|_| worst > 0.0) else {
+            return Ok(None);
+        };
+        let what = format!("a job of pipeline `{pipeline}`");
+        self.reserve_budget(scope, &what, &keys, worst).await?;
+        Ok(Some(Arc::new(JobBudget {
+            keys,
+            tenant: scope.tenant.to_owned(),
+            reserved: worst,
+            charged: std::sync::Mutex::new(0.0),
+        })))
+    }
+
+    /// Settles a job's reservation in the background (the job's calls are all done or
+    /// abandoned; abandoned ones give their share back through their own reservations).
+    pub fn settle_job_later(self: &Arc<Self>, job: Arc<JobBudget>) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let gate = self.clone();
+        self.settling
+            .spawn(async move { gate.settle_job(&job).await });
+    }
+
+    /// Settles a job's reservation to what its calls cost.
+    pub async fn settle_job(&self, job: &JobBudget) {
+        let charged = *job.charged.lock().unwrap_or_else(|e| e.into_inner());
+        let settle = charged - job.reserved;
+        if settle == 0.0 {
+            return;
+        }
+        match self.state.spend(&job.keys, settle, false).await {
+            Ok(spend) => self.publish_remaining(&job.tenant, &job.keys, spend.day, spend.month),
+            Err(e) => {
+                tracing::warn!(tenant = %job.tenant, error = %e, "could not settle a job's budget reservation")
+            }
+        }
     }
 
     /// Reserves `cost` against the tenant's budget. Calls in flight hold reservations (their
@@ -217,7 +300,7 @@ impl Gate {
     async fn reserve_budget(
         &self,
         scope: &CallScope<'_>,
-        model: &ModelPlan,
+        what: &str,
         keys: &BudgetKeys,
         cost: f64,
     ) -> Result<(), Refusal> {
@@ -265,8 +348,8 @@ impl Gate {
             _ => (spend.month, keys.month_limit.unwrap_or(0.0), "this month"),
         };
         Err(Refusal::Budget(format!(
-            "tenant `{}` has spent ${spent:.4} of its ${limit:.4} budget {period}; a call to `{}` may cost up to ${cost:.4}",
-            scope.tenant, model.alias
+            "tenant `{}` has spent ${spent:.4} of its ${limit:.4} budget {period}; {what} may cost up to ${cost:.4}",
+            scope.tenant
         )))
     }
 
@@ -301,6 +384,9 @@ impl Gate {
                     tracing::debug!(key, error = %e, "could not reconcile a token reservation");
                 }
             }
+        }
+        if let Some(job) = &reservation.job {
+            job.charge(cost);
         }
         let settle = cost - reservation.cost;
         if let Some(keys) = reservation.budget.as_ref().filter(|_| settle != 0.0) {

@@ -9,5 +9,5 @@
 pub mod gate;
 pub mod scheduler;
 
-pub use gate::{CallScope, Gate, Refusal, Reservation};
+pub use gate::{CallScope, Gate, JobBudget, Refusal, Reservation};
 pub use scheduler::{QueueFull, RunSlot, Scheduler};

@@ -104,6 +104,11 @@ impl Scheduler {
         Self { shared }
     }
 
+    /// The gate every admitted job's calls pass.
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.shared.gate
+    }
+
     /// Waits for a run slot for a job of `tenant`. `None` when the scheduler stopped.
     pub async fn admit(
         &self,

@@ -14,7 +14,7 @@ use super::claim::Held;
 use super::{
     seconds_since, Engine, Incoming, LeaseLost, Stopped, QUEUE_FULL_DEFER, QUEUE_FULL_RETRY,
 };
-use crate::admission::QueueFull;
+use crate::admission::{CallScope, Gate, JobBudget, QueueFull, Refusal};
 use crate::config::{PipelinePlan, UnknownTenants};
 use crate::pipeline::{RunFailure, RunOutput};
 use crate::sink::OutputSink;
@@ -33,6 +33,27 @@ pub(super) struct Decision {
     /// The identity its outputs' ids derive from: tenant + idempotency key for a decoded job,
     /// the source position for a payload that did not decode.
     pub output_key: String,
+}
+
+/// A job's budget reservation, settled to what its calls cost when the job is done with it
+/// (finished, failed or abandoned).
+struct SettledOnDrop {
+    gate: Arc<Gate>,
+    budget: Arc<JobBudget>,
+}
+
+impl std::ops::Deref for SettledOnDrop {
+    type Target = Arc<JobBudget>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.budget
+    }
+}
+
+impl Drop for SettledOnDrop {
+    fn drop(&mut self) {
+        self.gate.settle_job_later(self.budget.clone());
+    }
 }
 
 /// Whose dead letter it is.
@@ -322,7 +343,13 @@ impl<K: OutputSink> Engine<K> {
                 }));
             }
         };
-        let mut out = match self.runner.run(job, pipeline).await {
+        let job_budget = match self.reserve_job(job, pipeline).await {
+            Ok(job_budget) => job_budget,
+            Err(failure) => return Ok(Err(failure)),
+        };
+        let run = self.runner.run(job, pipeline, job_budget.as_deref()).await;
+        drop(job_budget);
+        let mut out = match run {
             Ok(out) => out,
             Err(failure) => return Ok(Err(failure)),
         };
@@ -347,6 +374,44 @@ impl<K: OutputSink> Engine<K> {
         }
         drop(slot);
         Ok(Ok(out))
+    }
+
+    /// Reserves the job's worst case against its tenant's budget before its first call, so it
+    /// is never refused half-way. When the budget cannot cover it: a pipeline with a
+    /// `budget_fallback` runs without a job reservation (each call then reserves its own and
+    /// moves to the cheaper model when it does not fit); otherwise the job ends as
+    /// `budget_exceeded` before any call.
+    async fn reserve_job(
+        &self,
+        job: &Job,
+        pipeline: &PipelinePlan,
+    ) -> Result<Option<SettledOnDrop>, RunFailure> {
+        let gate = self.scheduler.gate();
+        let waited = std::sync::atomic::AtomicU64::new(0);
+        let scope = CallScope {
+            tenant: job.tenant.as_str(),
+            deadline: job.deadline,
+            throttled_ms: &waited,
+            job_budget: None,
+        };
+        let worst = self.runner.worst_case_cost(job, pipeline);
+        match gate.reserve_job(&scope, &pipeline.name, worst).await {
+            Ok(reserved) => Ok(reserved.map(|budget| SettledOnDrop {
+                gate: gate.clone(),
+                budget,
+            })),
+            Err(Refusal::Budget(_)) if pipeline.budget_fallback.is_some() => Ok(None),
+            Err(Refusal::Budget(detail)) => Err(RunFailure {
+                reason: DeadLetterReason::BudgetExceeded,
+                error: format!("budget exceeded: {detail}; no provider was called"),
+                attempts: 0,
+            }),
+            Err(Refusal::Deadline) => Err(RunFailure {
+                reason: DeadLetterReason::DeadlineExceeded,
+                error: "the deadline passed while the job waited for its budget reservation; no provider was called".into(),
+                attempts: 0,
+            }),
+        }
     }
 
     /// A job whose tenant the transport contradicts, or an unknown tenant under

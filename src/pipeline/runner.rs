@@ -11,6 +11,7 @@ use tokio::sync::Semaphore;
 use tracing::Instrument as _;
 
 use super::step::{RunFailure, StepContext, StepKind as _, StepOutput, StepResult};
+use crate::admission::JobBudget;
 use crate::calls::Calls;
 use crate::config::{PipelinePlan, PoolSizes, StepKindPlan};
 use crate::telemetry::metrics::Metrics;
@@ -76,8 +77,14 @@ impl Runner {
         &self.calls
     }
 
-    /// Runs every step of `pipeline` for `job`; the first failing step fails the job.
-    pub async fn run(&self, job: &Job, pipeline: &PipelinePlan) -> Result<RunOutput, RunFailure> {
+    /// Runs every step of `pipeline` for `job`, its calls drawing on `job_budget` when the job
+    /// has a budget reservation; the first failing step fails the job.
+    pub async fn run(
+        &self,
+        job: &Job,
+        pipeline: &PipelinePlan,
+        job_budget: Option<&Arc<JobBudget>>,
+    ) -> Result<RunOutput, RunFailure> {
         let n = pipeline.steps.len();
         let mut outputs: Vec<Option<StepOutput>> = vec![None; n];
         let mut records: Vec<Option<StepRecord>> = vec![None; n];
@@ -101,6 +108,7 @@ impl Runner {
                     inputs,
                     pipeline,
                     throttled_ms: Default::default(),
+                    job_budget,
                 };
                 let pool = self.pools.for_kind(&step.kind);
                 let span = tracing::info_span!("step", step = %step.name);

@@ -2,8 +2,10 @@
 //! [`StepKind`] trait each kind implements (one module per kind under [`super::steps`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
+use crate::admission::JobBudget;
 use crate::calls::{CallFailure, CallOutcome, CallScope};
 use crate::config::{ModelPlan, PipelinePlan, StepPlan};
 use crate::provider::ChatRequest;
@@ -72,6 +74,8 @@ pub(crate) struct StepContext<'a> {
     pub pipeline: &'a PipelinePlan,
     /// Milliseconds this step's calls waited for rate limits.
     pub throttled_ms: AtomicU64,
+    /// The job's budget reservation its calls draw on, when it has one.
+    pub job_budget: Option<&'a Arc<JobBudget>>,
 }
 
 impl StepContext<'_> {
@@ -110,6 +114,7 @@ impl StepContext<'_> {
             tenant: self.job.tenant.as_str(),
             deadline: self.job.deadline,
             throttled_ms: &self.throttled_ms,
+            job_budget: self.job_budget,
         };
         self.calls
             .call(

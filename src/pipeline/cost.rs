@@ -1,0 +1,189 @@
+//! A job's worst-case cost before it runs: what its budget reservation must cover so it is
+//! never refused half-way. Every LLM step counts once (a fallback chain ends in one successful
+//! call; failed attempts are not billed) on its costliest candidate model, with the prompt as
+//! large as this job's input can make it and the answer at the model's `max_tokens`; a step
+//! with an output schema counts once more per allowed repair, whose prompt also carries the
+//! rejected answer and the problem.
+
+use crate::config::{ClassifyMethod, ModelChoice, ModelPlan, PipelinePlan, StepKindPlan};
+use crate::template::{Scope, Template, Var};
+use crate::wire::Job;
+
+use super::Runner;
+
+/// Tokens allowed for the validation problem quoted in a repair prompt.
+const REPAIR_PROBLEM_TOKENS: u64 = 512;
+/// Tokens allowed per variable for merges at its boundaries.
+const PER_VAR_SLACK: u64 = 2;
+
+impl Runner {
+    /// The most `job` can cost in `pipeline`, in USD.
+    pub fn worst_case_cost(&self, job: &Job, pipeline: &PipelinePlan) -> f64 {
+        pipeline
+            .steps
+            .iter()
+            .map(|step| match &step.kind {
+                StepKindPlan::Classify(c) => match &c.method {
+                    ClassifyMethod::Llm { model, prompt } => self.costliest(
+                        &[model.as_str()],
+                        |m| {
+                            self.prompt_bound(
+                                m,
+                                job,
+                                pipeline,
+                                prompt.system.as_ref(),
+                                &prompt.user,
+                                &c.categories,
+                            )
+                        },
+                        0,
+                    ),
+                    ClassifyMethod::Rules(_) => 0.0,
+                },
+                StepKindPlan::Route(_) => 0.0,
+                StepKindPlan::Generate(g) => {
+                    let aliases: Vec<&str> = match &g.model {
+                        ModelChoice::Fixed(alias) => vec![alias.as_str()],
+                        ModelChoice::FromRoute(index) => route_targets(pipeline, *index),
+                    };
+                    let repairs = g.output.as_ref().map_or(0, |o| o.max_repairs);
+                    self.costliest(
+                        &aliases,
+                        |m| {
+                            self.prompt_bound(
+                                m,
+                                job,
+                                pipeline,
+                                g.prompt.system.as_ref(),
+                                &g.prompt.user,
+                                &[],
+                            )
+                        },
+                        repairs,
+                    )
+                }
+            })
+            .sum()
+    }
+
+    /// The cost of the dearest call among `aliases` and their fallbacks, times one plus
+    /// `repairs` (each repair's prompt adds the rejected answer and the problem).
+    fn costliest(
+        &self,
+        aliases: &[&str],
+        prompt_tokens: impl Fn(&ModelPlan) -> u64,
+        repairs: u32,
+    ) -> f64 {
+        let mut candidates: Vec<&str> = Vec::new();
+        for alias in aliases {
+            candidates.push(alias);
+            if let Some(model) = self.calls().model(alias) {
+                candidates.extend(model.fallbacks.iter().map(String::as_str));
+            }
+        }
+        candidates
+            .iter()
+            .filter_map(|alias| self.calls().model(alias))
+            .map(|m| {
+                let prompt = prompt_tokens(m);
+                let answer = u64::from(m.max_tokens);
+                let first = m.price.cost(prompt, answer);
+                let repair = m
+                    .price
+                    .cost(prompt + answer + REPAIR_PROBLEM_TOKENS, answer);
+                first + f64::from(repairs) * repair
+            })
+            .fold(0.0, f64::max)
+    }
+
+    /// At least as many tokens as the rendered prompt can have for `model`: the job's own
+    /// input rendered in, every earlier step's output at its model's `max_tokens`.
+    fn prompt_bound(
+        &self,
+        model: &ModelPlan,
+        job: &Job,
+        pipeline: &PipelinePlan,
+        system: Option<&Template>,
+        user: &Template,
+        categories: &[String],
+    ) -> u64 {
+        let bound = |template: &Template| {
+            let empty = |_: &str| Some(String::new());
+            let scope = Scope {
+                input: &job.input,
+                categories,
+                step_output: &empty,
+            };
+            let rendered = template.render(&scope).unwrap_or_default();
+            let outputs: u64 = template
+                .vars()
+                .map(|var| match var {
+                    Var::StepOutput(name) => self.output_bound(pipeline, name),
+                    _ => 0,
+                })
+                .sum();
+            crate::tokens::count(&model.model, &rendered)
+                + outputs
+                + PER_VAR_SLACK * template.vars().count() as u64
+        };
+        let system_tokens = system.map(bound);
+        bound(user)
+            + system_tokens.unwrap_or(0)
+            + crate::tokens::prompt(&model.model, system.map(|_| ""), "")
+    }
+
+    /// The most tokens step `name`'s output can have when rendered into a later prompt.
+    fn output_bound(&self, pipeline: &PipelinePlan, name: &str) -> u64 {
+        let Some(step) = pipeline.steps.iter().find(|s| s.name == name) else {
+            return 0;
+        };
+        let max_tokens_of = |aliases: &[&str]| {
+            aliases
+                .iter()
+                .filter_map(|a| self.calls().model(a))
+                .flat_map(|m| {
+                    std::iter::once(u64::from(m.max_tokens)).chain(
+                        m.fallbacks
+                            .iter()
+                            .filter_map(|f| self.calls().model(f))
+                            .map(|f| u64::from(f.max_tokens)),
+                    )
+                })
+                .max()
+                .unwrap_or(0)
+        };
+        match &step.kind {
+            // A category or a model alias: short config text, counted as one token a byte.
+            StepKindPlan::Classify(c) => c
+                .categories
+                .iter()
+                .map(|c| c.len() as u64)
+                .max()
+                .unwrap_or(0),
+            StepKindPlan::Route(r) => r
+                .routes
+                .values()
+                .chain(std::iter::once(&r.default))
+                .map(|a| a.len() as u64)
+                .max()
+                .unwrap_or(0),
+            StepKindPlan::Generate(g) => match &g.model {
+                ModelChoice::Fixed(alias) => max_tokens_of(&[alias.as_str()]),
+                ModelChoice::FromRoute(index) => max_tokens_of(&route_targets(pipeline, *index)),
+            },
+        }
+    }
+}
+
+/// Every model alias the route step at `index` can choose.
+fn route_targets(pipeline: &PipelinePlan, index: usize) -> Vec<&str> {
+    match pipeline.steps.get(index).map(|s| &s.kind) {
+        Some(StepKindPlan::Route(r)) => r
+            .routes
+            .values()
+            .chain(std::iter::once(&r.default))
+            .map(String::as_str)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
