@@ -33,6 +33,8 @@ use crate::telemetry::Telemetry;
 const HEALTH_TICK: Duration = Duration::from_millis(100);
 /// How long intake waits for a free in-flight slot before it pauses the source.
 const PAUSE_AFTER: Duration = Duration::from_secs(1);
+/// How long job budget settlements get at exit.
+const SETTLE_GRACE: Duration = Duration::from_secs(2);
 /// How long shutdown takes messages a NATS source pulled but did not start, to hand them back.
 const BUFFERED_HAND_BACK: Duration = Duration::from_millis(200);
 /// How long handed-back jobs get to stop after the drain timeout.
@@ -78,6 +80,7 @@ pub async fn run_with(
             calls = calls.with_cache(ResponseCache::new(cache, state.clone(), metrics.clone()));
         }
         let calls = Arc::new(calls);
+        let settling = gate.clone();
         let scheduler = Scheduler::start(
             gate,
             plan.limits.max_running_jobs,
@@ -120,7 +123,10 @@ pub async fn run_with(
             max_inflight = plan.limits.max_inflight_jobs,
             "switchyard running"
         );
-        consume(source, engine, &state, &telemetry, &plan, shutdown).await
+        let consumed = consume(source, engine, &state, &telemetry, &plan, shutdown).await;
+        // Budget reservations of jobs that ended during shutdown are settled before exit.
+        settling.finish_settling(SETTLE_GRACE).await;
+        consumed
     }
     .await;
     http_stop.cancel();
@@ -258,9 +264,15 @@ async fn consume<K: OutputSink>(
         let stopped = CancellationToken::new();
         stopped.cancel();
         let deadline = tokio::time::Instant::now() + BUFFERED_HAND_BACK;
-        while let Ok(Ok(delivery)) = tokio::time::timeout_at(deadline, source.next()).await {
-            let (engine, stopped) = (engine.clone(), stopped.clone());
-            tasks.spawn(async move { engine.handle(delivery, &stopped).await });
+        while let Ok(next) = tokio::time::timeout_at(deadline, source.next()).await {
+            match next {
+                Ok(delivery) => {
+                    let (engine, stopped) = (engine.clone(), stopped.clone());
+                    tasks.spawn(async move { engine.handle(delivery, &stopped).await });
+                }
+                Err(SourceError::Transient(_)) => {}
+                Err(SourceError::Fatal(_)) => break,
+            }
         }
     }
     tasks.close();

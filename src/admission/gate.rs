@@ -279,6 +279,17 @@ impl Gate {
             .spawn(async move { gate.settle_job(&job).await });
     }
 
+    /// Waits (bounded) for job settlements still running, at shutdown.
+    pub async fn finish_settling(&self, within: Duration) {
+        self.settling.close();
+        if tokio::time::timeout(within, self.settling.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("job budget settlements still running at exit; those reservations stay counted until the period ends");
+        }
+    }
+
     /// Settles a job's reservation to what its calls cost.
     pub async fn settle_job(&self, job: &JobBudget) {
         let charged = *job.charged.lock().unwrap_or_else(|e| e.into_inner());
@@ -361,6 +372,10 @@ impl Gate {
         used_tokens: u64,
         cost: f64,
     ) {
+        // First, before anything that waits: a job's settlement must not miss this cost.
+        if let Some(job) = &reservation.job {
+            job.charge(cost);
+        }
         let delta = used_tokens as f64 - reservation.tokens;
         let tenant = self.tenants.get(&reservation.tenant);
         let provider = self
@@ -384,9 +399,6 @@ impl Gate {
                     tracing::debug!(key, error = %e, "could not reconcile a token reservation");
                 }
             }
-        }
-        if let Some(job) = &reservation.job {
-            job.charge(cost);
         }
         let settle = cost - reservation.cost;
         if let Some(keys) = reservation.budget.as_ref().filter(|_| settle != 0.0) {

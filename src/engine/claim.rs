@@ -106,9 +106,9 @@ impl<K: OutputSink> Engine<K> {
                     held.confirm(asked);
                     every = lease / 3;
                 }
-                // Our own outcome, recorded a moment ago: the job is finishing, not lost.
-                Ok(Renewal::Finished) => return std::future::pending().await,
-                Ok(Renewal::Lost) => return LeaseLost,
+                // This job records its outcome only after it stops holding the claim, so a
+                // finished key is another worker's outcome: ours is lost.
+                Ok(Renewal::Finished | Renewal::Lost) => return LeaseLost,
                 Err(e) => {
                     tracing::warn!(key = %held.key, error = %e, "could not renew the claim lease");
                     every = (lease / 10).max(Duration::from_millis(50));

@@ -41,7 +41,7 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// How often a job whose tenant queue is full tries to enter it again.
 const QUEUE_FULL_RETRY: Duration = Duration::from_millis(50);
 /// How long the dead letter of a job on its last delivery may take to write.
-const GIVE_UP_WRITE: Duration = Duration::from_secs(5);
+const GIVE_UP_WRITE: Duration = Duration::from_secs(3);
 /// How long a JetStream message whose tenant queue was full waits before its redelivery.
 const QUEUE_FULL_DEFER: Duration = Duration::from_secs(2);
 
@@ -191,7 +191,7 @@ impl<K: OutputSink> Engine<K> {
         // last chance to keep the job.
         let own_stop = CancellationToken::new();
         let key = incoming.position();
-        let write = self.write(Outcome::DeadLetter(dl), incoming, &key, &own_stop);
+        let write = self.write(Outcome::DeadLetter(dl), incoming, &key, None, &own_stop);
         match tokio::time::timeout(GIVE_UP_WRITE, write).await {
             Ok(Ok(written)) => {
                 self.finished(&written, None, incoming);
@@ -218,7 +218,9 @@ impl<K: OutputSink> Engine<K> {
         } = self.decide(incoming, stop).await?;
         let poison = matches!(&outcome, Outcome::DeadLetter(dl) if dl.reason == DeadLetterReason::InvalidJob);
         let Some(held) = claim else {
-            let written = self.write(outcome, incoming, &output_key, stop).await?;
+            let written = self
+                .write(outcome, incoming, &output_key, None, stop)
+                .await?;
             self.finished(&written, pipeline.as_deref(), incoming);
             return Ok(poison);
         };
@@ -227,7 +229,7 @@ impl<K: OutputSink> Engine<K> {
         // another worker took it meanwhile.
         self.confirm_lease(&held, stop).await?;
         let written = tokio::select! {
-            written = self.write(outcome, incoming, &output_key, stop) => written,
+            written = self.write(outcome, incoming, &output_key, Some(&held), stop) => written,
             LeaseLost = self.hold_claim(&held) => {
                 // Another worker owns the key now: writing too would duplicate its output.
                 tracing::warn!(key = %held.key, "claim lease lost before the output was written; handing the job back");
@@ -290,7 +292,13 @@ impl<K: OutputSink> Engine<K> {
             ..*incoming
         };
         let written = self
-            .write(Outcome::DeadLetter(dl), &bare, &incoming.position(), stop)
+            .write(
+                Outcome::DeadLetter(dl),
+                &bare,
+                &incoming.position(),
+                None,
+                stop,
+            )
             .await?;
         self.finished(&written, None, incoming);
         Ok(false)

@@ -109,6 +109,11 @@ impl Incoming<'_> {
             Who::Known { job_id, tenant } => (job_id, tenant),
             Who::Undecoded => best_effort_identity(self.payload),
         };
+        // Where the transport vouches for a tenant, its dead letters go to that tenant only,
+        // whatever the payload claims: they carry the payload.
+        if let Some(vouched) = self.vouched_tenant {
+            dl.tenant = TenantId::parse(vouched).ok().map(|t| t.to_string());
+        }
         dl
     }
 

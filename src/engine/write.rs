@@ -3,9 +3,11 @@
 
 use tokio_util::sync::CancellationToken;
 
+use super::claim::Held;
 use super::outcome::Who;
 use super::{Engine, Incoming, Stopped, RETRY_MAX, RETRY_MIN};
 use crate::sink::{Destination, Output, OutputSink, SinkError};
+use crate::telemetry::health::SinkRefusal;
 use crate::wire::{DeadLetterReason, Outcome, ResultStatus};
 
 impl<K: OutputSink> Engine<K> {
@@ -18,18 +20,24 @@ impl<K: OutputSink> Engine<K> {
         outcome: Outcome,
         incoming: &Incoming<'_>,
         output_key: &str,
+        held: Option<&Held>,
         stop: &CancellationToken,
     ) -> Result<Outcome, Stopped> {
         let trace = incoming.trace;
         let mut outcome = outcome;
         let mut output = output_for(&outcome, trace, output_key)?;
         let mut delay = RETRY_MIN;
+        let mut refused: Option<SinkRefusal> = None;
+        let mut retry = false;
         loop {
+            // A retry may come long after the lease was last confirmed (a broker or topic
+            // outage): the claim must still be ours before each one.
+            if let (true, Some(held)) = (retry, held) {
+                self.confirm_lease(held, stop).await?;
+            }
+            retry = true;
             match self.sink.send(&output).await {
-                Ok(()) => {
-                    self.health.set_sink_rejecting(None);
-                    return Ok(outcome);
-                }
+                Ok(()) => return Ok(outcome),
                 Err(SinkError::Transient(e)) => {
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "output write failed; retrying");
                 }
@@ -37,7 +45,10 @@ impl<K: OutputSink> Engine<K> {
                     // A paid answer is never swapped for a dead letter because of the topic:
                     // keep it, stop taking jobs and report not-ready until the topic takes it.
                     tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "output topic rejects writes; holding the output, intake paused until it is fixed");
-                    self.health.set_sink_rejecting(Some(&e));
+                    match &refused {
+                        Some(_) => self.health.note_refusal(&e),
+                        None => refused = Some(self.health.sink_refused(&e)),
+                    }
                 }
                 Err(SinkError::Permanent(e)) if output.destination != Destination::DeadLetters => {
                     let who = Who::of(&outcome);

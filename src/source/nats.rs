@@ -175,13 +175,24 @@ impl JobSource for NatsSource {
     }
 
     async fn close(mut self) {
-        // Messages already pulled but never started go back at once (not after ack_wait), so
-        // another replica takes them now.
+        // Messages pulled since the engine's last look go back at once (not after ack_wait), so
+        // another replica takes them now. The engine dead-letters messages on their last
+        // delivery while the app drains; one still arriving here cannot be saved by a nak, and
+        // is named in an error so it is not lost silently.
         let mut handed_back = 0;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
         while let Ok(Some(Ok(message))) =
             tokio::time::timeout_at(deadline, self.messages.next()).await
         {
+            let info = message
+                .info()
+                .ok()
+                .map(|i| (i.stream_sequence, i.delivered));
+            if let Some((seq, delivered)) =
+                info.filter(|(_, d)| self.max_deliver > 0 && *d >= self.max_deliver)
+            {
+                tracing::error!(stream_seq = seq, delivered, subject = %message.subject, "a message on its last allowed delivery arrived while closing; JetStream will not deliver it again (see the stream's max-deliveries advisory)");
+            }
             if message.ack_with(AckKind::Nak(None)).await.is_ok() {
                 handed_back += 1;
             }

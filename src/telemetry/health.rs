@@ -6,7 +6,7 @@
 //! ready; a replica that is alive but not ready is never restarted for it.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::extract::State;
@@ -22,9 +22,10 @@ pub struct Health {
     /// The state store's own reachability flag, read live.
     state_available: OnceLock<Arc<AtomicBool>>,
     draining: AtomicBool,
-    /// The last write refused by an output topic (authorization, missing topic), until a write
-    /// succeeds again.
-    sink_rejecting: Mutex<Option<String>>,
+    /// Output writes currently held because their topic refuses them (authorization, missing
+    /// topic), and the last such refusal.
+    sink_refusals: AtomicUsize,
+    last_refusal: Mutex<Option<String>>,
     http_addr: OnceLock<SocketAddr>,
 }
 
@@ -48,25 +49,23 @@ impl Health {
             .is_some_and(|a| a.load(Ordering::Relaxed))
     }
 
-    /// An output topic refused a write (`Some`, with the error), or a write went through again.
-    pub fn set_sink_rejecting(&self, error: Option<&str>) {
-        let mut current = self
-            .sink_rejecting
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        match error {
-            None if current.is_none() => {}
-            None => *current = None,
-            Some(e) => *current = Some(e.chars().take(300).collect()),
-        }
+    /// An output write was refused by its topic: readiness fails and intake pauses for as long
+    /// as the returned guard lives (the write holds it until it goes through or ends).
+    pub fn sink_refused(self: &Arc<Self>, error: &str) -> SinkRefusal {
+        self.note_refusal(error);
+        self.sink_refusals.fetch_add(1, Ordering::Relaxed);
+        SinkRefusal(self.clone())
     }
 
-    /// Whether an output topic is refusing writes (intake pauses meanwhile).
+    /// Records the latest refusal's text (for `/readyz`).
+    pub fn note_refusal(&self, error: &str) {
+        *self.last_refusal.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(error.chars().take(300).collect());
+    }
+
+    /// Whether some output write is held by a topic refusing it (intake pauses meanwhile).
     pub fn sink_rejecting(&self) -> bool {
-        self.sink_rejecting
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
+        self.sink_refusals.load(Ordering::Relaxed) > 0
     }
 
     pub fn set_draining(&self) {
@@ -91,8 +90,21 @@ impl Health {
             "source_connected": self.source_connected.load(Ordering::Relaxed),
             "state_available": self.state_available(),
             "draining": self.draining.load(Ordering::Relaxed),
-            "sink_rejecting": *self.sink_rejecting.lock().unwrap_or_else(|e| e.into_inner()),
+            "sink_rejecting": self
+                .sink_rejecting()
+                .then(|| self.last_refusal.lock().unwrap_or_else(|e| e.into_inner()).clone()),
         })
+    }
+}
+
+/// Held by an output write its topic refuses; dropping it (the write went through, or ended)
+/// lifts the refusal's hold on readiness and intake.
+#[derive(Debug)]
+pub struct SinkRefusal(Arc<Health>);
+
+impl Drop for SinkRefusal {
+    fn drop(&mut self) {
+        self.0.sink_refusals.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -142,4 +154,28 @@ async fn readyz(State(health): State<Arc<Health>>) -> (StatusCode, Json<serde_js
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(health.report()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_write_holds_readiness_only_while_it_lives() {
+        let health = Health::new();
+        health.set_source_connected(true);
+        health.watch_state(Arc::new(AtomicBool::new(true)));
+        assert!(health.is_ready());
+        let first = health.sink_refused("TopicAuthorizationFailed on results");
+        let second = health.sink_refused("TopicAuthorizationFailed on review");
+        assert!(!health.is_ready() && health.sink_rejecting());
+        drop(first);
+        assert!(
+            health.sink_rejecting(),
+            "another write is still refused: one topic working again does not clear it"
+        );
+        // The second write ends without succeeding (stopped, lease lost): its hold ends too.
+        drop(second);
+        assert!(health.is_ready(), "nothing left holding it: ready again");
+    }
 }

@@ -137,8 +137,8 @@ pub struct KafkaSource {
     requeue: Arc<Requeue>,
 }
 
-/// Jobs to run again in this process, at most [`STASH_MAX`] (each was an in-flight job, so
-/// `limits.max_inflight_jobs` bounds it in practice).
+/// Jobs to run again in this process, at most [`REQUEUE_MAX`]: each was an in-flight job, so
+/// `limits.max_inflight_jobs` bounds it in practice, far below that.
 #[derive(Default)]
 struct Requeue {
     queue: std::sync::Mutex<std::collections::VecDeque<Delivery>>,
@@ -148,7 +148,7 @@ struct Requeue {
 impl Requeue {
     fn push(&self, delivery: Delivery) -> bool {
         let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        if queue.len() >= STASH_MAX {
+        if queue.len() >= REQUEUE_MAX {
             return false;
         }
         queue.push_back(delivery);
@@ -169,6 +169,8 @@ impl Requeue {
 /// hand-back) before its last hand-back becomes a `max_deliveries_exceeded` dead letter.
 const MAX_LOCAL_DELIVERIES: u64 = 10;
 
+/// Most handed-back jobs waiting to run again (a safety bound; in-flight limits keep it far lower).
+const REQUEUE_MAX: usize = 65_536;
 /// Most messages kept while paused; beyond it polling stops until intake resumes.
 const STASH_MAX: usize = 4096;
 
