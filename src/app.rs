@@ -135,6 +135,35 @@ pub async fn run_with(
     result
 }
 
+/// Pauses the source until `resume` holds, polling it meanwhile so a Kafka member keeps its
+/// group membership however long the pause; `false` when shutdown came first.
+async fn paused_until(
+    source: &mut Source,
+    shutdown: &CancellationToken,
+    tick: &mut tokio::time::Interval,
+    health: &health::Health,
+    resume: impl Fn() -> bool,
+) -> bool {
+    source.pause();
+    let resumed = loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break false,
+            _ = tick.tick() => {
+                health.set_source_connected(source.is_connected());
+                if resume() {
+                    break true;
+                }
+            }
+            () = source.poll_paused() => {}
+        }
+    };
+    if resumed {
+        source.resume();
+    }
+    resumed
+}
+
 async fn consume<K: OutputSink>(
     mut source: Source,
     engine: Arc<Engine<K>>,
@@ -154,23 +183,12 @@ async fn consume<K: OutputSink>(
     'intake: loop {
         if health.sink_rejecting() {
             // An output topic refuses writes: jobs in flight keep their outputs and retry; no
-            // new job is taken (the source stays polled, so a Kafka member keeps its place).
-            source.pause();
+            // new job is taken until none is held by a refusal.
             metrics.intake_pauses.inc();
-            loop {
-                tokio::select! {
-                    biased;
-                    () = shutdown.cancelled() => break 'intake,
-                    _ = tick.tick() => {
-                        health.set_source_connected(source.is_connected());
-                        if !health.sink_rejecting() {
-                            break;
-                        }
-                    }
-                    () = source.poll_paused() => {}
-                }
+            let resume = || !health.sink_rejecting();
+            if !paused_until(&mut source, &shutdown, &mut tick, health, resume).await {
+                break 'intake;
             }
-            source.resume();
             continue;
         }
         if !state.is_available() {
@@ -197,23 +215,12 @@ async fn consume<K: OutputSink>(
                 // they fall below the low-water mark, polling meanwhile so the consumer keeps
                 // its group membership (Kafka) however long the wait.
                 let resume_when_free = plan.limits.max_inflight_jobs - plan.limits.resume_at;
-                source.pause();
                 metrics.intake_pauses.inc();
                 tracing::debug!(in_flight = plan.limits.max_inflight_jobs, "intake paused");
-                loop {
-                    tokio::select! {
-                        biased;
-                        () = shutdown.cancelled() => break 'intake,
-                        _ = tick.tick() => {
-                            health.set_source_connected(source.is_connected());
-                            if inflight.available_permits() >= resume_when_free.max(1) {
-                                break;
-                            }
-                        }
-                        () = source.poll_paused() => {}
-                    }
+                let resume = || inflight.available_permits() >= resume_when_free.max(1);
+                if !paused_until(&mut source, &shutdown, &mut tick, health, resume).await {
+                    break 'intake;
                 }
-                source.resume();
                 tracing::debug!("intake resumed");
                 inflight
                     .clone()

@@ -241,3 +241,72 @@ pipelines:
         "the key never reached the other host"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn human_readable_logs_to_a_file_have_no_colour_codes_and_no_forged_lines() {
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let llm = mock_llm(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+source: {{kind: kafka, brokers: "{brokers}", group: "logs-{g:x}", topic: {JOBS_TOPIC}}}
+http: {{listen: "off"}}
+log: {{format: pretty, filter: "info,librdkafka=warn,rdkafka=warn"}}
+providers:
+  llm: {{kind: openai, base_url: "http://{llm}/v1"}}
+models:
+  small: {{provider: llm, model: gpt-4o-mini}}
+prompts:
+  p: {{user: "{{{{input.text}}}}"}}
+pipelines:
+  support:
+    steps:
+      - {{name: answer, kind: generate, model: small, prompt: p}}
+"#,
+        g = rand::random::<u64>(),
+        llm = llm.addr(),
+    );
+    let path = dir.path().join("c.yaml");
+    std::fs::write(&path, config).unwrap();
+    let log_path = dir.path().join("log.txt");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let outputs = collector(&brokers);
+    let forged = "2000-01-01T00:00:00.000000Z  INFO switchyard: forged";
+    let payload = serde_json::json!({
+        "id": format!("evil\n{forged}\r\n\u{1b}[2J"), "tenant": "acme", "input": {"text": "hello"}
+    })
+    .to_string()
+    .into_bytes();
+    publish(&brokers, JOBS_TOPIC, [payload]).await.unwrap();
+    outputs.wait_for(1, Duration::from_secs(30), |_| {}).await;
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "exits after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let logs = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        logs.contains("job finished") || logs.contains("job dead-lettered"),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains('\u{1b}'),
+        "no ANSI escape in a file: {logs:?}"
+    );
+    assert!(
+        !logs.lines().any(|l| l.starts_with("2000-01-01")),
+        "a job id cannot start a log line of its own: {logs}"
+    );
+}

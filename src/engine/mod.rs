@@ -169,21 +169,23 @@ impl<K: OutputSink> Engine<K> {
         }
     }
 
-    /// The job was handed back on its last allowed delivery: it becomes a
-    /// `max_deliveries_exceeded` dead letter with its payload, so it is not silently lost. The
-    /// write gets [`GIVE_UP_WRITE`] even while the process stops; `Err` when it did not land.
-    async fn give_up(&self, incoming: &Incoming<'_>, deliveries: u64) -> Result<(), ()> {
-        let job = decode_job(
+    /// The delivery decoded again, for a dead letter written outside the normal path (its
+    /// tenant is then the transport's, when it vouches for one: see `Incoming::dead_letter`).
+    fn decoded(&self, incoming: &Incoming<'_>) -> Option<crate::wire::Job> {
+        decode_job(
             incoming.payload,
             self.plan.limits.max_job_bytes,
             incoming.received_at,
         )
-        .ok();
-        let who = match (&job, incoming.vouched_tenant) {
-            (Some(job), Some(vouched)) if vouched != job.tenant.as_str() => Who::Undecoded,
-            (Some(job), _) => Who::Job(job),
-            (None, _) => Who::Undecoded,
-        };
+        .ok()
+    }
+
+    /// The job was handed back on its last allowed delivery: it becomes a
+    /// `max_deliveries_exceeded` dead letter with its payload, so it is not silently lost. The
+    /// write gets [`GIVE_UP_WRITE`] even while the process stops; `Err` when it did not land.
+    async fn give_up(&self, incoming: &Incoming<'_>, deliveries: u64) -> Result<(), ()> {
+        let job = self.decoded(incoming);
+        let who = job.as_ref().map_or(Who::Undecoded, Who::Job);
         let error = format!("the job was handed back (shutdown, or its claim passed to another worker) on its last allowed delivery ({deliveries}); the broker will not deliver it again, so it is dead-lettered with its payload: republish it to run it");
         let mut dl = incoming.dead_letter(DeadLetterReason::MaxDeliveriesExceeded, error, who, 0);
         dl.deliveries = Some(deliveries);
@@ -269,22 +271,8 @@ impl<K: OutputSink> Engine<K> {
     ) -> Result<bool, Stopped> {
         self.metrics.job_panics.inc();
         tracing::error!(error = %message, source = ?incoming.source, "job task panicked; dead-lettering the job as internal");
-        let job = decode_job(
-            incoming.payload,
-            self.plan.limits.max_job_bytes,
-            incoming.received_at,
-        )
-        .ok();
-        let who = match (&job, incoming.vouched_tenant) {
-            (Some(job), Some(vouched)) if vouched != job.tenant.as_str() => Who::Known {
-                job_id: Some(job.id.clone()),
-                tenant: crate::wire::TenantId::parse(vouched)
-                    .ok()
-                    .map(|t| t.to_string()),
-            },
-            (Some(job), _) => Who::Job(job),
-            (None, _) => Who::Undecoded,
-        };
+        let job = self.decoded(incoming);
+        let who = job.as_ref().map_or(Who::Undecoded, Who::Job);
         let error = format!("switchyard failed internally while processing this job ({message}); it is not retried automatically, so please report it with this dead letter and republish the job with a new idempotency_key once fixed");
         let dl = incoming.dead_letter(DeadLetterReason::Internal, error, who, 0);
         let bare = Incoming {
