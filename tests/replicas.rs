@@ -110,7 +110,11 @@ impl Drop for Replica {
     }
 }
 
-async fn wait_all(outputs: &OutputCollector, n: usize) -> HashMap<String, usize> {
+async fn wait_all(
+    outputs: &OutputCollector,
+    n: usize,
+    replicas: &[Replica],
+) -> HashMap<String, usize> {
     let mut last = (0, Instant::now());
     loop {
         let per_job = originals(&outputs.snapshot());
@@ -120,11 +124,23 @@ async fn wait_all(outputs: &OutputCollector, n: usize) -> HashMap<String, usize>
         if per_job.len() != last.0 {
             last = (per_job.len(), Instant::now());
         }
-        assert!(
-            last.1.elapsed() < STALL,
-            "stalled at {} of {n} jobs",
-            per_job.len()
-        );
+        if last.1.elapsed() >= STALL {
+            // What each replica was doing, so a stall can be diagnosed from the CI log.
+            let tails: Vec<String> = replicas
+                .iter()
+                .map(|r| {
+                    let log = std::fs::read_to_string(&r.log).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(25).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    format!("--- {}\n{}", r.log.display(), tail.join("\n"))
+                })
+                .collect();
+            panic!(
+                "stalled at {} of {n} jobs; replica logs:\n{}",
+                per_job.len(),
+                tails.join("\n")
+            );
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -143,7 +159,7 @@ async fn kill_restart_and_check(
     assert!(killed_at < n, "killed mid-stream ({killed_at} of {n})");
     tokio::time::sleep(Duration::from_millis(500)).await;
     replicas[0].restart();
-    let per_job = wait_all(outputs, n).await;
+    let per_job = wait_all(outputs, n, replicas).await;
     // Keep the load going while every replica gets SIGTERM.
     for replica in replicas.iter_mut() {
         let (code, took) = replica.terminate();
@@ -307,7 +323,7 @@ providers:
     outputs.wait_for(n / 2, STALL, |_| {}).await;
     let (code, _) = joiners[0].terminate();
     assert_eq!(code, Some(0));
-    let per_job = wait_all(&outputs, n).await;
+    let per_job = wait_all(&outputs, n, std::slice::from_ref(&first)).await;
     for replica in std::iter::once(&mut first).chain(joiners.iter_mut().skip(1)) {
         assert_eq!(replica.terminate().0, Some(0));
     }

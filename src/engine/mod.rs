@@ -10,6 +10,8 @@
 
 mod claim;
 mod outcome;
+#[cfg(test)]
+mod tests;
 mod write;
 
 use std::panic::AssertUnwindSafe;
