@@ -16,6 +16,7 @@ pub mod admission;
 pub mod app;
 pub mod calls;
 pub mod config;
+pub mod connect;
 pub mod engine;
 pub mod pipeline;
 pub mod provider;

@@ -154,9 +154,14 @@ impl Sender {
                 }
             }
             SourcePlan::Nats(n) => {
-                let client = async_nats::connect(&n.url).await.with_context(|| {
-                    format!("connecting to {}", switchyard::config::redact_url(&n.url))
-                })?;
+                let client = switchyard::connect::nats(
+                    &n.url,
+                    &n.access,
+                    "switchyard-publish",
+                    "source",
+                    switchyard::connect::Retry::Never,
+                )
+                .await?;
                 let prefix = subject_prefix(
                     n.subjects
                         .first()

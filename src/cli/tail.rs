@@ -91,9 +91,14 @@ pub async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
             }
         }
         SinkPlan::Nats(n) => {
-            let client = async_nats::connect(&n.url).await.with_context(|| {
-                format!("connecting to {}", switchyard::config::redact_url(&n.url))
-            })?;
+            let client = switchyard::connect::nats(
+                &n.url,
+                &n.access,
+                "switchyard-tail",
+                "sink",
+                switchyard::connect::Retry::Never,
+            )
+            .await?;
             let mut subscriptions = Vec::new();
             for prefix in &wanted {
                 subscriptions.push(client.subscribe(format!("{prefix}.>")).await?);

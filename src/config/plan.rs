@@ -46,6 +46,7 @@ pub enum SourcePlan {
 #[derive(Debug, Clone)]
 pub struct NatsSourcePlan {
     pub url: String,
+    pub access: NatsAccess,
     pub stream: String,
     pub subjects: Vec<String>,
     pub create_stream: bool,
@@ -55,9 +56,47 @@ pub struct NatsSourcePlan {
     pub batch: usize,
 }
 
+/// How to reach a NATS server beyond its URL: credentials and TLS.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NatsAccess {
+    pub auth: NatsAuth,
+    pub tls: Option<TlsFiles>,
+}
+
+/// NATS authentication; every secret is read from the environment or a file at connect time.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum NatsAuth {
+    #[default]
+    None,
+    /// `auth.token_env`.
+    Token { env: String },
+    /// `auth.user` with `auth.password_env`.
+    UserPassword { user: String, password_env: String },
+    /// `auth.nkey_seed_env` or `auth.nkey_seed_file`.
+    NkeySeed(Secret),
+    /// `auth.credentials_file`: a JWT and nkey seed, as NGS issues them.
+    CredentialsFile(String),
+}
+
+/// Where a secret is read from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Secret {
+    Env(String),
+    File(String),
+}
+
+/// TLS material as files.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TlsFiles {
+    pub ca_file: Option<String>,
+    /// Client certificate and key (both or neither).
+    pub client: Option<(String, String)>,
+}
+
 #[derive(Debug, Clone)]
 pub struct NatsSinkPlan {
     pub url: String,
+    pub access: NatsAccess,
     pub topics: Topics,
     pub jetstream: bool,
     pub stream: Option<String>,

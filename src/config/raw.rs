@@ -162,7 +162,34 @@ pub enum RawSource {
         /// Messages fetched per pull request.
         #[serde(default = "default_batch")]
         batch: usize,
+        /// How to authenticate (secrets from the environment or files, never inline).
+        #[serde(default)]
+        auth: RawNatsAuth,
+        #[serde(default)]
+        tls: Option<RawTls>,
     },
+}
+
+/// NATS authentication: at most one of a token, a user and password, an nkey seed or a
+/// credentials file (JWT + nkey, as Synadia Cloud/NGS issue them).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNatsAuth {
+    pub token_env: Option<String>,
+    pub user: Option<String>,
+    pub password_env: Option<String>,
+    pub nkey_seed_env: Option<String>,
+    pub nkey_seed_file: Option<String>,
+    pub credentials_file: Option<String>,
+}
+
+/// TLS material as files: a CA to trust (beyond the system's), a client certificate and key.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub ca_file: Option<String>,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
 }
 
 fn default_jobs_stream() -> String {
@@ -225,6 +252,11 @@ pub enum RawSink {
         stream: Option<String>,
         #[serde(default = "default_delivery_timeout_ms")]
         delivery_timeout_ms: u64,
+        /// Default to the source's when the source is NATS and no `url` is set.
+        #[serde(default)]
+        auth: Option<RawNatsAuth>,
+        #[serde(default)]
+        tls: Option<RawTls>,
     },
 }
 

@@ -21,18 +21,14 @@ pub struct NatsSink {
 
 impl NatsSink {
     pub async fn connect(plan: &NatsSinkPlan) -> anyhow::Result<Self> {
-        let client = async_nats::ConnectOptions::new()
-            .name("switchyard-sink")
-            .retry_on_initial_connect()
-            .connect(&plan.url)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "sink.url: cannot connect to NATS at {}: {}",
-                    crate::config::redact_url(&plan.url),
-                    crate::config::redact_in(&e.to_string(), &plan.url)
-                )
-            })?;
+        let client = crate::connect::nats(
+            &plan.url,
+            &plan.access,
+            "switchyard-sink",
+            "sink",
+            crate::connect::Retry::InBackground,
+        )
+        .await?;
         let js = if plan.jetstream {
             let mut js = jetstream::new(client.clone());
             js.set_timeout(plan.delivery_timeout);

@@ -32,18 +32,14 @@ pub struct NatsSource {
 
 impl NatsSource {
     pub async fn connect(plan: &NatsSourcePlan) -> anyhow::Result<Self> {
-        let client = async_nats::ConnectOptions::new()
-            .name("switchyard")
-            .retry_on_initial_connect()
-            .connect(&plan.url)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "source.url: cannot connect to NATS at {}: {}",
-                    crate::config::redact_url(&plan.url),
-                    crate::config::redact_in(&e.to_string(), &plan.url)
-                )
-            })?;
+        let client = crate::connect::nats(
+            &plan.url,
+            &plan.access,
+            "switchyard",
+            "source",
+            crate::connect::Retry::InBackground,
+        )
+        .await?;
         let js = jetstream::new(client.clone());
         let stream = if plan.create_stream {
             js.get_or_create_stream(stream::Config {

@@ -49,7 +49,10 @@ pub(super) fn source_plan(p: &mut Problems, source: RawSource) -> SourcePlan {
             ack_wait_ms,
             max_deliver,
             batch,
+            auth,
+            tls,
         } => {
+            let access = nats_access(p, "source", &auth, tls.as_ref());
             if !(url.starts_with("nats://") || url.starts_with("tls://") || url.contains(':')) {
                 p.add(
                     "source.url",
@@ -89,6 +92,7 @@ pub(super) fn source_plan(p: &mut Problems, source: RawSource) -> SourcePlan {
             positive(p, "source.batch", batch as u64);
             SourcePlan::Nats(NatsSourcePlan {
                 url,
+                access,
                 stream,
                 subjects,
                 create_stream,
@@ -132,13 +136,22 @@ pub(super) fn sink_plan(p: &mut Problems, sink: RawSink, source: &SourcePlan) ->
             jetstream,
             stream,
             delivery_timeout_ms,
+            auth,
+            tls,
         } => {
-            let url = match (url, source) {
-                (Some(u), _) => u,
-                (None, SourcePlan::Nats(n)) => n.url.clone(),
+            let own = |p: &mut Problems| {
+                nats_access(p, "sink", &auth.clone().unwrap_or_default(), tls.as_ref())
+            };
+            let (url, access) = match (url, source) {
+                (Some(u), _) => (u, own(p)),
+                // The source's server: its access too, unless the sink sets its own.
+                (None, SourcePlan::Nats(n)) if auth.is_none() && tls.is_none() => {
+                    (n.url.clone(), n.access.clone())
+                }
+                (None, SourcePlan::Nats(n)) => (n.url.clone(), own(p)),
                 (None, SourcePlan::Kafka(_)) => {
                     p.add("sink.url", "required when the source is not NATS");
-                    String::new()
+                    (String::new(), own(p))
                 }
             };
             let topics = topics_plan(p, topics);
@@ -157,6 +170,7 @@ pub(super) fn sink_plan(p: &mut Problems, sink: RawSink, source: &SourcePlan) ->
             positive(p, "sink.delivery_timeout_ms", delivery_timeout_ms);
             SinkPlan::Nats(NatsSinkPlan {
                 url,
+                access,
                 topics,
                 jetstream,
                 stream,
@@ -307,5 +321,105 @@ pub(super) fn state_plan(
         kind,
         result_ttl: Duration::from_secs(result_ttl_s),
         claim_lease: Duration::from_millis(claim_lease_ms),
+    }
+}
+
+/// NATS credentials and TLS files: at most one way to authenticate, and every file and
+/// environment variable named must exist, so `check-config` says `ok` only when `run` can
+/// present them.
+fn nats_access(
+    p: &mut Problems,
+    section: &str,
+    auth: &raw::RawNatsAuth,
+    tls: Option<&raw::RawTls>,
+) -> NatsAccess {
+    let field = |name: &str| format!("{section}.auth.{name}");
+    let mut chosen = Vec::new();
+    if let Some(var) = &auth.token_env {
+        env_present(p, &field("token_env"), var);
+        chosen.push(NatsAuth::Token { env: var.clone() });
+    }
+    match (&auth.user, &auth.password_env) {
+        (Some(user), Some(var)) => {
+            env_present(p, &field("password_env"), var);
+            chosen.push(NatsAuth::UserPassword {
+                user: user.clone(),
+                password_env: var.clone(),
+            });
+        }
+        (Some(_), None) => p.add(
+            field("password_env"),
+            "a `user` needs `password_env` naming the variable that holds the password",
+        ),
+        (None, Some(_)) => p.add(
+            field("user"),
+            "`password_env` needs the `user` it belongs to",
+        ),
+        (None, None) => {}
+    }
+    if let Some(var) = &auth.nkey_seed_env {
+        env_present(p, &field("nkey_seed_env"), var);
+        chosen.push(NatsAuth::NkeySeed(Secret::Env(var.clone())));
+    }
+    if let Some(path) = &auth.nkey_seed_file {
+        file_present(p, &field("nkey_seed_file"), path);
+        chosen.push(NatsAuth::NkeySeed(Secret::File(path.clone())));
+    }
+    if let Some(path) = &auth.credentials_file {
+        file_present(p, &field("credentials_file"), path);
+        chosen.push(NatsAuth::CredentialsFile(path.clone()));
+    }
+    if chosen.len() > 1 {
+        p.add(
+            format!("{section}.auth"),
+            "set one way to authenticate: token_env, user + password_env, nkey_seed_env, nkey_seed_file or credentials_file",
+        );
+    }
+    NatsAccess {
+        auth: chosen.into_iter().next().unwrap_or_default(),
+        tls: tls.map(|t| tls_files(p, &format!("{section}.tls"), t)),
+    }
+}
+
+/// TLS files: each named file must exist; a client certificate needs its key.
+pub(super) fn tls_files(p: &mut Problems, field: &str, tls: &raw::RawTls) -> TlsFiles {
+    for (name, path) in [
+        ("ca_file", &tls.ca_file),
+        ("cert_file", &tls.cert_file),
+        ("key_file", &tls.key_file),
+    ] {
+        if let Some(path) = path {
+            file_present(p, &format!("{field}.{name}"), path);
+        }
+    }
+    let client = match (&tls.cert_file, &tls.key_file) {
+        (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+        (None, None) => None,
+        _ => {
+            p.add(
+                field,
+                "a client certificate needs both `cert_file` and `key_file`",
+            );
+            None
+        }
+    };
+    TlsFiles {
+        ca_file: tls.ca_file.clone(),
+        client,
+    }
+}
+
+/// A secret's environment variable must be set (and not empty) for `run` to start.
+pub(super) fn env_present(p: &mut Problems, field: &str, var: &str) {
+    non_empty(p, field, var);
+    if !var.is_empty() && std::env::var(var).map_or(true, |v| v.is_empty()) {
+        p.add(field, format!("environment variable {var} is not set"));
+    }
+}
+
+/// A file the service reads at start-up must be readable.
+pub(super) fn file_present(p: &mut Problems, field: &str, path: &str) {
+    if let Err(e) = std::fs::metadata(path) {
+        p.add(field, format!("cannot read `{path}`: {e}"));
     }
 }

@@ -1,0 +1,82 @@
+//! Reaching the backends people run: NATS with credentials and TLS, shared by the source, the
+//! sink and the operator tools. Secrets are read from the environment or files named in the
+//! config when connecting, never from the config itself, and never printed (URLs are redacted in
+//! every error).
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+
+use crate::config::{redact_in, redact_url, NatsAccess, NatsAuth, Secret};
+
+/// Connects to NATS at `url` as `name` with `access`'s credentials and TLS; `field` names the
+/// config section in errors. The service keeps retrying a first connection that fails
+/// (`Retry::InBackground`: it reports not-ready meanwhile); a command fails at once.
+pub async fn nats(
+    url: &str,
+    access: &NatsAccess,
+    name: &str,
+    field: &str,
+    retry: Retry,
+) -> anyhow::Result<async_nats::Client> {
+    let mut options = nats_options(access, field).await?.name(name);
+    if retry == Retry::InBackground {
+        options = options.retry_on_initial_connect();
+    }
+    options.connect(url).await.map_err(|e| {
+        anyhow::anyhow!(
+            "{field}.url: cannot connect to NATS at {}: {}",
+            redact_url(url),
+            redact_in(&e.to_string(), url)
+        )
+    })
+}
+
+/// Whether a first connection that fails is retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    InBackground,
+    Never,
+}
+
+async fn nats_options(
+    access: &NatsAccess,
+    field: &str,
+) -> anyhow::Result<async_nats::ConnectOptions> {
+    let env = |name: &str, var: &str| {
+        std::env::var(var)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .with_context(|| format!("{field}.auth.{name}: environment variable {var} is not set"))
+    };
+    let mut options = match &access.auth {
+        NatsAuth::None => async_nats::ConnectOptions::new(),
+        NatsAuth::Token { env: var } => {
+            async_nats::ConnectOptions::new().token(env("token_env", var)?)
+        }
+        NatsAuth::UserPassword { user, password_env } => async_nats::ConnectOptions::new()
+            .user_and_password(user.clone(), env("password_env", password_env)?),
+        NatsAuth::NkeySeed(Secret::Env(var)) => {
+            async_nats::ConnectOptions::new().nkey(env("nkey_seed_env", var)?)
+        }
+        NatsAuth::NkeySeed(Secret::File(path)) => {
+            let seed = std::fs::read_to_string(path)
+                .with_context(|| format!("{field}.auth.nkey_seed_file: cannot read {path}"))?;
+            async_nats::ConnectOptions::new().nkey(seed.trim().to_owned())
+        }
+        NatsAuth::CredentialsFile(path) => async_nats::ConnectOptions::new()
+            .credentials_file(path)
+            .await
+            .with_context(|| format!("{field}.auth.credentials_file: cannot use {path}"))?,
+    };
+    if let Some(tls) = &access.tls {
+        options = options.require_tls(true);
+        if let Some(ca) = &tls.ca_file {
+            options = options.add_root_certificates(PathBuf::from(ca));
+        }
+        if let Some((cert, key)) = &tls.client {
+            options = options.add_client_certificate(PathBuf::from(cert), PathBuf::from(key));
+        }
+    }
+    Ok(options)
+}

@@ -1,0 +1,194 @@
+//! Reaching backends the way managed services are run: a NATS server started by the test that
+//! only speaks TLS and only admits an nkey user, and a check that the Kafka client is built with
+//! TLS and SASL (librdkafka's mock cluster has no TLS, so a local TLS endpoint sees the
+//! handshake).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use switchyard::config;
+use switchyard::connect::Retry;
+use switchyard::state::{MemoryStore, StateStore};
+
+use common::*;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A CA, and a server certificate for localhost signed by it, as PEM files in `dir`.
+fn certificates(dir: &std::path::Path) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca_cert, &ca_key)
+        .unwrap();
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    (
+        write("ca.pem", ca_cert.pem()),
+        write("server.pem", cert.pem()),
+        write("server-key.pem", key.serialize_pem()),
+    )
+}
+
+struct NatsServer(Child);
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn nats_server(dir: &std::path::Path, port: u16, cert: &str, key: &str, nkey: &str) -> NatsServer {
+    let store = dir.join("js");
+    let conf = dir.join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"
+listen: "127.0.0.1:{port}"
+tls {{ cert_file: "{cert}", key_file: "{key}" }}
+authorization {{ users = [ {{ nkey: "{nkey}" }} ] }}
+jetstream {{ store_dir: "{store}" }}
+"#,
+            store = store.display()
+        ),
+    )
+    .unwrap();
+    let binary = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or("nats-server");
+    let child = Command::new(binary)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server must be installed (scripts/test installs it)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nats-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    NatsServer(child)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pipeline_runs_through_a_nats_server_that_requires_tls_and_an_nkey() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificates(dir.path());
+    let user = nkeys::KeyPair::new_user();
+    let seed_file = dir.path().join("user.nk");
+    std::fs::write(&seed_file, user.seed().unwrap()).unwrap();
+    let port = free_port();
+    let _server = nats_server(dir.path(), port, &cert, &key, &user.public_key());
+    let url = format!("nats://localhost:{port}");
+    let llm = mock_llm(1).await;
+    let text = format!(
+        r#"
+source: {{kind: nats, url: "{url}", stream: SECURE_JOBS, subjects: ["secure.jobs.>"],
+         auth: {{nkey_seed_file: "{seed}"}}, tls: {{ca_file: "{ca}"}}}}
+sink: {{kind: nats, stream: SECURE_OUT, topics: {{results: secure.results, review: secure.review, dlq: secure.dlq}}}}
+http: {{listen: "off"}}
+providers:
+  llm: {{kind: openai, base_url: "http://{llm}/v1"}}
+models:
+  small: {{provider: llm, model: gpt-4o-mini}}
+prompts:
+  p: {{user: "{{{{input.text}}}}"}}
+pipelines:
+  support:
+    steps:
+      - {{name: answer, kind: generate, model: small, prompt: p}}
+"#,
+        seed = seed_file.display(),
+        llm = llm.addr(),
+    );
+    let plan = config::load_str(&text, "test config", Vec::new()).unwrap();
+    let config::SourcePlan::Nats(source) = &plan.source else {
+        panic!("a NATS source")
+    };
+    let access = source.access.clone();
+
+    // Without the credentials the server turns a client away.
+    let refused = async_nats::ConnectOptions::new()
+        .add_root_certificates(ca.clone().into())
+        .require_tls(true)
+        .connect(&url)
+        .await;
+    assert!(refused.is_err(), "the server admits only the nkey user");
+
+    let client = switchyard::connect::nats(&url, &access, "test", "source", Retry::Never)
+        .await
+        .unwrap();
+    let mut results = client.subscribe("secure.results.>").await.unwrap();
+    let service = Service::start(plan, StateStore::from(MemoryStore::new(100)));
+    service.wait_ready().await;
+    let js = async_nats::jetstream::new(client.clone());
+    js.publish("secure.jobs.acme", job("tls-1", "acme", "hello").into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let message = tokio::time::timeout(Duration::from_secs(30), results.next())
+        .await
+        .expect("a result within 30 s")
+        .unwrap();
+    service.stop().await;
+    let result: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+    assert_eq!(result["job_id"], "tls-1");
+    assert_eq!(result["status"], "ok");
+}
+
+#[test]
+fn a_nats_config_naming_a_missing_secret_fails_check_config_naming_the_field() {
+    let text = |auth: &str| {
+        format!(
+            r#"
+source: {{kind: nats, url: "nats://127.0.0.1:4222", auth: {auth}}}
+providers:
+  llm: {{kind: mock}}
+models:
+  small: {{provider: llm, model: m}}
+prompts:
+  p: {{user: "{{{{input.text}}}}"}}
+pipelines:
+  s:
+    steps:
+      - {{name: a, kind: generate, model: small, prompt: p}}
+"#
+        )
+    };
+    let problems = |auth: &str| match config::load_str(&text(auth), "t", Vec::new()) {
+        Ok(_) => String::new(),
+        Err(e) => e.to_string(),
+    };
+    let missing = problems("{token_env: SY_TEST_NO_SUCH_TOKEN}");
+    assert!(
+        missing.contains("source.auth.token_env") && missing.contains("SY_TEST_NO_SUCH_TOKEN"),
+        "{missing}"
+    );
+    let file = problems(r#"{credentials_file: "/nonexistent/user.creds"}"#);
+    assert!(file.contains("source.auth.credentials_file"), "{file}");
+    let two = problems(r#"{token_env: PATH, nkey_seed_env: PATH}"#);
+    assert!(two.contains("set one way to authenticate"), "{two}");
+}
