@@ -1,5 +1,5 @@
-//! Reaching the backends people run: NATS with credentials and TLS, shared by the source, the
-//! sink and the operator tools. Secrets are read from the environment or files named in the
+//! Reaching the backends people run: Kafka with TLS and SASL, NATS with credentials and TLS,
+//! shared by the source, the sink and the operator tools. Secrets are read from the environment or files named in the
 //! config when connecting, never from the config itself, and never printed (URLs are redacted in
 //! every error).
 
@@ -79,4 +79,33 @@ async fn nats_options(
         }
     }
     Ok(options)
+}
+
+/// A librdkafka client config for `brokers`: the pass-through `properties`, then the secret
+/// ones read from the environment variables `secrets` names. `field` names the config section
+/// in errors; a secret's value never appears in one.
+pub fn kafka(
+    brokers: &str,
+    properties: &[(String, String)],
+    secrets: &[(String, String)],
+    field: &str,
+) -> anyhow::Result<rdkafka::ClientConfig> {
+    let mut config = rdkafka::ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    for (key, value) in properties {
+        config.set(key, value);
+    }
+    for (key, var) in secrets {
+        let value = std::env::var(var)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .with_context(|| {
+                format!("{field}.librdkafka_env.{key}: environment variable {var} is not set")
+            })?;
+        config.set(key, value);
+    }
+    // librdkafka logs its whole config at debug level; keep secrets out of it whatever the
+    // `debug` property says.
+    config.set_log_level(rdkafka::config::RDKafkaLogLevel::Warning);
+    Ok(config)
 }

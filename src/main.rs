@@ -95,6 +95,22 @@ fn main() -> ExitCode {
     code
 }
 
+/// Builds (without connecting) the Kafka clients the plan's source and sink would use.
+fn kafka_clients_build(plan: &config::Plan) -> anyhow::Result<()> {
+    use rdkafka::producer::BaseProducer;
+    if let config::SourcePlan::Kafka(k) = &plan.source {
+        switchyard::connect::kafka(&k.brokers, &k.librdkafka, &k.librdkafka_env, "source")?
+            .create::<BaseProducer>()
+            .map_err(|e| anyhow::anyhow!("source.librdkafka: {e}"))?;
+    }
+    if let config::SinkPlan::Kafka(k) = &plan.sink {
+        switchyard::connect::kafka(&k.brokers, &k.librdkafka, &k.librdkafka_env, "sink")?
+            .create::<BaseProducer>()
+            .map_err(|e| anyhow::anyhow!("sink.librdkafka: {e}"))?;
+    }
+    Ok(())
+}
+
 /// How long leftover tasks get once the command has finished.
 const EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -104,6 +120,12 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(plan) => {
                 for warning in &plan.warnings {
                     eprintln!("warning: {warning}");
+                }
+                // What `run` would reject when building its Kafka clients (an unknown or
+                // unsupported librdkafka property, an unreadable CA file, a missing secret).
+                if let Err(e) = kafka_clients_build(&plan) {
+                    eprintln!("invalid config {}:\n  - {e:#}", file.display());
+                    return Ok(ExitCode::FAILURE);
                 }
                 println!(
                     "{}: ok ({} providers, {} models, {} pipelines)",

@@ -192,3 +192,114 @@ pipelines:
     let two = problems(r#"{token_env: PATH, nkey_seed_env: PATH}"#);
     assert!(two.contains("set one way to authenticate"), "{two}");
 }
+
+/// A Kafka config for a managed cluster (SASL over TLS), its password in the environment.
+fn sasl_ssl_config(brokers: &str, ca: &str, password_env: &str) -> String {
+    format!(
+        r#"
+source: {{kind: kafka, brokers: "{brokers}", topic: jobs,
+         librdkafka: {{security.protocol: SASL_SSL, sasl.mechanism: SCRAM-SHA-256,
+                      sasl.username: switchyard, ssl.ca.location: "{ca}"}},
+         librdkafka_env: {{sasl.password: {password_env}}}}}
+providers:
+  llm: {{kind: mock}}
+models:
+  small: {{provider: llm, model: m}}
+prompts:
+  p: {{user: "{{{{input.text}}}}"}}
+pipelines:
+  s:
+    steps:
+      - {{name: a, kind: generate, model: small, prompt: p}}
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sasl_ssl_kafka_client_is_built_and_opens_with_a_tls_handshake() {
+    use tokio::io::AsyncReadExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _, _) = certificates(dir.path());
+    // A "broker" that only records the first bytes a client sends.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let brokers = listener.local_addr().unwrap().to_string();
+    std::env::set_var("SY_TEST_KAFKA_PASSWORD", "s3cret-kafka");
+    let plan = config::load_str(
+        &sasl_ssl_config(&brokers, &ca, "SY_TEST_KAFKA_PASSWORD"),
+        "test config",
+        Vec::new(),
+    )
+    .unwrap();
+    let config::SourcePlan::Kafka(k) = &plan.source else {
+        panic!("a Kafka source")
+    };
+    let producer: rdkafka::producer::BaseProducer =
+        switchyard::connect::kafka(&k.brokers, &k.librdkafka, &k.librdkafka_env, "source")
+            .unwrap()
+            .create()
+            .expect("librdkafka is built with TLS and SASL");
+    let _ = rdkafka::producer::Producer::client(&producer)
+        .fetch_metadata(None, std::time::Duration::from_millis(10));
+    let (mut socket, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .expect("the client connects")
+        .unwrap();
+    let mut first = [0u8; 3];
+    tokio::time::timeout(Duration::from_secs(10), socket.read_exact(&mut first))
+        .await
+        .expect("the client speaks first")
+        .unwrap();
+    assert_eq!(
+        first[0], 0x16,
+        "a TLS handshake record, not plaintext Kafka"
+    );
+    assert_eq!(first[1], 0x03, "TLS version major 3");
+}
+
+#[test]
+fn check_config_fails_on_a_missing_kafka_secret_and_on_an_inline_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _, _) = certificates(dir.path());
+    let path = dir.path().join("c.yaml");
+    let run = |text: String, env: &[(&str, &str)]| {
+        std::fs::write(&path, text).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        command.arg("check-config").arg(&path);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let out = command.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, said) = run(sasl_ssl_config("k:9093", &ca, "SY_TEST_UNSET_PW"), &[]);
+    assert!(!ok);
+    assert!(
+        said.contains("source.librdkafka_env.sasl.password") && said.contains("SY_TEST_UNSET_PW"),
+        "{said}"
+    );
+    let (ok, said) = run(
+        sasl_ssl_config("k:9093", &ca, "SY_TEST_SET_PW"),
+        &[("SY_TEST_SET_PW", "pw")],
+    );
+    assert!(ok, "a complete SASL_SSL config is ok: {said}");
+    let inline = sasl_ssl_config("k:9093", &ca, "SY_TEST_SET_PW").replace(
+        "sasl.username: switchyard,",
+        "sasl.username: switchyard, sasl.password: hunter2,",
+    );
+    let (ok, said) = run(inline, &[("SY_TEST_SET_PW", "pw")]);
+    assert!(!ok);
+    assert!(said.contains("source.librdkafka.sasl.password"), "{said}");
+    assert!(
+        !said.contains("hunter2"),
+        "the secret is not echoed: {said}"
+    );
+    let (ok, said) = run(
+        sasl_ssl_config("k:9093", "/nonexistent/ca.pem", "SY_TEST_SET_PW"),
+        &[("SY_TEST_SET_PW", "pw")],
+    );
+    assert!(!ok, "an unreadable CA file is caught before run: {said}");
+}

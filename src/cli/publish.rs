@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use futures::stream::{self, StreamExt};
-use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use serde_json::Value;
@@ -143,9 +142,13 @@ impl Sender {
     async fn open(plan: &Plan) -> anyhow::Result<Self> {
         Ok(match &plan.source {
             SourcePlan::Kafka(k) => {
-                let mut config = ClientConfig::new();
+                let mut config = switchyard::connect::kafka(
+                    &k.brokers,
+                    &k.librdkafka,
+                    &k.librdkafka_env,
+                    "source",
+                )?;
                 config
-                    .set("bootstrap.servers", &k.brokers)
                     .set("linger.ms", "5")
                     .set("enable.idempotence", "true");
                 Sender::Kafka {

@@ -6,7 +6,6 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use futures::stream::{self, StreamExt};
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use serde_json::Value;
@@ -63,23 +62,23 @@ pub async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
     };
     match &plan.sink {
         SinkPlan::Kafka(k) => {
-            let consumer: StreamConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &k.brokers)
-                .set(
-                    "group.id",
-                    format!("switchyard-tail-{:016x}", rand::random::<u64>()),
-                )
-                .set(
-                    "auto.offset.reset",
-                    if args.from_beginning {
-                        "earliest"
-                    } else {
-                        "latest"
-                    },
-                )
-                .set("enable.auto.commit", "false")
-                .create()
-                .context("creating the Kafka consumer")?;
+            let consumer: StreamConsumer =
+                switchyard::connect::kafka(&k.brokers, &k.librdkafka, &k.librdkafka_env, "sink")?
+                    .set(
+                        "group.id",
+                        format!("switchyard-tail-{:016x}", rand::random::<u64>()),
+                    )
+                    .set(
+                        "auto.offset.reset",
+                        if args.from_beginning {
+                            "earliest"
+                        } else {
+                            "latest"
+                        },
+                    )
+                    .set("enable.auto.commit", "false")
+                    .create()
+                    .context("creating the Kafka consumer")?;
             let names: Vec<&str> = wanted.iter().map(|t| t.as_str()).collect();
             consumer.subscribe(&names)?;
             loop {

@@ -113,6 +113,8 @@ pub struct KafkaSourcePlan {
     /// librdkafka properties passed through verbatim (they win over switchyard's defaults,
     /// except the ones at-least-once delivery depends on).
     pub librdkafka: Vec<(String, String)>,
+    /// Secret properties and the environment variables that hold them (read when connecting).
+    pub librdkafka_env: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -136,6 +138,8 @@ pub struct KafkaSinkPlan {
     pub topics: Topics,
     pub delivery_timeout: Duration,
     pub librdkafka: Vec<(String, String)>,
+    /// Secret properties and the environment variables that hold them (read when connecting).
+    pub librdkafka_env: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

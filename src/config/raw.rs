@@ -136,6 +136,10 @@ pub enum RawSource {
         topic: String,
         #[serde(default)]
         librdkafka: BTreeMap<String, Value>,
+        /// librdkafka properties whose values are secrets, by the environment variable that
+        /// holds each (`sasl.password: KAFKA_PASSWORD`).
+        #[serde(default)]
+        librdkafka_env: BTreeMap<String, String>,
         /// Where a job's tenant is vouched for: `payload` (its `tenant` field alone) or `key`
         /// (the message key must name the same tenant).
         #[serde(default)]
@@ -234,6 +238,10 @@ pub enum RawSink {
         delivery_timeout_ms: u64,
         #[serde(default)]
         librdkafka: BTreeMap<String, Value>,
+        /// Secret librdkafka properties by environment variable; default to the source's when
+        /// the brokers are the source's.
+        #[serde(default)]
+        librdkafka_env: BTreeMap<String, String>,
     },
     /// Publishes to `<topic>.<tenant>` subjects (`_unknown` when the tenant is unreadable).
     Nats {
@@ -271,6 +279,7 @@ impl Default for RawSink {
             topics: RawTopics::default(),
             delivery_timeout_ms: default_delivery_timeout_ms(),
             librdkafka: BTreeMap::new(),
+            librdkafka_env: BTreeMap::new(),
         }
     }
 }

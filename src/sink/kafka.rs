@@ -1,6 +1,5 @@
 //! Kafka sink: an idempotent producer (`acks=all`); a send resolves on the broker's ack.
 
-use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -20,10 +19,9 @@ pub struct KafkaSink {
 }
 
 impl KafkaSink {
-    pub fn new(plan: &KafkaSinkPlan) -> Result<Self, KafkaError> {
-        let mut config = ClientConfig::new();
+    pub fn new(plan: &KafkaSinkPlan) -> anyhow::Result<Self> {
+        let mut config = crate::connect::kafka(&plan.brokers, &[], &plan.librdkafka_env, "sink")?;
         config
-            .set("bootstrap.servers", &plan.brokers)
             .set("linger.ms", "5")
             .set(
                 "message.timeout.ms",

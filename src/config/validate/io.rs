@@ -1,5 +1,6 @@
 //! `source`, `sink` (and that outputs never overlap the jobs topic), `state` and `http`.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::{non_empty, positive, properties, Problems};
@@ -13,6 +14,7 @@ pub(super) fn source_plan(p: &mut Problems, source: RawSource) -> SourcePlan {
             group,
             topic,
             librdkafka,
+            librdkafka_env,
             tenant_from,
         } => {
             let tenant_from = match tenant_from.as_deref() {
@@ -37,7 +39,8 @@ pub(super) fn source_plan(p: &mut Problems, source: RawSource) -> SourcePlan {
                 group,
                 topic,
                 tenant_from,
-                librdkafka: properties(p, "source.librdkafka", librdkafka),
+                librdkafka: kafka_properties(p, "source", librdkafka, &librdkafka_env),
+                librdkafka_env: secret_env(p, "source", librdkafka_env),
             })
         }
         RawSource::Nats {
@@ -112,7 +115,14 @@ pub(super) fn sink_plan(p: &mut Problems, sink: RawSink, source: &SourcePlan) ->
             topics,
             delivery_timeout_ms,
             librdkafka,
+            librdkafka_env,
         } => {
+            let inherited = match (&brokers, source) {
+                (None, SourcePlan::Kafka(k)) if librdkafka_env.is_empty() => {
+                    k.librdkafka_env.clone()
+                }
+                _ => Vec::new(),
+            };
             let brokers = match (brokers, source) {
                 (Some(b), _) => b,
                 (None, SourcePlan::Kafka(k)) => k.brokers.clone(),
@@ -127,7 +137,12 @@ pub(super) fn sink_plan(p: &mut Problems, sink: RawSink, source: &SourcePlan) ->
                 brokers,
                 topics,
                 delivery_timeout: Duration::from_millis(delivery_timeout_ms),
-                librdkafka: properties(p, "sink.librdkafka", librdkafka),
+                librdkafka: kafka_properties(p, "sink", librdkafka, &librdkafka_env),
+                librdkafka_env: if librdkafka_env.is_empty() {
+                    inherited
+                } else {
+                    secret_env(p, "sink", librdkafka_env)
+                },
             })
         }
         RawSink::Nats {
@@ -422,4 +437,52 @@ pub(super) fn file_present(p: &mut Problems, field: &str, path: &str) {
     if let Err(e) = std::fs::metadata(path) {
         p.add(field, format!("cannot read `{path}`: {e}"));
     }
+}
+
+/// librdkafka properties that hold secrets: only ever set from the environment.
+const SECRET_PROPERTIES: [&str; 5] = [
+    "sasl.password",
+    "ssl.key.password",
+    "ssl.keystore.password",
+    "sasl.oauthbearer.client.secret",
+    "ssl.key.pem",
+];
+
+/// The pass-through librdkafka properties; a secret written inline is an error that says where
+/// it belongs instead.
+fn kafka_properties(
+    p: &mut Problems,
+    section: &str,
+    raw: BTreeMap<String, serde_norway::Value>,
+    secrets: &BTreeMap<String, String>,
+) -> Vec<(String, String)> {
+    for key in raw.keys() {
+        if SECRET_PROPERTIES.contains(&key.as_str()) {
+            p.add(
+                format!("{section}.librdkafka.{key}"),
+                format!("a secret cannot be written in the config: name the environment variable that holds it, `{section}.librdkafka_env: {{{key}: KAFKA_SECRET_VAR}}`"),
+            );
+        }
+        if secrets.contains_key(key) {
+            p.add(
+                format!("{section}.librdkafka.{key}"),
+                format!("also set by `{section}.librdkafka_env`; keep one"),
+            );
+        }
+    }
+    properties(p, &format!("{section}.librdkafka"), raw)
+        .into_iter()
+        .filter(|(key, _)| !SECRET_PROPERTIES.contains(&key.as_str()))
+        .collect()
+}
+
+/// Secret librdkafka properties by environment variable; each variable must be set.
+fn secret_env(
+    p: &mut Problems,
+    section: &str,
+    raw: BTreeMap<String, String>,
+) -> Vec<(String, String)> {
+    raw.into_iter()
+        .inspect(|(key, var)| env_present(p, &format!("{section}.librdkafka_env.{key}"), var))
+        .collect()
 }

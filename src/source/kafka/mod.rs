@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use futures::future::BoxFuture;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -191,18 +190,20 @@ impl KafkaSource {
         LagReader(self.consumer.context().clone())
     }
 
-    pub fn new(plan: &KafkaSourcePlan) -> Result<Self, KafkaError> {
-        let mut config = ClientConfig::new();
-        config
-            .set("bootstrap.servers", &plan.brokers)
-            .set("group.id", &plan.group)
-            .set("auto.offset.reset", "earliest")
-            .set("auto.commit.interval.ms", "1000")
-            // librdkafka waits up to 500 ms for a fetch to fill by default: seconds of LLM latency
-            // hide it, but a job should not wait for a batch to form.
-            .set("fetch.wait.max.ms", "50")
-            .set("client.id", "switchyard")
-            .set("statistics.interval.ms", "5000");
+    pub fn new(plan: &KafkaSourcePlan) -> anyhow::Result<Self> {
+        let mut config = crate::connect::kafka(&plan.brokers, &[], &plan.librdkafka_env, "source")?;
+        for (key, value) in [
+            ("group.id", plan.group.as_str()),
+            ("auto.offset.reset", "earliest"),
+            ("auto.commit.interval.ms", "1000"),
+            // librdkafka waits up to 500 ms for a fetch to fill by default: seconds of LLM
+            // latency hide it, but a job should not wait for a batch to form.
+            ("fetch.wait.max.ms", "50"),
+            ("client.id", "switchyard"),
+            ("statistics.interval.ms", "5000"),
+        ] {
+            config.set(key, value);
+        }
         for (key, value) in &plan.librdkafka {
             if FORCED.iter().any(|(k, _)| k == key) {
                 tracing::warn!(property = %key, "ignoring source.librdkafka override: switchyard manages it");
