@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt as _;
 use switchyard::config;
 use switchyard::connect::Retry;
-use switchyard::state::{MemoryStore, StateStore};
+use switchyard::state::StateStore;
 
 use common::*;
 
@@ -48,6 +48,56 @@ fn certificates(dir: &std::path::Path) -> (String, String, String) {
     )
 }
 
+/// A private redis-server that speaks only TLS and admits only the ACL user `switchyard`.
+fn redis_tls_server(port: u16, ca: &str, cert: &str, key: &str, password: &str) -> NatsServer {
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args([
+            "--tls-cert-file",
+            cert,
+            "--tls-key-file",
+            key,
+            "--tls-ca-cert-file",
+            ca,
+        ])
+        .args([
+            "--tls-auth-clients",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(["--user", "default", "off"])
+        .args([
+            "--user",
+            "switchyard",
+            "on",
+            &format!(">{password}"),
+            "~*",
+            "&*",
+            "+@all",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server must be installed (scripts/test installs it)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    NatsServer(child)
+}
+
+/// A server process, stopped when dropped.
 struct NatsServer(Child);
 
 impl Drop for NatsServer {
@@ -93,7 +143,7 @@ jetstream {{ store_dir: "{store}" }}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_pipeline_runs_through_a_nats_server_that_requires_tls_and_an_nkey() {
+async fn the_pipeline_runs_through_nats_with_tls_and_an_nkey_and_redis_with_tls_and_an_acl_user() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, cert, key) = certificates(dir.path());
     let user = nkeys::KeyPair::new_user();
@@ -102,12 +152,17 @@ async fn the_pipeline_runs_through_a_nats_server_that_requires_tls_and_an_nkey()
     let port = free_port();
     let _server = nats_server(dir.path(), port, &cert, &key, &user.public_key());
     let url = format!("nats://localhost:{port}");
+    let redis_port = free_port();
+    std::env::set_var("SY_TEST_REDIS_PASSWORD", "redis-s3cret");
+    let _redis = redis_tls_server(redis_port, &ca, &cert, &key, "redis-s3cret");
     let llm = mock_llm(1).await;
     let text = format!(
         r#"
 source: {{kind: nats, url: "{url}", stream: SECURE_JOBS, subjects: ["secure.jobs.>"],
          auth: {{nkey_seed_file: "{seed}"}}, tls: {{ca_file: "{ca}"}}}}
 sink: {{kind: nats, stream: SECURE_OUT, topics: {{results: secure.results, review: secure.review, dlq: secure.dlq}}}}
+state: {{kind: redis, url: "rediss://localhost:{redis_port}", username: switchyard,
+        password_env: SY_TEST_REDIS_PASSWORD, tls: {{ca_file: "{ca}"}}}}
 http: {{listen: "off"}}
 providers:
   llm: {{kind: openai, base_url: "http://{llm}/v1"}}
@@ -141,7 +196,10 @@ pipelines:
         .await
         .unwrap();
     let mut results = client.subscribe("secure.results.>").await.unwrap();
-    let service = Service::start(plan, StateStore::from(MemoryStore::new(100)));
+    let state = StateStore::open(&plan.state)
+        .await
+        .expect("Redis over TLS with the ACL user");
+    let service = Service::start(plan.clone(), state);
     service.wait_ready().await;
     let js = async_nats::jetstream::new(client.clone());
     js.publish("secure.jobs.acme", job("tls-1", "acme", "hello").into())
@@ -157,6 +215,24 @@ pipelines:
     let result: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
     assert_eq!(result["job_id"], "tls-1");
     assert_eq!(result["status"], "ok");
+
+    // The claim and outcome went to the TLS Redis; without its password, or without TLS, no.
+    let mut wrong = plan.state.clone();
+    if let config::StateKind::Redis { access, .. } = &mut wrong.kind {
+        access.password_env = Some("SY_TEST_WRONG_REDIS_PASSWORD".into());
+    }
+    std::env::set_var("SY_TEST_WRONG_REDIS_PASSWORD", "nope");
+    assert!(
+        StateStore::open(&wrong).await.is_err(),
+        "a wrong password is refused"
+    );
+    let plain = switchyard::state::RedisStore::connect(
+        &format!("redis://localhost:{redis_port}"),
+        "x:",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(plain.is_err(), "plaintext is refused");
 }
 
 #[test]

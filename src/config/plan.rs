@@ -167,7 +167,20 @@ pub enum StateKind {
         url: RedisUrl,
         key_prefix: String,
         timeout: Duration,
+        access: RedisAccess,
     },
+}
+
+/// How to reach Redis beyond its URL: an ACL user, TLS material.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RedisAccess {
+    pub username: Option<String>,
+    /// The environment variable holding the password.
+    pub password_env: Option<String>,
+    /// TLS files (the URL must be `rediss://`).
+    pub tls: Option<TlsFiles>,
+    /// Skip certificate verification (testing only).
+    pub tls_insecure: bool,
 }
 
 /// Where the Redis URL comes from; an env var keeps a password out of the file.

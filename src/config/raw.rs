@@ -331,6 +331,17 @@ pub enum RawState {
         claim_lease_ms: u64,
         #[serde(default = "default_state_timeout_ms")]
         timeout_ms: u64,
+        /// ACL user (Redis 6+); its password comes from `password_env`.
+        #[serde(default)]
+        username: Option<String>,
+        #[serde(default)]
+        password_env: Option<String>,
+        /// TLS files for a `rediss://` URL: a CA to trust, a client certificate and key.
+        #[serde(default)]
+        tls: Option<RawTls>,
+        /// Skip certificate verification (testing only; a start-up warning says so).
+        #[serde(default)]
+        tls_insecure: bool,
     },
 }
 

@@ -92,6 +92,7 @@ impl StateStore {
                 url,
                 key_prefix,
                 timeout,
+                access,
             } => {
                 let url = match url {
                     RedisUrl::Inline(url) => url.clone(),
@@ -99,7 +100,7 @@ impl StateStore {
                         anyhow::anyhow!("state.url_env: environment variable {var} is not set")
                     })?,
                 };
-                let store = RedisStore::connect(&url, key_prefix, *timeout)
+                let store = RedisStore::connect_with(&url, key_prefix, *timeout, access)
                     .await
                     .map_err(|e| {
                         anyhow::anyhow!(

@@ -15,6 +15,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 
 use super::{Claim, ClaimToken, Renewal, StateError};
+use crate::config::RedisAccess;
 
 const CLAIM: &str = r"
 local v = redis.call('GET', KEYS[1])
@@ -80,6 +81,62 @@ fn unavailable(e: redis::RedisError) -> StateError {
     StateError::Unavailable(e.to_string())
 }
 
+/// The client for `url` with `access` applied; errors name the config field, never a secret.
+fn client(url: &str, access: &RedisAccess) -> Result<redis::Client, StateError> {
+    use redis::IntoConnectionInfo as _;
+    let failed = |field: &str, what: String| StateError::Unavailable(format!("{field}: {what}"));
+    let mut url = url.to_owned();
+    if access.tls_insecure && !url.contains('#') {
+        url.push_str("#insecure");
+    }
+    let mut info = url
+        .as_str()
+        .into_connection_info()
+        .map_err(|e| failed("state.url", e.to_string()))?;
+    if let Some(var) = &access.password_env {
+        let password = std::env::var(var)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| {
+                failed(
+                    "state.password_env",
+                    format!("environment variable {var} is not set"),
+                )
+            })?;
+        let mut settings = info.redis_settings().clone().set_password(password);
+        if let Some(user) = &access.username {
+            settings = settings.set_username(user);
+        }
+        info = info.set_redis_settings(settings);
+    }
+    let Some(tls) = &access.tls else {
+        return redis::Client::open(info).map_err(unavailable);
+    };
+    let read = |field: &str, path: &str| {
+        std::fs::read(path).map_err(|e| failed(field, format!("cannot read {path}: {e}")))
+    };
+    let root_cert = tls
+        .ca_file
+        .as_deref()
+        .map(|path| read("state.tls.ca_file", path))
+        .transpose()?;
+    let client_tls = match &tls.client {
+        Some((cert, key)) => Some(redis::ClientTlsConfig {
+            client_cert: read("state.tls.cert_file", cert)?,
+            client_key: read("state.tls.key_file", key)?,
+        }),
+        None => None,
+    };
+    redis::Client::build_with_tls(
+        info,
+        redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )
+    .map_err(unavailable)
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
@@ -87,7 +144,17 @@ fn millis(d: Duration) -> u64 {
 impl RedisStore {
     /// Connects once; fails (naming the URL's host, not its password) when Redis is unreachable.
     pub async fn connect(url: &str, prefix: &str, timeout: Duration) -> Result<Self, StateError> {
-        let client = redis::Client::open(url).map_err(unavailable)?;
+        Self::connect_with(url, prefix, timeout, &RedisAccess::default()).await
+    }
+
+    /// [`Self::connect`] with an ACL user (password from the environment) and TLS files.
+    pub async fn connect_with(
+        url: &str,
+        prefix: &str,
+        timeout: Duration,
+        access: &RedisAccess,
+    ) -> Result<Self, StateError> {
+        let client = client(url, access)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))

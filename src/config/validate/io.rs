@@ -239,8 +239,34 @@ pub(super) fn state_section(p: &mut Problems, state: RawState) -> StatePlan {
             result_ttl_s,
             claim_lease_ms,
             timeout_ms,
+            username,
+            password_env,
+            tls,
+            tls_insecure,
         } => {
             positive(p, "state.timeout_ms", timeout_ms);
+            if let Some(var) = &password_env {
+                env_present(p, "state.password_env", var);
+            }
+            if username.is_some() && password_env.is_none() {
+                p.add("state.password_env", "an ACL `username` needs `password_env` naming the variable that holds its password");
+            }
+            let plain_url = matches!(&url, Some(u) if u.starts_with("redis://"));
+            if (tls.is_some() || tls_insecure) && plain_url {
+                p.add("state.url", "TLS settings need a `rediss://` URL");
+            }
+            if tls_insecure {
+                p.warn(
+                    "state.tls_insecure",
+                    "certificate verification is off: for testing only, never in production",
+                );
+            }
+            let access = RedisAccess {
+                username,
+                password_env,
+                tls: tls.as_ref().map(|t| tls_files(p, "state.tls", t)),
+                tls_insecure,
+            };
             let url = match (url, url_env) {
                 (Some(url), None) => {
                     if !(url.starts_with("redis://")
@@ -274,6 +300,7 @@ pub(super) fn state_section(p: &mut Problems, state: RawState) -> StatePlan {
                 url,
                 key_prefix,
                 timeout: Duration::from_millis(timeout_ms),
+                access,
             };
             state_plan(p, kind, result_ttl_s, claim_lease_ms)
         }
