@@ -302,7 +302,7 @@ async fn a_daily_budget_holds_across_replicas() {
         .await
         .unwrap();
     let day_key = format!(
-        "{prefix}budget:{tenant}:d:{}",
+        "{prefix}budget:{{{tenant}}}:d:{}",
         chrono::Utc::now().format("%Y-%m-%d")
     );
     let recorded: f64 = redis::cmd("GET")
@@ -587,7 +587,7 @@ async fn cjk_jobs_on_three_replicas_never_spend_past_the_budget() {
         .await
         .unwrap();
     let day_key = format!(
-        "{prefix}budget:{tenant}:d:{}",
+        "{prefix}budget:{{{tenant}}}:d:{}",
         chrono::Utc::now().format("%Y-%m-%d")
     );
     let recorded: f64 = redis::cmd("GET")

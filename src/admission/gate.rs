@@ -502,9 +502,11 @@ impl Gate {
             return None;
         }
         let now = Utc::now();
+        // `{tenant}` is a Redis Cluster hash tag: the day and month keys, which one script
+        // updates together, always live in the same slot.
         Some(BudgetKeys {
-            day: format!("{tenant}:d:{}", now.format("%Y-%m-%d")),
-            month: format!("{tenant}:m:{}", now.format("%Y-%m")),
+            day: format!("{{{tenant}}}:d:{}", now.format("%Y-%m-%d")),
+            month: format!("{{{tenant}}}:m:{}", now.format("%Y-%m")),
             day_limit: plan.budget_usd_per_day,
             month_limit: plan.budget_usd_per_month,
         })
@@ -535,4 +537,74 @@ fn per_minute(limit: f64) -> Rate {
 fn jitter(wait: Duration) -> Duration {
     let ceiling = (wait.as_millis() as u64 / 10).clamp(1, 50);
     Duration::from_millis(rand::rng().random_range(0..=ceiling))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::MemoryStore;
+
+    /// Redis Cluster's slot of a key: CRC16 (XMODEM) of its hash tag, or of the whole key.
+    fn slot(key: &str) -> u16 {
+        let tagged = key
+            .find('{')
+            .and_then(|open| {
+                let rest = &key[open + 1..];
+                rest.find('}')
+                    .filter(|&close| close > 0)
+                    .map(|close| &rest[..close])
+            })
+            .unwrap_or(key);
+        let mut crc: u16 = 0;
+        for byte in tagged.bytes() {
+            crc ^= u16::from(byte) << 8;
+            for _ in 0..8 {
+                crc = if crc & 0x8000 != 0 {
+                    (crc << 1) ^ 0x1021
+                } else {
+                    crc << 1
+                };
+            }
+        }
+        crc % 16384
+    }
+
+    #[test]
+    fn a_tenants_budget_keys_share_one_cluster_slot() {
+        assert_eq!(slot("123456789"), 12739, "the reference CRC16 value");
+        let plan = crate::config::load_str(
+            r#"
+source: {kind: kafka, brokers: "k:9092", topic: t}
+providers:
+  llm: {kind: mock}
+models:
+  small: {provider: llm, model: m}
+prompts:
+  p: {user: "{{input.text}}"}
+pipelines:
+  s:
+    steps:
+      - {name: a, kind: generate, model: small, prompt: p}
+tenants:
+  default: {budget_usd_per_day: 1, budget_usd_per_month: 10}
+"#,
+            "t",
+            Vec::new(),
+        )
+        .unwrap();
+        let gate = Gate::new(
+            &plan,
+            StateStore::from(MemoryStore::new(10)),
+            Metrics::new().unwrap(),
+        );
+        for tenant in ["acme", "globex", "a-very-long-tenant-name_42"] {
+            let keys = gate.budget_keys(tenant).unwrap();
+            // As the Redis store writes them, under its prefix.
+            let (day, month) = (
+                format!("sy:budget:{}", keys.day),
+                format!("sy:budget:{}", keys.month),
+            );
+            assert_eq!(slot(&day), slot(&month), "{day} and {month}");
+        }
+    }
 }
