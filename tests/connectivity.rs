@@ -379,3 +379,251 @@ fn check_config_fails_on_a_missing_kafka_secret_and_on_an_inline_one() {
     );
     assert!(!ok, "an unreadable CA file is caught before run: {said}");
 }
+
+/// A 3-master Redis Cluster on free local ports, created with `redis-cli --cluster create`.
+fn redis_cluster(dir: &std::path::Path) -> (Vec<NatsServer>, Vec<u16>) {
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let nodes = ports
+        .iter()
+        .map(|port| {
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes", "--cluster-config-file"])
+                .arg(dir.join(format!("nodes-{port}.conf")))
+                .args(["--save", "", "--appendonly", "no", "--dir"])
+                .arg(dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server must be installed (scripts/test installs it)");
+            NatsServer(child)
+        })
+        .collect();
+    for port in &ports {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", *port)).is_err() {
+            assert!(Instant::now() < deadline, "a cluster node did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let created = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(ports.iter().map(|p| format!("127.0.0.1:{p}")))
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .expect("redis-cli must be installed with redis-server");
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stdout)
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let info = Command::new("redis-cli")
+            .args(["-p", &ports[0].to_string(), "cluster", "info"])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the cluster did not become ok");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (nodes, ports)
+}
+
+fn cluster_url(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .map(|p| format!("redis://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_budgets_limiters_and_the_cache_work_on_a_three_node_redis_cluster() {
+    use switchyard::state::{BudgetKeys, Claim, Rate, RedisStore};
+    let dir = tempfile::tempdir().unwrap();
+    let (_nodes, ports) = redis_cluster(dir.path());
+    let access = config::RedisAccess {
+        cluster: true,
+        ..Default::default()
+    };
+    let store = StateStore::from(
+        RedisStore::connect_with(&cluster_url(&ports), "sy:", Duration::from_secs(2), &access)
+            .await
+            .unwrap(),
+    );
+    // Tenants whose keys land on every node.
+    for i in 0..30 {
+        let tenant = format!("tenant-{i}");
+        let key = format!("{tenant}/job-1");
+        let Claim::Acquired(token) = store.claim(&key, Duration::from_secs(10)).await.unwrap()
+        else {
+            panic!("claim on {key}")
+        };
+        assert_eq!(
+            store.claim(&key, Duration::from_secs(10)).await.unwrap(),
+            Claim::Busy
+        );
+        assert!(store
+            .complete(
+                &key,
+                &token,
+                bytes::Bytes::from_static(b"done"),
+                Duration::from_secs(60)
+            )
+            .await
+            .unwrap());
+        assert_eq!(
+            store.claim(&key, Duration::from_secs(10)).await.unwrap(),
+            Claim::Done(bytes::Bytes::from_static(b"done"))
+        );
+        // A budget's two keys in one script: they must share a slot, as the gate names them.
+        let keys = BudgetKeys {
+            day: format!("{{{tenant}}}:d:2026-11-30"),
+            month: format!("{{{tenant}}}:m:2026-11"),
+            day_limit: Some(1.0),
+            month_limit: Some(10.0),
+        };
+        assert!(store.spend(&keys, 0.6, true).await.unwrap().allowed);
+        assert!(
+            !store.spend(&keys, 0.6, true).await.unwrap().allowed,
+            "over the day's $1"
+        );
+        let rate = Rate::new(1.0, Duration::from_secs(60), Duration::from_secs(1));
+        assert_eq!(
+            store
+                .throttle(&format!("t:{tenant}:rps"), 1.0, rate)
+                .await
+                .unwrap(),
+            None
+        );
+        assert!(store
+            .throttle(&format!("t:{tenant}:rps"), 1.0, rate)
+            .await
+            .unwrap()
+            .is_some());
+        store
+            .cache_put(
+                &format!("{tenant}-answer"),
+                bytes::Bytes::from_static(b"42"),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .cache_get(&format!("{tenant}-answer"))
+                .await
+                .unwrap()
+                .as_deref(),
+            Some(&b"42"[..])
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_holds_across_replicas_sharing_a_redis_cluster() {
+    use switchyard::testkit::{publish, Collected};
+    let dir = tempfile::tempdir().unwrap();
+    let (_nodes, ports) = redis_cluster(dir.path());
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let llm = mock_llm(5).await;
+    let group = format!("cluster-{:x}", rand::random::<u32>());
+    let text = format!(
+        r#"
+source: {{kind: kafka, brokers: "{brokers}", group: "{group}", topic: {JOBS_TOPIC},
+         librdkafka: {{auto.commit.interval.ms: 200, session.timeout.ms: 6000, heartbeat.interval.ms: 500}}}}
+state: {{kind: redis, url: "{url}", cluster: true, key_prefix: "it:"}}
+http: {{listen: "off"}}
+providers:
+  llm: {{kind: openai, base_url: "http://{llm}/v1"}}
+models:
+  small: {{provider: llm, model: gpt-4o-mini, price: {{input: 1000, output: 1000}}, max_tokens: 64}}
+prompts:
+  p: {{user: "{{{{input.text}}}}"}}
+pipelines:
+  support:
+    steps:
+      - {{name: answer, kind: generate, model: small, prompt: p}}
+tenants:
+  thrifty: {{budget_usd_per_day: 1}}
+"#,
+        url = cluster_url(&ports),
+        llm = llm.addr(),
+    );
+    let plan = config::load_str(&text, "test config", Vec::new()).unwrap();
+    let mut services = Vec::new();
+    for _ in 0..3 {
+        services.push(Service::start(
+            plan.clone(),
+            StateStore::open(&plan.state).await.unwrap(),
+        ));
+    }
+    for s in &services {
+        s.wait_ready().await;
+    }
+    let outputs = collector(&brokers);
+    let n = 60;
+    publish(
+        &brokers,
+        JOBS_TOPIC,
+        (0..n).map(|i| {
+            job(
+                &format!("c-{i}"),
+                "thrifty",
+                "please summarise my last three invoices",
+            )
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        outputs.wait_for(n, Duration::from_secs(60), |_| {}).await,
+        n
+    );
+    for s in services {
+        s.stop().await;
+    }
+    let all = outputs.snapshot();
+    let spent: f64 = all
+        .iter()
+        .filter_map(|(c, _)| match c {
+            Collected::Result(r) => Some(r.usage.cost_usd),
+            _ => None,
+        })
+        .sum();
+    let refused = all
+        .iter()
+        .filter(|(c, _)| matches!(c, Collected::DeadLetter(d) if d.reason.as_str() == "budget_exceeded"))
+        .count();
+    let client =
+        redis::cluster::ClusterClient::new(vec![format!("redis://127.0.0.1:{}", ports[0])])
+            .unwrap();
+    let mut conn = client.get_async_connection().await.unwrap();
+    let day_key = format!(
+        "it:budget:{{thrifty}}:d:{}",
+        chrono::Utc::now().format("%Y-%m-%d")
+    );
+    let recorded: f64 = redis::cmd("GET")
+        .arg(&day_key)
+        .query_async::<String>(&mut conn)
+        .await
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        refused > 0 && spent > 0.0,
+        "the budget ran out part way ({refused} refused)"
+    );
+    assert!(
+        recorded <= 1.0 + 1e-9,
+        "recorded ${recorded:.4} is over the $1 budget"
+    );
+    assert!(
+        (recorded - spent).abs() < 1e-6,
+        "recorded ${recorded:.4}, results ${spent:.4}"
+    );
+}

@@ -181,6 +181,8 @@ pub struct RedisAccess {
     pub tls: Option<TlsFiles>,
     /// Skip certificate verification (testing only).
     pub tls_insecure: bool,
+    /// Redis Cluster: the URL lists seed nodes, comma-separated.
+    pub cluster: bool,
 }
 
 /// Where the Redis URL comes from; an env var keeps a password out of the file.

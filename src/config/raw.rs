@@ -342,6 +342,9 @@ pub enum RawState {
         /// Skip certificate verification (testing only; a start-up warning says so).
         #[serde(default)]
         tls_insecure: bool,
+        /// Redis Cluster: `url` lists seed nodes, comma-separated; commands go by hash slot.
+        #[serde(default)]
+        cluster: bool,
     },
 }
 

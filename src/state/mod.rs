@@ -83,6 +83,15 @@ impl From<MemoryStore> for StateStore {
     }
 }
 
+impl From<RedisStore> for StateStore {
+    fn from(store: RedisStore) -> Self {
+        Self {
+            backend: Backend::Redis(Box::new(store)),
+            available: Arc::new(AtomicBool::new(true)),
+        }
+    }
+}
+
 impl StateStore {
     /// Opens the configured store. Redis must be reachable at start-up; the error says how.
     pub async fn open(plan: &StatePlan) -> anyhow::Result<Self> {

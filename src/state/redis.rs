@@ -67,7 +67,7 @@ return 0
 
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Conn,
     prefix: String,
     claim: Script,
     renew: Script,
@@ -79,6 +79,111 @@ pub struct RedisStore {
 
 fn unavailable(e: redis::RedisError) -> StateError {
     StateError::Unavailable(e.to_string())
+}
+
+/// One connection: to a single Redis (reconnecting by itself), or to a cluster (each command
+/// routed by its keys' hash slot; every script here keeps its keys in one slot).
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// A cluster connection from the comma-separated seed nodes in `url`.
+async fn cluster_connection(
+    url: &str,
+    access: &RedisAccess,
+    timeout: Duration,
+) -> Result<redis::cluster_async::ClusterConnection, StateError> {
+    let failed = |field: &str, what: String| StateError::Unavailable(format!("{field}: {what}"));
+    let seeds: Vec<String> = url.split(',').map(|u| u.trim().to_owned()).collect();
+    let mut builder = redis::cluster::ClusterClientBuilder::new(seeds)
+        .connection_timeout(timeout)
+        .response_timeout(timeout)
+        .retries(2);
+    if let Some(var) = &access.password_env {
+        let password = std::env::var(var)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| {
+                failed(
+                    "state.password_env",
+                    format!("environment variable {var} is not set"),
+                )
+            })?;
+        builder = builder.password(password);
+        if let Some(user) = &access.username {
+            builder = builder.username(user);
+        }
+    }
+    if access.tls_insecure {
+        builder = builder.tls(redis::TlsMode::Insecure);
+    } else if let Some(tls) = &access.tls {
+        builder = builder
+            .tls(redis::TlsMode::Secure)
+            .certs(tls_certificates(tls)?);
+    }
+    builder
+        .build()
+        .map_err(unavailable)?
+        .get_async_connection()
+        .await
+        .map_err(unavailable)
+}
+
+/// The PEM material of `tls`, read from its files.
+fn tls_certificates(tls: &crate::config::TlsFiles) -> Result<redis::TlsCertificates, StateError> {
+    let read = |field: &str, path: &str| {
+        std::fs::read(path)
+            .map_err(|e| StateError::Unavailable(format!("{field}: cannot read {path}: {e}")))
+    };
+    let root_cert = tls
+        .ca_file
+        .as_deref()
+        .map(|path| read("state.tls.ca_file", path))
+        .transpose()?;
+    let client_tls = match &tls.client {
+        Some((cert, key)) => Some(redis::ClientTlsConfig {
+            client_cert: read("state.tls.cert_file", cert)?,
+            client_key: read("state.tls.key_file", key)?,
+        }),
+        None => None,
+    };
+    Ok(redis::TlsCertificates {
+        client_tls,
+        root_cert,
+    })
 }
 
 /// The client for `url` with `access` applied; errors name the config field, never a secret.
@@ -112,29 +217,7 @@ fn client(url: &str, access: &RedisAccess) -> Result<redis::Client, StateError> 
     let Some(tls) = &access.tls else {
         return redis::Client::open(info).map_err(unavailable);
     };
-    let read = |field: &str, path: &str| {
-        std::fs::read(path).map_err(|e| failed(field, format!("cannot read {path}: {e}")))
-    };
-    let root_cert = tls
-        .ca_file
-        .as_deref()
-        .map(|path| read("state.tls.ca_file", path))
-        .transpose()?;
-    let client_tls = match &tls.client {
-        Some((cert, key)) => Some(redis::ClientTlsConfig {
-            client_cert: read("state.tls.cert_file", cert)?,
-            client_key: read("state.tls.key_file", key)?,
-        }),
-        None => None,
-    };
-    redis::Client::build_with_tls(
-        info,
-        redis::TlsCertificates {
-            client_tls,
-            root_cert,
-        },
-    )
-    .map_err(unavailable)
+    redis::Client::build_with_tls(info, tls_certificates(tls)?).map_err(unavailable)
 }
 
 fn millis(d: Duration) -> u64 {
@@ -154,16 +237,20 @@ impl RedisStore {
         timeout: Duration,
         access: &RedisAccess,
     ) -> Result<Self, StateError> {
-        let client = client(url, access)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = client
-            .get_connection_manager_with_config(config)
-            .await
-            .map_err(unavailable)?;
+        let conn = if access.cluster {
+            Conn::Cluster(cluster_connection(url, access, timeout).await?)
+        } else {
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout))
+                .set_number_of_retries(2)
+                .set_max_delay(Duration::from_secs(2));
+            let manager = client(url, access)?
+                .get_connection_manager_with_config(config)
+                .await
+                .map_err(unavailable)?;
+            Conn::Single(manager)
+        };
         Ok(Self {
             conn,
             prefix: prefix.to_owned(),

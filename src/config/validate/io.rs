@@ -243,6 +243,7 @@ pub(super) fn state_section(p: &mut Problems, state: RawState) -> StatePlan {
             password_env,
             tls,
             tls_insecure,
+            cluster,
         } => {
             positive(p, "state.timeout_ms", timeout_ms);
             if let Some(var) = &password_env {
@@ -266,13 +267,15 @@ pub(super) fn state_section(p: &mut Problems, state: RawState) -> StatePlan {
                 password_env,
                 tls: tls.as_ref().map(|t| tls_files(p, "state.tls", t)),
                 tls_insecure,
+                cluster,
             };
             let url = match (url, url_env) {
                 (Some(url), None) => {
-                    if !(url.starts_with("redis://")
-                        || url.starts_with("rediss://")
-                        || url.starts_with("redis+unix://"))
-                    {
+                    if !url.split(',').map(str::trim).all(|url| {
+                        url.starts_with("redis://")
+                            || url.starts_with("rediss://")
+                            || url.starts_with("redis+unix://")
+                    }) {
                         p.add(
                             "state.url",
                             format!(
