@@ -95,9 +95,28 @@ fn main() -> ExitCode {
     code
 }
 
-/// Builds (without connecting) the Kafka clients the plan's source and sink would use.
+/// Builds (without connecting) the clients the plan's source, sink and state store would use.
 fn kafka_clients_build(plan: &config::Plan) -> anyhow::Result<()> {
     use rdkafka::producer::BaseProducer;
+    switchyard::state::check(&plan.state)?;
+    for (field, url) in [
+        ("source.url", nats_url_of_source(plan)),
+        ("sink.url", nats_url_of_sink(plan)),
+    ] {
+        if let Some(url) = url {
+            for server in url.split(',') {
+                server
+                    .trim()
+                    .parse::<async_nats::ServerAddr>()
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "{field}: `{}` is not a NATS server address: {e}",
+                            config::redact_url(server)
+                        )
+                    })?;
+            }
+        }
+    }
     if let config::SourcePlan::Kafka(k) = &plan.source {
         switchyard::connect::kafka(&k.brokers, &k.librdkafka, &k.librdkafka_env, "source")?
             .create::<BaseProducer>()
@@ -109,6 +128,20 @@ fn kafka_clients_build(plan: &config::Plan) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("sink.librdkafka: {e}"))?;
     }
     Ok(())
+}
+
+fn nats_url_of_source(plan: &config::Plan) -> Option<&str> {
+    match &plan.source {
+        config::SourcePlan::Nats(n) => Some(&n.url),
+        config::SourcePlan::Kafka(_) => None,
+    }
+}
+
+fn nats_url_of_sink(plan: &config::Plan) -> Option<&str> {
+    match &plan.sink {
+        config::SinkPlan::Nats(n) => Some(&n.url),
+        config::SinkPlan::Kafka(_) => None,
+    }
 }
 
 /// How long leftover tasks get once the command has finished.

@@ -627,3 +627,227 @@ tenants:
         "recorded ${recorded:.4}, results ${spent:.4}"
     );
 }
+
+/// A Redis primary with one replica and three sentinels watching it as `switchyard`.
+struct Sentinels {
+    primary: Option<NatsServer>,
+    _replica: NatsServer,
+    _sentinels: Vec<NatsServer>,
+    sentinel_ports: Vec<u16>,
+}
+
+fn sentinel_setup(dir: &std::path::Path, master: &str) -> Sentinels {
+    let wait = |port: u16| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "a redis process did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let server = |port: u16, extra: &[String]| {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed");
+        wait(port);
+        NatsServer(child)
+    };
+    let (primary_port, replica_port) = (free_port(), free_port());
+    let primary = server(primary_port, &[]);
+    let replica = server(
+        replica_port,
+        &[
+            "--replicaof".into(),
+            "127.0.0.1".into(),
+            primary_port.to_string(),
+        ],
+    );
+    let sentinel_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let sentinels = sentinel_ports
+        .iter()
+        .map(|port| {
+            let conf = dir.join(format!("sentinel-{port}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\nsentinel monitor {master} 127.0.0.1 {primary_port} 2\n\
+                     sentinel down-after-milliseconds {master} 1000\nsentinel failover-timeout {master} 5000\n"
+                ),
+            )
+            .unwrap();
+            let child = Command::new("redis-server")
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            wait(*port);
+            NatsServer(child)
+        })
+        .collect();
+    // The sentinels must know the replica before a failover can promote it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = Command::new("redis-cli")
+            .args([
+                "-p",
+                &sentinel_ports[0].to_string(),
+                "sentinel",
+                "replicas",
+                master,
+            ])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&out.stdout).contains(&replica_port.to_string()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sentinels never saw the replica"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Sentinels {
+        primary: Some(primary),
+        _replica: replica,
+        _sentinels: sentinels,
+        sentinel_ports,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_mid_stream_loses_no_job() {
+    let dir = tempfile::tempdir().unwrap();
+    // A master name and key prefix of this run's own: nothing else can answer for them.
+    let master = format!("sy{:x}", rand::random::<u32>());
+    let mut redis = sentinel_setup(dir.path(), &master);
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let llm = mock_llm(40).await;
+    let sentinels = redis
+        .sentinel_ports
+        .iter()
+        .map(|p| format!("redis://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let text = format!(
+        r#"
+source: {{kind: kafka, brokers: "{brokers}", group: "sentinel-{g:x}", topic: {JOBS_TOPIC},
+         librdkafka: {{auto.commit.interval.ms: 200, session.timeout.ms: 6000, heartbeat.interval.ms: 500}}}}
+state: {{kind: redis, url: "{sentinels}", sentinel_master: {master}, key_prefix: "{master}:", timeout_ms: 500}}
+http: {{listen: "off"}}
+limits: {{max_inflight_jobs: 32}}
+providers:
+  llm: {{kind: openai, base_url: "http://{llm}/v1"}}
+models:
+  small: {{provider: llm, model: gpt-4o-mini}}
+prompts:
+  p: {{user: "{{{{input.text}}}}"}}
+pipelines:
+  support:
+    steps:
+      - {{name: answer, kind: generate, model: small, prompt: p}}
+"#,
+        g = rand::random::<u32>(),
+        llm = llm.addr(),
+    );
+    let plan = config::load_str(&text, "test config", Vec::new()).unwrap();
+    let service = Service::start(plan.clone(), StateStore::open(&plan.state).await.unwrap());
+    service.wait_ready().await;
+    let outputs = collector(&brokers);
+    let n = 600;
+    switchyard::testkit::publish(
+        &brokers,
+        JOBS_TOPIC,
+        (0..n).map(|i| job(&format!("f-{i}"), "acme", "hello")),
+    )
+    .await
+    .unwrap();
+    outputs
+        .wait_for(n / 4, Duration::from_secs(60), |_| {})
+        .await;
+    // The primary dies; the sentinels promote the replica.
+    let killed_at = outputs.len();
+    drop(redis.primary.take());
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let per_job = originals(&outputs.snapshot());
+        if per_job.len() >= n {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stalled at {} of {n} jobs after the failover",
+            per_job.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Late duplicates, if any, arrive within a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let per_job = originals(&outputs.snapshot());
+    service.stop().await;
+    let twice = per_job.values().filter(|&&c| c > 1).count();
+    eprintln!(
+        "{n} jobs, primary killed after {killed_at} outputs: 0 lost, {twice} answered twice (the duplicate window)"
+    );
+    assert_eq!(per_job.len(), n, "no job lost");
+    assert!(
+        twice <= 32,
+        "{twice} jobs answered twice; at most the jobs in flight at the failover may be"
+    );
+}
+
+#[test]
+fn check_config_catches_what_the_store_and_nats_clients_would_reject() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    let check = |head: &str| {
+        std::fs::write(
+            &path,
+            format!(
+                "{head}\nproviders:\n  llm: {{kind: mock}}\nmodels:\n  small: {{provider: llm, model: m}}\n\
+                 prompts:\n  p: {{user: \"{{{{input.text}}}}\"}}\npipelines:\n  s:\n    steps:\n      \
+                 - {{name: a, kind: generate, model: small, prompt: p}}\n"
+            ),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .arg("check-config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, said) = check(
+        "source: {kind: kafka, brokers: \"k:9092\", topic: t}\n\
+         state: {kind: redis, url: \"redis://user:hunter2@cache:notaport\"}",
+    );
+    assert!(!ok && said.contains("state.url"), "{said}");
+    assert!(
+        !said.contains("hunter2"),
+        "the password is not echoed: {said}"
+    );
+    let (ok, said) = check(
+        "source: {kind: kafka, brokers: \"k:9092\", topic: t}\n\
+         state: {kind: redis, url: \"rediss://cache:6380\", tls: {ca_file: \"/nonexistent/ca.pem\"}}",
+    );
+    assert!(!ok && said.contains("state.tls.ca_file"), "{said}");
+    let (ok, said) = check("source: {kind: nats, url: \"nats://127.0.0.1:4222\"}\nsink: {kind: nats}");
+    assert!(ok, "{said}");
+}

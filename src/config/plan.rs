@@ -167,7 +167,7 @@ pub enum StateKind {
         url: RedisUrl,
         key_prefix: String,
         timeout: Duration,
-        access: RedisAccess,
+        access: Box<RedisAccess>,
     },
 }
 
@@ -183,6 +183,8 @@ pub struct RedisAccess {
     pub tls_insecure: bool,
     /// Redis Cluster: the URL lists seed nodes, comma-separated.
     pub cluster: bool,
+    /// Redis Sentinel: the URL lists the sentinels; this is the master's name.
+    pub sentinel_master: Option<String>,
 }
 
 /// Where the Redis URL comes from; an env var keeps a password out of the file.

@@ -308,6 +308,8 @@ impl Default for RawTopics {
 
 #[derive(Debug, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+// Read once at start-up: the size of the Redis variant does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum RawState {
     Memory {
         #[serde(default = "default_max_entries")]
@@ -345,6 +347,10 @@ pub enum RawState {
         /// Redis Cluster: `url` lists seed nodes, comma-separated; commands go by hash slot.
         #[serde(default)]
         cluster: bool,
+        /// Redis Sentinel: `url` lists the sentinels, comma-separated, and this names the
+        /// master they watch; a failover is followed by asking them again.
+        #[serde(default)]
+        sentinel_master: Option<String>,
     },
 }
 

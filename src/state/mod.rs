@@ -83,6 +83,20 @@ impl From<MemoryStore> for StateStore {
     }
 }
 
+/// What opening the configured store would reject before reaching the network (for
+/// `check-config`): an unparsable Redis URL, a missing password variable, unreadable TLS files.
+pub fn check(plan: &StatePlan) -> anyhow::Result<()> {
+    let StateKind::Redis { url, access, .. } = &plan.kind else {
+        return Ok(());
+    };
+    let url = match url {
+        RedisUrl::Inline(url) => url.clone(),
+        RedisUrl::Env(var) => std::env::var(var)
+            .map_err(|_| anyhow::anyhow!("state.url_env: environment variable {var} is not set"))?,
+    };
+    self::redis::check(&url, access).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 impl From<RedisStore> for StateStore {
     fn from(store: RedisStore) -> Self {
         Self {

@@ -87,6 +87,85 @@ fn unavailable(e: redis::RedisError) -> StateError {
 enum Conn {
     Single(ConnectionManager),
     Cluster(redis::cluster_async::ClusterConnection),
+    Sentinel(SentinelConn),
+}
+
+/// The master the sentinels name, reconnected (by asking them again) after any failed command:
+/// a failover moves the master, and the old one, if it comes back, is a read-only replica.
+#[derive(Clone)]
+struct SentinelConn {
+    client: std::sync::Arc<tokio::sync::Mutex<redis::sentinel::SentinelClient>>,
+    current: std::sync::Arc<std::sync::Mutex<Option<redis::aio::MultiplexedConnection>>>,
+    config: redis::AsyncConnectionConfig,
+}
+
+impl SentinelConn {
+    fn new(
+        url: &str,
+        master: &str,
+        access: &RedisAccess,
+        timeout: Duration,
+    ) -> Result<Self, StateError> {
+        let sentinels: Vec<String> = url.split(',').map(|u| u.trim().to_owned()).collect();
+        let mut node = redis::sentinel::SentinelNodeConnectionInfo::default();
+        if let Some(var) = &access.password_env {
+            let password = std::env::var(var)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| {
+                    StateError::Unavailable(format!(
+                        "state.password_env: environment variable {var} is not set"
+                    ))
+                })?;
+            let mut info = redis::RedisConnectionInfo::default().set_password(password);
+            if let Some(user) = &access.username {
+                info = info.set_username(user);
+            }
+            node = node.set_redis_connection_info(info);
+        }
+        if access.tls_insecure {
+            node = node.set_tls_mode(redis::TlsMode::Insecure);
+        } else if access.tls.is_some() {
+            node = node.set_tls_mode(redis::TlsMode::Secure);
+        }
+        let client = redis::sentinel::SentinelClient::build(
+            sentinels,
+            master,
+            Some(node),
+            redis::sentinel::SentinelServerType::Master,
+        )
+        .map_err(unavailable)?;
+        Ok(Self {
+            client: std::sync::Arc::new(tokio::sync::Mutex::new(client)),
+            current: Default::default(),
+            config: redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout)),
+        })
+    }
+
+    async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        let current = self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(connection) = current {
+            return Ok(connection);
+        }
+        let connection = self
+            .client
+            .lock()
+            .await
+            .get_async_connection_with_config(&self.config)
+            .await?;
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(connection.clone());
+        Ok(connection)
+    }
+
+    fn forget(&self) {
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
 }
 
 impl redis::aio::ConnectionLike for Conn {
@@ -97,6 +176,14 @@ impl redis::aio::ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Sentinel(s) => Box::pin(async move {
+                let mut connection = s.connection().await?;
+                let answer = connection.req_packed_command(cmd).await;
+                if answer.is_err() {
+                    s.forget();
+                }
+                answer
+            }),
         }
     }
 
@@ -109,6 +196,16 @@ impl redis::aio::ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Sentinel(s) => Box::pin(async move {
+                let mut connection = s.connection().await?;
+                let answer = connection
+                    .req_packed_commands(pipeline, offset, count)
+                    .await;
+                if answer.is_err() {
+                    s.forget();
+                }
+                answer
+            }),
         }
     }
 
@@ -116,6 +213,7 @@ impl redis::aio::ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
+            Conn::Sentinel(_) => 0,
         }
     }
 }
@@ -186,6 +284,37 @@ fn tls_certificates(tls: &crate::config::TlsFiles) -> Result<redis::TlsCertifica
     })
 }
 
+/// What `connect_with` would reject before any network round trip: an unparsable URL or seed
+/// list, a missing password variable, unreadable TLS files.
+pub fn check(url: &str, access: &RedisAccess) -> Result<(), StateError> {
+    use redis::IntoConnectionInfo as _;
+    if access.cluster || access.sentinel_master.is_some() {
+        for node in url.split(',').map(str::trim) {
+            node.into_connection_info().map_err(|e| {
+                StateError::Unavailable(format!(
+                    "state.url: `{}`: {e}",
+                    crate::config::redact_url(node)
+                ))
+            })?;
+        }
+        if let Some(tls) = &access.tls {
+            tls_certificates(tls)?;
+        }
+        if let Some(var) = &access.password_env {
+            std::env::var(var)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| {
+                    StateError::Unavailable(format!(
+                        "state.password_env: environment variable {var} is not set"
+                    ))
+                })?;
+        }
+        return Ok(());
+    }
+    client(url, access).map(|_| ())
+}
+
 /// The client for `url` with `access` applied; errors name the config field, never a secret.
 fn client(url: &str, access: &RedisAccess) -> Result<redis::Client, StateError> {
     use redis::IntoConnectionInfo as _;
@@ -239,6 +368,11 @@ impl RedisStore {
     ) -> Result<Self, StateError> {
         let conn = if access.cluster {
             Conn::Cluster(cluster_connection(url, access, timeout).await?)
+        } else if let Some(master) = &access.sentinel_master {
+            let sentinel = SentinelConn::new(url, master, access, timeout)?;
+            // Fail at start-up, as for a single node, when the master cannot be reached.
+            sentinel.connection().await.map_err(unavailable)?;
+            Conn::Sentinel(sentinel)
         } else {
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(timeout))

@@ -244,7 +244,14 @@ pub(super) fn state_section(p: &mut Problems, state: RawState) -> StatePlan {
             tls,
             tls_insecure,
             cluster,
+            sentinel_master,
         } => {
+            if cluster && sentinel_master.is_some() {
+                p.add(
+                    "state.sentinel_master",
+                    "a store is either a cluster or behind sentinels, not both",
+                );
+            }
             positive(p, "state.timeout_ms", timeout_ms);
             if let Some(var) = &password_env {
                 env_present(p, "state.password_env", var);
@@ -268,6 +275,7 @@ pub(super) fn state_section(p: &mut Problems, state: RawState) -> StatePlan {
                 tls: tls.as_ref().map(|t| tls_files(p, "state.tls", t)),
                 tls_insecure,
                 cluster,
+                sentinel_master,
             };
             let url = match (url, url_env) {
                 (Some(url), None) => {
@@ -303,7 +311,7 @@ pub(super) fn state_section(p: &mut Problems, state: RawState) -> StatePlan {
                 url,
                 key_prefix,
                 timeout: Duration::from_millis(timeout_ms),
-                access,
+                access: Box::new(access),
             };
             state_plan(p, kind, result_ttl_s, claim_lease_ms)
         }
