@@ -848,6 +848,7 @@ fn check_config_catches_what_the_store_and_nats_clients_would_reject() {
          state: {kind: redis, url: \"rediss://cache:6380\", tls: {ca_file: \"/nonexistent/ca.pem\"}}",
     );
     assert!(!ok && said.contains("state.tls.ca_file"), "{said}");
-    let (ok, said) = check("source: {kind: nats, url: \"nats://127.0.0.1:4222\"}\nsink: {kind: nats}");
+    let (ok, said) =
+        check("source: {kind: nats, url: \"nats://127.0.0.1:4222\"}\nsink: {kind: nats}");
     assert!(ok, "{said}");
 }
