@@ -188,3 +188,61 @@ pipelines:
     assert!(!warned("http://localhost:8000/v1"));
     assert!(!warned("http://[::1]:8000/v1"));
 }
+
+#[test]
+fn a_sink_on_the_sources_brokers_connects_as_the_source_does() {
+    std::env::set_var("SY_TEST_SINK_INHERITS_PW", "pw");
+    let text = r#"
+source: {kind: kafka, brokers: "k:9093", topic: t,
+         librdkafka: {security.protocol: SASL_SSL, sasl.mechanism: PLAIN, sasl.username: u, session.timeout.ms: 45000},
+         librdkafka_env: {sasl.password: SY_TEST_SINK_INHERITS_PW}}
+sink: {kind: kafka, librdkafka: {sasl.mechanism: SCRAM-SHA-512}}
+providers:
+  llm: {kind: mock}
+models:
+  small: {provider: llm, model: m}
+prompts:
+  p: {user: "{{input.text}}"}
+pipelines:
+  s:
+    steps:
+      - {name: a, kind: generate, model: small, prompt: p}
+"#;
+    let plan = load_str(text, "t", Vec::new()).unwrap();
+    let SinkPlan::Kafka(sink) = &plan.sink else {
+        panic!("a Kafka sink")
+    };
+    let get = |key: &str| {
+        sink.librdkafka
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(get("security.protocol"), Some("SASL_SSL"));
+    assert_eq!(get("sasl.username"), Some("u"));
+    assert_eq!(
+        get("sasl.mechanism"),
+        Some("SCRAM-SHA-512"),
+        "the sink's own wins"
+    );
+    assert_eq!(
+        get("session.timeout.ms"),
+        None,
+        "consumer settings stay with the source"
+    );
+    assert_eq!(
+        sink.librdkafka_env,
+        vec![(
+            "sasl.password".to_owned(),
+            "SY_TEST_SINK_INHERITS_PW".to_owned()
+        )]
+    );
+    let misspelt = text.replace("{sasl.password: SY_TEST", "{sasl.pasword: SY_TEST");
+    let problems = load_str(&misspelt, "t", Vec::new())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        problems.contains("not a secret librdkafka property"),
+        "{problems}"
+    );
+}

@@ -95,7 +95,9 @@ enum Conn {
 #[derive(Clone)]
 struct SentinelConn {
     client: std::sync::Arc<tokio::sync::Mutex<redis::sentinel::SentinelClient>>,
-    current: std::sync::Arc<std::sync::Mutex<Option<redis::aio::MultiplexedConnection>>>,
+    /// The master's connection and its generation, so a failure seen on an old connection
+    /// never discards a newer one.
+    current: std::sync::Arc<std::sync::Mutex<(u64, Option<redis::aio::MultiplexedConnection>)>>,
     config: redis::AsyncConnectionConfig,
 }
 
@@ -144,27 +146,48 @@ impl SentinelConn {
         })
     }
 
-    async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-        let current = self
-            .current
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        if let Some(connection) = current {
-            return Ok(connection);
+    /// The master's connection (and its generation), asking the sentinels when there is none;
+    /// concurrent callers wait for one lookup instead of each making their own.
+    async fn connection(&self) -> redis::RedisResult<(u64, redis::aio::MultiplexedConnection)> {
+        if let (generation, Some(connection)) = self.snapshot() {
+            return Ok((generation, connection));
         }
-        let connection = self
-            .client
-            .lock()
-            .await
+        let mut client = self.client.lock().await;
+        if let (generation, Some(connection)) = self.snapshot() {
+            return Ok((generation, connection));
+        }
+        let connection = client
             .get_async_connection_with_config(&self.config)
             .await?;
-        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(connection.clone());
-        Ok(connection)
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        current.0 += 1;
+        current.1 = Some(connection.clone());
+        Ok((current.0, connection))
     }
 
-    fn forget(&self) {
-        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    fn snapshot(&self) -> (u64, Option<redis::aio::MultiplexedConnection>) {
+        let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        (current.0, current.1.clone())
+    }
+
+    /// Drops generation `generation`'s connection, if it is still the current one.
+    fn forget(&self, generation: u64) {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if current.0 == generation {
+            current.1 = None;
+        }
+    }
+}
+
+/// Whether a command's answer means this is no longer the master to talk to: the connection
+/// broke, or the server says it is a read-only replica or has lost its master.
+fn stale_master<T>(answer: &redis::RedisResult<T>, values: &[&redis::Value]) -> bool {
+    let demoted = |code: &str| matches!(code, "READONLY" | "MASTERDOWN" | "LOADING");
+    match answer {
+        Err(e) => e.code().is_none_or(demoted),
+        Ok(_) => values
+            .iter()
+            .any(|v| matches!(v, redis::Value::ServerError(e) if demoted(e.code()))),
     }
 }
 
@@ -177,10 +200,11 @@ impl redis::aio::ConnectionLike for Conn {
             Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
             Conn::Sentinel(s) => Box::pin(async move {
-                let mut connection = s.connection().await?;
+                let (generation, mut connection) = s.connection().await?;
                 let answer = connection.req_packed_command(cmd).await;
-                if answer.is_err() {
-                    s.forget();
+                let values: Vec<&redis::Value> = answer.iter().collect();
+                if stale_master(&answer, &values) {
+                    s.forget(generation);
                 }
                 answer
             }),
@@ -197,12 +221,13 @@ impl redis::aio::ConnectionLike for Conn {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Sentinel(s) => Box::pin(async move {
-                let mut connection = s.connection().await?;
+                let (generation, mut connection) = s.connection().await?;
                 let answer = connection
                     .req_packed_commands(pipeline, offset, count)
                     .await;
-                if answer.is_err() {
-                    s.forget();
+                let values: Vec<&redis::Value> = answer.iter().flatten().collect();
+                if stale_master(&answer, &values) {
+                    s.forget(generation);
                 }
                 answer
             }),

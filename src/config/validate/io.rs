@@ -117,11 +117,22 @@ pub(super) fn sink_plan(p: &mut Problems, sink: RawSink, source: &SourcePlan) ->
             librdkafka,
             librdkafka_env,
         } => {
-            let inherited = match (&brokers, source) {
-                (None, SourcePlan::Kafka(k)) if librdkafka_env.is_empty() => {
-                    k.librdkafka_env.clone()
-                }
-                _ => Vec::new(),
+            // On the source's brokers, the sink connects as the source does: its security
+            // properties (protocol, SASL, TLS) and secrets, under its own settings.
+            let (inherited, inherited_secrets) = match (&brokers, source) {
+                (None, SourcePlan::Kafka(k)) => (
+                    k.librdkafka
+                        .iter()
+                        .filter(|(key, _)| is_connection_security(key))
+                        .cloned()
+                        .collect::<Vec<_>>(),
+                    if librdkafka_env.is_empty() {
+                        k.librdkafka_env.clone()
+                    } else {
+                        Vec::new()
+                    },
+                ),
+                _ => (Vec::new(), Vec::new()),
             };
             let brokers = match (brokers, source) {
                 (Some(b), _) => b,
@@ -137,9 +148,17 @@ pub(super) fn sink_plan(p: &mut Problems, sink: RawSink, source: &SourcePlan) ->
                 brokers,
                 topics,
                 delivery_timeout: Duration::from_millis(delivery_timeout_ms),
-                librdkafka: kafka_properties(p, "sink", librdkafka, &librdkafka_env),
+                librdkafka: {
+                    let own = kafka_properties(p, "sink", librdkafka, &librdkafka_env);
+                    let mut all: Vec<(String, String)> = inherited
+                        .into_iter()
+                        .filter(|(key, _)| !own.iter().any(|(k, _)| k == key))
+                        .collect();
+                    all.extend(own);
+                    all
+                },
                 librdkafka_env: if librdkafka_env.is_empty() {
-                    inherited
+                    inherited_secrets
                 } else {
                     secret_env(p, "sink", librdkafka_env)
                 },
@@ -260,8 +279,17 @@ pub(super) fn state_section(p: &mut Problems, state: RawState) -> StatePlan {
                 p.add("state.password_env", "an ACL `username` needs `password_env` naming the variable that holds its password");
             }
             let plain_url = matches!(&url, Some(u) if u.starts_with("redis://"));
-            if (tls.is_some() || tls_insecure) && plain_url {
+            if (tls.is_some() || tls_insecure) && plain_url && sentinel_master.is_none() {
                 p.add("state.url", "TLS settings need a `rediss://` URL");
+            }
+            let tls_files_named = tls.as_ref().is_some_and(|t| {
+                t.ca_file.is_some() || t.cert_file.is_some() || t.key_file.is_some()
+            });
+            if sentinel_master.is_some() && tls_files_named {
+                p.add(
+                    "state.tls",
+                    "behind sentinels, TLS to the master uses the system's trusted roots only: set `tls: {}` (or `tls_insecure` for testing); CA and client certificate files are not supported there yet",
+                );
             }
             if tls_insecure {
                 p.warn(
@@ -514,13 +542,37 @@ fn kafka_properties(
         .collect()
 }
 
-/// Secret librdkafka properties by environment variable; each variable must be set.
+/// Secret librdkafka properties by environment variable; each variable must be set, and only
+/// secret properties belong here (a misspelt key would make librdkafka echo the value).
 fn secret_env(
     p: &mut Problems,
     section: &str,
     raw: BTreeMap<String, String>,
 ) -> Vec<(String, String)> {
-    raw.into_iter()
-        .inspect(|(key, var)| env_present(p, &format!("{section}.librdkafka_env.{key}"), var))
-        .collect()
+    let mut secrets = Vec::new();
+    for (key, var) in raw {
+        let field = format!("{section}.librdkafka_env.{key}");
+        if !SECRET_PROPERTIES.contains(&key.as_str()) {
+            p.add(
+                field,
+                format!(
+                    "not a secret librdkafka property; this takes {}",
+                    SECRET_PROPERTIES.join(", ")
+                ),
+            );
+            continue;
+        }
+        env_present(p, &field, &var);
+        secrets.push((key, var));
+    }
+    secrets
+}
+
+/// librdkafka properties that say how to reach the brokers securely, which a sink on the
+/// source's brokers shares with it.
+fn is_connection_security(key: &str) -> bool {
+    ["security.", "sasl.", "ssl.", "ssl_"]
+        .iter()
+        .any(|prefix| key.starts_with(prefix))
+        || key == "enable.ssl.certificate.verification"
 }
