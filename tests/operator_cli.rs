@@ -5,7 +5,7 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use switchyard::state::StateStore;
 
@@ -54,12 +54,18 @@ async fn publish_sends_jobs_that_tail_then_prints() {
     );
     assert!(stdout.contains("published 13 of 13 jobs"), "{stdout}");
 
-    let started = Instant::now();
-    let output = tokio::task::spawn_blocking(move || tail.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(started.elapsed() < Duration::from_secs(30));
+    // A missed output must fail the test, not hang it.
+    let tail_pid = tail.id();
+    let waited = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || tail.wait_with_output()),
+    )
+    .await;
+    let Ok(output) = waited else {
+        let _ = Command::new("kill").arg(tail_pid.to_string()).status();
+        panic!("tail did not print all 13 outputs within 60 s");
+    };
+    let output = output.unwrap().unwrap();
     let printed: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())

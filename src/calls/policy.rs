@@ -464,9 +464,17 @@ mod tests {
         };
         for attempt in 0..10 {
             let ceiling = Duration::from_millis((100u64 << attempt.min(20)).min(1000));
-            for _ in 0..50 {
-                assert!(backoff(&policy, attempt) <= ceiling);
-            }
+            let samples: Vec<Duration> = (0..400).map(|_| backoff(&policy, attempt)).collect();
+            assert!(samples.iter().all(|d| *d <= ceiling));
+            // Full jitter is uniform below the ceiling: its mean is half of it (the bounds are
+            // over seven standard deviations of a 400-sample mean away), so a backoff that
+            // does not wait, or always waits the whole ceiling, fails.
+            let mean = samples.iter().sum::<Duration>().as_secs_f64() / samples.len() as f64;
+            let half = ceiling.as_secs_f64() / 2.0;
+            assert!(
+                (mean - half).abs() < 0.15 * ceiling.as_secs_f64(),
+                "attempt {attempt}: mean {mean:.4}s for a ceiling of {ceiling:?}"
+            );
         }
     }
 
