@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 
-use crate::config::{redact_in, redact_url, NatsAccess, NatsAuth, Secret};
+use crate::config::{redact_in, redact_url, secret_from_env, NatsAccess, NatsAuth, Secret};
 
 /// Connects to NATS at `url` as `name` with `access`'s credentials and TLS; `field` names the
 /// config section in errors. The service keeps retrying a first connection that fails
@@ -44,10 +44,7 @@ async fn nats_options(
     field: &str,
 ) -> anyhow::Result<async_nats::ConnectOptions> {
     let env = |name: &str, var: &str| {
-        std::env::var(var)
-            .ok()
-            .filter(|v| !v.is_empty())
-            .with_context(|| format!("{field}.auth.{name}: environment variable {var} is not set"))
+        secret_from_env(&format!("{field}.auth.{name}"), var).map_err(anyhow::Error::msg)
     };
     let mut options = match &access.auth {
         NatsAuth::None => async_nats::ConnectOptions::new(),
@@ -96,12 +93,8 @@ pub fn kafka(
         config.set(key, value);
     }
     for (key, var) in secrets {
-        let value = std::env::var(var)
-            .ok()
-            .filter(|v| !v.is_empty())
-            .with_context(|| {
-                format!("{field}.librdkafka_env.{key}: environment variable {var} is not set")
-            })?;
+        let value = secret_from_env(&format!("{field}.librdkafka_env.{key}"), var)
+            .map_err(anyhow::Error::msg)?;
         config.set(key, value);
     }
     // librdkafka logs its whole config at debug level; keep secrets out of it whatever the

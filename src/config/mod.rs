@@ -53,6 +53,15 @@ pub fn redact_url(url: &str) -> String {
         .join(",")
 }
 
+/// The value of the environment variable `var` that `field` names for a secret; the error
+/// names the field and the variable, never a value. An empty value counts as unset.
+pub fn secret_from_env(field: &str, var: &str) -> Result<String, String> {
+    std::env::var(var)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| format!("{field}: environment variable {var} is not set"))
+}
+
 /// `text` (an error message) with every occurrence of `url` shown redacted.
 pub fn redact_in(text: &str, url: &str) -> String {
     let redacted = redact_url(url);

@@ -89,12 +89,17 @@ pub fn check(plan: &StatePlan) -> anyhow::Result<()> {
     let StateKind::Redis { url, access, .. } = &plan.kind else {
         return Ok(());
     };
-    let url = match url {
-        RedisUrl::Inline(url) => url.clone(),
-        RedisUrl::Env(var) => std::env::var(var)
-            .map_err(|_| anyhow::anyhow!("state.url_env: environment variable {var} is not set"))?,
-    };
-    self::redis::check(&url, access).map_err(|e| anyhow::anyhow!("{e}"))
+    self::redis::check(&resolved(url)?, access).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// The Redis URL itself, or the one the variable `url_env` names holds.
+fn resolved(url: &RedisUrl) -> anyhow::Result<String> {
+    match url {
+        RedisUrl::Inline(url) => Ok(url.clone()),
+        RedisUrl::Env(var) => {
+            crate::config::secret_from_env("state.url_env", var).map_err(anyhow::Error::msg)
+        }
+    }
 }
 
 impl From<RedisStore> for StateStore {
@@ -117,12 +122,7 @@ impl StateStore {
                 timeout,
                 access,
             } => {
-                let url = match url {
-                    RedisUrl::Inline(url) => url.clone(),
-                    RedisUrl::Env(var) => std::env::var(var).map_err(|_| {
-                        anyhow::anyhow!("state.url_env: environment variable {var} is not set")
-                    })?,
-                };
+                let url = resolved(url)?;
                 let store = RedisStore::connect_with(&url, key_prefix, *timeout, access)
                     .await
                     .map_err(|e| {

@@ -108,17 +108,8 @@ impl SentinelConn {
         access: &RedisAccess,
         timeout: Duration,
     ) -> Result<Self, StateError> {
-        let sentinels: Vec<String> = url.split(',').map(|u| u.trim().to_owned()).collect();
         let mut node = redis::sentinel::SentinelNodeConnectionInfo::default();
-        if let Some(var) = &access.password_env {
-            let password = std::env::var(var)
-                .ok()
-                .filter(|v| !v.is_empty())
-                .ok_or_else(|| {
-                    StateError::Unavailable(format!(
-                        "state.password_env: environment variable {var} is not set"
-                    ))
-                })?;
+        if let Some(password) = password(access)? {
             let mut info = redis::RedisConnectionInfo::default().set_password(password);
             if let Some(user) = &access.username {
                 info = info.set_username(user);
@@ -131,7 +122,7 @@ impl SentinelConn {
             node = node.set_tls_mode(redis::TlsMode::Secure);
         }
         let client = redis::sentinel::SentinelClient::build(
-            sentinels,
+            nodes(url),
             master,
             Some(node),
             redis::sentinel::SentinelServerType::Master,
@@ -249,22 +240,11 @@ async fn cluster_connection(
     access: &RedisAccess,
     timeout: Duration,
 ) -> Result<redis::cluster_async::ClusterConnection, StateError> {
-    let failed = |field: &str, what: String| StateError::Unavailable(format!("{field}: {what}"));
-    let seeds: Vec<String> = url.split(',').map(|u| u.trim().to_owned()).collect();
-    let mut builder = redis::cluster::ClusterClientBuilder::new(seeds)
+    let mut builder = redis::cluster::ClusterClientBuilder::new(nodes(url))
         .connection_timeout(timeout)
         .response_timeout(timeout)
         .retries(2);
-    if let Some(var) = &access.password_env {
-        let password = std::env::var(var)
-            .ok()
-            .filter(|v| !v.is_empty())
-            .ok_or_else(|| {
-                failed(
-                    "state.password_env",
-                    format!("environment variable {var} is not set"),
-                )
-            })?;
+    if let Some(password) = password(access)? {
         builder = builder.password(password);
         if let Some(user) = &access.username {
             builder = builder.username(user);
@@ -283,6 +263,21 @@ async fn cluster_connection(
         .get_async_connection()
         .await
         .map_err(unavailable)
+}
+
+/// The comma-separated nodes of a cluster's seed list or a sentinel list.
+fn nodes(url: &str) -> Vec<String> {
+    url.split(',').map(|u| u.trim().to_owned()).collect()
+}
+
+/// The ACL password from `access.password_env`, when one is configured.
+fn password(access: &RedisAccess) -> Result<Option<String>, StateError> {
+    access
+        .password_env
+        .as_deref()
+        .map(|var| crate::config::secret_from_env("state.password_env", var))
+        .transpose()
+        .map_err(StateError::Unavailable)
 }
 
 /// The PEM material of `tls`, read from its files.
@@ -314,27 +309,18 @@ fn tls_certificates(tls: &crate::config::TlsFiles) -> Result<redis::TlsCertifica
 pub fn check(url: &str, access: &RedisAccess) -> Result<(), StateError> {
     use redis::IntoConnectionInfo as _;
     if access.cluster || access.sentinel_master.is_some() {
-        for node in url.split(',').map(str::trim) {
-            node.into_connection_info().map_err(|e| {
+        for node in nodes(url) {
+            node.as_str().into_connection_info().map_err(|e| {
                 StateError::Unavailable(format!(
                     "state.url: `{}`: {e}",
-                    crate::config::redact_url(node)
+                    crate::config::redact_url(&node)
                 ))
             })?;
         }
         if let Some(tls) = &access.tls {
             tls_certificates(tls)?;
         }
-        if let Some(var) = &access.password_env {
-            std::env::var(var)
-                .ok()
-                .filter(|v| !v.is_empty())
-                .ok_or_else(|| {
-                    StateError::Unavailable(format!(
-                        "state.password_env: environment variable {var} is not set"
-                    ))
-                })?;
-        }
+        password(access)?;
         return Ok(());
     }
     client(url, access).map(|_| ())
@@ -352,16 +338,7 @@ fn client(url: &str, access: &RedisAccess) -> Result<redis::Client, StateError> 
         .as_str()
         .into_connection_info()
         .map_err(|e| failed("state.url", e.to_string()))?;
-    if let Some(var) = &access.password_env {
-        let password = std::env::var(var)
-            .ok()
-            .filter(|v| !v.is_empty())
-            .ok_or_else(|| {
-                failed(
-                    "state.password_env",
-                    format!("environment variable {var} is not set"),
-                )
-            })?;
+    if let Some(password) = password(access)? {
         let mut settings = info.redis_settings().clone().set_password(password);
         if let Some(user) = &access.username {
             settings = settings.set_username(user);

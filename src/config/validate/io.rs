@@ -493,8 +493,10 @@ pub(super) fn tls_files(p: &mut Problems, field: &str, tls: &raw::RawTls) -> Tls
 /// A secret's environment variable must be set (and not empty) for `run` to start.
 pub(super) fn env_present(p: &mut Problems, field: &str, var: &str) {
     non_empty(p, field, var);
-    if !var.is_empty() && std::env::var(var).map_or(true, |v| v.is_empty()) {
-        p.add(field, format!("environment variable {var} is not set"));
+    if !var.is_empty() {
+        if let Err(problem) = crate::config::secret_from_env(field, var) {
+            p.0.push(problem);
+        }
     }
 }
 
