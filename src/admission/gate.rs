@@ -245,7 +245,7 @@ impl Gate {
         })
     }
 
-    /// Reserves `worst` (the job's pipeline at its worst: every LLM step on its costliest
+    /// Reserves `worst()` (the job's pipeline at its worst: every LLM step on its costliest
     /// candidate model, full prompts and `max_tokens`) against the tenant's budget before the
     /// job's first call. `Ok(None)` when the tenant has no budget or the job cannot cost
     /// anything.
@@ -253,11 +253,16 @@ impl Gate {
         &self,
         scope: &CallScope<'_>,
         pipeline: &str,
-        worst: f64,
+        worst: impl FnOnce() -> f64,
     ) -> Result<Option<Arc<JobBudget>>, Refusal> {
-        let Some(keys) = self.budget_keys(scope.tenant).filter(|_| worst > 0.0) else {
+        // Worked out only for a tenant with a budget: it renders and counts every prompt.
+        let Some(keys) = self.budget_keys(scope.tenant) else {
             return Ok(None);
         };
+        let worst = worst();
+        if worst <= 0.0 {
+            return Ok(None);
+        }
         let what = format!("a job of pipeline `{pipeline}`");
         self.reserve_budget(scope, &what, &keys, worst).await?;
         Ok(Some(Arc::new(JobBudget {

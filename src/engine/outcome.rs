@@ -399,7 +399,7 @@ impl<K: OutputSink> Engine<K> {
             throttled_ms: &waited,
             job_budget: None,
         };
-        let worst = self.runner.worst_case_cost(job, pipeline);
+        let worst = || self.runner.worst_case_cost(job, pipeline);
         match gate.reserve_job(&scope, &pipeline.name, worst).await {
             Ok(reserved) => Ok(reserved.map(|budget| SettledOnDrop {
                 gate: gate.clone(),

@@ -5,7 +5,9 @@
 //! with an output schema counts once more per allowed repair, whose prompt also carries the
 //! rejected answer and the problem.
 
-use crate::config::{ClassifyMethod, ModelChoice, ModelPlan, PipelinePlan, StepKindPlan};
+use crate::config::{
+    ClassifyMethod, ModelChoice, ModelPlan, PipelinePlan, PromptPlan, StepKindPlan,
+};
 use crate::template::{Scope, Template, Var};
 use crate::wire::Job;
 
@@ -16,6 +18,21 @@ const REPAIR_PROBLEM_TOKENS: u64 = 512;
 /// Tokens allowed per variable for merges at its boundaries.
 const PER_VAR_SLACK: u64 = 2;
 
+/// A step's prompt as this job renders it, before a model's tokenizer counts it: the text with
+/// every earlier step's output left out, and the most tokens those outputs can add.
+struct Prompt {
+    user: String,
+    system: Option<String>,
+    outputs: u64,
+}
+
+impl Prompt {
+    /// At least as many tokens as `model` counts for the prompt.
+    fn tokens(&self, model: &ModelPlan) -> u64 {
+        crate::tokens::prompt(&model.model, self.system.as_deref(), &self.user) + self.outputs
+    }
+}
+
 impl Runner {
     /// The most `job` can cost in `pipeline`, in USD.
     pub fn worst_case_cost(&self, job: &Job, pipeline: &PipelinePlan) -> f64 {
@@ -24,20 +41,10 @@ impl Runner {
             .iter()
             .map(|step| match &step.kind {
                 StepKindPlan::Classify(c) => match &c.method {
-                    ClassifyMethod::Llm { model, prompt } => self.costliest(
-                        &[model.as_str()],
-                        |m| {
-                            self.prompt_bound(
-                                m,
-                                job,
-                                pipeline,
-                                prompt.system.as_ref(),
-                                &prompt.user,
-                                &c.categories,
-                            )
-                        },
-                        0,
-                    ),
+                    ClassifyMethod::Llm { model, prompt } => {
+                        let prompt = self.render(job, pipeline, prompt, &c.categories);
+                        self.costliest(&[model.as_str()], &prompt, 0)
+                    }
                     ClassifyMethod::Rules(_) => 0.0,
                 },
                 StepKindPlan::Route(_) => 0.0,
@@ -47,20 +54,8 @@ impl Runner {
                         ModelChoice::FromRoute(index) => route_targets(pipeline, *index),
                     };
                     let repairs = g.output.as_ref().map_or(0, |o| o.max_repairs);
-                    self.costliest(
-                        &aliases,
-                        |m| {
-                            self.prompt_bound(
-                                m,
-                                job,
-                                pipeline,
-                                g.prompt.system.as_ref(),
-                                &g.prompt.user,
-                                &[],
-                            )
-                        },
-                        repairs,
-                    )
+                    let prompt = self.render(job, pipeline, &g.prompt, &[]);
+                    self.costliest(&aliases, &prompt, repairs)
                 }
             })
             .sum()
@@ -68,12 +63,7 @@ impl Runner {
 
     /// The cost of the dearest call among `aliases` and their fallbacks, times one plus
     /// `repairs` (each repair's prompt adds the rejected answer and the problem).
-    fn costliest(
-        &self,
-        aliases: &[&str],
-        prompt_tokens: impl Fn(&ModelPlan) -> u64,
-        repairs: u32,
-    ) -> f64 {
+    fn costliest(&self, aliases: &[&str], prompt: &Prompt, repairs: u32) -> f64 {
         let mut candidates: Vec<&str> = Vec::new();
         for alias in aliases {
             candidates.push(alias);
@@ -85,7 +75,7 @@ impl Runner {
             .iter()
             .filter_map(|alias| self.calls().model(alias))
             .map(|m| {
-                let prompt = prompt_tokens(m);
+                let prompt = prompt.tokens(m);
                 let answer = u64::from(m.max_tokens);
                 let first = m.price.cost(prompt, answer);
                 let repair = m
@@ -96,40 +86,40 @@ impl Runner {
             .fold(0.0, f64::max)
     }
 
-    /// At least as many tokens as the rendered prompt can have for `model`: the job's own
-    /// input rendered in, every earlier step's output at its model's `max_tokens`.
-    fn prompt_bound(
+    /// The job's input rendered into `prompt` once (every candidate model counts the same
+    /// text), with every earlier step's output bounded at its model's `max_tokens`.
+    fn render(
         &self,
-        model: &ModelPlan,
         job: &Job,
         pipeline: &PipelinePlan,
-        system: Option<&Template>,
-        user: &Template,
+        prompt: &PromptPlan,
         categories: &[String],
-    ) -> u64 {
-        let bound = |template: &Template| {
-            let empty = |_: &str| Some(String::new());
-            let scope = Scope {
-                input: &job.input,
-                categories,
-                step_output: &empty,
-            };
-            let rendered = template.render(&scope).unwrap_or_default();
-            let outputs: u64 = template
+    ) -> Prompt {
+        let empty = |_: &str| Some(String::new());
+        let scope = Scope {
+            input: &job.input,
+            categories,
+            step_output: &empty,
+        };
+        let mut outputs = 0;
+        let mut text = |template: &Template| {
+            outputs += template
                 .vars()
                 .map(|var| match var {
                     Var::StepOutput(name) => self.output_bound(pipeline, name),
                     _ => 0,
                 })
-                .sum();
-            crate::tokens::count(&model.model, &rendered)
-                + outputs
-                + PER_VAR_SLACK * template.vars().count() as u64
+                .sum::<u64>()
+                + PER_VAR_SLACK * template.vars().count() as u64;
+            template.render(&scope).unwrap_or_default()
         };
-        let system_tokens = system.map(bound);
-        bound(user)
-            + system_tokens.unwrap_or(0)
-            + crate::tokens::prompt(&model.model, system.map(|_| ""), "")
+        let user = text(&prompt.user);
+        let system = prompt.system.as_ref().map(&mut text);
+        Prompt {
+            user,
+            system,
+            outputs,
+        }
     }
 
     /// The most tokens step `name`'s output can have when rendered into a later prompt.
