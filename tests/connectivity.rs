@@ -24,6 +24,15 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The part of a test config after its backends: provider `llm`, model `small`, and one
+/// generate step.
+fn one_step(provider: &str, model: &str) -> String {
+    format!(
+        "providers:\n  llm: {provider}\nmodels:\n  small: {model}\nprompts:\n  p: {{user: \"{{{{input.text}}}}\"}}\n\
+         pipelines:\n  support:\n    steps:\n      - {{name: answer, kind: generate, model: small, prompt: p}}\n"
+    )
+}
+
 /// A CA, and a server certificate for localhost signed by it, as PEM files in `dir`.
 fn certificates(dir: &std::path::Path) -> (String, String, String) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
@@ -164,19 +173,13 @@ sink: {{kind: nats, stream: SECURE_OUT, topics: {{results: secure.results, revie
 state: {{kind: redis, url: "rediss://localhost:{redis_port}", username: switchyard,
         password_env: SY_TEST_REDIS_PASSWORD, tls: {{ca_file: "{ca}"}}}}
 http: {{listen: "off"}}
-providers:
-  llm: {{kind: openai, base_url: "http://{llm}/v1"}}
-models:
-  small: {{provider: llm, model: gpt-4o-mini}}
-prompts:
-  p: {{user: "{{{{input.text}}}}"}}
-pipelines:
-  support:
-    steps:
-      - {{name: answer, kind: generate, model: small, prompt: p}}
+{tail}
 "#,
+        tail = one_step(
+            &format!("{{kind: openai, base_url: \"http://{}/v1\"}}", llm.addr()),
+            "{provider: llm, model: gpt-4o-mini}"
+        ),
         seed = seed_file.display(),
-        llm = llm.addr(),
     );
     let plan = config::load_str(&text, "test config", Vec::new()).unwrap();
     let config::SourcePlan::Nats(source) = &plan.source else {
@@ -241,17 +244,9 @@ fn a_nats_config_naming_a_missing_secret_fails_check_config_naming_the_field() {
         format!(
             r#"
 source: {{kind: nats, url: "nats://127.0.0.1:4222", auth: {auth}}}
-providers:
-  llm: {{kind: mock}}
-models:
-  small: {{provider: llm, model: m}}
-prompts:
-  p: {{user: "{{{{input.text}}}}"}}
-pipelines:
-  s:
-    steps:
-      - {{name: a, kind: generate, model: small, prompt: p}}
-"#
+{tail}
+"#,
+            tail = one_step("{kind: mock}", "{provider: llm, model: m}"),
         )
     };
     let problems = |auth: &str| match config::load_str(&text(auth), "t", Vec::new()) {
@@ -277,17 +272,9 @@ source: {{kind: kafka, brokers: "{brokers}", topic: jobs,
          librdkafka: {{security.protocol: SASL_SSL, sasl.mechanism: SCRAM-SHA-256,
                       sasl.username: switchyard, ssl.ca.location: "{ca}"}},
          librdkafka_env: {{sasl.password: {password_env}}}}}
-providers:
-  llm: {{kind: mock}}
-models:
-  small: {{provider: llm, model: m}}
-prompts:
-  p: {{user: "{{{{input.text}}}}"}}
-pipelines:
-  s:
-    steps:
-      - {{name: a, kind: generate, model: small, prompt: p}}
-"#
+{tail}
+"#,
+        tail = one_step("{kind: mock}", "{provider: llm, model: m}"),
     )
 }
 
@@ -538,21 +525,12 @@ source: {{kind: kafka, brokers: "{brokers}", group: "{group}", topic: {JOBS_TOPI
          librdkafka: {{auto.commit.interval.ms: 200, session.timeout.ms: 6000, heartbeat.interval.ms: 500}}}}
 state: {{kind: redis, url: "{url}", cluster: true, key_prefix: "it:"}}
 http: {{listen: "off"}}
-providers:
-  llm: {{kind: openai, base_url: "http://{llm}/v1"}}
-models:
-  small: {{provider: llm, model: gpt-4o-mini, price: {{input: 1000, output: 1000}}, max_tokens: 64}}
-prompts:
-  p: {{user: "{{{{input.text}}}}"}}
-pipelines:
-  support:
-    steps:
-      - {{name: answer, kind: generate, model: small, prompt: p}}
+{tail}
 tenants:
   thrifty: {{budget_usd_per_day: 1}}
 "#,
+        tail = one_step(&format!("{{kind: openai, base_url: \"http://{}/v1\"}}", llm.addr()), "{provider: llm, model: gpt-4o-mini, price: {input: 1000, output: 1000}, max_tokens: 64}"),
         url = cluster_url(&ports),
-        llm = llm.addr(),
     );
     let plan = config::load_str(&text, "test config", Vec::new()).unwrap();
     let mut services = Vec::new();
@@ -750,19 +728,13 @@ source: {{kind: kafka, brokers: "{brokers}", group: "sentinel-{g:x}", topic: {JO
 state: {{kind: redis, url: "{sentinels}", sentinel_master: {master}, key_prefix: "{master}:", timeout_ms: 500}}
 http: {{listen: "off"}}
 limits: {{max_inflight_jobs: 32}}
-providers:
-  llm: {{kind: openai, base_url: "http://{llm}/v1"}}
-models:
-  small: {{provider: llm, model: gpt-4o-mini}}
-prompts:
-  p: {{user: "{{{{input.text}}}}"}}
-pipelines:
-  support:
-    steps:
-      - {{name: answer, kind: generate, model: small, prompt: p}}
+{tail}
 "#,
+        tail = one_step(
+            &format!("{{kind: openai, base_url: \"http://{}/v1\"}}", llm.addr()),
+            "{provider: llm, model: gpt-4o-mini}"
+        ),
         g = rand::random::<u32>(),
-        llm = llm.addr(),
     );
     let plan = config::load_str(&text, "test config", Vec::new()).unwrap();
     let service = Service::start(plan.clone(), StateStore::open(&plan.state).await.unwrap());
