@@ -164,8 +164,14 @@ impl Gate {
         &self,
         scope: &CallScope<'_>,
         model: &ModelPlan,
-        prompt_tokens: u64,
+        prompt_tokens: impl FnOnce() -> u64,
     ) -> Result<Reservation, Refusal> {
+        // Counting a prompt means tokenizing it: only when a token limit or a budget needs it.
+        let prompt_tokens = if self.counts_tokens(scope.tenant, model) {
+            prompt_tokens()
+        } else {
+            0
+        };
         let tokens = (prompt_tokens + u64::from(model.max_tokens)) as f64;
         let cost = model.price.cost(prompt_tokens, u64::from(model.max_tokens));
         // The budget first: a refused call must not use up rate limits others share.
@@ -243,6 +249,18 @@ impl Gate {
             budget,
             job: scope.job_budget.cloned(),
         })
+    }
+
+    /// Whether a call of `tenant` to `model` is held to a token limit or a budget.
+    fn counts_tokens(&self, tenant: &str, model: &ModelPlan) -> bool {
+        let provider_tpm = self
+            .providers
+            .get(&model.provider)
+            .is_some_and(|p| p.tpm.is_some());
+        self.tenants.get(tenant).tokens_per_min.is_some()
+            || provider_tpm
+            || model.limits.tpm.is_some()
+            || self.budget_keys(tenant).is_some()
     }
 
     /// Reserves `worst()` (the job's pipeline at its worst: every LLM step on its costliest

@@ -200,11 +200,17 @@ impl Calls {
                 return TargetEnd::Answered(target.outcome(response, *attempts, true));
             }
         }
-        let prompt_tokens = crate::tokens::prompt(
-            &target.request.model,
-            target.request.system.as_deref(),
-            &target.request.user,
-        );
+        // Counted at most once per target, and only if the gate needs it.
+        let prompt_tokens = std::sync::OnceLock::new();
+        let prompt_tokens = || {
+            *prompt_tokens.get_or_init(|| {
+                crate::tokens::prompt(
+                    &target.request.model,
+                    target.request.system.as_deref(),
+                    &target.request.user,
+                )
+            })
+        };
         let mut last = None;
         for attempt in 0..target.provider.retry.max_attempts {
             if remaining(scope.deadline).is_some_and(|left| left.is_zero()) {
@@ -222,7 +228,7 @@ impl Calls {
             }
             // Limits and budget come before the attempt and its timeout: waiting for them is
             // not time the provider gets.
-            let reservation = match self.admit(target, scope, prompt_tokens).await {
+            let reservation = match self.admit(target, scope, &prompt_tokens).await {
                 Ok(reservation) => reservation,
                 Err(refusal) => return TargetEnd::Stop(refused(refusal, *attempts)),
             };
@@ -276,7 +282,7 @@ impl Calls {
         &self,
         target: &Target<'_>,
         scope: &CallScope<'_>,
-        prompt_tokens: u64,
+        prompt_tokens: &(dyn Fn() -> u64 + Sync),
     ) -> Result<Option<Pending>, Refusal> {
         let Some(gate) = &self.gate else {
             return Ok(None);
