@@ -16,7 +16,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admission::{Gate, Scheduler};
+use crate::admission::{Gate, Scheduler, SchedulerLimits};
 use crate::calls::cache::ResponseCache;
 use crate::calls::Calls;
 use crate::config::Plan;
@@ -83,7 +83,11 @@ pub async fn run_with(
         let settling = gate.clone();
         let scheduler = Scheduler::start(
             gate,
-            plan.limits.max_running_jobs,
+            SchedulerLimits {
+                max_running: plan.limits.max_running_jobs,
+                max_inflight: plan.limits.max_inflight_jobs,
+                park_after: plan.limits.park_after,
+            },
             &background,
             http_stop.clone(),
         );

@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use rand::Rng as _;
 
 use crate::config::{ModelPlan, Plan, RateLimits, TenantsPlan};
-use crate::state::{BudgetKeys, Rate, StateStore};
+use crate::state::{Booking, BudgetKeys, Rate, StateStore};
 use crate::telemetry::metrics::Metrics;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -436,25 +436,39 @@ impl Gate {
         }
     }
 
-    /// Admits one job of `tenant` under its requests-per-second limit: `None` now, or how long
-    /// to wait first. A store outage counts as "wait a little".
-    pub async fn admit_job(&self, tenant: &str) -> Option<Duration> {
-        let rps = self.tenants.get(tenant).rps?;
+    /// Books the turn of the job `job_key` of `tenant` under the tenant's requests-per-second
+    /// limit, shared by every replica (see [`Booking`]): now, after a wait, or (when the wait
+    /// is longer than `park_after`) parked with a ticket it runs on when it comes back. Retried
+    /// through a store outage; the caller's deadline and shutdown bound the wait.
+    pub async fn book_job(
+        &self,
+        tenant: &str,
+        job_key: &str,
+        park_after: Option<Duration>,
+    ) -> Booking {
+        let Some(rps) = self.tenants.get(tenant).rps else {
+            return Booking::Now;
+        };
         let rate = Rate::new(rps, Duration::from_secs(1), Duration::from_secs(1));
-        match self
-            .state
-            .throttle(&format!("t:{tenant}:rps"), 1.0, rate)
-            .await
-        {
-            Ok(None) => None,
-            Ok(Some(wait)) => {
-                self.metrics
-                    .ratelimit_throttled
-                    .with_label_values(&["tenant_requests"])
-                    .inc();
-                Some(wait)
+        // `{tenant}`: a Redis Cluster hash tag, so the limiter and the ticket share a slot.
+        let key = format!("t:{{{tenant}}}:rps");
+        let ticket = format!("t:{{{tenant}}}:ticket:{job_key}");
+        loop {
+            match self.state.book(&key, &ticket, rate, park_after).await {
+                Ok(booking) => {
+                    if matches!(booking, Booking::After(_) | Booking::Parked(_)) {
+                        self.metrics
+                            .ratelimit_throttled
+                            .with_label_values(&["tenant_requests"])
+                            .inc();
+                    }
+                    return booking;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, tenant, "rate limiter unreachable; the job waits");
+                    tokio::time::sleep(STORE_RETRY).await;
+                }
             }
-            Err(_) => Some(STORE_RETRY),
         }
     }
 

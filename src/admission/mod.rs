@@ -10,4 +10,4 @@ pub mod gate;
 pub mod scheduler;
 
 pub use gate::{CallScope, Gate, JobBudget, Refusal, Reservation};
-pub use scheduler::{QueueFull, RunSlot, Scheduler};
+pub use scheduler::{NotQueued, RunSlot, Scheduler, SchedulerLimits};

@@ -1,13 +1,21 @@
 //! The fair scheduler between admission and the worker pools.
 //!
-//! A job that holds its claim waits here for a run slot (`limits.max_running_jobs` per replica).
-//! Each tenant has a bounded queue with one lane per priority; a dispatcher hands free slots out
-//! by weighted deficit round robin over the tenants that have jobs waiting, high before normal
-//! before low within a tenant. Before a job is handed a slot its tenant's requests-per-second
-//! limiter must admit it; a throttled tenant is skipped until its limiter allows the next job,
-//! so the other tenants' jobs keep flowing past it.
+//! A job that holds its claim first books its turn on its tenant's requests-per-second limiter
+//! (shared by every replica, see [`Gate::book_job`]): now, after a wait, or, when that wait is
+//! longer than `limits.park_after_ms` and the source can redeliver later, not here at all: the
+//! job is parked (JetStream nak with that delay, the Kafka delay topic) with a ticket that lets
+//! it run at once when it comes back. So a throttled tenant's backlog never holds in-flight
+//! slots or the source's line; only the jobs whose turn is near wait in the process.
+//!
+//! Waiting jobs sit in their tenant's bounded queue (one lane per priority) with the slot times
+//! the tenant booked; a dispatcher hands free run slots (`limits.max_running_jobs`) out by
+//! weighted deficit round robin over the tenants whose next booked slot has come, high before
+//! normal before low within a tenant (the earliest slot goes to the most urgent job). A
+//! tenant's queue bound defaults to a fair share of `limits.max_inflight_jobs`: the bound over
+//! the tenants with jobs queued, plus one, so a newcomer always finds room.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -16,34 +24,54 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::gate::Gate;
+use crate::state::Booking;
 use crate::wire::Priority;
+
+/// The smallest fair share of the in-flight bound a tenant's queue gets.
+const MIN_FAIR_SHARE: usize = 8;
 
 /// Permission to run a pipeline; the slot frees when it is dropped.
 #[derive(Debug)]
 pub struct RunSlot {
     _permit: OwnedSemaphorePermit,
-    /// How long the job waited in its tenant's queue.
+    /// How long the job waited for its turn: in its tenant's queue, and parked before that.
     pub queued: Duration,
-    /// Whether its tenant's rate limit held it back while it waited.
+    /// Whether its tenant's rate limit held it back.
     pub throttled: bool,
 }
 
-/// The tenant's queue is at its bound.
-#[derive(Debug)]
-pub struct QueueFull;
+/// Why a job was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotQueued {
+    /// The tenant's queue is at its bound.
+    QueueFull,
+    /// Its turn is this far off: hand it back to come again then (its ticket is booked).
+    Parked(Duration),
+}
+
+/// Where a job's wait was spent (the `reason` of `switchyard_job_wait_seconds`).
+struct Waited {
+    /// For its tenant's booked slot.
+    rate: Duration,
+    /// For a run slot once its turn had come.
+    run_slot: Duration,
+    /// Parked outside the process before it came back.
+    parked: Duration,
+}
 
 struct Waiter {
     tx: oneshot::Sender<RunSlot>,
-    priority: Priority,
     enqueued: Instant,
+    /// Parked this long before it came back on its ticket.
+    parked: Duration,
 }
 
 #[derive(Default)]
 struct TenantQueue {
     lanes: [VecDeque<Waiter>; 3],
+    /// The limiter slots booked for the waiting jobs, earliest first.
+    slots: BinaryHeap<Reverse<Instant>>,
     deficit: u32,
-    throttled_until: Option<Instant>,
-    last_throttled: Option<Instant>,
 }
 
 impl TenantQueue {
@@ -53,10 +81,6 @@ impl TenantQueue {
 
     fn pop(&mut self) -> Option<Waiter> {
         self.lanes.iter_mut().find_map(VecDeque::pop_front)
-    }
-
-    fn push_front(&mut self, waiter: Waiter) {
-        self.lanes[lane(waiter.priority)].push_front(waiter);
     }
 }
 
@@ -79,6 +103,8 @@ struct Shared {
     queues: Mutex<Queues>,
     wake: Notify,
     gate: Arc<Gate>,
+    max_inflight: usize,
+    park_after: Duration,
 }
 
 #[derive(Clone)]
@@ -86,11 +112,22 @@ pub struct Scheduler {
     shared: Arc<Shared>,
 }
 
+/// What the scheduler is sized by.
+#[derive(Debug, Clone, Copy)]
+pub struct SchedulerLimits {
+    /// Run slots (`limits.max_running_jobs`).
+    pub max_running: usize,
+    /// The in-flight bound the default queue bounds share (`limits.max_inflight_jobs`).
+    pub max_inflight: usize,
+    /// `limits.park_after_ms`.
+    pub park_after: Duration,
+}
+
 impl Scheduler {
     /// Starts the dispatcher on `tasks`; it stops with `stop`.
     pub fn start(
         gate: Arc<Gate>,
-        max_running: usize,
+        limits: SchedulerLimits,
         tasks: &TaskTracker,
         stop: CancellationToken,
     ) -> Self {
@@ -98,8 +135,10 @@ impl Scheduler {
             queues: Mutex::new(Queues::default()),
             wake: Notify::new(),
             gate,
+            max_inflight: limits.max_inflight,
+            park_after: limits.park_after,
         });
-        let slots = Arc::new(Semaphore::new(max_running));
+        let slots = Arc::new(Semaphore::new(limits.max_running));
         tasks.spawn(dispatch(shared.clone(), slots, stop));
         Self { shared }
     }
@@ -109,34 +148,47 @@ impl Scheduler {
         &self.shared.gate
     }
 
-    /// Waits for a run slot for a job of `tenant`. `None` when the scheduler stopped.
+    /// Waits for a run slot for the job `job_key` of `tenant`. `can_park`: its source can
+    /// redeliver it later, so a far-off turn parks it. `Ok(None)` when the scheduler stopped.
     pub async fn admit(
         &self,
         tenant: &str,
         priority: Priority,
-    ) -> Result<Option<RunSlot>, QueueFull> {
-        let max_queued = self.shared.gate.tenants().get(tenant).max_queued;
+        job_key: &str,
+        can_park: bool,
+    ) -> Result<Option<RunSlot>, NotQueued> {
+        if !self.has_room(tenant) {
+            return Err(NotQueued::QueueFull);
+        }
+        let park_after = can_park.then_some(self.shared.park_after);
+        let enqueued = Instant::now();
+        let (slot_at, parked) = match self.shared.gate.book_job(tenant, job_key, park_after).await {
+            Booking::Now => (Instant::now(), Duration::ZERO),
+            Booking::Ticket(parked) => (Instant::now(), parked),
+            Booking::After(wait) => (Instant::now() + wait, Duration::ZERO),
+            Booking::Parked(wait) => {
+                self.shared
+                    .gate
+                    .metrics()
+                    .jobs_parked
+                    .with_label_values(&["rate_limit"])
+                    .inc();
+                return Err(NotQueued::Parked(wait));
+            }
+        };
         let (tx, rx) = oneshot::channel();
         {
             let mut q = self.shared.lock();
             let queues = &mut *q;
             let queue = queues.tenants.entry(tenant.to_owned()).or_default();
-            if queue.len() >= max_queued {
-                // Jobs that stopped waiting (deadline, shutdown) do not hold places.
-                for lane in &mut queue.lanes {
-                    lane.retain(|w| !w.tx.is_closed());
-                }
-                if queue.len() >= max_queued {
-                    return Err(QueueFull);
-                }
-            }
             if !queues.ring.iter().any(|t| t == tenant) {
                 queues.ring.push_back(tenant.to_owned());
             }
+            queue.slots.push(Reverse(slot_at));
             queue.lanes[lane(priority)].push_back(Waiter {
                 tx,
-                priority,
-                enqueued: Instant::now(),
+                enqueued,
+                parked,
             });
         }
         self.shared.wake.notify_one();
@@ -145,6 +197,30 @@ impl Scheduler {
         // Decremented however the wait ends, including when the job gives up waiting.
         let _counted = scopeguard(|| queued.dec());
         Ok(rx.await.ok())
+    }
+
+    /// Whether the tenant's queue is below its bound: its own `max_queued`, else a fair share
+    /// of the in-flight bound among the tenants with jobs queued here, plus one.
+    fn has_room(&self, tenant: &str) -> bool {
+        let configured = self.shared.gate.tenants().get(tenant).max_queued;
+        let mut q = self.shared.lock();
+        let others = q
+            .tenants
+            .iter()
+            .filter(|(name, queue)| name.as_str() != tenant && queue.len() > 0)
+            .count();
+        let bound = configured
+            .unwrap_or_else(|| (self.shared.max_inflight / (others + 2)).max(MIN_FAIR_SHARE));
+        let Some(queue) = q.tenants.get_mut(tenant) else {
+            return true;
+        };
+        if queue.len() >= bound {
+            // Jobs that stopped waiting (deadline, shutdown) do not hold places.
+            for lane in &mut queue.lanes {
+                lane.retain(|w| !w.tx.is_closed());
+            }
+        }
+        queue.len() < bound
     }
 
     /// Jobs waiting for a slot, over all tenants.
@@ -178,13 +254,13 @@ impl Shared {
 }
 
 impl Queues {
-    /// The next waiter by weighted deficit round robin, skipping throttled tenants; otherwise
-    /// the earliest time a throttled tenant may go again.
+    /// The next waiter by weighted deficit round robin over the tenants whose earliest booked
+    /// slot has come, with that slot's time; otherwise the earliest time a slot comes.
     fn next(
         &mut self,
         now: Instant,
         weight: impl Fn(&str) -> u32,
-    ) -> Result<(String, Waiter), Option<Instant>> {
+    ) -> Result<(Waiter, Instant), Option<Instant>> {
         let mut earliest: Option<Instant> = None;
         let mut visits = 2 * self.ring.len();
         while visits > 0 {
@@ -197,14 +273,14 @@ impl Queues {
                 continue;
             };
             if queue.len() == 0 {
+                // Slots left by jobs that gave up are dropped with the queue.
                 self.ring.pop_front();
-                if queue.throttled_until.is_none_or(|t| t <= now) {
-                    self.tenants.remove(&name);
-                }
+                self.tenants.remove(&name);
                 continue;
             }
-            if let Some(until) = queue.throttled_until.filter(|t| *t > now) {
-                earliest = Some(earliest.map_or(until, |e| e.min(until)));
+            let slot = queue.slots.peek().map_or(now, |Reverse(at)| *at);
+            if slot > now {
+                earliest = Some(earliest.map_or(slot, |e| e.min(slot)));
                 self.ring.rotate_left(1);
                 continue;
             }
@@ -215,29 +291,20 @@ impl Queues {
             let Some(waiter) = queue.pop() else {
                 continue;
             };
+            queue.slots.pop();
             if queue.deficit == 0 {
                 self.ring.rotate_left(1);
             }
-            return Ok((name, waiter));
+            return Ok((waiter, slot));
         }
         Err(earliest)
-    }
-
-    /// Puts a waiter back at the head of its lane and holds its tenant back until `until`.
-    fn throttle(&mut self, tenant: &str, waiter: Waiter, until: Instant) {
-        let queue = self.tenants.entry(tenant.to_owned()).or_default();
-        if queue.len() == 0 && !self.ring.iter().any(|t| t == tenant) {
-            self.ring.push_back(tenant.to_owned());
-        }
-        queue.push_front(waiter);
-        queue.throttled_until = Some(until);
-        queue.last_throttled = Some(Instant::now());
     }
 }
 
 async fn dispatch(shared: Arc<Shared>, slots: Arc<Semaphore>, stop: CancellationToken) {
     let tenants = shared.gate.tenants().clone();
     let weight = |name: &str| tenants.get(name).weight;
+    let metrics = shared.gate.metrics();
     loop {
         let permit = tokio::select! {
             () = stop.cancelled() => return,
@@ -249,7 +316,7 @@ async fn dispatch(shared: Arc<Shared>, slots: Arc<Semaphore>, stop: Cancellation
         let mut permit = Some(permit);
         while let Some(slot_permit) = permit.take() {
             let next = shared.lock().next(Instant::now(), weight);
-            let (tenant, waiter) = match next {
+            let (waiter, slot_at) = match next {
                 Ok(found) => found,
                 Err(earliest) => {
                     let wake_at =
@@ -268,23 +335,31 @@ async fn dispatch(shared: Arc<Shared>, slots: Arc<Semaphore>, stop: Cancellation
                 permit = Some(slot_permit);
                 continue;
             }
-            if let Some(wait) = shared.gate.admit_job(&tenant).await {
-                shared
-                    .lock()
-                    .throttle(&tenant, waiter, Instant::now() + wait);
-                permit = Some(slot_permit);
-                continue;
+            let now = Instant::now();
+            let turn = slot_at.max(waiter.enqueued);
+            let waited = Waited {
+                rate: turn.saturating_duration_since(waiter.enqueued),
+                run_slot: now.saturating_duration_since(turn),
+                parked: waiter.parked,
+            };
+            for (reason, wait) in [
+                ("tenant_rate", waited.rate),
+                ("run_slot", waited.run_slot),
+                ("parked", waited.parked),
+            ] {
+                if !wait.is_zero() {
+                    metrics
+                        .job_wait
+                        .with_label_values(&[reason])
+                        .observe(wait.as_secs_f64());
+                }
             }
-            let throttled = shared
-                .lock()
-                .tenants
-                .get(&tenant)
-                .and_then(|q| q.last_throttled)
-                .is_some_and(|t| t > waiter.enqueued);
             let slot = RunSlot {
                 _permit: slot_permit,
-                queued: waiter.enqueued.elapsed(),
-                throttled,
+                queued: now.duration_since(waiter.enqueued) + waiter.parked,
+                // Held back by its tenant's limit: a booked slot it had to wait for (beyond a
+                // millisecond of scheduling), or parked.
+                throttled: waited.rate > Duration::from_millis(1) || !waited.parked.is_zero(),
             };
             if let Err(slot) = waiter.tx.send(slot) {
                 permit = Some(slot._permit);
@@ -297,30 +372,24 @@ async fn dispatch(shared: Arc<Shared>, slots: Arc<Semaphore>, stop: Cancellation
 mod tests {
     use super::*;
 
-    fn waiter(priority: Priority) -> (Waiter, oneshot::Receiver<RunSlot>) {
-        let (tx, rx) = oneshot::channel();
-        (
-            Waiter {
-                tx,
-                priority,
-                enqueued: Instant::now(),
-            },
-            rx,
-        )
-    }
-
     fn queues(jobs: &[(&str, Priority, usize)]) -> (Queues, Vec<oneshot::Receiver<RunSlot>>) {
         let mut q = Queues::default();
         let mut keep = Vec::new();
+        let now = Instant::now();
         for &(tenant, priority, n) in jobs {
             for _ in 0..n {
-                let (w, rx) = waiter(priority);
+                let (tx, rx) = oneshot::channel();
                 keep.push(rx);
                 let queue = q.tenants.entry(tenant.to_owned()).or_default();
                 if queue.len() == 0 {
                     q.ring.push_back(tenant.to_owned());
                 }
-                queue.lanes[lane(priority)].push_back(w);
+                queue.slots.push(Reverse(now));
+                queue.lanes[lane(priority)].push_back(Waiter {
+                    tx,
+                    enqueued: now,
+                    parked: Duration::ZERO,
+                });
             }
         }
         (q, keep)
@@ -330,34 +399,46 @@ mod tests {
     fn slots_are_shared_by_weight() {
         let (mut q, _rx) = queues(&[("a", Priority::Normal, 100), ("b", Priority::Normal, 100)]);
         let weight = |t: &str| if t == "a" { 3 } else { 1 };
-        let picks: Vec<String> = (0..40)
-            .map(|_| q.next(Instant::now(), weight).ok().unwrap().0)
-            .collect();
-        let a = picks.iter().filter(|t| *t == "a").count();
-        assert_eq!(a, 30, "weight 3 against 1: {picks:?}");
+        for _ in 0..40 {
+            q.next(Instant::now(), weight).ok().unwrap();
+        }
+        let left_a = q.tenants["a"].len();
+        let left_b = q.tenants["b"].len();
+        assert_eq!((100 - left_a, 100 - left_b), (30, 10), "weight 3 against 1");
     }
 
     #[test]
     fn high_priority_goes_first_within_a_tenant() {
         let (mut q, _rx) = queues(&[("a", Priority::Low, 3), ("a", Priority::High, 2)]);
-        let first: Vec<Priority> = (0..5)
-            .map(|_| q.next(Instant::now(), |_| 1).ok().unwrap().1.priority)
-            .collect();
-        assert_eq!(first[..2], [Priority::High, Priority::High]);
+        for _ in 0..2 {
+            q.next(Instant::now(), |_| 1).ok().unwrap();
+        }
+        let a = &q.tenants["a"];
+        assert_eq!(
+            (a.lanes[0].len(), a.lanes[2].len()),
+            (0, 3),
+            "both high first"
+        );
     }
 
     #[test]
-    fn a_throttled_tenant_is_skipped_until_its_time() {
-        let (mut q, _rx) = queues(&[("a", Priority::Normal, 5), ("b", Priority::Normal, 5)]);
+    fn a_tenant_waits_for_its_booked_slot_while_others_go() {
+        let (mut q, _rx) = queues(&[("a", Priority::Normal, 2), ("b", Priority::Normal, 5)]);
         let now = Instant::now();
-        let (tenant, w) = q.next(now, |_| 1).ok().unwrap();
-        assert_eq!(tenant, "a");
-        q.throttle("a", w, now + Duration::from_secs(1));
+        let later = now + Duration::from_secs(1);
+        // Tenant a's jobs booked slots a second out.
+        let a = q.tenants.get_mut("a").unwrap();
+        a.slots.clear();
+        a.slots.push(Reverse(later));
+        a.slots.push(Reverse(later + Duration::from_millis(10)));
         for _ in 0..5 {
-            assert_eq!(q.next(now, |_| 1).ok().unwrap().0, "b");
+            q.next(now, |_| 1).ok().unwrap();
         }
+        assert_eq!(q.tenants["b"].len(), 0, "b's jobs all went while a waited");
+        assert_eq!(q.tenants["a"].len(), 2);
         let until = q.next(now, |_| 1).err().flatten().unwrap();
-        assert_eq!(until, now + Duration::from_secs(1));
-        assert_eq!(q.next(until, |_| 1).ok().unwrap().0, "a");
+        assert_eq!(until, later);
+        let (_, slot) = q.next(later, |_| 1).ok().unwrap();
+        assert_eq!(slot, later);
     }
 }

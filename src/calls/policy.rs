@@ -2,7 +2,8 @@
 //! [`Calls::call_chain`] (the alias, then its fallbacks) -> [`Calls::try_target`] (cache, then
 //! attempts) -> per attempt: deadline, circuit, [`Calls::admit`] (gate), [`Calls::attempt`]
 //! (timeout, HTTP call, breaker, settlement, metrics) and [`Calls::after_failure`] (retry here
-//! after a backoff, or move on).
+//! after a backoff, or move on). Transient failures of every target send the call round the
+//! chain again after a wait, until the deadline or `retry.max_elapsed_ms`.
 //!
 //! It ends in success or in a failure that carries every target's last error, so a dead letter
 //! can say exactly what was tried. The job's deadline bounds the whole loop.
@@ -93,7 +94,8 @@ impl Target<'_> {
 /// How trying one target ended.
 enum TargetEnd {
     Answered(CallOutcome),
-    /// Move on to the next target; the error that ended this one, if any was seen.
+    /// Move on to the next target; the error that ended this one, if any was seen (none when
+    /// its retry budget allowed no attempt this round).
     Failed(Option<ProviderError>),
     /// The whole call ends here (deadline, budget).
     Stop(CallFailure),
@@ -103,8 +105,6 @@ enum TargetEnd {
 enum AfterFailure {
     RetryAfter(Duration),
     MoveOn,
-    /// The wait before the next attempt would outlast the job's deadline.
-    Deadline,
 }
 
 impl Calls {
@@ -150,46 +150,109 @@ impl Calls {
         chain
     }
 
+    /// Rounds over `alias` and its fallbacks. Each round gives every target that can still
+    /// serve the request up to `retry.max_attempts` attempts; when all of them failed on
+    /// transient errors (rate limits, 5xx, timeouts, broken connections, an open circuit, a
+    /// spent retry budget), the call waits (backoff, at least the provider's `Retry-After`)
+    /// and goes round again, until the job's deadline or `retry.max_elapsed_ms` of the first
+    /// target's provider. A target that answers with an error no retry can fix (auth, bad
+    /// request, content filter, context length) leaves the chain; when none is left the call
+    /// fails at once.
     async fn call_chain(
         &self,
         alias: &str,
         request: &impl Fn(&ModelPlan) -> ChatRequest,
         scope: &CallScope<'_>,
     ) -> Result<CallOutcome, CallFailure> {
+        let started = Instant::now();
+        let targets: Vec<Target<'_>> = self
+            .chain(alias)
+            .into_iter()
+            .enumerate()
+            .filter_map(|(position, target_alias)| {
+                let model = self.model(target_alias)?;
+                let provider = self.providers.target(&model.provider)?;
+                Some(Target {
+                    alias: target_alias,
+                    model,
+                    provider,
+                    breaker: self.circuit(&model.provider, &model.model),
+                    retry_budget: self.retry_budgets.get(&model.provider),
+                    request: request(model),
+                    degraded: position > 0,
+                })
+            })
+            .collect();
         let mut attempts = 0u32;
-        let mut errors = Vec::new();
-        for (position, target_alias) in self.chain(alias).into_iter().enumerate() {
-            let Some(model) = self.model(target_alias) else {
-                continue;
-            };
-            let Some(provider) = self.providers.target(&model.provider) else {
-                continue;
-            };
-            let target = Target {
-                alias: target_alias,
-                model,
-                provider,
-                breaker: self.circuit(&model.provider, &model.model),
-                retry_budget: self.retry_budgets.get(&model.provider),
-                request: request(model),
-                degraded: position > 0,
-            };
-            match self.try_target(&target, scope, &mut attempts).await {
-                TargetEnd::Answered(outcome) => return Ok(outcome),
-                TargetEnd::Failed(Some(error)) => errors.push((target.alias.to_owned(), error)),
-                TargetEnd::Failed(None) => {}
-                TargetEnd::Stop(failure) => return Err(failure),
+        let mut errors: Vec<(String, ProviderError)> = Vec::new();
+        let Some(policy) = targets.first().map(|t| t.provider.retry.clone()) else {
+            return Err(CallFailure::AllTargetsFailed { attempts, errors });
+        };
+        let mut out_of_chain = vec![false; targets.len()];
+        let mut round = 0u32;
+        loop {
+            let mut retry_after = Duration::ZERO;
+            for (target, out) in targets.iter().zip(out_of_chain.iter_mut()) {
+                if *out {
+                    continue;
+                }
+                let error = match self.try_target(target, scope, &mut attempts, round).await {
+                    TargetEnd::Answered(outcome) => return Ok(outcome),
+                    TargetEnd::Stop(failure) => return Err(failure),
+                    TargetEnd::Failed(None) => continue,
+                    TargetEnd::Failed(Some(error)) => error,
+                };
+                match error.action() {
+                    ErrorAction::NextTarget if !matches!(error, ProviderError::CircuitOpen) => {
+                        *out = true
+                    }
+                    ErrorAction::RetrySameTarget { after: Some(after) } => {
+                        retry_after = retry_after.max(after.min(MAX_RETRY_AFTER))
+                    }
+                    _ => {}
+                }
+                match errors.iter_mut().find(|(a, _)| a == target.alias) {
+                    Some(seen) => seen.1 = error,
+                    None => errors.push((target.alias.to_owned(), error)),
+                }
             }
+            if out_of_chain.iter().all(|out| *out) {
+                return Err(CallFailure::AllTargetsFailed { attempts, errors });
+            }
+            round = round.saturating_add(1);
+            let wait = backoff(&policy, round).max(retry_after);
+            if started.elapsed() + wait > policy.max_elapsed {
+                tracing::warn!(
+                    model = alias,
+                    attempts,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "giving up on the call after retry.max_elapsed_ms of transient failures"
+                );
+                return Err(CallFailure::AllTargetsFailed { attempts, errors });
+            }
+            if let Some(left) = remaining(scope.deadline).filter(|left| *left < wait) {
+                // Not before the deadline: the provider may recover until then.
+                tokio::time::sleep(left).await;
+                return Err(CallFailure::DeadlineExceeded { attempts });
+            }
+            tracing::debug!(
+                model = alias,
+                round,
+                wait_ms = wait.as_millis() as u64,
+                "every target failed transiently; going round the chain again"
+            );
+            tokio::time::sleep(wait).await;
         }
-        Err(CallFailure::AllTargetsFailed { attempts, errors })
     }
 
-    /// The cache, then up to `retry.max_attempts` attempts on one target.
+    /// The cache, then up to `retry.max_attempts` attempts on one target. In rounds after the
+    /// first every attempt is a retry, paid for from the provider's retry budget.
     async fn try_target(
         &self,
         target: &Target<'_>,
         scope: &CallScope<'_>,
         attempts: &mut u32,
+        round: u32,
     ) -> TargetEnd {
         let cache_key = self
             .cache
@@ -226,6 +289,9 @@ impl Calls {
                 last.get_or_insert(ProviderError::CircuitOpen);
                 break;
             }
+            if attempt == 0 && round > 0 && !self.withdraw_retry(target) {
+                break;
+            }
             // Limits and budget come before the attempt and its timeout: waiting for them is
             // not time the provider gets.
             let reservation = match self.admit(target, scope, &prompt_tokens).await {
@@ -247,7 +313,7 @@ impl Calls {
                 break;
             }
             *attempts += 1;
-            if attempt == 0 {
+            if attempt == 0 && round == 0 {
                 if let Some(budget) = target.retry_budget {
                     budget.deposit();
                 }
@@ -265,11 +331,6 @@ impl Calls {
                     match next {
                         AfterFailure::RetryAfter(delay) => tokio::time::sleep(delay).await,
                         AfterFailure::MoveOn => break,
-                        AfterFailure::Deadline => {
-                            return TargetEnd::Stop(CallFailure::DeadlineExceeded {
-                                attempts: *attempts,
-                            })
-                        }
                     }
                 }
             }
@@ -345,7 +406,8 @@ impl Calls {
     }
 
     /// Classifies a failed attempt: retry this target after a delay (`Retry-After` or
-    /// backoff, while the retry budget allows), or move on to the next target.
+    /// backoff, while the retry budget allows; cut to what is left of the deadline, so the call
+    /// ends as late as it may), or move on to the next target.
     fn after_failure(
         &self,
         target: &Target<'_>,
@@ -356,17 +418,7 @@ impl Calls {
         let ErrorAction::RetrySameTarget { after } = error.action() else {
             return AfterFailure::MoveOn;
         };
-        if attempt + 1 == target.provider.retry.max_attempts {
-            return AfterFailure::MoveOn;
-        }
-        if target.retry_budget.is_some_and(|b| !b.try_withdraw()) {
-            // The provider's retry budget is spent (it is failing a lot): no extra load on it;
-            // the fallbacks get the call.
-            self.metrics
-                .ratelimit_throttled
-                .with_label_values(&["retry_budget"])
-                .inc();
-            tracing::debug!(provider = %target.provider.name, "retry budget exhausted; moving on");
+        if attempt + 1 == target.provider.retry.max_attempts || !self.withdraw_retry(target) {
             return AfterFailure::MoveOn;
         }
         let delay = match after {
@@ -374,10 +426,22 @@ impl Calls {
             Some(d) => d,
             None => backoff(&target.provider.retry, attempt),
         };
-        if remaining(deadline).is_some_and(|left| left < delay) {
-            return AfterFailure::Deadline;
+        AfterFailure::RetryAfter(remaining(deadline).map_or(delay, |left| left.min(delay)))
+    }
+
+    /// Takes one retry from the target provider's retry budget; when it is spent (the provider
+    /// is failing a lot) the call adds no load to it now: its fallbacks get the call, or the
+    /// chain waits for its next round.
+    fn withdraw_retry(&self, target: &Target<'_>) -> bool {
+        if target.retry_budget.is_none_or(RetryBudget::try_withdraw) {
+            return true;
         }
-        AfterFailure::RetryAfter(delay)
+        self.metrics
+            .ratelimit_throttled
+            .with_label_values(&["retry_budget"])
+            .inc();
+        tracing::debug!(provider = %target.provider.name, "retry budget exhausted; moving on");
+        false
     }
 
     /// A call skipped because the target's breaker is open.
@@ -463,6 +527,7 @@ mod tests {
     fn backoff_stays_under_its_exponential_ceiling() {
         let policy = RetryPolicy {
             max_attempts: 5,
+            max_elapsed: Duration::from_secs(60),
             base_delay: Duration::from_millis(100),
             max_delay: Duration::from_millis(1000),
             budget_ratio: 0.5,

@@ -63,6 +63,7 @@ mod tests {
     fn retries_are_capped_at_the_ratio_of_first_attempts() {
         let budget = RetryBudget::new(&RetryPolicy {
             max_attempts: 10,
+            max_elapsed: Duration::from_secs(60),
             base_delay: Duration::ZERO,
             max_delay: Duration::ZERO,
             budget_ratio: 0.2,

@@ -53,6 +53,7 @@ pub struct NatsSourcePlan {
     pub consumer: String,
     pub ack_wait: Duration,
     pub max_deliver: i64,
+    pub max_ack_pending: i64,
     pub batch: usize,
 }
 
@@ -110,6 +111,8 @@ pub struct KafkaSourcePlan {
     pub topic: String,
     /// What vouches for a job's tenant (`tenant_from`).
     pub tenant_from: TenantFrom,
+    /// Where throttled jobs are parked until their turn (`source.delay_topic`).
+    pub delay_topic: Option<String>,
     /// librdkafka properties passed through verbatim (they win over switchyard's defaults,
     /// except the ones at-least-once delivery depends on).
     pub librdkafka: Vec<(String, String)>,
@@ -200,6 +203,8 @@ pub struct Limits {
     pub max_running_jobs: usize,
     /// Intake resumes below this many in-flight jobs after reaching `max_inflight_jobs`.
     pub resume_at: usize,
+    /// Throttled jobs whose turn is further off than this are parked outside the process.
+    pub park_after: Duration,
     pub max_job_bytes: usize,
     pub max_response_bytes: usize,
     pub drain_timeout: Duration,
@@ -217,7 +222,10 @@ pub struct CircuitPolicy {
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RetryPolicy {
+    /// Attempts on one target per round of the fallback chain.
     pub max_attempts: u32,
+    /// How long a call goes on retrying transient failures, round after round.
+    pub max_elapsed: Duration,
     pub base_delay: Duration,
     pub max_delay: Duration,
     pub budget_ratio: f64,
@@ -311,7 +319,9 @@ pub struct TenantPlan {
     pub budget_usd_per_day: Option<f64>,
     pub budget_usd_per_month: Option<f64>,
     pub weight: u32,
-    pub max_queued: usize,
+    /// The bound of the tenant's queue on one replica; `None`: a fair share of
+    /// `limits.max_inflight_jobs` among the tenants with jobs queued (see the scheduler).
+    pub max_queued: Option<usize>,
 }
 
 #[derive(Debug, Clone)]

@@ -144,6 +144,12 @@ pub enum RawSource {
         /// (the message key must name the same tenant).
         #[serde(default)]
         tenant_from: Option<String>,
+        /// Where jobs held back by their tenant's rate limit are parked until their turn
+        /// (written and confirmed before the job's offset is committed, read back when due).
+        /// switchyard creates no topic: create it like the jobs topic. Unset: such jobs wait
+        /// in the process, holding in-flight slots.
+        #[serde(default)]
+        delay_topic: Option<String>,
     },
     /// A durable JetStream pull consumer, shared by all replicas (queue semantics).
     Nats {
@@ -163,6 +169,11 @@ pub enum RawSource {
         ack_wait_ms: u64,
         #[serde(default = "default_max_deliver")]
         max_deliver: i64,
+        /// Messages delivered and not yet acked, parked ones included (JetStream stops
+        /// delivering at this bound; its own default of 1,000 would let a parked backlog stall
+        /// every tenant).
+        #[serde(default = "default_max_ack_pending")]
+        max_ack_pending: i64,
         /// Messages fetched per pull request.
         #[serde(default = "default_batch")]
         batch: usize,
@@ -213,6 +224,9 @@ fn default_ack_wait_ms() -> u64 {
 /// a job that was handed back on its last allowed delivery.
 fn default_max_deliver() -> i64 {
     -1
+}
+fn default_max_ack_pending() -> i64 {
+    50_000
 }
 fn default_batch() -> usize {
     16
@@ -388,6 +402,9 @@ pub struct RawLimits {
     pub max_running_jobs: usize,
     /// Intake resumes once in-flight jobs fall below this fraction of `max_inflight_jobs`.
     pub resume_below: f64,
+    /// A job whose tenant's rate limit puts its turn further off than this leaves the line
+    /// (JetStream: nak with that delay; Kafka: the delay topic) instead of holding a slot.
+    pub park_after_ms: u64,
     pub max_job_bytes: usize,
     pub max_response_bytes: usize,
     pub drain_timeout_ms: u64,
@@ -399,6 +416,7 @@ impl Default for RawLimits {
             max_inflight_jobs: 1024,
             max_running_jobs: 256,
             resume_below: 0.8,
+            park_after_ms: 1_000,
             max_job_bytes: 1024 * 1024,
             max_response_bytes: 4 * 1024 * 1024,
             drain_timeout_ms: 30_000,
@@ -460,7 +478,11 @@ pub enum RawProvider {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawRetry {
+    /// Attempts on one target in a round before the call moves on to its next fallback.
     pub max_attempts: u32,
+    /// How long a call keeps going round its targets after transient failures (the job's
+    /// deadline, when sooner, ends it first).
+    pub max_elapsed_ms: u64,
     pub base_delay_ms: u64,
     pub max_delay_ms: u64,
     /// Retries allowed per first attempt to this provider (a retry budget, so an outage adds
@@ -474,6 +496,7 @@ impl Default for RawRetry {
     fn default() -> Self {
         Self {
             max_attempts: 3,
+            max_elapsed_ms: 600_000,
             base_delay_ms: 200,
             max_delay_ms: 10_000,
             budget_ratio: 0.5,

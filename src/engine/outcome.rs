@@ -14,7 +14,7 @@ use super::claim::Held;
 use super::{
     seconds_since, Engine, Incoming, LeaseLost, Stopped, QUEUE_FULL_DEFER, QUEUE_FULL_RETRY,
 };
-use crate::admission::{CallScope, Gate, JobBudget, QueueFull, Refusal};
+use crate::admission::{CallScope, Gate, JobBudget, NotQueued, Refusal};
 use crate::config::{PipelinePlan, UnknownTenants};
 use crate::pipeline::{RunFailure, RunOutput};
 use crate::sink::OutputSink;
@@ -317,24 +317,36 @@ impl<K: OutputSink> Engine<K> {
                 None => std::future::pending().await,
             }
         };
+        let job_key = job.state_key();
         let admitted = async {
             loop {
                 match self
                     .scheduler
-                    .admit(job.tenant.as_str(), job.priority)
+                    .admit(job.tenant.as_str(), job.priority, &job_key, deferrable)
                     .await
                 {
                     Ok(Some(slot)) => return Ok(slot),
                     // The scheduler stopped: the process is shutting down and hands this back.
                     Ok(None) => std::future::pending::<()>().await,
-                    // The tenant's queue is full. Where the broker can redeliver later
-                    // (JetStream), give the message back with a delay so it frees its in-flight
-                    // slot for other tenants; otherwise wait outside the queue (still bounded
-                    // by the in-flight limit).
-                    Err(QueueFull) if deferrable => {
-                        return Err(Stopped::Deferred(QUEUE_FULL_DEFER))
+                    // Its turn under the tenant's rate limit is far off: the broker holds it
+                    // until then (its ticket lets it run at once when it comes back), freeing
+                    // its in-flight slot for other tenants. Not past the deadline, though: it
+                    // comes back just after it and ends as `deadline_exceeded` then.
+                    Err(NotQueued::Parked(wait)) => {
+                        return Err(Stopped::Deferred(until_deadline(job, wait)))
                     }
-                    Err(QueueFull) => tokio::time::sleep(QUEUE_FULL_RETRY).await,
+                    // The tenant's queue is full. Where the broker can redeliver later, give
+                    // the message back with a delay so it frees its in-flight slot for other
+                    // tenants; otherwise wait outside the queue (still bounded by the
+                    // in-flight limit).
+                    Err(NotQueued::QueueFull) if deferrable => {
+                        self.metrics
+                            .jobs_parked
+                            .with_label_values(&["queue_full"])
+                            .inc();
+                        return Err(Stopped::Deferred(until_deadline(job, QUEUE_FULL_DEFER)));
+                    }
+                    Err(NotQueued::QueueFull) => tokio::time::sleep(QUEUE_FULL_RETRY).await,
                 }
             }
         };
@@ -484,6 +496,16 @@ impl<K: OutputSink> Engine<K> {
             .collect::<Vec<_>>()
             .join(", ")
     }
+}
+
+/// `wait`, but not past the job's deadline by more than a moment: a job handed back to come
+/// again after its deadline would only come back to be dead-lettered late.
+fn until_deadline(job: &Job, wait: Duration) -> Duration {
+    let Some(deadline) = job.deadline else {
+        return wait;
+    };
+    let left = (deadline - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+    wait.min(left + Duration::from_millis(100))
 }
 
 /// `id` and `tenant` of a payload that failed validation, when they can still be read, so the

@@ -95,7 +95,12 @@ async fn a_job_whose_task_panics_is_dead_lettered_counted_and_acknowledged() {
     .with_gate(gate.clone());
     let runner = Runner::new(Arc::new(calls), Pools::new(&plan.pools), metrics.clone());
     let stop = CancellationToken::new();
-    let scheduler = Scheduler::start(gate, 4, &tasks, stop.clone());
+    let limits = crate::admission::SchedulerLimits {
+        max_running: 4,
+        max_inflight: 16,
+        park_after: std::time::Duration::from_secs(1),
+    };
+    let scheduler = Scheduler::start(gate, limits, &tasks, stop.clone());
     let engine = Engine::new(
         Arc::new(plan),
         runner,

@@ -46,8 +46,14 @@ pub trait Acknowledge: Send + Sync {
     /// leaves the offset uncommitted).
     fn hand_back(self: Box<Self>) -> BoxFuture<'static, ()>;
 
+    /// Whether this delivery still belongs to this consumer (Kafka: its partition was not
+    /// revoked since it was read).
+    fn still_ours(&self) -> bool {
+        true
+    }
+
     /// Whether the broker can redeliver this message after a delay without it counting against
-    /// a delivery limit it is close to (JetStream nak with delay); Kafka cannot.
+    /// a delivery limit it is close to (JetStream nak with delay; Kafka with a delay topic).
     fn can_defer(&self) -> bool {
         false
     }
@@ -83,6 +89,11 @@ impl AckHandle {
 
     pub fn can_defer(&self) -> bool {
         self.0.can_defer()
+    }
+
+    /// See [`Acknowledge::still_ours`].
+    pub fn still_ours(&self) -> bool {
+        self.0.still_ours()
     }
 
     /// See [`Acknowledge::last_delivery`].

@@ -64,6 +64,7 @@ impl NatsSource {
             ack_policy: AckPolicy::Explicit,
             ack_wait: plan.ack_wait,
             max_deliver: plan.max_deliver,
+            max_ack_pending: plan.max_ack_pending,
             ..Default::default()
         };
         let mut consumer: PullConsumer = stream
@@ -80,12 +81,13 @@ impl NatsSource {
         let current = &consumer.cached_info().config;
         if current.ack_wait != plan.ack_wait
             || current.max_deliver != plan.max_deliver
+            || current.max_ack_pending != plan.max_ack_pending
             || current.ack_policy != AckPolicy::Explicit
         {
-            tracing::info!(consumer = %plan.consumer, "updating the durable consumer to the configured ack_wait / max_deliver");
+            tracing::info!(consumer = %plan.consumer, "updating the durable consumer to the configured ack_wait / max_deliver / max_ack_pending");
             consumer = stream.update_consumer(config).await.map_err(|e| {
                 anyhow::anyhow!(
-                    "source.consumer: consumer {} exists with other settings (ack_wait, max_deliver) and cannot be updated: {e}",
+                    "source.consumer: consumer {} exists with other settings (ack_wait, max_deliver, max_ack_pending) and cannot be updated: {e}",
                     plan.consumer
                 )
             })?;

@@ -38,6 +38,23 @@ impl Rate {
     }
 }
 
+/// A job's place in its tenant's line, booked on a rate limiter (see [`MemoryCounters::book`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Booking {
+    /// Its slot is now.
+    Now,
+    /// It came back with the ticket it was parked with, this long ago: its slot is now.
+    Ticket(Duration),
+    /// Its slot comes after this wait; the job waits for it where it is.
+    After(Duration),
+    /// Its slot comes after this wait, too far off to hold the job meanwhile: a ticket is stored
+    /// under the job's name, so it runs at once when it comes back (see `ticket`).
+    Parked(Duration),
+}
+
+/// How long a parked job's ticket outlives its slot (a redelivery a little late still uses it).
+pub const TICKET_GRACE: Duration = Duration::from_secs(120);
+
 /// Reservation against a budget: whether it fitted and what is spent after it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Spend {
@@ -68,6 +85,8 @@ struct Inner {
     tats: HashMap<String, Instant>,
     /// Budget sums with their expiry.
     sums: HashMap<String, (f64, Instant)>,
+    /// Tickets of parked jobs: when each was parked, and its expiry.
+    tickets: HashMap<String, (Instant, Instant)>,
     ops: u64,
 }
 
@@ -96,6 +115,38 @@ impl MemoryCounters {
             .tats
             .insert(key.to_owned(), tat + rate.interval.mul_f64(cost.max(0.0)));
         None
+    }
+
+    /// Books one unit on the limiter `key` for a job: a job holding `ticket` (it was parked
+    /// with one) runs now without booking again; otherwise the next free slot is booked (the TAT
+    /// moves one interval on) and the wait until it is returned. A wait beyond `park_after`
+    /// stores the ticket, valid until the slot plus [`TICKET_GRACE`], and parks the job.
+    pub fn book(
+        &self,
+        key: &str,
+        ticket: &str,
+        rate: Rate,
+        park_after: Option<Duration>,
+    ) -> Booking {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        inner.sweep(now);
+        if let Some((parked, _)) = inner.tickets.remove(ticket).filter(|(_, t)| *t > now) {
+            return Booking::Ticket(now - parked);
+        }
+        let tat = inner.tats.get(key).copied().unwrap_or(now).max(now);
+        let wait = (tat - now).saturating_sub(rate.tolerance);
+        inner.tats.insert(key.to_owned(), tat + rate.interval);
+        if wait.is_zero() {
+            return Booking::Now;
+        }
+        if park_after.is_some_and(|after| wait > after) {
+            inner
+                .tickets
+                .insert(ticket.to_owned(), (now, now + wait + TICKET_GRACE));
+            return Booking::Parked(wait);
+        }
+        Booking::After(wait)
     }
 
     /// Moves the TAT by `delta` units (negative gives units back), never below now.
@@ -155,6 +206,7 @@ impl Inner {
         }
         self.tats.retain(|_, tat| *tat > now);
         self.sums.retain(|_, (_, expires)| *expires > now);
+        self.tickets.retain(|_, (_, expires)| *expires > now);
     }
 }
 
@@ -176,6 +228,35 @@ if new < now then new = now end
 local ttl = math.ceil(new - now + tolerance) + 1000
 redis.call('SET', KEYS[1], string.format('%.3f', new), 'PX', ttl)
 return -1
+";
+
+/// [`MemoryCounters::book`] in Lua. KEYS: the TAT, the ticket. ARGV: interval_ms,
+/// tolerance_ms, park_after_ms (negative: never park), ticket grace ms. Returns {kind, ms}:
+/// kind 0 now, 1 after `ms`, 2 parked for `ms`, 3 back on its ticket after `ms` parked.
+pub const BOOK: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local parked = redis.call('GET', KEYS[2])
+if parked then
+  redis.call('DEL', KEYS[2])
+  return {3, math.max(0, math.floor(now - tonumber(parked)))}
+end
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local park_after = tonumber(ARGV[3])
+local wait = math.ceil(tat - now - tolerance)
+local new = tat + interval
+redis.call('SET', KEYS[1], string.format('%.3f', new), 'PX', math.ceil(new - now + tolerance) + 1000)
+if wait <= 0 then
+  return {0, 0}
+end
+if park_after >= 0 and wait > park_after then
+  redis.call('SET', KEYS[2], string.format('%.3f', now), 'PX', wait + tonumber(ARGV[4]))
+  return {2, wait}
+end
+return {1, wait}
 ";
 
 /// Budget reservation in Lua. KEYS: day sum, month sum. ARGV: amount, day limit, month limit
@@ -222,6 +303,36 @@ mod tests {
             wait > Duration::from_millis(50) && wait <= Duration::from_millis(100),
             "{wait:?}"
         );
+    }
+
+    #[test]
+    fn booking_takes_the_next_slot_and_parks_beyond_the_horizon() {
+        let c = MemoryCounters::default();
+        let r = rate(10.0, 0);
+        let park = Some(Duration::from_millis(250));
+        assert_eq!(c.book("k", "j1", r, park), Booking::Now);
+        // Each booking takes its own slot: 100 ms, then 200 ms out.
+        let Booking::After(w2) = c.book("k", "j2", r, park) else {
+            panic!("second job waits");
+        };
+        let Booking::After(w3) = c.book("k", "j3", r, park) else {
+            panic!("third job waits");
+        };
+        assert!(w2 > Duration::from_millis(90) && w2 <= Duration::from_millis(100));
+        assert!(w3 > Duration::from_millis(190) && w3 <= Duration::from_millis(200));
+        // 300 ms out is past the horizon: parked, with a ticket.
+        let Booking::Parked(w4) = c.book("k", "j4", r, park) else {
+            panic!("fourth job parks");
+        };
+        assert!(w4 > Duration::from_millis(290), "{w4:?}");
+        // Back with its ticket, it runs at once and books nothing more; the ticket is used up.
+        assert!(matches!(c.book("k", "j4", r, park), Booking::Ticket(_)));
+        let Booking::Parked(w5) = c.book("k", "j4", r, park) else {
+            panic!("a used ticket is gone");
+        };
+        assert!(w5 > w4, "the next slot is after the parked one: {w5:?}");
+        // A source that cannot park waits however long.
+        assert!(matches!(c.book("k", "j6", r, None), Booking::After(_)));
     }
 
     #[test]

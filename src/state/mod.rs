@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use self::counters::{BudgetKeys, Rate, Spend};
+pub use self::counters::{Booking, BudgetKeys, Rate, Spend};
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;
 use crate::config::{RedisUrl, StateKind, StatePlan};
@@ -225,6 +225,22 @@ impl StateStore {
         let result = match &self.backend {
             Backend::Memory(m) => Ok(m.counters().throttle(key, cost, rate)),
             Backend::Redis(r) => r.gcra(key, cost, rate, true).await,
+        };
+        self.track(result)
+    }
+
+    /// Books a job's slot on the rate limiter `key` (see [`Booking`]); `ticket` names the job
+    /// (it must share `key`'s Redis Cluster hash tag). Shared by every replica with Redis.
+    pub async fn book(
+        &self,
+        key: &str,
+        ticket: &str,
+        rate: Rate,
+        park_after: Option<Duration>,
+    ) -> Result<Booking, StateError> {
+        let result = match &self.backend {
+            Backend::Memory(m) => Ok(m.counters().book(key, ticket, rate, park_after)),
+            Backend::Redis(r) => r.book(key, ticket, rate, park_after).await,
         };
         self.track(result)
     }

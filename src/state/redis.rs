@@ -74,6 +74,7 @@ pub struct RedisStore {
     complete: Script,
     release: Script,
     gcra: Script,
+    book: Script,
     spend: Script,
 }
 
@@ -395,6 +396,7 @@ impl RedisStore {
             complete: Script::new(COMPLETE),
             release: Script::new(RELEASE),
             gcra: Script::new(super::counters::GCRA),
+            book: Script::new(super::counters::BOOK),
             spend: Script::new(super::counters::SPEND),
         })
     }
@@ -500,6 +502,35 @@ impl RedisStore {
             .query_async::<()>(&mut conn)
             .await
             .map_err(unavailable)
+    }
+
+    /// See [`super::counters::MemoryCounters::book`]. Both keys carry the caller's hash tag.
+    pub async fn book(
+        &self,
+        key: &str,
+        ticket: &str,
+        rate: super::Rate,
+        park_after: Option<Duration>,
+    ) -> Result<super::Booking, StateError> {
+        let mut conn = self.conn.clone();
+        let (kind, wait_ms): (i64, u64) = self
+            .book
+            .key(format!("{}rate:{key}", self.prefix))
+            .key(format!("{}ticket:{ticket}", self.prefix))
+            .arg(rate.interval.as_secs_f64() * 1000.0)
+            .arg(rate.tolerance.as_secs_f64() * 1000.0)
+            .arg(park_after.map_or(-1, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
+            .arg(millis(super::counters::TICKET_GRACE))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let wait = Duration::from_millis(wait_ms);
+        Ok(match kind {
+            0 => super::Booking::Now,
+            2 => super::Booking::Parked(wait),
+            3 => super::Booking::Ticket(wait),
+            _ => super::Booking::After(wait),
+        })
     }
 
     /// GCRA throttle (`check`) or adjustment; the wait when throttled.

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub budget_remaining: GaugeVec,
     pub budget_limit: GaugeVec,
     pub tenant_queued: IntGauge,
+    pub job_wait: HistogramVec,
+    pub jobs_parked: IntCounterVec,
     pub intake_pauses: IntCounter,
     pub job_panics: IntCounter,
     pub cache_requests: IntCounterVec,
@@ -112,6 +114,14 @@ impl Metrics {
                 &["tenant", "period"],
             )?,
             tenant_queued: IntGauge::with_opts(opts("scheduler_queued_jobs", "Jobs holding their claim and waiting for a run slot in their tenant's queue."))?,
+            job_wait: HistogramVec::new(
+                histogram("job_wait_seconds", "Why a job waited before its pipeline ran, per job and reason: tenant_rate (for its turn under its tenant's requests per second), run_slot (for a free run slot once its turn had come), parked (handed back to the broker until its turn: nak with delay or the Kafka delay topic). Waits of zero are not observed."),
+                &["reason"],
+            )?,
+            jobs_parked: IntCounterVec::new(
+                opts("jobs_parked_total", "Jobs handed back to the broker to come again later instead of waiting in the process, by reason (rate_limit: their turn was more than limits.park_after_ms off; queue_full: their tenant's queue was at its bound)."),
+                &["reason"],
+            )?,
             job_panics: IntCounter::with_opts(opts(
                 "job_panics_total",
                 "Job tasks that panicked; each such job was dead-lettered as internal (a bug to report).",
@@ -152,6 +162,8 @@ impl Metrics {
         m.registry.register(Box::new(m.budget_remaining.clone()))?;
         m.registry.register(Box::new(m.budget_limit.clone()))?;
         m.registry.register(Box::new(m.tenant_queued.clone()))?;
+        m.registry.register(Box::new(m.job_wait.clone()))?;
+        m.registry.register(Box::new(m.jobs_parked.clone()))?;
         m.registry.register(Box::new(m.intake_pauses.clone()))?;
         m.registry.register(Box::new(m.job_panics.clone()))?;
         m.registry.register(Box::new(m.cache_requests.clone()))?;

@@ -16,6 +16,7 @@ pub(super) fn source_plan(p: &mut Problems, source: RawSource) -> SourcePlan {
             librdkafka,
             librdkafka_env,
             tenant_from,
+            delay_topic,
         } => {
             let tenant_from = match tenant_from.as_deref() {
                 None | Some("payload") => TenantFrom::Payload,
@@ -34,11 +35,21 @@ pub(super) fn source_plan(p: &mut Problems, source: RawSource) -> SourcePlan {
             non_empty(p, "source.brokers", &brokers);
             non_empty(p, "source.group", &group);
             non_empty(p, "source.topic", &topic);
+            if let Some(delay) = &delay_topic {
+                non_empty(p, "source.delay_topic", delay);
+                if *delay == topic {
+                    p.add(
+                        "source.delay_topic",
+                        "must differ from source.topic (parked jobs would be read as new ones)",
+                    );
+                }
+            }
             SourcePlan::Kafka(KafkaSourcePlan {
                 brokers,
                 group,
                 topic,
                 tenant_from,
+                delay_topic,
                 librdkafka: kafka_properties(p, "source", librdkafka, &librdkafka_env),
                 librdkafka_env: secret_env(p, "source", librdkafka_env),
             })
@@ -51,6 +62,7 @@ pub(super) fn source_plan(p: &mut Problems, source: RawSource) -> SourcePlan {
             consumer,
             ack_wait_ms,
             max_deliver,
+            max_ack_pending,
             batch,
             auth,
             tls,
@@ -93,6 +105,12 @@ pub(super) fn source_plan(p: &mut Problems, source: RawSource) -> SourcePlan {
                 p.add("source.max_deliver", "must be -1 (unlimited) or at least 1");
             }
             positive(p, "source.batch", batch as u64);
+            if max_ack_pending < 1 {
+                p.add(
+                    "source.max_ack_pending",
+                    "must be at least 1 (parked jobs count against it: size it to the backlog)",
+                );
+            }
             SourcePlan::Nats(NatsSourcePlan {
                 url,
                 access,
@@ -102,6 +120,7 @@ pub(super) fn source_plan(p: &mut Problems, source: RawSource) -> SourcePlan {
                 consumer,
                 ack_wait: Duration::from_millis(ack_wait_ms),
                 max_deliver,
+                max_ack_pending,
                 batch,
             })
         }
@@ -221,6 +240,22 @@ pub(super) fn outputs_apart_from_jobs(p: &mut Problems, source: &SourcePlan, sin
         SourcePlan::Nats(n) => n.subjects.first().cloned().unwrap_or_default(),
     };
     let outputs = sink.topics();
+    if let SourcePlan::Kafka(k) = source {
+        if let Some(delay) = &k.delay_topic {
+            for (field, topic) in [
+                ("results", &outputs.results),
+                ("review", &outputs.review),
+                ("dlq", &outputs.dlq),
+            ] {
+                if topic == delay {
+                    p.add(
+                        format!("sink.topics.{field}"),
+                        format!("`{topic}` is also source.delay_topic: outputs would be read back as parked jobs"),
+                    );
+                }
+            }
+        }
+    }
     for (field, topic) in [
         ("results", &outputs.results),
         ("review", &outputs.review),

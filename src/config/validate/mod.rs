@@ -46,7 +46,17 @@ pub(super) fn validate(raw: RawConfig) -> Result<Plan, Vec<String>> {
     let pools = service::pools_plan(p, raw.pools);
     let http_listen = io::http_listen(p, &raw.http.listen);
     let log = service::log_plan(p, raw.log);
-    let tenants = tenants::tenants_plan(p, raw.tenants, limits.max_inflight_jobs);
+    let tenants = tenants::tenants_plan(p, raw.tenants);
+    if let SourcePlan::Kafka(k) = &source {
+        let limited =
+            tenants.default.rps.is_some() || tenants.named.values().any(|t| t.rps.is_some());
+        if limited && k.delay_topic.is_none() {
+            p.warn(
+                "source.delay_topic",
+                "not set: on Kafka, jobs held back by their tenant's rps limit wait in the process and hold in-flight slots (other tenants' jobs queue behind them once limits.max_inflight_jobs is reached); name a delay topic (create it like the jobs topic) to park them there until their turn",
+            );
+        }
+    }
     let cache = service::cache_plan(p, raw.cache);
     if !p.0.is_empty() {
         return Err(std::mem::take(&mut p.0));

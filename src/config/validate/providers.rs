@@ -169,6 +169,11 @@ pub(super) fn provider_plan(p: &mut Problems, field: &str, provider: RawProvider
         format!("{field}.retry.max_attempts"),
         u64::from(retry.max_attempts),
     );
+    positive(
+        p,
+        format!("{field}.retry.max_elapsed_ms"),
+        retry.max_elapsed_ms,
+    );
     if !(retry.budget_ratio.is_finite() && retry.budget_ratio >= 0.0) {
         p.add(
             format!("{field}.retry.budget_ratio"),
@@ -215,6 +220,7 @@ pub(super) fn provider_plan(p: &mut Problems, field: &str, provider: RawProvider
         limits: rate_limits(p, &format!("{field}.limits"), &limits),
         retry: RetryPolicy {
             max_attempts: retry.max_attempts,
+            max_elapsed: Duration::from_millis(retry.max_elapsed_ms),
             base_delay: Duration::from_millis(retry.base_delay_ms),
             max_delay: Duration::from_millis(retry.max_delay_ms),
             budget_ratio: retry.budget_ratio,

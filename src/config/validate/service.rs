@@ -21,6 +21,7 @@ pub(super) fn limits_plan(p: &mut Problems, l: raw::RawLimits) -> Limits {
         max_inflight_jobs: l.max_inflight_jobs,
         max_running_jobs: l.max_running_jobs,
         resume_at: ((l.max_inflight_jobs as f64 * l.resume_below) as usize).max(1),
+        park_after: Duration::from_millis(l.park_after_ms),
         max_job_bytes: l.max_job_bytes,
         max_response_bytes: l.max_response_bytes,
         drain_timeout: Duration::from_millis(l.drain_timeout_ms),

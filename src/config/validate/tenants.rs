@@ -9,7 +9,6 @@ use crate::config::raw::{self};
 pub(super) fn tenants_plan(
     p: &mut Problems,
     entries: BTreeMap<String, serde_norway::Value>,
-    max_inflight: usize,
 ) -> TenantsPlan {
     let mut unknown = UnknownTenants::Default;
     let mut raw: BTreeMap<String, raw::RawTenant> = BTreeMap::new();
@@ -49,7 +48,7 @@ pub(super) fn tenants_plan(
             budget_usd_per_day: t.budget_usd_per_day.or(base.budget_usd_per_day),
             budget_usd_per_month: t.budget_usd_per_month.or(base.budget_usd_per_month),
             weight: t.weight.or(base.weight).unwrap_or(1),
-            max_queued: t.max_queued.or(base.max_queued).unwrap_or(max_inflight),
+            max_queued: t.max_queued.or(base.max_queued),
         };
         for (key, value) in [
             ("rps", t.rps),

@@ -4,6 +4,10 @@
 //! Offsets are stored by switchyard (`enable.auto.offset.store=false`) and committed by
 //! librdkafka's auto-commit and on close, so a commit never covers an unfinished job. Revoked
 //! partitions are forgotten before librdkafka commits at the rebalance.
+//!
+//! With `source.delay_topic`, a job held back by its tenant's rate limit is parked there (see
+//! [`park`]): written and confirmed with its due time before its offset is stored, then read
+//! back by the same group and held in memory, its offset in flight, until it is due.
 
 use std::sync::Arc;
 
@@ -17,8 +21,10 @@ use rdkafka::message::{Headers as _, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 mod offsets;
+mod park;
 
 use offsets::{OffsetTracker, PartitionKey, Ticket};
+use park::{Held, Parking};
 
 use super::{AckHandle, Acknowledge, Delivery, JobSource, SourceError};
 use crate::config::{KafkaSourcePlan, TenantFrom};
@@ -134,6 +140,10 @@ pub struct KafkaSource {
     /// Jobs handed back outside shutdown, to run again here: their offsets stay in flight
     /// meanwhile, so nothing is committed past them and nothing after them is blocked for good.
     requeue: Arc<Requeue>,
+    /// The delay topic's producer, when one is configured.
+    parking: Option<Arc<Parking>>,
+    /// Parked jobs read back before they are due.
+    held: Held,
 }
 
 /// Jobs to run again in this process, at most [`REQUEUE_MAX`]: each was an in-flight job, so
@@ -221,7 +231,16 @@ impl KafkaSource {
             lag: std::sync::atomic::AtomicI64::new(-1),
             paused: Default::default(),
         })?;
-        consumer.subscribe(&[&plan.topic])?;
+        let parking = match &plan.delay_topic {
+            Some(delay_topic) => {
+                consumer.subscribe(&[&plan.topic, delay_topic])?;
+                Some(Arc::new(Parking::new(plan, delay_topic)?))
+            }
+            None => {
+                consumer.subscribe(&[&plan.topic])?;
+                None
+            }
+        };
         Ok(Self {
             consumer: Arc::new(consumer),
             tracker,
@@ -229,6 +248,8 @@ impl KafkaSource {
             stash: Default::default(),
             tenant_from: plan.tenant_from.clone(),
             requeue: Arc::default(),
+            parking,
+            held: Held::default(),
         })
     }
 }
@@ -251,6 +272,7 @@ impl KafkaSource {
     }
 
     pub fn resume(&mut self) {
+        self.held.resumed();
         self.consumer
             .context()
             .paused
@@ -272,7 +294,8 @@ impl KafkaSource {
             return std::future::pending().await;
         }
         match self.receive().await {
-            Ok(delivery) => self.stash.push_back(delivery),
+            Ok((delivery, Some(due))) => self.held.hold(due, delivery),
+            Ok((delivery, None)) => self.stash.push_back(delivery),
             Err(e) => {
                 tracing::debug!(error = ?e, "kafka poll while paused failed");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -280,8 +303,14 @@ impl KafkaSource {
         }
     }
 
-    async fn receive(&self) -> Result<Delivery, SourceError> {
+    /// The next message, with its due time when it is a parked job not yet due.
+    async fn receive(&self) -> Result<(Delivery, Option<std::time::Instant>), SourceError> {
         let message = self.consumer.recv().await.map_err(classify)?;
+        let parked = self
+            .parking
+            .as_ref()
+            .filter(|p| message.topic() == p.topic())
+            .map(|_| park::parked_headers(message.headers()));
         let topic = if message.topic() == &*self.topic {
             self.topic.clone()
         } else {
@@ -325,6 +354,10 @@ impl KafkaSource {
                 .unwrap_or("")
                 .to_owned()
         });
+        let vouch_header = match &self.tenant_from {
+            TenantFrom::Header(name) => Some(name.clone()),
+            _ => None,
+        };
         let ack = KafkaAck {
             ticket,
             consumer: Arc::downgrade(&self.consumer),
@@ -334,18 +367,26 @@ impl KafkaSource {
                 traceparent: traceparent.clone(),
                 tenant: tenant.clone(),
                 source: source.clone(),
-                deliveries: 1,
+                deliveries: parked.map_or(1, |p| p.deliveries + 1),
                 requeue: Arc::downgrade(&self.requeue),
+                key: message.key().map(<[u8]>::to_vec),
+                vouch_header,
             }),
+            parking: self.parking.clone(),
         };
-        Ok(Delivery {
+        let due = parked
+            .and_then(|p| p.due)
+            .and_then(|due| (due - Utc::now()).to_std().ok())
+            .map(|wait| std::time::Instant::now() + wait);
+        let delivery = Delivery {
             payload,
             traceparent,
             tenant,
             source,
             received_at: Utc::now(),
             ack: AckHandle::new(ack),
-        })
+        };
+        Ok((delivery, due))
     }
 }
 
@@ -361,11 +402,20 @@ impl JobSource for KafkaSource {
             if let Some(again) = self.requeue.pop() {
                 return Ok(again);
             }
+            if let Some(due) = self.held.pop_due() {
+                return Ok(due);
+            }
+            self.held.bound(&self.consumer, self.parking.as_deref());
+            let next_due = self.held.next_due();
             tokio::select! {
                 biased;
                 // `notify_one` keeps a permit when nobody waits, so no hand-back is missed.
                 () = self.requeue.added.notified() => {}
-                received = self.receive() => return received,
+                () = park::sleep_until(next_due) => {}
+                received = self.receive() => match received? {
+                    (delivery, Some(due)) => self.held.hold(due, delivery),
+                    (delivery, None) => return Ok(delivery),
+                },
             }
         }
     }
@@ -434,6 +484,8 @@ struct KafkaAck {
     tracker: Arc<OffsetTracker>,
     /// What it takes to run the job again after a hand-back.
     again: Box<Again>,
+    /// The delay topic, when configured: throttled jobs can be parked there.
+    parking: Option<Arc<Parking>>,
 }
 
 /// A delivery's content kept for a local redelivery.
@@ -446,6 +498,10 @@ struct Again {
     deliveries: u64,
     /// Weak: queued deliveries hold it, and must not keep the queue alive after the source.
     requeue: std::sync::Weak<Requeue>,
+    /// The message key, kept when the job is parked (it may vouch for the tenant).
+    key: Option<Vec<u8>>,
+    /// The header that vouches for the tenant (`tenant_from: header:<name>`), if any.
+    vouch_header: Option<String>,
 }
 
 impl Acknowledge for KafkaAck {
@@ -472,6 +528,7 @@ impl Acknowledge for KafkaAck {
             consumer,
             tracker,
             again,
+            parking,
         } = *self;
         if !tracker.is_current(&ticket) {
             return Box::pin(std::future::ready(()));
@@ -483,6 +540,8 @@ impl Acknowledge for KafkaAck {
             source,
             deliveries,
             requeue,
+            key,
+            vouch_header,
         } = *again;
         let ack = KafkaAck {
             ticket,
@@ -495,7 +554,10 @@ impl Acknowledge for KafkaAck {
                 source: source.clone(),
                 deliveries: deliveries + 1,
                 requeue: requeue.clone(),
+                key,
+                vouch_header,
             }),
+            parking,
         };
         let delivery = Delivery {
             payload,
@@ -519,6 +581,35 @@ impl Acknowledge for KafkaAck {
     fn last_delivery(&self, stopping: bool) -> Option<u64> {
         (!stopping && self.again.deliveries >= MAX_LOCAL_DELIVERIES)
             .then_some(self.again.deliveries)
+    }
+
+    fn still_ours(&self) -> bool {
+        self.tracker.is_current(&self.ticket)
+    }
+
+    fn can_defer(&self) -> bool {
+        // Parking is a delivery too: never let it use up the last ones.
+        self.parking.is_some() && self.again.deliveries + 2 < MAX_LOCAL_DELIVERIES
+    }
+
+    fn defer(self: Box<Self>, delay: std::time::Duration) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let Some(parking) = self.parking.clone() else {
+                return self.hand_back().await;
+            };
+            if !self.tracker.is_current(&self.ticket) {
+                // The partition was revoked meanwhile: its next owner redelivers the job.
+                return;
+            }
+            match parking.park(&self.again, delay).await {
+                // Confirmed on the delay topic: only now may the original offset be committed.
+                Ok(()) => self.store(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not park a throttled job on the delay topic; it runs again here");
+                    self.hand_back().await;
+                }
+            }
+        })
     }
 }
 
