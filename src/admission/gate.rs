@@ -497,6 +497,8 @@ impl Gate {
             if let Some(deadline) = scope.deadline {
                 let left = (deadline - Utc::now()).to_std().unwrap_or(Duration::ZERO);
                 if left < wait {
+                    // Ended at the deadline, not before: a job is never given up early.
+                    tokio::time::sleep(left).await;
                     return Err(Refusal::Deadline);
                 }
             }

@@ -10,4 +10,4 @@ pub mod gate;
 pub mod scheduler;
 
 pub use gate::{CallScope, Gate, JobBudget, Refusal, Reservation};
-pub use scheduler::{NotQueued, RunSlot, Scheduler, SchedulerLimits};
+pub use scheduler::{Booked, NotQueued, RunSlot, Scheduler, SchedulerLimits};

@@ -49,6 +49,25 @@ pub enum NotQueued {
     Parked(Duration),
 }
 
+/// A job's booked turn under its tenant's rate limit, to queue with [`Scheduler::admit`].
+#[derive(Debug, Clone, Copy)]
+pub struct Booked {
+    /// When its turn comes.
+    slot_at: Instant,
+    /// How long it was parked before it came back on its ticket.
+    parked: Duration,
+}
+
+impl Booked {
+    /// No booking: the job's turn is now (no rate limit applies, or it will not run).
+    pub fn now() -> Self {
+        Self {
+            slot_at: Instant::now(),
+            parked: Duration::ZERO,
+        }
+    }
+}
+
 /// Where a job's wait was spent (the `reason` of `switchyard_job_wait_seconds`).
 struct Waited {
     /// For its tenant's booked slot.
@@ -148,24 +167,31 @@ impl Scheduler {
         &self.shared.gate
     }
 
-    /// Waits for a run slot for the job `job_key` of `tenant`. `can_park`: its source can
-    /// redeliver it later, so a far-off turn parks it. `Ok(None)` when the scheduler stopped.
-    pub async fn admit(
+    /// Books the turn of the job `job_key` of `tenant` (one round trip to the state store).
+    /// `can_park`: its source can redeliver it later, so a far-off turn parks it and a full
+    /// queue refuses it (otherwise it waits here for both).
+    pub async fn book(
         &self,
         tenant: &str,
-        priority: Priority,
         job_key: &str,
         can_park: bool,
-    ) -> Result<Option<RunSlot>, NotQueued> {
-        if !self.has_room(tenant) {
+    ) -> Result<Booked, NotQueued> {
+        if can_park && !self.has_room(tenant) {
             return Err(NotQueued::QueueFull);
         }
         let park_after = can_park.then_some(self.shared.park_after);
-        let enqueued = Instant::now();
-        let (slot_at, parked) = match self.shared.gate.book_job(tenant, job_key, park_after).await {
-            Booking::Now => (Instant::now(), Duration::ZERO),
-            Booking::Ticket(parked) => (Instant::now(), parked),
-            Booking::After(wait) => (Instant::now() + wait, Duration::ZERO),
+        let booking = self.shared.gate.book_job(tenant, job_key, park_after).await;
+        let now = Instant::now();
+        Ok(match booking {
+            Booking::Now => Booked::now(),
+            Booking::Ticket(parked) => Booked {
+                slot_at: now,
+                parked,
+            },
+            Booking::After(wait) => Booked {
+                slot_at: now + wait,
+                parked: Duration::ZERO,
+            },
             Booking::Parked(wait) => {
                 self.shared
                     .gate
@@ -175,7 +201,21 @@ impl Scheduler {
                     .inc();
                 return Err(NotQueued::Parked(wait));
             }
-        };
+        })
+    }
+
+    /// Queues a booked job and waits for its run slot. `Ok(None)` when the scheduler stopped.
+    pub async fn admit(
+        &self,
+        tenant: &str,
+        priority: Priority,
+        booked: Booked,
+    ) -> Result<Option<RunSlot>, NotQueued> {
+        if !self.has_room(tenant) {
+            return Err(NotQueued::QueueFull);
+        }
+        let Booked { slot_at, parked } = booked;
+        let enqueued = Instant::now();
         let (tx, rx) = oneshot::channel();
         {
             let mut q = self.shared.lock();

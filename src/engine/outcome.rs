@@ -14,7 +14,7 @@ use super::claim::Held;
 use super::{
     seconds_since, Engine, Incoming, LeaseLost, Stopped, QUEUE_FULL_DEFER, QUEUE_FULL_RETRY,
 };
-use crate::admission::{CallScope, Gate, JobBudget, NotQueued, Refusal};
+use crate::admission::{Booked, CallScope, Gate, JobBudget, NotQueued, Refusal};
 use crate::config::{PipelinePlan, UnknownTenants};
 use crate::pipeline::{RunFailure, RunOutput};
 use crate::sink::OutputSink;
@@ -208,6 +208,14 @@ impl<K: OutputSink> Engine<K> {
             }
         };
         let key = job.state_key();
+        // The job's turn is booked before its claim, so a job parked until its turn costs one
+        // round trip to the state store, not three (claim, book, release).
+        let expired = job.deadline.is_some_and(|d| d <= Utc::now());
+        let booked = if expired {
+            Booked::now()
+        } else {
+            self.book(&job, &key, incoming.deferrable, stop).await?
+        };
         let held = match self.claim(&key, stop).await? {
             Ok(held) => held,
             Err(stored) => {
@@ -247,7 +255,7 @@ impl<K: OutputSink> Engine<K> {
                 self.release(&held).await;
                 return Err(Stopped::Now);
             }
-            run = self.admit_and_run(&job, &pipeline, incoming.deferrable).instrument(span) => match run {
+            run = self.admit_and_run(&job, &pipeline, booked, incoming.deferrable).instrument(span) => match run {
                 Ok(run) => run,
                 Err(deferred) => {
                     self.release(&held).await;
@@ -306,6 +314,7 @@ impl<K: OutputSink> Engine<K> {
         &self,
         job: &Job,
         pipeline: &PipelinePlan,
+        booked: Booked,
         deferrable: bool,
     ) -> Result<Result<RunOutput, RunFailure>, Stopped> {
         let expired = async {
@@ -317,35 +326,21 @@ impl<K: OutputSink> Engine<K> {
                 None => std::future::pending().await,
             }
         };
-        let job_key = job.state_key();
         let admitted = async {
             loop {
                 match self
                     .scheduler
-                    .admit(job.tenant.as_str(), job.priority, &job_key, deferrable)
+                    .admit(job.tenant.as_str(), job.priority, booked)
                     .await
                 {
                     Ok(Some(slot)) => return Ok(slot),
                     // The scheduler stopped: the process is shutting down and hands this back.
                     Ok(None) => std::future::pending::<()>().await,
-                    // Its turn under the tenant's rate limit is far off: the broker holds it
-                    // until then (its ticket lets it run at once when it comes back), freeing
-                    // its in-flight slot for other tenants. Not past the deadline, though: it
-                    // comes back just after it and ends as `deadline_exceeded` then.
                     Err(NotQueued::Parked(wait)) => {
                         return Err(Stopped::Deferred(until_deadline(job, wait)))
                     }
-                    // The tenant's queue is full. Where the broker can redeliver later, give
-                    // the message back with a delay so it frees its in-flight slot for other
-                    // tenants; otherwise wait outside the queue (still bounded by the
-                    // in-flight limit).
-                    Err(NotQueued::QueueFull) if deferrable => {
-                        self.metrics
-                            .jobs_parked
-                            .with_label_values(&["queue_full"])
-                            .inc();
-                        return Err(Stopped::Deferred(until_deadline(job, QUEUE_FULL_DEFER)));
-                    }
+                    // The queue filled up since the booking: see `book`.
+                    Err(NotQueued::QueueFull) if deferrable => return Err(self.queue_full(job)),
                     Err(NotQueued::QueueFull) => tokio::time::sleep(QUEUE_FULL_RETRY).await,
                 }
             }
@@ -391,6 +386,42 @@ impl<K: OutputSink> Engine<K> {
         }
         drop(slot);
         Ok(Ok(out))
+    }
+
+    /// Books the job's turn under its tenant's rate limit. A turn far off (more than
+    /// `limits.park_after_ms`) parks the job where the broker can redeliver it later: handed
+    /// back with that delay (JetStream nak, Kafka delay topic), with a ticket that lets it run
+    /// at once when it comes back, so it holds no in-flight slot and no place in the source's
+    /// line meanwhile. Not past its deadline, though: it comes back just after it and ends as
+    /// `deadline_exceeded` then. A full tenant queue parks it too (for a fixed delay); where the
+    /// broker cannot redeliver later, the job waits in the process instead (still bounded by
+    /// the in-flight limit).
+    async fn book(
+        &self,
+        job: &Job,
+        key: &str,
+        deferrable: bool,
+        stop: &CancellationToken,
+    ) -> Result<Booked, Stopped> {
+        let booking = self.scheduler.book(job.tenant.as_str(), key, deferrable);
+        let booked = tokio::select! {
+            biased;
+            () = stop.cancelled() => return Err(Stopped::Now),
+            booked = booking => booked,
+        };
+        match booked {
+            Ok(booked) => Ok(booked),
+            Err(NotQueued::Parked(wait)) => Err(Stopped::Deferred(until_deadline(job, wait))),
+            Err(NotQueued::QueueFull) => Err(self.queue_full(job)),
+        }
+    }
+
+    fn queue_full(&self, job: &Job) -> Stopped {
+        self.metrics
+            .jobs_parked
+            .with_label_values(&["queue_full"])
+            .inc();
+        Stopped::Deferred(until_deadline(job, QUEUE_FULL_DEFER))
     }
 
     /// Reserves the job's worst case against its tenant's budget before its first call, so it
