@@ -111,11 +111,14 @@ pub struct Gate {
     exhausted: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// Where job reservations are settled once their jobs let go of them.
     settling: tokio_util::task::TaskTracker,
+    /// Tenants' rate bookings, coalesced per tenant.
+    bookings: Arc<super::booking::Bookings>,
 }
 
 impl Gate {
     pub fn new(plan: &Plan, state: StateStore, metrics: Arc<Metrics>) -> Self {
         let gate = Self {
+            bookings: super::booking::Bookings::new(state.clone()),
             state,
             tenants: plan.tenants.clone(),
             providers: plan
@@ -454,7 +457,11 @@ impl Gate {
         let key = format!("t:{{{tenant}}}:rps");
         let ticket = format!("t:{{{tenant}}}:ticket:{job_key}");
         loop {
-            match self.state.book(&key, &ticket, rate, park_after).await {
+            let booking = self
+                .bookings
+                .book(&key, ticket.clone(), rate, park_after)
+                .await;
+            match booking {
                 Ok(booking) => {
                     if matches!(booking, Booking::After(_) | Booking::Parked(_)) {
                         self.metrics

@@ -6,6 +6,7 @@
 //! models; day and month budgets), reserving estimates before the call and reconciling them with
 //! the reported usage after it.
 
+mod booking;
 pub mod gate;
 pub mod scheduler;
 

@@ -230,33 +230,48 @@ redis.call('SET', KEYS[1], string.format('%.3f', new), 'PX', ttl)
 return -1
 ";
 
-/// [`MemoryCounters::book`] in Lua. KEYS: the TAT, the ticket. ARGV: interval_ms,
-/// tolerance_ms, park_after_ms (negative: never park), ticket grace ms. Returns {kind, ms}:
-/// kind 0 now, 1 after `ms`, 2 parked for `ms`, 3 back on its ticket after `ms` parked.
+/// [`MemoryCounters::book`] for several jobs of one limiter at once, in Lua. KEYS: the TAT,
+/// then each job's ticket. ARGV: interval_ms, tolerance_ms, ticket grace ms, then each job's
+/// park_after_ms (negative: never park). Returns {kind, ms} per job: kind 0 now, 1 after `ms`,
+/// 2 parked for `ms`, 3 back on its ticket after `ms` parked.
 pub const BOOK: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local parked = redis.call('GET', KEYS[2])
-if parked then
-  redis.call('DEL', KEYS[2])
-  return {3, math.max(0, math.floor(now - tonumber(parked)))}
-end
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
-local park_after = tonumber(ARGV[3])
-local wait = math.ceil(tat - now - tolerance)
-local new = tat + interval
-redis.call('SET', KEYS[1], string.format('%.3f', new), 'PX', math.ceil(new - now + tolerance) + 1000)
-if wait <= 0 then
-  return {0, 0}
+local grace = tonumber(ARGV[3])
+local out = {}
+local booked = false
+for i = 2, #KEYS do
+  local parked = redis.call('GET', KEYS[i])
+  if parked then
+    redis.call('DEL', KEYS[i])
+    out[#out + 1] = 3
+    out[#out + 1] = math.max(0, math.floor(now - tonumber(parked)))
+  else
+    local wait = math.ceil(tat - now - tolerance)
+    local park_after = tonumber(ARGV[i + 2])
+    tat = tat + interval
+    booked = true
+    if wait <= 0 then
+      out[#out + 1] = 0
+      out[#out + 1] = 0
+    elseif park_after >= 0 and wait > park_after then
+      redis.call('SET', KEYS[i], string.format('%.3f', now), 'PX', wait + grace)
+      out[#out + 1] = 2
+      out[#out + 1] = wait
+    else
+      out[#out + 1] = 1
+      out[#out + 1] = wait
+    end
+  end
 end
-if park_after >= 0 and wait > park_after then
-  redis.call('SET', KEYS[2], string.format('%.3f', now), 'PX', wait + tonumber(ARGV[4]))
-  return {2, wait}
+if booked then
+  redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PX', math.ceil(tat - now + tolerance) + 1000)
 end
-return {1, wait}
+return out
 ";
 
 /// Budget reservation in Lua. KEYS: day sum, month sum. ARGV: amount, day limit, month limit

@@ -229,18 +229,21 @@ impl StateStore {
         self.track(result)
     }
 
-    /// Books a job's slot on the rate limiter `key` (see [`Booking`]); `ticket` names the job
-    /// (it must share `key`'s Redis Cluster hash tag). Shared by every replica with Redis.
+    /// Books the slots of several jobs on the rate limiter `key` in one round trip, in order
+    /// (see [`Booking`]); each job is named by its ticket (which must share `key`'s Redis
+    /// Cluster hash tag) and may park after its own wait. Shared by every replica with Redis.
     pub async fn book(
         &self,
         key: &str,
-        ticket: &str,
+        jobs: &[(&str, Option<Duration>)],
         rate: Rate,
-        park_after: Option<Duration>,
-    ) -> Result<Booking, StateError> {
+    ) -> Result<Vec<Booking>, StateError> {
         let result = match &self.backend {
-            Backend::Memory(m) => Ok(m.counters().book(key, ticket, rate, park_after)),
-            Backend::Redis(r) => r.book(key, ticket, rate, park_after).await,
+            Backend::Memory(m) => Ok(jobs
+                .iter()
+                .map(|(ticket, park_after)| m.counters().book(key, ticket, rate, *park_after))
+                .collect()),
+            Backend::Redis(r) => r.book(key, jobs, rate).await,
         };
         self.track(result)
     }

@@ -504,33 +504,42 @@ impl RedisStore {
             .map_err(unavailable)
     }
 
-    /// See [`super::counters::MemoryCounters::book`]. Both keys carry the caller's hash tag.
+    /// [`super::counters::MemoryCounters::book`] for each of `jobs` (ticket, park after), in
+    /// one round trip. Every key carries the caller's hash tag.
     pub async fn book(
         &self,
         key: &str,
-        ticket: &str,
+        jobs: &[(&str, Option<Duration>)],
         rate: super::Rate,
-        park_after: Option<Duration>,
-    ) -> Result<super::Booking, StateError> {
+    ) -> Result<Vec<super::Booking>, StateError> {
         let mut conn = self.conn.clone();
-        let (kind, wait_ms): (i64, u64) = self
-            .book
-            .key(format!("{}rate:{key}", self.prefix))
-            .key(format!("{}ticket:{ticket}", self.prefix))
+        let mut script = self.book.key(format!("{}rate:{key}", self.prefix));
+        for (ticket, _) in jobs {
+            script.key(format!("{}ticket:{ticket}", self.prefix));
+        }
+        script
             .arg(rate.interval.as_secs_f64() * 1000.0)
             .arg(rate.tolerance.as_secs_f64() * 1000.0)
-            .arg(park_after.map_or(-1, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
-            .arg(millis(super::counters::TICKET_GRACE))
+            .arg(millis(super::counters::TICKET_GRACE));
+        for (_, park_after) in jobs {
+            script.arg(park_after.map_or(-1, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
+        }
+        let flat: Vec<u64> = script
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        let wait = Duration::from_millis(wait_ms);
-        Ok(match kind {
-            0 => super::Booking::Now,
-            2 => super::Booking::Parked(wait),
-            3 => super::Booking::Ticket(wait),
-            _ => super::Booking::After(wait),
-        })
+        Ok(flat
+            .chunks_exact(2)
+            .map(|pair| {
+                let wait = Duration::from_millis(pair[1]);
+                match pair[0] {
+                    0 => super::Booking::Now,
+                    2 => super::Booking::Parked(wait),
+                    3 => super::Booking::Ticket(wait),
+                    _ => super::Booking::After(wait),
+                }
+            })
+            .collect())
     }
 
     /// GCRA throttle (`check`) or adjustment; the wait when throttled.
