@@ -35,6 +35,9 @@ const ORIGIN_HEADER: &str = "switchyard-parked-from";
 const PARK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most parked jobs held in memory before the delay topic's partitions are paused.
 const HELD_MAX: usize = 10_000;
+/// A delay partition whose next job is due later than this is paused until then, so parked jobs
+/// are not read back (and held) long before their time.
+const LOOKAHEAD: Duration = Duration::from_millis(500);
 
 /// The delay topic's producer.
 pub(super) struct Parking {
@@ -162,12 +165,60 @@ pub(super) struct Held {
     seq: u64,
     /// The delay topic's partitions are paused because too many jobs are held.
     paused: bool,
+    /// Delay partitions paused until their next job is nearly due, and until when.
+    resting: Vec<(i32, Instant)>,
 }
 
 impl Held {
-    pub(super) fn hold(&mut self, due: Instant, delivery: Delivery) {
+    /// Holds a parked job read back before it is due; its partition rests until shortly before
+    /// then (messages behind it in a partition are mostly due later: turns are booked in order).
+    pub(super) fn hold(
+        &mut self,
+        due: Instant,
+        delivery: Delivery,
+        consumer: &Inner,
+        parking: Option<&Parking>,
+    ) {
+        let partition = delivery.source.partition;
         self.seq += 1;
         self.jobs.insert((due, self.seq), delivery);
+        let (Some(parking), Some(partition)) = (parking, partition) else {
+            return;
+        };
+        let wake = due.checked_sub(LOOKAHEAD).unwrap_or(due);
+        if wake <= Instant::now() || self.resting.iter().any(|(p, _)| *p == partition) {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(parking.topic(), partition);
+        match consumer.pause(&tpl) {
+            Ok(()) => self.resting.push((partition, wake)),
+            Err(e) => tracing::debug!(error = %e, partition, "could not rest a delay partition"),
+        }
+    }
+
+    /// Resumes the delay partitions whose rest is over; the next time one is.
+    pub(super) fn wake_partitions(
+        &mut self,
+        consumer: &Inner,
+        parking: Option<&Parking>,
+    ) -> Option<Instant> {
+        let parking = parking?;
+        let now = Instant::now();
+        let mut tpl = TopicPartitionList::new();
+        self.resting.retain(|(partition, wake)| {
+            if *wake > now {
+                return true;
+            }
+            tpl.add_partition(parking.topic(), *partition);
+            false
+        });
+        if tpl.count() > 0 && !self.paused {
+            if let Err(e) = consumer.resume(&tpl) {
+                tracing::debug!(error = %e, "could not resume resting delay partitions");
+            }
+        }
+        self.resting.iter().map(|(_, wake)| *wake).min()
     }
 
     /// The earliest held job that is due and still ours (one of a partition revoked meanwhile
@@ -223,6 +274,7 @@ impl Held {
     /// The source resumed every partition: the bound is checked again from scratch.
     pub(super) fn resumed(&mut self) {
         self.paused = false;
+        self.resting.clear();
     }
 }
 
