@@ -153,7 +153,9 @@ async fn when_every_target_fails_the_job_is_a_provider_failed_dead_letter() {
     )
     .await;
     let providers = format!(
-        "broken: {{kind: openai, base_url: \"http://{}/v1\", retry: {{max_attempts: 3, base_delay_ms: 1, max_delay_ms: 5}}}}",
+        // Transient failures are retried round after round until the job's deadline or
+        // max_elapsed_ms: here 200 ms, so the test sees the end of it.
+        "broken: {{kind: openai, base_url: \"http://{}/v1\", retry: {{max_attempts: 3, max_elapsed_ms: 200, base_delay_ms: 1, max_delay_ms: 5}}}}",
         broken.addr()
     );
     let models =
@@ -172,7 +174,11 @@ async fn when_every_target_fails_the_job_is_a_provider_failed_dead_letter() {
         panic!("expected a dead letter, got {:?}", all[0].0)
     };
     assert_eq!(d.reason, DeadLetterReason::ProviderFailed);
-    assert_eq!(d.attempts, 3);
+    // Three attempts in the first round, two in the second: the fifth failure in a row opens
+    // the circuit (the default `consecutive_failures`), which stays open past max_elapsed_ms,
+    // so the later rounds make none. The dead letter keeps the provider's error, not the
+    // circuit's.
+    assert_eq!(d.attempts, 5);
     assert!(d.error.contains("small: server error 500"), "{}", d.error);
     assert_eq!(d.job_id.as_deref(), Some("x-1"));
 }

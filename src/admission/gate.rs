@@ -479,6 +479,21 @@ impl Gate {
         }
     }
 
+    /// Gives one unit back to `tenant`'s requests-per-second limiter (best effort).
+    pub async fn unbook_job(&self, tenant: &str) {
+        let Some(rps) = self.tenants.get(tenant).rps else {
+            return;
+        };
+        let rate = Rate::new(rps, Duration::from_secs(1), Duration::from_secs(1));
+        if let Err(e) = self
+            .state
+            .adjust(&format!("t:{{{tenant}}}:rps"), -1.0, rate)
+            .await
+        {
+            tracing::debug!(error = %e, tenant, "could not give a booked turn back");
+        }
+    }
+
     async fn wait(
         &self,
         scope: &CallScope<'_>,

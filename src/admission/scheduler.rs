@@ -56,6 +56,11 @@ pub struct Booked {
     slot_at: Instant,
     /// How long it was parked before it came back on its ticket.
     parked: Duration,
+    /// A unit of the tenant's limiter is spent on it (given back if the job turns out a
+    /// duplicate, see [`Scheduler::give_back`]).
+    unit: bool,
+    /// Its tenant's queue had room when it was booked: it is not turned away again.
+    had_room: bool,
 }
 
 impl Booked {
@@ -64,9 +69,14 @@ impl Booked {
         Self {
             slot_at: Instant::now(),
             parked: Duration::ZERO,
+            unit: false,
+            had_room: false,
         }
     }
 }
+
+/// Longest a job waits for its booked turn in the process (a bound against absurd waits).
+const MAX_WAIT: Duration = Duration::from_secs(86_400);
 
 /// Where a job's wait was spent (the `reason` of `switchyard_job_wait_seconds`).
 struct Waited {
@@ -182,15 +192,24 @@ impl Scheduler {
         let park_after = can_park.then_some(self.shared.park_after);
         let booking = self.shared.gate.book_job(tenant, job_key, park_after).await;
         let now = Instant::now();
+        let unit = self.shared.gate.tenants().get(tenant).rps.is_some();
         Ok(match booking {
-            Booking::Now => Booked::now(),
+            Booking::Now => Booked {
+                unit,
+                had_room: can_park,
+                ..Booked::now()
+            },
             Booking::Ticket(parked) => Booked {
                 slot_at: now,
                 parked,
+                unit,
+                had_room: can_park,
             },
             Booking::After(wait) => Booked {
-                slot_at: now + wait,
+                slot_at: now + wait.min(MAX_WAIT),
                 parked: Duration::ZERO,
+                unit,
+                had_room: can_park,
             },
             Booking::Parked(wait) => {
                 self.shared
@@ -211,10 +230,12 @@ impl Scheduler {
         priority: Priority,
         booked: Booked,
     ) -> Result<Option<RunSlot>, NotQueued> {
-        if !self.has_room(tenant) {
+        if !booked.had_room && !self.has_room(tenant) {
             return Err(NotQueued::QueueFull);
         }
-        let Booked { slot_at, parked } = booked;
+        let Booked {
+            slot_at, parked, ..
+        } = booked;
         let enqueued = Instant::now();
         let (tx, rx) = oneshot::channel();
         {
@@ -237,6 +258,14 @@ impl Scheduler {
         // Decremented however the wait ends, including when the job gives up waiting.
         let _counted = scopeguard(|| queued.dec());
         Ok(rx.await.ok())
+    }
+
+    /// Gives a booked unit back to the tenant's limiter: the job turned out a duplicate, its
+    /// stored outcome is replayed and it never runs.
+    pub async fn give_back(&self, tenant: &str, booked: Booked) {
+        if booked.unit {
+            self.shared.gate.unbook_job(tenant).await;
+        }
     }
 
     /// Whether the tenant's queue is below its bound: its own `max_queued`, else a fair share

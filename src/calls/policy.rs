@@ -212,6 +212,8 @@ impl Calls {
                     _ => {}
                 }
                 match errors.iter_mut().find(|(a, _)| a == target.alias) {
+                    // The provider's own error says more than the circuit it opened.
+                    Some(_) if matches!(error, ProviderError::CircuitOpen) => {}
                     Some(seen) => seen.1 = error,
                     None => errors.push((target.alias.to_owned(), error)),
                 }
@@ -220,7 +222,10 @@ impl Calls {
                 return Err(CallFailure::AllTargetsFailed { attempts, errors });
             }
             round = round.saturating_add(1);
-            let wait = backoff(&policy, round).max(retry_after);
+            // At least the base delay: a round after an open circuit must not spin.
+            let wait = backoff(&policy, round)
+                .max(policy.base_delay)
+                .max(retry_after);
             if started.elapsed() + wait > policy.max_elapsed {
                 tracing::warn!(
                     model = alias,

@@ -219,6 +219,10 @@ impl<K: OutputSink> Engine<K> {
         let held = match self.claim(&key, stop).await? {
             Ok(held) => held,
             Err(stored) => {
+                // A duplicate never runs: its booked turn goes back to its tenant.
+                self.scheduler
+                    .give_back(job.tenant.as_str(), booked)
+                    .await;
                 return Ok(Decision {
                     outcome: incoming.replay(&stored, &job),
                     claim: None,
@@ -404,10 +408,22 @@ impl<K: OutputSink> Engine<K> {
         stop: &CancellationToken,
     ) -> Result<Booked, Stopped> {
         let booking = self.scheduler.book(job.tenant.as_str(), key, deferrable);
+        let expired = async {
+            match job.deadline {
+                Some(deadline) => {
+                    let left = (deadline - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+                    tokio::time::sleep(left).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         let booked = tokio::select! {
             biased;
             () = stop.cancelled() => return Err(Stopped::Now),
             booked = booking => booked,
+            // The store is out and the deadline passed meanwhile: on to the claim, and the
+            // deadline check after it.
+            () = expired => Ok(Booked::now()),
         };
         match booked {
             Ok(booked) => Ok(booked),
@@ -529,9 +545,15 @@ impl<K: OutputSink> Engine<K> {
     }
 }
 
+/// Longest a job is handed back for at once.
+const MAX_PARK: Duration = Duration::from_secs(3600);
+
 /// `wait`, but not past the job's deadline by more than a moment: a job handed back to come
 /// again after its deadline would only come back to be dead-lettered late.
 fn until_deadline(job: &Job, wait: Duration) -> Duration {
+    // A longer wait comes back after an hour and is parked again for the rest (its ticket
+    // knows its turn).
+    let wait = wait.min(MAX_PARK);
     let Some(deadline) = job.deadline else {
         return wait;
     };

@@ -85,8 +85,8 @@ struct Inner {
     tats: HashMap<String, Instant>,
     /// Budget sums with their expiry.
     sums: HashMap<String, (f64, Instant)>,
-    /// Tickets of parked jobs: when each was parked, and its expiry.
-    tickets: HashMap<String, (Instant, Instant)>,
+    /// Tickets of parked jobs: when each was parked, its slot and its expiry.
+    tickets: HashMap<String, (Instant, Instant, Instant)>,
     ops: u64,
 }
 
@@ -118,9 +118,11 @@ impl MemoryCounters {
     }
 
     /// Books one unit on the limiter `key` for a job: a job holding `ticket` (it was parked
-    /// with one) runs now without booking again; otherwise the next free slot is booked (the TAT
-    /// moves one interval on) and the wait until it is returned. A wait beyond `park_after`
-    /// stores the ticket, valid until the slot plus [`TICKET_GRACE`], and parks the job.
+    /// with one) books nothing again: it runs now if its slot has come, or waits for the rest
+    /// (parked again, its ticket kept, if that is beyond `park_after`); otherwise the next free
+    /// slot is booked (the TAT moves one interval on) and the wait until it is returned. A wait
+    /// beyond `park_after` stores the ticket with its slot, valid until the slot plus
+    /// [`TICKET_GRACE`], and parks the job.
     pub fn book(
         &self,
         key: &str,
@@ -131,8 +133,19 @@ impl MemoryCounters {
         let now = Instant::now();
         let mut inner = self.lock();
         inner.sweep(now);
-        if let Some((parked, _)) = inner.tickets.remove(ticket).filter(|(_, t)| *t > now) {
-            return Booking::Ticket(now - parked);
+        if let Some((parked, slot, _)) = inner.tickets.remove(ticket).filter(|t| t.2 > now) {
+            let left = slot.saturating_duration_since(now);
+            if left.is_zero() {
+                return Booking::Ticket(now - parked);
+            }
+            if park_after.is_some_and(|after| left > after) {
+                // Back early (a redelivery before its delay): parked again for the rest.
+                inner
+                    .tickets
+                    .insert(ticket.to_owned(), (parked, slot, slot + TICKET_GRACE));
+                return Booking::Parked(left);
+            }
+            return Booking::After(left);
         }
         let tat = inner.tats.get(key).copied().unwrap_or(now).max(now);
         let wait = (tat - now).saturating_sub(rate.tolerance);
@@ -143,7 +156,7 @@ impl MemoryCounters {
         if park_after.is_some_and(|after| wait > after) {
             inner
                 .tickets
-                .insert(ticket.to_owned(), (now, now + wait + TICKET_GRACE));
+                .insert(ticket.to_owned(), (now, now + wait, now + wait + TICKET_GRACE));
             return Booking::Parked(wait);
         }
         Booking::After(wait)
@@ -206,7 +219,7 @@ impl Inner {
         }
         self.tats.retain(|_, tat| *tat > now);
         self.sums.retain(|_, (_, expires)| *expires > now);
-        self.tickets.retain(|_, (_, expires)| *expires > now);
+        self.tickets.retain(|_, (_, _, expires)| *expires > now);
     }
 }
 
@@ -233,7 +246,8 @@ return -1
 /// [`MemoryCounters::book`] for several jobs of one limiter at once, in Lua. KEYS: the TAT,
 /// then each job's ticket. ARGV: interval_ms, tolerance_ms, ticket grace ms, then each job's
 /// park_after_ms (negative: never park). Returns {kind, ms} per job: kind 0 now, 1 after `ms`,
-/// 2 parked for `ms`, 3 back on its ticket after `ms` parked.
+/// 2 parked for `ms`, 3 back on its ticket after `ms` parked. A ticket holds
+/// `<parked at>:<slot>` (ms, Redis' clock).
 pub const BOOK: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
@@ -245,21 +259,34 @@ local grace = tonumber(ARGV[3])
 local out = {}
 local booked = false
 for i = 2, #KEYS do
-  local parked = redis.call('GET', KEYS[i])
-  if parked then
-    redis.call('DEL', KEYS[i])
-    out[#out + 1] = 3
-    out[#out + 1] = math.max(0, math.floor(now - tonumber(parked)))
+  local park_after = tonumber(ARGV[i + 2])
+  local ticket = redis.call('GET', KEYS[i])
+  if ticket then
+    local sep = string.find(ticket, ':', 1, true)
+    local parked_at = tonumber(string.sub(ticket, 1, sep - 1))
+    local slot = tonumber(string.sub(ticket, sep + 1))
+    local left = math.ceil(slot - now)
+    if left <= 0 then
+      redis.call('DEL', KEYS[i])
+      out[#out + 1] = 3
+      out[#out + 1] = math.max(0, math.floor(now - parked_at))
+    elseif park_after >= 0 and left > park_after then
+      out[#out + 1] = 2
+      out[#out + 1] = left
+    else
+      redis.call('DEL', KEYS[i])
+      out[#out + 1] = 1
+      out[#out + 1] = left
+    end
   else
     local wait = math.ceil(tat - now - tolerance)
-    local park_after = tonumber(ARGV[i + 2])
     tat = tat + interval
     booked = true
     if wait <= 0 then
       out[#out + 1] = 0
       out[#out + 1] = 0
     elseif park_after >= 0 and wait > park_after then
-      redis.call('SET', KEYS[i], string.format('%.3f', now), 'PX', wait + grace)
+      redis.call('SET', KEYS[i], string.format('%.3f:%.3f', now, now + wait), 'PX', wait + grace)
       out[#out + 1] = 2
       out[#out + 1] = wait
     else
@@ -340,12 +367,20 @@ mod tests {
             panic!("fourth job parks");
         };
         assert!(w4 > Duration::from_millis(290), "{w4:?}");
-        // Back with its ticket, it runs at once and books nothing more; the ticket is used up.
+        // Back early with its ticket, it is parked again for the rest of its wait, booking
+        // nothing more.
+        let Booking::Parked(rest) = c.book("k", "j4", r, park) else {
+            panic!("an early return parks again");
+        };
+        assert!(rest <= w4, "{rest:?} of {w4:?}");
+        std::thread::sleep(w4);
+        // Back when its slot has come, it runs at once; the ticket is used up.
         assert!(matches!(c.book("k", "j4", r, park), Booking::Ticket(_)));
-        let Booking::Parked(w5) = c.book("k", "j4", r, park) else {
+        // A used ticket is gone: the same name books a new slot, after the parked one.
+        let Booking::After(w5) = c.book("k", "j4", r, park) else {
             panic!("a used ticket is gone");
         };
-        assert!(w5 > w4, "the next slot is after the parked one: {w5:?}");
+        assert!(w5 > Duration::from_millis(50), "{w5:?}");
         // A source that cannot park waits however long.
         assert!(matches!(c.book("k", "j6", r, None), Booking::After(_)));
     }

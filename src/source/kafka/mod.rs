@@ -616,7 +616,9 @@ impl Acknowledge for KafkaAck {
                 // Confirmed on the delay topic: only now may the original offset be committed.
                 Ok(()) => self.store(),
                 Err(e) => {
-                    tracing::warn!(error = %e, "could not park a throttled job on the delay topic; it runs again here");
+                    // Its turn is booked (a ticket): it waits for it here instead, then runs.
+                    tracing::warn!(error = %e, "could not park a throttled job on the delay topic; it waits for its turn in the process");
+                    tokio::time::sleep(delay.min(park::MAX_PARK)).await;
                     self.hand_back().await;
                 }
             }

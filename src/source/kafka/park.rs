@@ -33,8 +33,16 @@ const DELIVERIES_HEADER: &str = "switchyard-deliveries";
 const ORIGIN_HEADER: &str = "switchyard-parked-from";
 /// How long a park may wait for the broker's confirmation.
 const PARK_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most parked jobs held in memory before the delay topic's partitions are paused.
+/// Most parked jobs held in memory before the delay topic's partitions are paused ...
 const HELD_MAX: usize = 10_000;
+/// ... or most payload bytes.
+const HELD_MAX_BYTES: usize = 64 * 1024 * 1024;
+/// Longest a delay partition rests at a time: the jobs behind its next one may be other
+/// tenants', due sooner.
+const MAX_REST: Duration = Duration::from_secs(1);
+/// Longest a job is parked at once. A longer wait comes back after this and, its ticket saying
+/// its turn has not come, is parked again for the rest.
+pub(crate) const MAX_PARK: Duration = Duration::from_secs(3600);
 /// A delay partition whose next job is due later than this is paused until then, so parked jobs
 /// are not read back (and held) long before their time.
 const LOOKAHEAD: Duration = Duration::from_millis(500);
@@ -73,6 +81,7 @@ impl Parking {
 
     /// Writes the job to the delay topic, due after `delay`; `Ok` once the broker confirmed it.
     pub(super) async fn park(&self, job: &Again, delay: Duration) -> Result<(), KafkaError> {
+        let delay = delay.min(MAX_PARK);
         let due = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
         let due_ms = due.timestamp_millis().to_string();
         let deliveries = job.deliveries.to_string();
@@ -163,6 +172,8 @@ pub(super) fn parked_headers(headers: Option<&BorrowedHeaders>) -> Parked {
 pub(super) struct Held {
     jobs: BTreeMap<(Instant, u64), Delivery>,
     seq: u64,
+    /// Payload bytes of the held jobs.
+    bytes: usize,
     /// The delay topic's partitions are paused because too many jobs are held.
     paused: bool,
     /// Delay partitions paused until their next job is nearly due, and until when.
@@ -180,12 +191,18 @@ impl Held {
         parking: Option<&Parking>,
     ) {
         let partition = delivery.source.partition;
+        // A due time from a header is capped: a far-future one cannot pin its partition.
+        let due = due.min(Instant::now() + MAX_PARK);
         self.seq += 1;
+        self.bytes += delivery.payload.len();
         self.jobs.insert((due, self.seq), delivery);
         let (Some(parking), Some(partition)) = (parking, partition) else {
             return;
         };
-        let wake = due.checked_sub(LOOKAHEAD).unwrap_or(due);
+        let wake = due
+            .checked_sub(LOOKAHEAD)
+            .unwrap_or(due)
+            .min(Instant::now() + MAX_REST);
         if wake <= Instant::now() || self.resting.iter().any(|(p, _)| *p == partition) {
             return;
         }
@@ -230,6 +247,7 @@ impl Held {
                 return None;
             }
             let delivery = entry.remove();
+            self.bytes = self.bytes.saturating_sub(delivery.payload.len());
             if delivery.ack.still_ours() {
                 return Some(delivery);
             }
@@ -241,14 +259,15 @@ impl Held {
         self.jobs.keys().next().map(|(due, _)| *due)
     }
 
-    /// Pauses the delay topic's partitions while [`HELD_MAX`] jobs are held, and resumes them
-    /// once half have gone.
+    /// Pauses the delay topic's partitions while [`HELD_MAX`] jobs (or [`HELD_MAX_BYTES`]) are
+    /// held, and resumes them once half have gone.
     pub(super) fn bound(&mut self, consumer: &Inner, parking: Option<&Parking>) {
         let Some(parking) = parking else {
             return;
         };
-        let pause = self.jobs.len() >= HELD_MAX;
-        if pause == self.paused || (!pause && self.jobs.len() >= HELD_MAX / 2) {
+        let pause = self.jobs.len() >= HELD_MAX || self.bytes >= HELD_MAX_BYTES;
+        let half_empty = self.jobs.len() < HELD_MAX / 2 && self.bytes < HELD_MAX_BYTES / 2;
+        if pause == self.paused || (!pause && !half_empty) {
             return;
         }
         let Ok(assignment) = consumer.assignment() else {
