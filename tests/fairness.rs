@@ -209,8 +209,9 @@ async fn noisy_neighbours(
     };
     // Only `default`, `noisy` and `quiet` are named, as in the issue; further noisy tenants
     // get the default plan.
-    let tenants =
-        format!("{{default: {{rps: {rate}}}, noisy: {{rps: {rate}}}, quiet: {{rps: {quiet_rate}}}}}");
+    let tenants = format!(
+        "{{default: {{rps: {rate}}}, noisy: {{rps: {rate}}}, quiet: {{rps: {quiet_rate}}}}}"
+    );
     let plan = broker.plan(&llm.addr().to_string(), &tenants);
     let outputs = broker.collector().await;
     let services = replicas(&plan, 3).await;
@@ -236,7 +237,10 @@ async fn noisy_neighbours(
     let mut jobs = Vec::new();
     for i in 0..flood {
         for tenant in &noisy {
-            jobs.push((tenant.clone(), job(&format!("{tenant}-{i}"), tenant, "refund now")));
+            jobs.push((
+                tenant.clone(),
+                job(&format!("{tenant}-{i}"), tenant, "refund now"),
+            ));
         }
     }
     broker.publish(jobs).await;
@@ -271,11 +275,27 @@ async fn noisy_neighbours(
         .filter(|r| r.job_id.starts_with("quiet-f"))
         .collect();
     let (p50, p99) = (percentile(&quiet, 50), percentile(&quiet, 99));
-    let mut slowest: Vec<(u64, &str)> = quiet.iter().map(|r| (r.latency_ms, r.job_id.as_str())).collect();
+    let mut slowest: Vec<(u64, &str)> = quiet
+        .iter()
+        .map(|r| (r.latency_ms, r.job_id.as_str()))
+        .collect();
     slowest.sort_unstable();
-    eprintln!("slowest quiet jobs alongside the flood: {:?}", &slowest[slowest.len().saturating_sub(6)..]);
+    eprintln!(
+        "slowest quiet jobs alongside the flood: {:?}",
+        &slowest[slowest.len().saturating_sub(6)..]
+    );
     for r in quiet.iter().filter(|r| r.latency_ms > 100) {
-        eprintln!("  {} {} ms: received {} steps {:?} completed {}", r.job_id, r.latency_ms, r.received_at, r.steps.iter().map(|s| (s.name.clone(), s.latency_ms)).collect::<Vec<_>>(), r.completed_at);
+        eprintln!(
+            "  {} {} ms: received {} steps {:?} completed {}",
+            r.job_id,
+            r.latency_ms,
+            r.received_at,
+            r.steps
+                .iter()
+                .map(|s| (s.name.clone(), s.latency_ms))
+                .collect::<Vec<_>>(),
+            r.completed_at
+        );
     }
     let mut rates = Vec::new();
     for tenant in &noisy {
@@ -286,7 +306,17 @@ async fn noisy_neighbours(
     let mut sample = results_of(&all, &noisy[0]);
     sample.sort_by_key(|r| r.completed_at);
     for r in sample.iter().step_by(15) {
-        eprintln!("  noisy {} {} ms received {} steps {:?} completed {}", r.job_id, r.latency_ms, r.received_at, r.steps.iter().map(|s| (s.name.clone(), s.latency_ms)).collect::<Vec<_>>(), r.completed_at);
+        eprintln!(
+            "  noisy {} {} ms received {} steps {:?} completed {}",
+            r.job_id,
+            r.latency_ms,
+            r.received_at,
+            r.steps
+                .iter()
+                .map(|s| (s.name.clone(), s.latency_ms))
+                .collect::<Vec<_>>(),
+            r.completed_at
+        );
     }
     let parked = results_of(&all, &noisy[0])
         .iter()

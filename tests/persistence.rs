@@ -49,7 +49,8 @@ default_pipeline: support
 }
 
 fn job_with_deadline(id: &str, deadline: Option<DateTime<Utc>>) -> Vec<u8> {
-    let mut job = serde_json::json!({"id": id, "tenant": "acme", "input": {"text": "where is my invoice"}});
+    let mut job =
+        serde_json::json!({"id": id, "tenant": "acme", "input": {"text": "where is my invoice"}});
     if let Some(deadline) = deadline {
         job["deadline"] = deadline.to_rfc3339().into();
     }
@@ -110,8 +111,12 @@ async fn transient_faults_never_dead_letter_a_job_under_the_default_policy() {
     let per_job = originals(&all);
     let stats = llm.stats();
     let (limited, failed, hung) = (
-        stats.rate_limited.load(std::sync::atomic::Ordering::Relaxed),
-        stats.server_errors.load(std::sync::atomic::Ordering::Relaxed),
+        stats
+            .rate_limited
+            .load(std::sync::atomic::Ordering::Relaxed),
+        stats
+            .server_errors
+            .load(std::sync::atomic::Ordering::Relaxed),
         stats.hung.load(std::sync::atomic::Ordering::Relaxed),
     );
     eprintln!(
@@ -170,7 +175,9 @@ async fn an_outage_is_waited_out_and_a_deadline_ends_a_job_at_the_deadline_not_b
     llm.set_faults(Faults::default());
     let total = patient + hurried;
     assert_eq!(
-        outputs.wait_for(total, Duration::from_secs(120), |_| {}).await,
+        outputs
+            .wait_for(total, Duration::from_secs(120), |_| {})
+            .await,
         total
     );
     service.stop().await;
@@ -188,13 +195,27 @@ async fn an_outage_is_waited_out_and_a_deadline_ends_a_job_at_the_deadline_not_b
         match c {
             Collected::Result(r) => {
                 assert!(r.job_id.starts_with("patient-"), "{} finished", r.job_id);
-                assert!(r.completed_at >= outage_ended, "{} finished during the outage", r.job_id);
+                assert!(
+                    r.completed_at >= outage_ended,
+                    "{} finished during the outage",
+                    r.job_id
+                );
                 finished_after_outage += 1;
             }
             Collected::DeadLetter(d) => {
                 let id = d.job_id.clone().unwrap_or_default();
-                assert!(id.starts_with("hurried-"), "{id}: {:?} {}", d.reason, d.error);
-                assert_eq!(d.reason, DeadLetterReason::DeadlineExceeded, "{id}: {}", d.error);
+                assert!(
+                    id.starts_with("hurried-"),
+                    "{id}: {:?} {}",
+                    d.reason,
+                    d.error
+                );
+                assert_eq!(
+                    d.reason,
+                    DeadLetterReason::DeadlineExceeded,
+                    "{id}: {}",
+                    d.error
+                );
                 expired.push((id, d.failed_at));
             }
             other => panic!("unexpected output {other:?}"),
@@ -210,10 +231,16 @@ async fn an_outage_is_waited_out_and_a_deadline_ends_a_job_at_the_deadline_not_b
         (latest - deadline).num_milliseconds(),
         during.len(),
     );
-    assert_eq!(finished_after_outage, patient, "every patient job completed");
+    assert_eq!(
+        finished_after_outage, patient,
+        "every patient job completed"
+    );
     assert_eq!(expired.len(), hurried);
     for (id, at) in &expired {
-        assert!(*at >= deadline, "{id} was dead-lettered before its deadline");
+        assert!(
+            *at >= deadline,
+            "{id} was dead-lettered before its deadline"
+        );
     }
     assert!(
         latest - deadline < chrono::Duration::seconds(5),

@@ -233,3 +233,64 @@ async fn a_worker_whose_lease_was_taken_over_cannot_record_over_the_new_holder()
         Claim::Done(Bytes::from_static(b"fresh"))
     );
 }
+
+#[tokio::test]
+async fn turns_are_booked_in_order_across_replicas_and_a_parked_job_runs_on_its_ticket() {
+    use switchyard::state::{Booking, Rate};
+    let p = prefix();
+    let (a, b) = (store(&p).await, store(&p).await);
+    // 10 a second, no burst: one turn every 100 ms; a job whose turn is over 250 ms off parks.
+    let rate = Rate::new(10.0, Duration::from_secs(1), Duration::ZERO);
+    let park = Some(Duration::from_millis(250));
+    let key = "t:{acme}:rps";
+    // Two replicas book one script each: turns follow each other, whoever books.
+    let first = a
+        .book(
+            key,
+            &[("t:{acme}:ticket:j1", park), ("t:{acme}:ticket:j2", park)],
+            rate,
+        )
+        .await
+        .unwrap();
+    assert_eq!(first[0], Booking::Now);
+    assert!(matches!(first[1], Booking::After(w) if w > Duration::from_millis(80)));
+    let second = b
+        .book(
+            key,
+            &[("t:{acme}:ticket:j3", park), ("t:{acme}:ticket:j4", park)],
+            rate,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(second[0], Booking::After(w) if w <= Duration::from_millis(200)));
+    let Booking::Parked(wait) = second[1] else {
+        panic!("300 ms off: parked, got {:?}", second[1]);
+    };
+    assert!(wait > Duration::from_millis(250), "{wait:?}");
+    // Back early on the other replica (a redelivery before its delay): parked for the rest,
+    // and nothing more is booked for it.
+    let again = a
+        .book(key, &[("t:{acme}:ticket:j4", park)], rate)
+        .await
+        .unwrap();
+    assert!(
+        matches!(again[0], Booking::Parked(w) if w <= wait),
+        "{again:?}"
+    );
+    // Back when its turn has come: it runs on its ticket, which is then used up.
+    tokio::time::sleep(wait).await;
+    let back = b
+        .book(key, &[("t:{acme}:ticket:j4", park)], rate)
+        .await
+        .unwrap();
+    assert!(
+        matches!(back[0], Booking::Ticket(parked) if parked + Duration::from_millis(5) >= wait),
+        "{back:?}"
+    );
+    // Another tenant's line is its own.
+    let other = a
+        .book("t:{globex}:rps", &[("t:{globex}:ticket:j1", park)], rate)
+        .await
+        .unwrap();
+    assert_eq!(other[0], Booking::Now);
+}

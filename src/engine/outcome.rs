@@ -220,9 +220,7 @@ impl<K: OutputSink> Engine<K> {
             Ok(held) => held,
             Err(stored) => {
                 // A duplicate never runs: its booked turn goes back to its tenant.
-                self.scheduler
-                    .give_back(job.tenant.as_str(), booked)
-                    .await;
+                self.scheduler.give_back(job.tenant.as_str(), booked).await;
                 return Ok(Decision {
                     outcome: incoming.replay(&stored, &job),
                     claim: None,

@@ -154,9 +154,10 @@ impl MemoryCounters {
             return Booking::Now;
         }
         if park_after.is_some_and(|after| wait > after) {
-            inner
-                .tickets
-                .insert(ticket.to_owned(), (now, now + wait, now + wait + TICKET_GRACE));
+            inner.tickets.insert(
+                ticket.to_owned(),
+                (now, now + wait, now + wait + TICKET_GRACE),
+            );
             return Booking::Parked(wait);
         }
         Booking::After(wait)

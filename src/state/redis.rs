@@ -524,10 +524,7 @@ impl RedisStore {
         for (_, park_after) in jobs {
             script.arg(park_after.map_or(-1, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
         }
-        let flat: Vec<u64> = script
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        let flat: Vec<u64> = script.invoke_async(&mut conn).await.map_err(unavailable)?;
         Ok(flat
             .chunks_exact(2)
             .map(|pair| {
