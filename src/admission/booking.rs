@@ -31,6 +31,8 @@ struct Line {
 
 pub(super) struct Bookings {
     state: StateStore,
+    /// Where the drivers run.
+    tasks: tokio_util::task::TaskTracker,
     /// By limiter key.
     lines: Mutex<HashMap<String, Line>>,
 }
@@ -39,6 +41,7 @@ impl Bookings {
     pub(super) fn new(state: StateStore) -> Arc<Self> {
         Arc::new(Self {
             state,
+            tasks: tokio_util::task::TaskTracker::new(),
             lines: Mutex::default(),
         })
     }
@@ -81,7 +84,7 @@ impl Bookings {
         };
         if start {
             // A task of its own, so a job that stops waiting does not strand the others.
-            tokio::spawn(self.clone().drive(key.to_owned(), rate));
+            self.tasks.spawn(self.clone().drive(key.to_owned(), rate));
         }
         answered.await.unwrap_or_else(|_| {
             Err(StateError::Unavailable(

@@ -185,7 +185,7 @@ impl Calls {
             .collect();
         let mut attempts = 0u32;
         let mut errors: Vec<(String, ProviderError)> = Vec::new();
-        let Some(policy) = targets.first().map(|t| t.provider.retry.clone()) else {
+        let Some(policy) = targets.first().map(|t| t.provider.retry) else {
             return Err(CallFailure::AllTargetsFailed { attempts, errors });
         };
         let mut out_of_chain = vec![false; targets.len()];

@@ -294,10 +294,7 @@ impl KafkaSource {
             return std::future::pending().await;
         }
         match self.receive().await {
-            Ok((delivery, Some(due))) => {
-                self.held
-                    .hold(due, delivery, &self.consumer, self.parking.as_deref())
-            }
+            Ok((delivery, Some(due))) => self.held.hold(due, delivery),
             Ok((delivery, None)) => self.stash.push_back(delivery),
             Err(e) => {
                 tracing::debug!(error = ?e, "kafka poll while paused failed");
@@ -409,22 +406,14 @@ impl JobSource for KafkaSource {
                 return Ok(due);
             }
             self.held.bound(&self.consumer, self.parking.as_deref());
-            let wake = self
-                .held
-                .wake_partitions(&self.consumer, self.parking.as_deref());
-            let next_due = match (self.held.next_due(), wake) {
-                (Some(due), Some(wake)) => Some(due.min(wake)),
-                (due, wake) => due.or(wake),
-            };
+            let next_due = self.held.next_due();
             tokio::select! {
                 biased;
                 // `notify_one` keeps a permit when nobody waits, so no hand-back is missed.
                 () = self.requeue.added.notified() => {}
                 () = park::sleep_until(next_due) => {}
                 received = self.receive() => match received? {
-                    (delivery, Some(due)) => {
-                        self.held.hold(due, delivery, &self.consumer, self.parking.as_deref())
-                    }
+                    (delivery, Some(due)) => self.held.hold(due, delivery),
                     (delivery, None) => return Ok(delivery),
                 },
             }

@@ -37,15 +37,9 @@ const PARK_TIMEOUT: Duration = Duration::from_secs(10);
 const HELD_MAX: usize = 10_000;
 /// ... or most payload bytes.
 const HELD_MAX_BYTES: usize = 64 * 1024 * 1024;
-/// Longest a delay partition rests at a time: the jobs behind its next one may be other
-/// tenants', due sooner.
-const MAX_REST: Duration = Duration::from_secs(1);
 /// Longest a job is parked at once. A longer wait comes back after this and, its ticket saying
 /// its turn has not come, is parked again for the rest.
 pub(crate) const MAX_PARK: Duration = Duration::from_secs(3600);
-/// A delay partition whose next job is due later than this is paused until then, so parked jobs
-/// are not read back (and held) long before their time.
-const LOOKAHEAD: Duration = Duration::from_millis(500);
 
 /// The delay topic's producer.
 pub(super) struct Parking {
@@ -176,66 +170,17 @@ pub(super) struct Held {
     bytes: usize,
     /// The delay topic's partitions are paused because too many jobs are held.
     paused: bool,
-    /// Delay partitions paused until their next job is nearly due, and until when.
-    resting: Vec<(i32, Instant)>,
 }
 
 impl Held {
-    /// Holds a parked job read back before it is due; its partition rests until shortly before
-    /// then (messages behind it in a partition are mostly due later: turns are booked in order).
-    pub(super) fn hold(
-        &mut self,
-        due: Instant,
-        delivery: Delivery,
-        consumer: &Inner,
-        parking: Option<&Parking>,
-    ) {
-        let partition = delivery.source.partition;
+    /// Holds a parked job read back before it is due. (Partitions are not paused until their
+    /// next job is due: the jobs behind it may be other tenants', due sooner.)
+    pub(super) fn hold(&mut self, due: Instant, delivery: Delivery) {
         // A due time from a header is capped: a far-future one cannot pin its partition.
         let due = due.min(Instant::now() + MAX_PARK);
         self.seq += 1;
         self.bytes += delivery.payload.len();
         self.jobs.insert((due, self.seq), delivery);
-        let (Some(parking), Some(partition)) = (parking, partition) else {
-            return;
-        };
-        let wake = due
-            .checked_sub(LOOKAHEAD)
-            .unwrap_or(due)
-            .min(Instant::now() + MAX_REST);
-        if wake <= Instant::now() || self.resting.iter().any(|(p, _)| *p == partition) {
-            return;
-        }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(parking.topic(), partition);
-        match consumer.pause(&tpl) {
-            Ok(()) => self.resting.push((partition, wake)),
-            Err(e) => tracing::debug!(error = %e, partition, "could not rest a delay partition"),
-        }
-    }
-
-    /// Resumes the delay partitions whose rest is over; the next time one is.
-    pub(super) fn wake_partitions(
-        &mut self,
-        consumer: &Inner,
-        parking: Option<&Parking>,
-    ) -> Option<Instant> {
-        let parking = parking?;
-        let now = Instant::now();
-        let mut tpl = TopicPartitionList::new();
-        self.resting.retain(|(partition, wake)| {
-            if *wake > now {
-                return true;
-            }
-            tpl.add_partition(parking.topic(), *partition);
-            false
-        });
-        if tpl.count() > 0 && !self.paused {
-            if let Err(e) = consumer.resume(&tpl) {
-                tracing::debug!(error = %e, "could not resume resting delay partitions");
-            }
-        }
-        self.resting.iter().map(|(_, wake)| *wake).min()
     }
 
     /// The earliest held job that is due and still ours (one of a partition revoked meanwhile
@@ -293,7 +238,6 @@ impl Held {
     /// The source resumed every partition: the bound is checked again from scratch.
     pub(super) fn resumed(&mut self) {
         self.paused = false;
-        self.resting.clear();
     }
 }
 
