@@ -225,13 +225,11 @@ async fn noisy_neighbours(
         outputs.wait_for(warm_up + alone, STALL, |_| {}).await,
         warm_up + alone
     );
-    let quiet_alone: Vec<&JobResult> = Vec::new();
     let snapshot = outputs.snapshot();
-    let quiet_alone = results_of(&snapshot, "quiet")
+    let quiet_alone: Vec<&JobResult> = results_of(&snapshot, "quiet")
         .into_iter()
         .filter(|r| r.job_id.starts_with("quiet-a"))
-        .chain(quiet_alone)
-        .collect::<Vec<_>>();
+        .collect();
     let baseline = percentile(&quiet_alone, 99);
 
     let mut jobs = Vec::new();
@@ -260,10 +258,7 @@ async fn noisy_neighbours(
     broker.clean_up().await;
 
     let all = outputs.snapshot();
-    assert_schema_valid(&all);
-    let per_job = originals(&all);
-    assert_eq!(per_job.len(), total, "no job lost");
-    assert!(per_job.values().all(|&c| c == 1), "no job answered twice");
+    assert_each_job_once(&all, total);
     let dead = all
         .iter()
         .filter(|(c, _)| matches!(c, Collected::DeadLetter(_)))
@@ -284,39 +279,11 @@ async fn noisy_neighbours(
         "slowest quiet jobs alongside the flood: {:?}",
         &slowest[slowest.len().saturating_sub(6)..]
     );
-    for r in quiet.iter().filter(|r| r.latency_ms > 100) {
-        eprintln!(
-            "  {} {} ms: received {} steps {:?} completed {}",
-            r.job_id,
-            r.latency_ms,
-            r.received_at,
-            r.steps
-                .iter()
-                .map(|s| (s.name.clone(), s.latency_ms))
-                .collect::<Vec<_>>(),
-            r.completed_at
-        );
-    }
     let mut rates = Vec::new();
     for tenant in &noisy {
         let results = results_of(&all, tenant);
         assert_eq!(results.len(), flood);
         rates.push(steady_rate(&results, rate));
-    }
-    let mut sample = results_of(&all, &noisy[0]);
-    sample.sort_by_key(|r| r.completed_at);
-    for r in sample.iter().step_by(15) {
-        eprintln!(
-            "  noisy {} {} ms received {} steps {:?} completed {}",
-            r.job_id,
-            r.latency_ms,
-            r.received_at,
-            r.steps
-                .iter()
-                .map(|s| (s.name.clone(), s.latency_ms))
-                .collect::<Vec<_>>(),
-            r.completed_at
-        );
     }
     let parked = results_of(&all, &noisy[0])
         .iter()

@@ -100,7 +100,6 @@ async fn transient_faults_never_dead_letter_a_job_under_the_default_policy() {
     names.delete_streams().await;
 
     let all = outputs.snapshot();
-    assert_schema_valid(&all);
     let dead: Vec<String> = all
         .iter()
         .filter_map(|(c, _)| match c {
@@ -108,7 +107,7 @@ async fn transient_faults_never_dead_letter_a_job_under_the_default_policy() {
             _ => None,
         })
         .collect();
-    let per_job = originals(&all);
+    assert_each_job_once(&all, n);
     let stats = llm.stats();
     let (limited, failed, hung) = (
         stats
@@ -130,8 +129,6 @@ async fn transient_faults_never_dead_letter_a_job_under_the_default_policy() {
         "transient faults dead-lettered jobs: {:?}",
         &dead[..dead.len().min(5)]
     );
-    assert_eq!(per_job.len(), n, "no job lost");
-    assert!(per_job.values().all(|&c| c == 1), "no job answered twice");
     assert!(
         limited > 100 && failed > 50 && hung > 20,
         "the faults happened"
@@ -185,10 +182,7 @@ async fn an_outage_is_waited_out_and_a_deadline_ends_a_job_at_the_deadline_not_b
     names.delete_streams().await;
 
     let all = outputs.snapshot();
-    assert_schema_valid(&all);
-    let per_job = originals(&all);
-    assert_eq!(per_job.len(), total, "no job lost");
-    assert!(per_job.values().all(|&c| c == 1), "no job answered twice");
+    assert_each_job_once(&all, total);
     let mut finished_after_outage = 0;
     let mut expired = Vec::new();
     for (c, _) in &all {

@@ -319,15 +319,7 @@ impl<K: OutputSink> Engine<K> {
         booked: Booked,
         deferrable: bool,
     ) -> Result<Result<RunOutput, RunFailure>, Stopped> {
-        let expired = async {
-            match job.deadline {
-                Some(deadline) => {
-                    let left = (deadline - Utc::now()).to_std().unwrap_or(Duration::ZERO);
-                    tokio::time::sleep(left).await;
-                }
-                None => std::future::pending().await,
-            }
-        };
+        let expired = deadline_passes(job);
         let admitted = async {
             loop {
                 match self
@@ -406,15 +398,7 @@ impl<K: OutputSink> Engine<K> {
         stop: &CancellationToken,
     ) -> Result<Booked, Stopped> {
         let booking = self.scheduler.book(job.tenant.as_str(), key, deferrable);
-        let expired = async {
-            match job.deadline {
-                Some(deadline) => {
-                    let left = (deadline - Utc::now()).to_std().unwrap_or(Duration::ZERO);
-                    tokio::time::sleep(left).await;
-                }
-                None => std::future::pending().await,
-            }
-        };
+        let expired = deadline_passes(job);
         let booked = tokio::select! {
             biased;
             () = stop.cancelled() => return Err(Stopped::Now),
@@ -540,6 +524,17 @@ impl<K: OutputSink> Engine<K> {
             .map(String::as_str)
             .collect::<Vec<_>>()
             .join(", ")
+    }
+}
+
+/// Resolves when the job's deadline passes; never for a job without one.
+async fn deadline_passes(job: &Job) {
+    match job.deadline {
+        Some(deadline) => {
+            let left = (deadline - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+            tokio::time::sleep(left).await;
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -137,6 +137,15 @@ pub fn originals(outputs: &[(Collected, Value)]) -> std::collections::HashMap<St
     per_job
 }
 
+/// Every output conforms to its schema, and each of `total` jobs has exactly one original output:
+/// nothing lost, nothing answered twice.
+pub fn assert_each_job_once(outputs: &[(Collected, Value)], total: usize) {
+    assert_schema_valid(outputs);
+    let per_job = originals(outputs);
+    assert_eq!(per_job.len(), total, "no job lost");
+    assert!(per_job.values().all(|&c| c == 1), "no job answered twice");
+}
+
 /// NATS JetStream in, NATS out, Redis state, a test-owned mock LLM at `llm`: the config text.
 pub fn nats_config(names: &NatsNames, llm: &str) -> String {
     let p = &names.prefix;
