@@ -460,9 +460,11 @@ async fn a_deadline_that_passes_while_throttled_costs_no_provider_call() {
         expired >= n / 2,
         "most jobs cannot get through 2/s within 2 s"
     );
-    // A job admitted just before its deadline may still expire between its two calls; those
-    // say so. Every job that expired while held back by the limit made no call at all.
-    let expired_mid_pipeline = all
+    // A job admitted just before its deadline may still expire in its pipeline, before its
+    // first call or between its two; those say so. Every job that expired while held back by
+    // the limit made no call at all: the only calls beyond the finished jobs' two each are
+    // those admitted jobs' (at most one each).
+    let expired_after_admission = all
         .iter()
         .filter(|(c, _)| {
             matches!(c, Collected::DeadLetter(dl)
@@ -470,13 +472,13 @@ async fn a_deadline_that_passes_while_throttled_costs_no_provider_call() {
         })
         .count();
     assert!(
-        expired_mid_pipeline <= 2,
-        "{expired_mid_pipeline} expired between calls"
+        expired_after_admission <= 2,
+        "{expired_after_admission} expired after admission"
     );
-    assert_eq!(
-        llm.stats().requests(),
-        2 * finished as u64 + expired_mid_pipeline as u64,
-        "jobs that expired while throttled never reached the provider"
+    let calls = llm.stats().requests();
+    assert!(
+        calls >= 2 * finished as u64 && calls <= 2 * finished as u64 + expired_after_admission as u64,
+        "jobs that expired while throttled never reached the provider: {calls} calls for {finished} finished jobs"
     );
 }
 
