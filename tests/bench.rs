@@ -67,7 +67,7 @@ fn bench_backlog_reports_memory_growth_against_a_tenth_of_the_backlog() {
             "--inflight",
             "64",
             "--duration-s",
-            "2",
+            "5",
             "--json",
         ])
         .output()
