@@ -200,6 +200,7 @@ async fn noisy_neighbours(
     flood: usize,
     rate: f64,
     quiet_rate: f64,
+    quiet_jobs: usize,
 ) {
     let llm = mock_llm(2).await;
     let noisy: Vec<String> = if noisy_tenants == 1 {
@@ -242,7 +243,6 @@ async fn noisy_neighbours(
         }
     }
     broker.publish(jobs).await;
-    let quiet_jobs = 100;
     trickle(&broker, "f", quiet_jobs).await;
     let total = warm_up + alone + flood * noisy.len() + quiet_jobs;
     assert_eq!(
@@ -309,12 +309,16 @@ async fn noisy_neighbours(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_a_noisy_tenant_is_held_to_its_rate_and_the_quiet_one_does_not_wait() {
-    noisy_neighbours(Broker::nats(), 1, 2000, 100.0, 100.0).await;
+    noisy_neighbours(Broker::nats(), 1, 2000, 100.0, 100.0, 100).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_a_noisy_tenant_is_held_to_its_rate_and_the_quiet_one_does_not_wait() {
-    noisy_neighbours(Broker::kafka(), 1, 2000, 100.0, 100.0).await;
+    // 200 quiet jobs, not 100: the one or two sent in the first ~200 ms after the flood wait
+    // while ~1,900 jobs are parked through the broker, which here runs in the same process on
+    // the same two cores (~110-170 ms); with 100 jobs the p99 is the second-worst job and
+    // hinges on whether one or two of them were caught.
+    noisy_neighbours(Broker::kafka(), 1, 2000, 100.0, 100.0, 200).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,5 +326,5 @@ async fn nats_ten_noisy_tenants_do_not_hold_the_quiet_one_back() {
     // Ten tenants (on the default plan) at 10/s each: 100 jobs/s in all, as in the one-tenant
     // case; at 100/s each this 2-core machine, running three replicas, the brokers and the
     // mock provider, would be saturated, and its CPU, not the limiter, would set the pace.
-    noisy_neighbours(Broker::nats(), 10, 100, 10.0, 100.0).await;
+    noisy_neighbours(Broker::nats(), 10, 100, 10.0, 100.0, 100).await;
 }
