@@ -10,17 +10,12 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use switchyard::config::Faults;
-use switchyard::state::{MemoryStore, StateStore};
 use switchyard::testkit::{publish, Collected};
 use switchyard::wire::ResultStatus;
 
 use common::*;
 
 const STALL: Duration = Duration::from_secs(30);
-
-fn memory() -> StateStore {
-    StateStore::from(MemoryStore::new(10_000))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_complete_on_anthropic_through_rate_limits_and_overloads() {

@@ -66,6 +66,19 @@ async fn metrics_after_a_known_workload_match_the_outputs() {
         outputs.wait_for(24, Duration::from_secs(30), |_| {}).await,
         24
     );
+    // One more job alone: its settlement is the last change to the budget, with no other
+    // reservation outstanding, so the remaining-budget gauge must then be exact.
+    publish(
+        &brokers,
+        JOBS_TOPIC,
+        [job("m-20", "acme", "billing question")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        outputs.wait_for(25, Duration::from_secs(30), |_| {}).await,
+        25
+    );
     // Two redeliveries of finished jobs: answered from the store.
     publish(
         &brokers,
@@ -78,32 +91,9 @@ async fn metrics_after_a_known_workload_match_the_outputs() {
     .await
     .unwrap();
     assert_eq!(
-        outputs.wait_for(26, Duration::from_secs(30), |_| {}).await,
-        26
+        outputs.wait_for(27, Duration::from_secs(30), |_| {}).await,
+        27
     );
-
-    let addr = service.health.http_addr().expect("metrics port bound");
-    let http = reqwest::Client::new();
-    let text = http
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let ready = http
-        .get(format!("http://{addr}/readyz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 200, "ready while running");
-    std::fs::create_dir_all(concat!(env!("CARGO_MANIFEST_DIR"), "/target")).unwrap();
-    std::fs::write(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/target/metrics-sample.prom"),
-        &text,
-    )
-    .unwrap();
 
     let (mut tokens_in, mut tokens_out, mut cost) = (0u64, 0u64, 0.0f64);
     for (c, _) in outputs.snapshot() {
@@ -115,9 +105,54 @@ async fn metrics_after_a_known_workload_match_the_outputs() {
             }
         }
     }
+    let addr = service.health.http_addr().expect("metrics port bound");
+    let http = reqwest::Client::new();
+    let scrape = || async {
+        http.get(format!("http://{addr}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    // The job's budget settles just after its result is written: wait for that (bounded).
+    let remaining_is = |text: &str| {
+        let remaining = sample(
+            text,
+            r#"switchyard_budget_remaining_usd{period="day",tenant="acme"}"#,
+        );
+        (remaining - (100.0 - cost)).abs() < 1e-9
+    };
+    let settled = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut text = scrape().await;
+    while !remaining_is(&text) && tokio::time::Instant::now() < settled {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        text = scrape().await;
+    }
+    let ready = http
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200, "ready while running");
+    let alive = http
+        .get(format!("http://{addr}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(alive.status(), 200, "alive while running");
+    assert_eq!(alive.text().await.unwrap(), "ok");
+    std::fs::create_dir_all(concat!(env!("CARGO_MANIFEST_DIR"), "/target")).unwrap();
+    std::fs::write(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/target/metrics-sample.prom"),
+        &text,
+    )
+    .unwrap();
+
     assert_eq!(
         sample(&text, r#"switchyard_jobs_received_total{source="kafka"}"#),
-        26.0
+        27.0
     );
     // Per-tenant usage and budget for the tenant named in config.
     assert_eq!(
@@ -134,18 +169,16 @@ async fn metrics_after_a_known_workload_match_the_outputs() {
         &text,
         r#"switchyard_budget_remaining_usd{period="day",tenant="acme"}"#,
     );
-    // The gauge is the remaining budget as this replica last saw it; concurrent calls settle in
-    // any order, so it may still include another call's (worst-case) reservation.
     assert!(
-        remaining < 100.0 && remaining >= 100.0 - cost - 0.01,
-        "budget remaining {remaining} after spending {cost}"
+        (remaining - (100.0 - cost)).abs() < 1e-9,
+        "budget remaining {remaining} after spending {cost}: no reservation left counted"
     );
     assert_eq!(
         sample(
             &text,
             r#"switchyard_jobs_finished_total{pipeline="support",status="ok"}"#
         ),
-        20.0
+        21.0
     );
     assert_eq!(
         sample(
@@ -184,7 +217,7 @@ async fn metrics_after_a_known_workload_match_the_outputs() {
     );
     assert_eq!(
         sum_of(&text, r#"switchyard_llm_requests_total{"#),
-        40.0,
+        42.0,
         "two provider calls per valid job"
     );
     let tokens = sum_of(&text, "switchyard_llm_tokens_total{") as u64;
@@ -204,14 +237,14 @@ async fn metrics_after_a_known_workload_match_the_outputs() {
             &text,
             r#"switchyard_job_duration_seconds_count{pipeline="support"}"#
         ),
-        23.0
+        24.0
     );
     assert_eq!(
         sample(
             &text,
             r#"switchyard_step_duration_seconds_count{step="classify"}"#
         ),
-        20.0
+        21.0
     );
     assert!(
         sample(

@@ -8,17 +8,12 @@ mod common;
 use std::time::Duration;
 
 use switchyard::config::Faults;
-use switchyard::state::{MemoryStore, StateStore};
 use switchyard::testkit::{publish, Collected};
 use switchyard::wire::{DeadLetterReason, ResultStatus};
 
 use common::*;
 
 const STALL: Duration = Duration::from_secs(30);
-
-fn memory() -> StateStore {
-    StateStore::from(MemoryStore::new(10_000))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limits_and_server_errors_are_retried_until_every_job_completes() {
@@ -44,7 +39,9 @@ async fn rate_limits_and_server_errors_are_retried_until_every_job_completes() {
     publish(
         &brokers,
         JOBS_TOPIC,
-        (0..n).map(|i| job(&format!("f-{i}"), "acme", "billing question")),
+        // Distinct texts: every call has its own request body, so the provider's log can be
+        // read call by call.
+        (0..n).map(|i| job(&format!("f-{i}"), "acme", &format!("billing question {i}"))),
     )
     .await
     .unwrap();
@@ -53,14 +50,41 @@ async fn rate_limits_and_server_errors_are_retried_until_every_job_completes() {
 
     let all = outputs.snapshot();
     assert_schema_valid(&all);
-    let mut retried_steps = 0;
+    let (mut retried_steps, mut recorded_attempts) = (0, 0u64);
     for (c, _) in &all {
         let Collected::Result(r) = c else {
             panic!("every job completes, got {c:?}")
         };
         assert_eq!(r.status, ResultStatus::Ok);
         retried_steps += r.steps.iter().filter(|s| s.attempts > 1).count();
+        recorded_attempts += r.steps.iter().map(|s| u64::from(s.attempts)).sum::<u64>();
     }
+    // Call by call (same body = same call), in the order the provider saw them: every failure
+    // is followed by one more attempt, and the call's last attempt, and only that one, is
+    // its success.
+    let mut calls: std::collections::HashMap<u64, Vec<&str>> = Default::default();
+    for entry in llm.log() {
+        calls
+            .entry(entry.body_hash)
+            .or_default()
+            .push(entry.outcome);
+    }
+    assert_eq!(calls.len(), 2 * n, "two calls per job");
+    for outcomes in calls.values() {
+        let (last, before) = outcomes.split_last().unwrap();
+        assert_eq!(*last, "ok", "a call ends with its success: {outcomes:?}");
+        assert!(
+            before
+                .iter()
+                .all(|o| matches!(*o, "rate_limited" | "server_error")),
+            "no attempt after a success, one after each transient failure: {outcomes:?}"
+        );
+    }
+    assert_eq!(
+        recorded_attempts,
+        llm.stats().requests(),
+        "the step records count every attempt the provider saw"
+    );
     let stats = llm.stats();
     let limited = stats
         .rate_limited
@@ -152,14 +176,26 @@ async fn when_every_target_fails_the_job_is_a_provider_failed_dead_letter() {
         },
     )
     .await;
+    let also_broken = mock_llm_with(
+        1,
+        Faults {
+            rate_500: 1.0,
+            ..Faults::default()
+        },
+    )
+    .await;
+    let retry = "retry: {max_attempts: 3, max_elapsed_ms: 200, base_delay_ms: 1, max_delay_ms: 5}";
     let providers = format!(
         // Transient failures are retried round after round until the job's deadline or
         // max_elapsed_ms: here 200 ms, so the test sees the end of it.
-        "broken: {{kind: openai, base_url: \"http://{}/v1\", retry: {{max_attempts: 3, max_elapsed_ms: 200, base_delay_ms: 1, max_delay_ms: 5}}}}",
-        broken.addr()
+        "broken: {{kind: openai, base_url: \"http://{}/v1\", {retry}}}\n  \
+         also_broken: {{kind: openai, base_url: \"http://{}/v1\", {retry}}}",
+        broken.addr(),
+        also_broken.addr()
     );
-    let models =
-        "small: {provider: broken, model: gpt-4o-mini}\n  large: {provider: broken, model: gpt-4o}";
+    let models = "small: {provider: broken, model: gpt-4o-mini, fallbacks: [spare]}\n  \
+                  large: {provider: broken, model: gpt-4o}\n  \
+                  spare: {provider: also_broken, model: gpt-4o-mini}";
     let outputs = collector(&brokers);
     let service = Service::start(plan_with(&brokers, &providers, models, &[]), memory());
     publish(&brokers, JOBS_TOPIC, [job("x-1", "acme", "anything")])
@@ -174,12 +210,15 @@ async fn when_every_target_fails_the_job_is_a_provider_failed_dead_letter() {
         panic!("expected a dead letter, got {:?}", all[0].0)
     };
     assert_eq!(d.reason, DeadLetterReason::ProviderFailed);
-    // Three attempts in the first round, two in the second: the fifth failure in a row opens
-    // the circuit (the default `consecutive_failures`), which stays open past max_elapsed_ms,
-    // so the later rounds make none. The dead letter keeps the provider's error, not the
-    // circuit's.
-    assert_eq!(d.attempts, 5);
+    // Per target, three attempts in the first round and two in the second: the fifth failure
+    // in a row opens its circuit (the default `consecutive_failures`), which stays open past
+    // max_elapsed_ms, so the later rounds make none. The dead letter names every target with
+    // the provider's own error, not the circuit's.
+    assert_eq!(d.attempts, 10);
     assert!(d.error.contains("small: server error 500"), "{}", d.error);
+    assert!(d.error.contains("spare: server error 500"), "{}", d.error);
+    assert_eq!(broken.stats().requests(), 5);
+    assert_eq!(also_broken.stats().requests(), 5);
     assert_eq!(d.job_id.as_deref(), Some("x-1"));
 }
 
@@ -196,15 +235,31 @@ async fn an_expired_job_is_dead_lettered_without_a_provider_call() {
         .await
         .unwrap();
     assert_eq!(outputs.wait_for(1, STALL, |_| {}).await, 1);
+    // The same job published again (a producer retry, a replay of the topic): its dead letter
+    // is replayed from the store, marked as a duplicate, so consumers of the dead-letter topic
+    // can tell it from a second failure.
+    publish(&brokers, JOBS_TOPIC, [expired.to_string().into_bytes()])
+        .await
+        .unwrap();
+    assert_eq!(outputs.wait_for(2, STALL, |_| {}).await, 2);
     service.stop().await;
 
     let all = outputs.snapshot();
     assert_schema_valid(&all);
-    let Collected::DeadLetter(d) = &all[0].0 else {
-        panic!("expected a dead letter")
-    };
-    assert_eq!(d.reason, DeadLetterReason::DeadlineExceeded);
-    assert!(d.error.contains("2020-01-01"), "{}", d.error);
+    let letters: Vec<_> = all
+        .iter()
+        .map(|(c, _)| match c {
+            Collected::DeadLetter(d) => d,
+            other => panic!("expected dead letters, got {other:?}"),
+        })
+        .collect();
+    let (first, replay) = (letters[0], letters[1]);
+    assert_eq!(first.reason, DeadLetterReason::DeadlineExceeded);
+    assert!(first.error.contains("2020-01-01"), "{}", first.error);
+    assert!(!first.duplicate);
+    assert!(replay.duplicate, "the replay is marked as a duplicate");
+    assert_eq!(replay.reason, first.reason);
+    assert_eq!(replay.job_id, first.job_id);
     assert_eq!(llm.stats().requests(), 0);
 }
 

@@ -73,18 +73,23 @@ pipelines:
         .status()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() {
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
         assert!(Instant::now() < deadline, "exits after SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
-    }
+    };
+    assert_eq!(exit.code(), Some(0), "SIGTERM is a clean exit");
 
     assert_eq!(outputs.len(), 20);
-    assert!(
+    let requests = llm.stats().requests();
+    assert_eq!(
         llm.stats()
             .authorized
-            .load(std::sync::atomic::Ordering::Relaxed)
-            >= 20,
-        "the key was sent"
+            .load(std::sync::atomic::Ordering::Relaxed),
+        requests,
+        "every request carried the key"
     );
     assert!(
         llm.stats()
@@ -109,8 +114,9 @@ pipelines:
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["message"] == "provider call")
         .collect();
-    assert!(
-        calls.len() >= 20,
+    assert_eq!(
+        calls.len() as u64,
+        requests,
         "one record per provider call ({} found) in:\n{}",
         calls.len(),
         logs.lines()

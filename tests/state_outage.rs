@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -46,21 +45,6 @@ fn redis_server(port: u16) -> Child {
     child
 }
 
-/// Non-duplicate results per job id; anything but results is a failure here.
-fn result_originals(outputs: &[(Collected, serde_json::Value)]) -> HashMap<String, usize> {
-    let mut per_job: HashMap<String, usize> = HashMap::new();
-    for (c, _) in outputs {
-        match c {
-            Collected::Result(r) | Collected::Review(r) if !r.duplicate => {
-                *per_job.entry(r.job_id.clone()).or_default() += 1
-            }
-            Collected::Result(_) | Collected::Review(_) => {}
-            other => panic!("unexpected output {other:?}"),
-        }
-    }
-    per_job
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_pauses_intake_loses_nothing_and_recovers_by_itself() {
     let port = free_port();
@@ -94,19 +78,36 @@ async fn a_redis_outage_pauses_intake_loses_nothing_and_recovers_by_itself() {
     redis.kill().unwrap();
     redis.wait().unwrap();
     let down_at = Instant::now();
-    let mut went_unready = false;
-    while down_at.elapsed() < Duration::from_secs(3) {
-        went_unready |= !service.health.is_ready();
+    // What a load balancer or Kubernetes probe sees: /readyz answers 503 and says why.
+    let readyz = format!(
+        "http://{}/readyz",
+        service.health.http_addr().expect("the HTTP port is bound")
+    );
+    let http = reqwest::Client::new();
+    let (status, body) = loop {
+        let response = http.get(&readyz).send().await.unwrap();
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.unwrap();
+        if status != 200 || down_at.elapsed() > Duration::from_secs(30) {
+            break (status, body);
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(went_unready, "readiness reflects the outage");
+    };
+    assert_eq!(status, 503, "readiness reflects the outage: {body}");
+    assert_eq!(body["ready"], false, "{body}");
+    assert_eq!(
+        body["state_available"], false,
+        "the reason is named: {body}"
+    );
+    assert_eq!(body["source_connected"], true, "{body}");
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(down_at.elapsed())).await;
     let during = outputs.len();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let progress_while_down = outputs.len() - during;
     let mut redis = redis_server(port);
 
     let deadline = Instant::now() + Duration::from_secs(60);
-    while result_originals(&outputs.snapshot()).len() < n {
+    while originals(&outputs.snapshot()).len() < n {
         assert!(
             Instant::now() < deadline,
             "processing resumed by itself and finished every job"
@@ -114,7 +115,7 @@ async fn a_redis_outage_pauses_intake_loses_nothing_and_recovers_by_itself() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !service.health.is_ready() {
+    while http.get(&readyz).send().await.unwrap().status() != 200 {
         assert!(Instant::now() < deadline, "ready again after the outage");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -125,7 +126,15 @@ async fn a_redis_outage_pauses_intake_loses_nothing_and_recovers_by_itself() {
 
     let all = outputs.snapshot();
     assert_schema_valid(&all);
-    let per_job = result_originals(&all);
+    let dead: Vec<_> = all
+        .iter()
+        .filter(|(c, _)| !matches!(c, Collected::Result(_) | Collected::Review(_)))
+        .collect();
+    assert!(
+        dead.is_empty(),
+        "a store outage dead-letters nothing: {dead:?}"
+    );
+    let per_job = originals(&all);
     // Messages prefetched before the pause may be redelivered meanwhile; those are answered
     // from the store as duplicates, never processed again.
     eprintln!(

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 use switchyard::config::{self, Faults, Latency, MockSettings, Plan, Topics};
 use switchyard::provider::mock::MockServer;
-use switchyard::state::StateStore;
+use switchyard::state::{MemoryStore, StateStore};
 use switchyard::telemetry::health::Health;
 use switchyard::telemetry::metrics::Metrics;
 use switchyard::telemetry::Telemetry;
@@ -18,6 +18,9 @@ use switchyard::testkit::{Collected, EmbeddedKafka, OutputCollector};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+mod builder;
+pub use self::builder::*;
 
 pub const JOBS_TOPIC: &str = "switchyard.jobs";
 
@@ -29,48 +32,22 @@ pub fn topics() -> Topics {
     }
 }
 
-/// A service config pointed at `brokers` and an external (test-owned) mock LLM at `llm`. The short
-/// session timeout matters: the mock cluster holds a new member's join until the previous
-/// member's session expires, even after a clean LeaveGroup.
+/// A service config pointed at `brokers` and an external (test-owned) mock LLM at `llm`, with
+/// a quick retry policy.
 pub fn plan(brokers: &str, llm: &str, extra_env: &[(&str, &str)]) -> Plan {
     let providers = format!(
         "llm: {{kind: openai, base_url: \"http://{llm}/v1\", retry: {{max_attempts: 3, base_delay_ms: 10, max_delay_ms: 100}}}}"
     );
-    let models = "small: {provider: llm, model: gpt-4o-mini, price: {input: 0.15, output: 0.6}, timeout_ms: 5000}\n  \
-                  large: {provider: llm, model: gpt-4o, price: {input: 2.5, output: 10}, timeout_ms: 5000}";
-    plan_with(brokers, &providers, models, extra_env)
+    plan_with(brokers, &providers, MODELS, extra_env)
 }
 
 /// A service config with the given `providers:` and `models:` entries (YAML, one per line,
 /// indented by two spaces after the first); models `small` and `large` must exist.
 pub fn plan_with(brokers: &str, providers: &str, models: &str, extra_env: &[(&str, &str)]) -> Plan {
-    let text = format!(
-        r#"
-source: {{kind: kafka, brokers: "{brokers}", group: "it-{group:x}", topic: {JOBS_TOPIC},
-         librdkafka: {{auto.commit.interval.ms: 200, session.timeout.ms: 6000, heartbeat.interval.ms: 500}}}}
-state: {{kind: memory}}
-http: {{listen: "127.0.0.1:0"}}
-limits: {{max_inflight_jobs: 64, max_job_bytes: 4096, drain_timeout_ms: 5000}}
-providers:
-  {providers}
-models:
-  {models}
-prompts:
-  triage: {{user: "Categories: {{{{categories}}}}\n\nTicket:\n{{{{input.text}}}}"}}
-  answer: {{system: "Triaged as {{{{steps.classify.output}}}}.", user: "{{{{input.text}}}}"}}
-pipelines:
-  support:
-    steps:
-      - {{name: classify, kind: classify, model: small, prompt: triage, categories: [billing, technical, account]}}
-      - {{name: route, kind: route, on: classify, routes: {{technical: large, default: small}}}}
-      - {{name: answer, kind: generate, model: "{{{{route.model}}}}", prompt: answer}}
-"#,
-        group = rand::random::<u64>()
-    );
-    let env = extra_env
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));
-    config::load_str(&text, "test config", env).unwrap()
+    TestConfig::kafka(brokers)
+        .set("providers", providers)
+        .set("models", models)
+        .plan_env(extra_env)
 }
 
 pub fn nats_url() -> String {
@@ -146,37 +123,15 @@ pub fn assert_each_job_once(outputs: &[(Collected, Value)], total: usize) {
     assert!(per_job.values().all(|&c| c == 1), "no job answered twice");
 }
 
-/// NATS JetStream in, NATS out, Redis state, a test-owned mock LLM at `llm`: the config text.
+/// NATS JetStream in, NATS out, Redis state, a test-owned mock LLM at `llm` (quick retries):
+/// the config text.
 pub fn nats_config(names: &NatsNames, llm: &str) -> String {
-    let p = &names.prefix;
-    format!(
-        r#"
-source: {{kind: nats, url: "{nats}", stream: {js}, subjects: ["{p}.jobs.>"], consumer: switchyard,
-         ack_wait_ms: 3000, max_deliver: 20, batch: 32}}
-sink: {{kind: nats, stream: {os}, topics: {{results: {p}.results, review: {p}.review, dlq: {p}.dlq}}}}
-state: {{kind: redis, url: "{redis}", key_prefix: "{p}:", claim_lease_ms: 3000}}
-http: {{listen: "127.0.0.1:0"}}
-limits: {{max_inflight_jobs: 64, max_job_bytes: 4096, drain_timeout_ms: 5000}}
-providers:
-  llm: {{kind: openai, base_url: "http://{llm}/v1", retry: {{max_attempts: 3, base_delay_ms: 10, max_delay_ms: 100}}}}
-models:
-  small: {{provider: llm, model: gpt-4o-mini, price: {{input: 0.15, output: 0.6}}, timeout_ms: 5000}}
-  large: {{provider: llm, model: gpt-4o, price: {{input: 2.5, output: 10}}, timeout_ms: 5000}}
-prompts:
-  triage: {{user: "Categories: {{{{categories}}}}\n\nTicket:\n{{{{input.text}}}}"}}
-  answer: {{user: "{{{{input.text}}}}"}}
-pipelines:
-  support:
-    steps:
-      - {{name: classify, kind: classify, model: small, prompt: triage, categories: [billing, technical, account]}}
-      - {{name: route, kind: route, on: classify, routes: {{technical: large, default: small}}}}
-      - {{name: answer, kind: generate, model: "{{{{route.model}}}}", prompt: answer}}
-"#,
-        nats = nats_url(),
-        redis = redis_url(),
-        js = names.jobs_stream,
-        os = names.outputs_stream,
-    )
+    TestConfig::nats(names)
+        .set(
+            "providers",
+            format!("llm: {{kind: openai, base_url: \"http://{llm}/v1\", retry: {{max_attempts: 3, base_delay_ms: 10, max_delay_ms: 100}}}}"),
+        )
+        .text()
 }
 
 /// [`nats_config`], loaded with `extra_env` overrides.
@@ -264,6 +219,11 @@ impl Service {
             .expect("service task")
             .expect("service exits cleanly");
     }
+}
+
+/// An in-process state store, for tests that do not need Redis.
+pub fn memory() -> StateStore {
+    StateStore::from(MemoryStore::new(100_000))
 }
 
 pub fn job(id: &str, tenant: &str, text: &str) -> Vec<u8> {
