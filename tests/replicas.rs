@@ -103,6 +103,17 @@ impl Replica {
     }
 }
 
+/// The replica finished its in-flight work within its drain timeout: it did not have to hand
+/// unfinished jobs back (it logs a warning when it does).
+fn assert_drained_in_time(replica: &Replica) {
+    let log = std::fs::read_to_string(&replica.log).unwrap_or_default();
+    assert!(
+        !log.contains("drain timeout reached"),
+        "the drain ran out of time; log: {}",
+        replica.log.display()
+    );
+}
+
 impl Drop for Replica {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -145,7 +156,9 @@ async fn wait_all(
     }
 }
 
-/// Kill replica 0 once `kill_at` jobs are done, restart it, wait for every job, then SIGTERM all.
+/// Mid-stream, SIGTERM replica 2 (it drains and exits 0) and start it again; then kill replica 0
+/// with SIGKILL once `kill_at` jobs are done and restart it; wait for every job, then SIGTERM
+/// all.
 async fn kill_restart_and_check(
     replicas: &mut [Replica],
     outputs: &OutputCollector,
@@ -153,30 +166,52 @@ async fn kill_restart_and_check(
     kill_at: usize,
     calls: impl Fn() -> u64,
 ) {
+    outputs.wait_for(n / 5, STALL, |_| {}).await;
+    let (code, _) = replicas[2].terminate();
+    assert_eq!(code, Some(0), "SIGTERM mid-stream exits 0");
+    assert_drained_in_time(&replicas[2]);
+    let drained_at = outputs.len();
+    assert!(
+        drained_at < kill_at,
+        "terminated mid-stream ({drained_at} of {n})"
+    );
+    replicas[2].restart();
     outputs.wait_for(kill_at, STALL, |_| {}).await;
+    // Replica 2's unfinished work went to the others; a drain finishes or hands back, so
+    // nothing it had started was answered twice.
+    let twice: Vec<_> = originals(&outputs.snapshot())
+        .into_iter()
+        .filter(|(_, c)| *c > 1)
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "answered twice after a SIGTERM drain: {twice:?}"
+    );
     replicas[0].kill9();
     let killed_at = outputs.len();
     assert!(killed_at < n, "killed mid-stream ({killed_at} of {n})");
-    tokio::time::sleep(Duration::from_millis(500)).await;
     replicas[0].restart();
     let per_job = wait_all(outputs, n, replicas).await;
-    // Keep the load going while every replica gets SIGTERM.
     for replica in replicas.iter_mut() {
-        let (code, took) = replica.terminate();
+        let (code, _) = replica.terminate();
         assert_eq!(
             code,
             Some(0),
             "SIGTERM exits 0; log: {}",
             replica.log.display()
         );
-        assert!(
-            took < Duration::from_secs(12),
-            "drained within the 10s drain timeout (took {took:?})"
-        );
+        assert_drained_in_time(replica);
     }
     let all = outputs.snapshot();
     assert_schema_valid(&all);
     assert_eq!(per_job.len(), n, "no job lost");
+    // A restart is not a failure: no job may end as a dead letter (for instance with its
+    // deliveries used up by hand-backs while a replica stops).
+    let dead: Vec<_> = all
+        .iter()
+        .filter(|(c, _)| matches!(c, switchyard::testkit::Collected::DeadLetter(_)))
+        .collect();
+    assert!(dead.is_empty(), "dead letters after restarts: {dead:?}");
     // A job the killed process had written but not yet recorded in Redis is processed again
     // (Kafka/NATS and Redis cannot be written atomically); only its in-flight jobs can be.
     let twice = per_job.values().filter(|&&c| c > 1).count();
@@ -231,7 +266,7 @@ providers:
     )
     .await
     .unwrap();
-    kill_restart_and_check(&mut replicas, &outputs, n, n / 3, || llm.stats().requests()).await;
+    kill_restart_and_check(&mut replicas, &outputs, n, n / 2, || llm.stats().requests()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -281,7 +316,7 @@ providers:
         )
     });
     publish_nats(&nats_url(), messages).await.unwrap();
-    kill_restart_and_check(&mut replicas, &outputs, n, n / 3, || llm.stats().requests()).await;
+    kill_restart_and_check(&mut replicas, &outputs, n, n / 2, || llm.stats().requests()).await;
     names.delete_streams().await;
 }
 

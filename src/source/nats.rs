@@ -2,7 +2,8 @@
 //! explicit acks only after the job's output is confirmed.
 //!
 //! While a job runs, in-progress acks (every third of `ack_wait`) keep the server from
-//! redelivering it; a job handed back at shutdown is nak'ed so another replica takes it at once;
+//! redelivering it; a job handed back (at shutdown, or when another replica holds its claim) is
+//! nak'ed with a short delay, [`HAND_BACK_DELAY`], so another replica takes it within a second;
 //! an invalid job is `term`ed after its dead letter is written, so it is never redelivered.
 //! Pulls are small (`batch`) so prefetched messages do not sit in the client past their ack wait.
 
@@ -18,6 +19,13 @@ use futures::StreamExt;
 use super::{AckHandle, Acknowledge, Delivery, JobSource, SourceError};
 use crate::config::NatsSourcePlan;
 use crate::wire::SourceInfo;
+
+/// The delay of a hand-back's nak. Not zero: the pull subscription keeps fetching while the
+/// process stops (the engine's buffered hand-back, then [`JobSource::close`], ~400 ms in all),
+/// and a message nak'ed without delay comes straight back to it, to be handed back again; that
+/// loop spent a message's whole `max_deliver` in a fraction of a second, after which JetStream
+/// never delivers it again. With the delay, it reaches the replicas that stay.
+pub const HAND_BACK_DELAY: Duration = Duration::from_secs(1);
 
 pub struct NatsSource {
     client: async_nats::Client,
@@ -173,8 +181,8 @@ impl JobSource for NatsSource {
     }
 
     async fn close(mut self) {
-        // Messages pulled since the engine's last look go back at once (not after ack_wait), so
-        // another replica takes them now. The engine dead-letters messages on their last
+        // Messages pulled since the engine's last look go back after HAND_BACK_DELAY (not
+        // after ack_wait), so another replica takes them soon. The engine dead-letters messages on their last
         // delivery while the app drains; one still arriving here cannot be saved by a nak, and
         // is named in an error so it is not lost silently.
         let mut handed_back = 0;
@@ -191,7 +199,11 @@ impl JobSource for NatsSource {
             {
                 tracing::error!(stream_seq = seq, delivered, subject = %message.subject, "a message on its last allowed delivery arrived while closing; JetStream will not deliver it again (see the stream's max-deliveries advisory)");
             }
-            if message.ack_with(AckKind::Nak(None)).await.is_ok() {
+            if message
+                .ack_with(AckKind::Nak(Some(HAND_BACK_DELAY)))
+                .await
+                .is_ok()
+            {
                 handed_back += 1;
             }
         }
@@ -243,7 +255,7 @@ impl Acknowledge for NatsAck {
     }
 
     fn hand_back(self: Box<Self>) -> BoxFuture<'static, ()> {
-        Box::pin(async move { Self::send(&self.acker, AckKind::Nak(None)).await })
+        Box::pin(async move { Self::send(&self.acker, AckKind::Nak(Some(HAND_BACK_DELAY))).await })
     }
 
     fn can_defer(&self) -> bool {
