@@ -123,7 +123,9 @@ async fn a_noisy_tenant_is_held_to_its_global_rate_and_does_not_slow_a_quiet_one
     let (group, prefix) = (unique("adm-"), format!("{}:", unique("it")));
     let rps = 40.0;
     let tenants = format!("{noisy}: {{rps: {rps}}}\n  {quiet}: {{rps: 100}}");
-    let limits = "{max_inflight_jobs: 2048, max_running_jobs: 64, drain_timeout_ms: 5000}";
+    // Default in-flight and running bounds: the flood (600) fits in neither a fair share of
+    // them nor their whole.
+    let limits = "{drain_timeout_ms: 5000}";
     let services = replicas(
         (0..3)
             .map(|_| {
@@ -228,13 +230,16 @@ async fn a_noisy_tenant_is_held_to_its_global_rate_and_does_not_slow_a_quiet_one
         (achieved - rps).abs() <= rps * 0.10,
         "achieved {achieved:.1}/s is not within 10% of the {rps}/s limit"
     );
+    // Only the limiter's burst (one second's worth) and what the rate allowed while the flood
+    // was being published run at once; every other job was held back and says so.
+    let at_once = (rps * (1.0 + published_in.as_secs_f64())).ceil() as usize + 1;
     assert!(
-        throttled > flood / 2,
-        "throttled jobs say so in their step records"
+        throttled >= flood - at_once,
+        "{throttled} of {flood} jobs record their wait; at most {at_once} could run at once"
     );
     assert!(
-        quiet_p99 <= 2 * baseline.max(50),
-        "quiet tenant's p99 {quiet_p99} ms is more than twice its {baseline} ms alone"
+        quiet_p99 <= 2 * baseline + 50,
+        "quiet tenant's p99 {quiet_p99} ms is more than twice its {baseline} ms alone plus 50 ms"
     );
 }
 
@@ -317,13 +322,15 @@ async fn a_daily_budget_holds_across_replicas() {
         results.len(),
         refused.len()
     );
+    // A job reserves its worst case before its first call, so the budget is never overrun
+    // and a refused job has made no call: everything recorded was paid for by a result.
     assert!(
-        recorded <= budget + most,
-        "recorded spend ${recorded:.4}: over the ${budget} budget by more than one job (${most:.4})"
+        recorded <= budget,
+        "recorded spend ${recorded:.4}: over the ${budget} budget"
     );
     assert!(
-        recorded >= spent - 1e-9,
-        "results cannot cost more than was recorded"
+        (recorded - spent).abs() < 1e-9,
+        "recorded spend ${recorded:.6} is what the results cost (${spent:.6})"
     );
     assert!(
         !results.is_empty() && !refused.is_empty(),
@@ -333,10 +340,6 @@ async fn a_daily_budget_holds_across_replicas() {
         results.len() + refused.len(),
         n,
         "every job is a result or a budget dead letter"
-    );
-    assert!(
-        spent <= budget + most,
-        "spent ${spent:.4}: over the ${budget} budget by more than one job (${most:.4})"
     );
     assert!(
         refused[0].error.contains(&tenant) && refused[0].error.contains("budget"),
@@ -390,13 +393,17 @@ async fn high_priority_jobs_overtake_low_ones_under_saturation() {
         s.stop().await;
     }
     let all = outputs.snapshot();
-    let order: Vec<&str> = all
+    // In the order the jobs finished (not the order their results arrived from the results
+    // topic's partitions).
+    let mut finished: Vec<&JobResult> = all
         .iter()
         .filter_map(|(c, _)| match c {
-            Collected::Result(r) | Collected::Review(r) => Some(r.job_id.as_str()),
+            Collected::Result(r) | Collected::Review(r) => Some(r),
             _ => None,
         })
         .collect();
+    finished.sort_by_key(|r| r.completed_at);
+    let order: Vec<&str> = finished.iter().map(|r| r.job_id.as_str()).collect();
     let last_high = order
         .iter()
         .rposition(|id| id.starts_with("high-"))
@@ -407,8 +414,8 @@ async fn high_priority_jobs_overtake_low_ones_under_saturation() {
         .count();
     eprintln!("the last high-priority job finished at position {last_high}; {lows_after} low-priority jobs after it");
     assert!(
-        lows_after >= low / 2,
-        "high-priority jobs published after {low} low ones finished before at least half of them ({lows_after} after)"
+        lows_after >= low * 9 / 10,
+        "high-priority jobs published after {low} low ones finished before at least nine in ten of them ({lows_after} after)"
     );
 }
 
