@@ -1,10 +1,18 @@
 //! Circuit breaker per provider + model: after a run of failures (consecutive, or a failure rate
-//! over the last calls) the target is skipped at once for a cool-down, then a limited number of
-//! probe calls decide whether it closes again.
+//! over the calls of the last `window_ms`) the target is skipped at once for a cool-down, then a
+//! limited number of probe calls decide whether it closes again.
 //!
 //! Only failures that say something about the target's health count (5xx, timeouts, connection
 //! errors, unreadable responses). A 429 is a quota answer with its own wait; an auth or
 //! content-filter error is about the request.
+//!
+//! Only news counts. A call's result is ignored when the call was sent before the circuit last
+//! changed state. A failure extends a run of consecutive failures only when its call was sent
+//! after the latest success (the target has not answered well since), and the failure rate is
+//! taken over a span of time, not over the last N calls. Calls sent together fail together: with
+//! hundreds in flight, the 2% of requests that hang all time out within the same milliseconds,
+//! and those timeouts alone made five "consecutive" failures and filled a 20-call window,
+//! opening a circuit for 30 s that the other 98% of calls showed was healthy.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -37,7 +45,9 @@ impl CircuitState {
 enum Inner {
     Closed {
         consecutive: u32,
-        recent: VecDeque<bool>,
+        /// When each recent call finished and whether it failed (the last `window_ms`, at most
+        /// `window` calls).
+        recent: VecDeque<(Instant, bool)>,
     },
     Open {
         until: Instant,
@@ -50,7 +60,16 @@ enum Inner {
 #[derive(Debug)]
 pub struct CircuitBreaker {
     policy: CircuitPolicy,
-    inner: Mutex<Inner>,
+    shared: Mutex<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    inner: Inner,
+    /// When the circuit last changed state.
+    changed_at: Instant,
+    /// When the latest success was recorded.
+    last_success: Option<Instant>,
 }
 
 /// Whether an error counts against the target's health.
@@ -69,19 +88,23 @@ impl CircuitBreaker {
     pub fn new(policy: CircuitPolicy) -> Self {
         Self {
             policy,
-            inner: Mutex::new(Inner::Closed {
-                consecutive: 0,
-                recent: VecDeque::new(),
+            shared: Mutex::new(Shared {
+                inner: Inner::Closed {
+                    consecutive: 0,
+                    recent: VecDeque::new(),
+                },
+                changed_at: Instant::now(),
+                last_success: None,
             }),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn state(&self) -> CircuitState {
-        match &*self.lock() {
+        match &self.lock().inner {
             Inner::Closed { .. } => CircuitState::Closed,
             Inner::HalfOpen { .. } => CircuitState::HalfOpen,
             Inner::Open { until } if Instant::now() >= *until => CircuitState::HalfOpen,
@@ -91,11 +114,13 @@ impl CircuitBreaker {
 
     /// May a call go to this target now? A half-open circuit lets `half_open_probes` through.
     pub fn allow(&self) -> bool {
-        let mut inner = self.lock();
-        match &mut *inner {
+        let mut shared = self.lock();
+        let now = Instant::now();
+        match &mut shared.inner {
             Inner::Closed { .. } => true,
-            Inner::Open { until } if Instant::now() >= *until => {
-                *inner = Inner::HalfOpen { probes: 1 };
+            Inner::Open { until } if now >= *until => {
+                shared.inner = Inner::HalfOpen { probes: 1 };
+                shared.changed_at = now;
                 true
             }
             Inner::Open { .. } => false,
@@ -107,24 +132,58 @@ impl CircuitBreaker {
         }
     }
 
-    /// Records a call's result; returns the state afterwards.
-    pub fn record(&self, failed: bool) -> CircuitState {
+    /// Records the result of a call sent at `sent`; returns the state afterwards.
+    pub fn record(&self, failed: bool, sent: Instant) -> CircuitState {
         let policy = self.policy;
-        let mut inner = self.lock();
+        let mut shared = self.lock();
+        let now = Instant::now();
+        let stale = sent < shared.changed_at;
+        // Sent before the latest success: the target has answered well since.
+        let overtaken = failed && shared.last_success.is_some_and(|success| sent < success);
+        if !failed && !stale {
+            shared.last_success = Some(now);
+        }
+        let before = std::mem::discriminant(&shared.inner);
+        let state = Self::apply(policy, &mut shared.inner, failed, stale, overtaken, now);
+        if std::mem::discriminant(&shared.inner) != before {
+            shared.changed_at = now;
+        }
+        state
+    }
+
+    fn apply(
+        policy: CircuitPolicy,
+        inner: &mut Inner,
+        failed: bool,
+        stale: bool,
+        overtaken: bool,
+        now: Instant,
+    ) -> CircuitState {
         let open = |cooldown: Duration| Inner::Open {
-            until: Instant::now() + cooldown,
+            until: now + cooldown,
         };
-        match &mut *inner {
+        match inner {
+            // Old news: the state stands.
+            Inner::Closed { .. } if stale => CircuitState::Closed,
+            Inner::HalfOpen { .. } if stale => CircuitState::HalfOpen,
             Inner::Closed {
                 consecutive,
                 recent,
             } => {
-                *consecutive = if failed { *consecutive + 1 } else { 0 };
-                recent.push_back(failed);
-                while recent.len() > policy.window {
+                *consecutive = match (failed, overtaken) {
+                    (false, _) => 0,
+                    (true, false) => *consecutive + 1,
+                    (true, true) => *consecutive,
+                };
+                recent.push_back((now, failed));
+                while recent.len() > policy.window
+                    || recent
+                        .front()
+                        .is_some_and(|(at, _)| now.duration_since(*at) > policy.window_for)
+                {
                     recent.pop_front();
                 }
-                let failures = recent.iter().filter(|f| **f).count();
+                let failures = recent.iter().filter(|(_, failed)| *failed).count();
                 let rate_tripped = recent.len() >= policy.min_calls
                     && failures as f64 >= policy.failure_rate * recent.len() as f64;
                 if failed && (*consecutive >= policy.consecutive_failures || rate_tripped) {
@@ -159,6 +218,7 @@ mod tests {
             consecutive_failures: 3,
             failure_rate: 0.5,
             window: 10,
+            window_for: Duration::from_secs(10),
             min_calls: 6,
             open_for: Duration::from_secs(5),
             half_open_probes: 1,
@@ -170,16 +230,16 @@ mod tests {
         let b = CircuitBreaker::new(policy());
         for _ in 0..2 {
             assert!(b.allow());
-            assert_eq!(b.record(true), CircuitState::Closed);
+            assert_eq!(b.record(true, Instant::now()), CircuitState::Closed);
         }
         assert!(b.allow());
-        assert_eq!(b.record(true), CircuitState::Open);
+        assert_eq!(b.record(true, Instant::now()), CircuitState::Open);
         assert!(!b.allow(), "open: skipped at once");
         tokio::time::advance(Duration::from_secs(5)).await;
         assert_eq!(b.state(), CircuitState::HalfOpen);
         assert!(b.allow(), "one probe");
         assert!(!b.allow(), "only one probe at a time");
-        assert_eq!(b.record(false), CircuitState::Closed);
+        assert_eq!(b.record(false, Instant::now()), CircuitState::Closed);
         assert!(b.allow());
     }
 
@@ -188,11 +248,11 @@ mod tests {
         let b = CircuitBreaker::new(policy());
         for _ in 0..3 {
             b.allow();
-            b.record(true);
+            b.record(true, Instant::now());
         }
         tokio::time::advance(Duration::from_secs(5)).await;
         assert!(b.allow());
-        assert_eq!(b.record(true), CircuitState::Open);
+        assert_eq!(b.record(true, Instant::now()), CircuitState::Open);
         tokio::time::advance(Duration::from_secs(4)).await;
         assert!(!b.allow());
         tokio::time::advance(Duration::from_secs(1)).await;
@@ -206,10 +266,94 @@ mod tests {
         let mut last = CircuitState::Closed;
         for i in 0..6 {
             assert!(b.allow());
-            last = b.record(i % 2 == 0);
+            last = b.record(i % 2 == 0, Instant::now());
         }
         assert_eq!(last, CircuitState::Closed, "the sixth call succeeded");
         assert!(b.allow());
-        assert_eq!(b.record(true), CircuitState::Open, "4 of 7 failed");
+        assert_eq!(
+            b.record(true, Instant::now()),
+            CircuitState::Open,
+            "4 of 7 failed"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_of_calls_sent_together_do_not_open_a_circuit_others_show_healthy() {
+        let b = CircuitBreaker::new(CircuitPolicy {
+            window: 1000,
+            min_calls: 10,
+            ..policy()
+        });
+        // Hundreds of calls sent at once; a few hang and time out together, after the rest
+        // answered.
+        let sent = Instant::now();
+        tokio::time::advance(Duration::from_millis(5)).await;
+        for _ in 0..95 {
+            assert_eq!(b.record(false, sent), CircuitState::Closed);
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        for _ in 0..5 {
+            assert_eq!(
+                b.record(true, sent),
+                CircuitState::Closed,
+                "timeouts of calls sent before the last success are no run of failures"
+            );
+        }
+        // A target that really goes down: calls sent after the last success fail.
+        let later = Instant::now();
+        for _ in 0..2 {
+            assert_eq!(b.record(true, later), CircuitState::Closed);
+        }
+        assert_eq!(b.record(true, later), CircuitState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_failure_rate_is_taken_over_time_not_a_burst() {
+        let b = CircuitBreaker::new(CircuitPolicy {
+            consecutive_failures: 1000,
+            window: 1000,
+            min_calls: 10,
+            ..policy()
+        });
+        // Old failures drop out of the window.
+        for _ in 0..9 {
+            b.record(true, Instant::now());
+        }
+        tokio::time::advance(Duration::from_secs(11)).await;
+        for _ in 0..9 {
+            b.record(false, Instant::now());
+        }
+        assert_eq!(
+            b.record(true, Instant::now()),
+            CircuitState::Closed,
+            "1 of 10 in the window"
+        );
+        // 60% of the calls of the window failing, interleaved with successes: it opens.
+        let mut last = CircuitState::Closed;
+        for i in 0..30 {
+            last = b.record(i % 5 < 3, Instant::now());
+            if last == CircuitState::Open {
+                break;
+            }
+        }
+        assert_eq!(last, CircuitState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_result_from_before_the_circuit_changed_is_ignored() {
+        let b = CircuitBreaker::new(policy());
+        let early = Instant::now();
+        tokio::time::advance(Duration::from_millis(1)).await;
+        for _ in 0..3 {
+            b.record(true, Instant::now());
+        }
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(b.allow(), "half-open: the probe");
+        assert_eq!(
+            b.record(false, early),
+            CircuitState::HalfOpen,
+            "a success sent before the circuit opened does not close it"
+        );
+        assert_eq!(b.record(false, Instant::now()), CircuitState::Closed);
     }
 }

@@ -373,13 +373,25 @@ impl Calls {
     ) -> Result<ChatResponse, ProviderError> {
         let (provider, model) = (&target.provider.name, target.model);
         let started = Instant::now();
+        let sent = tokio::time::Instant::now();
         let result = target.provider.client.chat(&target.request, timeout).await;
         if let Some(breaker) = target.breaker {
             let failed = result
                 .as_ref()
                 .err()
                 .is_some_and(circuit::counts_as_failure);
-            let state = breaker.record(failed);
+            let before = breaker.state();
+            let state = breaker.record(failed, sent);
+            match (before, state) {
+                (CircuitState::Closed | CircuitState::HalfOpen, CircuitState::Open) => {
+                    tracing::warn!(provider = %provider, model = %model.model, probe = before == CircuitState::HalfOpen,
+                        "circuit opened: calls skip this target until its cooldown ends")
+                }
+                (CircuitState::HalfOpen, CircuitState::Closed) => {
+                    tracing::info!(provider = %provider, model = %model.model, "circuit closed: the probe call succeeded")
+                }
+                _ => {}
+            }
             self.metrics
                 .circuit_state
                 .with_label_values(&[provider, &model.model])

@@ -214,7 +214,10 @@ pub struct Limits {
 pub struct CircuitPolicy {
     pub consecutive_failures: u32,
     pub failure_rate: f64,
+    /// At most this many recent calls are kept for the failure rate ...
     pub window: usize,
+    /// ... those that finished within this span.
+    pub window_for: Duration,
     pub min_calls: usize,
     pub open_for: Duration,
     pub half_open_probes: u32,

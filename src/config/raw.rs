@@ -509,11 +509,14 @@ impl Default for RawRetry {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawCircuit {
-    /// Open after this many failures in a row.
+    /// Open after this many failures in a row (a failure of a call sent before the latest
+    /// success does not extend the run: the target has answered well since) ...
     pub consecutive_failures: u32,
-    /// ... or when this share of the last `window` calls failed (once `min_calls` were made).
+    /// ... or when this share of the calls that finished in the last `window_ms` failed (once
+    /// `min_calls` did; at most the last `window` calls are kept).
     pub failure_rate: f64,
     pub window: usize,
+    pub window_ms: u64,
     pub min_calls: usize,
     /// How long an open circuit skips the target before probing it.
     pub open_ms: u64,
@@ -526,7 +529,8 @@ impl Default for RawCircuit {
         Self {
             consecutive_failures: 5,
             failure_rate: 0.5,
-            window: 20,
+            window: 1000,
+            window_ms: 10_000,
             min_calls: 10,
             open_ms: 30_000,
             half_open_probes: 1,

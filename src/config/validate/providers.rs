@@ -198,6 +198,7 @@ pub(super) fn provider_plan(p: &mut Problems, field: &str, provider: RawProvider
         u64::from(circuit.consecutive_failures),
     );
     positive(p, format!("{field}.circuit.window"), circuit.window as u64);
+    positive(p, format!("{field}.circuit.window_ms"), circuit.window_ms);
     positive(
         p,
         format!("{field}.circuit.half_open_probes"),
@@ -230,6 +231,7 @@ pub(super) fn provider_plan(p: &mut Problems, field: &str, provider: RawProvider
             consecutive_failures: circuit.consecutive_failures,
             failure_rate: circuit.failure_rate,
             window: circuit.window,
+            window_for: Duration::from_millis(circuit.window_ms),
             min_calls: circuit.min_calls,
             open_for: Duration::from_millis(circuit.open_ms),
             half_open_probes: circuit.half_open_probes,
