@@ -59,11 +59,28 @@ impl ClientContext for SourceContext {
             .topics
             .values()
             .flat_map(|t| t.partitions.values())
-            .filter(|p| p.partition >= 0 && p.consumer_lag >= 0)
-            .map(|p| p.consumer_lag)
+            .filter(|p| p.partition >= 0)
+            .filter_map(partition_lag)
             .sum();
         self.lag.store(lag, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// A partition's lag as librdkafka reports it (log end minus the committed offset). Before the
+/// group's first commit on the partition librdkafka reports none (-1); the whole retained log is
+/// then waiting (the source starts from the earliest offset), which is exactly when an operator
+/// most wants to see it: a first deployment in front of a backlog.
+fn partition_lag(p: &rdkafka::statistics::Partition) -> Option<i64> {
+    if p.consumer_lag >= 0 {
+        return Some(p.consumer_lag);
+    }
+    let never_committed = p.committed_offset < 0;
+    let end = if p.ls_offset >= 0 {
+        p.ls_offset
+    } else {
+        p.hi_offset
+    };
+    (never_committed && end >= 0 && p.lo_offset >= 0).then(|| (end - p.lo_offset).max(0))
 }
 
 impl ConsumerContext for SourceContext {
