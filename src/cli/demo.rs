@@ -33,6 +33,10 @@ pub struct DemoArgs {
     /// Use this config instead of the embedded one (its brokers are replaced by the mock cluster).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Also write every output read back (results, review requests and dead letters, as the
+    /// service wrote them) to this file, one JSON object per line, to inspect or check.
+    #[arg(long)]
+    pub outputs: Option<PathBuf>,
 }
 
 /// What the demo prints.
@@ -184,6 +188,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     collector.stop().await;
     drop(kafka);
 
+    if let Some(path) = &args.outputs {
+        let mut lines = String::new();
+        for (_, raw) in &outputs {
+            lines.push_str(&raw.to_string());
+            lines.push('\n');
+        }
+        std::fs::write(path, lines)
+            .map_err(|e| anyhow::anyhow!("cannot write --outputs {}: {e}", path.display()))?;
+    }
     let summary = summarize(&items, &outputs, elapsed);
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);

@@ -99,12 +99,18 @@ pub async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
             )
             .await?;
             let mut subscriptions = Vec::new();
+            let mut subjects = Vec::new();
             for prefix in &wanted {
-                subscriptions.push(client.subscribe(format!("{prefix}.>")).await?);
+                let subject = format!("{prefix}.>");
+                subscriptions.push(client.subscribe(subject.clone()).await?);
+                subjects.push(subject);
             }
+            // Once the server has the subscriptions, nothing published from now on is missed.
+            client.flush().await?;
             if args.from_beginning {
                 eprintln!("note: NATS tail shows new outputs only; replay the output stream with `nats stream view`");
             }
+            eprintln!("listening on {}", subjects.join(", "));
             let mut merged = stream::select_all(subscriptions);
             while let Some(message) = merged.next().await {
                 let subject = message.subject.as_str();

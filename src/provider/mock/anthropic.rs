@@ -135,7 +135,13 @@ pub(super) async fn messages(
     }
     let (content, cut) = limit_to(answer(&turns).0, max_tokens);
     let stop_reason = if cut { "max_tokens" } else { "end_turn" };
-    state.record(&body, "ok", None);
+    let output_tokens = typical(&content);
+    state.record_answer(
+        &body,
+        "ok",
+        None,
+        input_tokens + cache_write + cache_read + output_tokens,
+    );
     stats.ok.fetch_add(1, Ordering::Relaxed);
     let id = stats.requests.load(Ordering::Relaxed);
     Json(json!({
@@ -150,7 +156,7 @@ pub(super) async fn messages(
             "input_tokens": input_tokens,
             "cache_creation_input_tokens": cache_write,
             "cache_read_input_tokens": cache_read,
-            "output_tokens": typical(&content)
+            "output_tokens": output_tokens
         }
     }))
     .into_response()

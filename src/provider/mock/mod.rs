@@ -91,15 +91,28 @@ pub struct LogEntry {
     pub outcome: &'static str,
     /// The `Retry-After` seconds sent with a 429.
     pub retry_after_s: Option<u64>,
+    /// Tokens the answer reported as used (input + output; 0 when it failed).
+    pub tokens: u64,
 }
 
 impl MockState {
     fn record(&self, body: &[u8], outcome: &'static str, retry_after_s: Option<u64>) {
+        self.record_answer(body, outcome, retry_after_s, 0);
+    }
+
+    fn record_answer(
+        &self,
+        body: &[u8],
+        outcome: &'static str,
+        retry_after_s: Option<u64>,
+        tokens: u64,
+    ) {
         let entry = LogEntry {
             at_ms: self.started.elapsed().as_secs_f64() * 1000.0,
             body_hash: fnv1a(body),
             outcome,
             retry_after_s,
+            tokens,
         };
         let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         if log.len() >= LOG_MAX {

@@ -118,7 +118,7 @@ pub(super) async fn chat_completions(
     let (content, cut) = limit_to(answer(&messages).0, max_tokens);
     let finish_reason = if cut { "length" } else { "stop" };
     let completion_tokens = typical(&content);
-    state.record(&body, "ok", None);
+    state.record_answer(&body, "ok", None, prompt_tokens + completion_tokens);
     stats.ok.fetch_add(1, Ordering::Relaxed);
     let id = stats.requests.load(Ordering::Relaxed);
     Json(json!({
