@@ -249,9 +249,12 @@ async fn a_daily_budget_holds_across_replicas() {
     let brokers = kafka.bootstrap_servers();
     let llm = mock_llm(5).await;
     let tenant = unique("thrifty");
+    let monthly = unique("monthly");
     let (group, prefix) = (unique("budget-"), format!("{}:", unique("it")));
     let budget = 1.0;
-    let tenants = format!("{tenant}: {{budget_usd_per_day: {budget}}}");
+    let tenants = format!(
+        "{tenant}: {{budget_usd_per_day: {budget}}}\n  {monthly}: {{budget_usd_per_month: {budget}}}"
+    );
     let limits = "{max_inflight_jobs: 256, drain_timeout_ms: 5000}";
     let services = replicas(
         (0..3)
@@ -273,17 +276,19 @@ async fn a_daily_budget_holds_across_replicas() {
     publish(
         &brokers,
         JOBS_TOPIC,
-        (0..n).map(|i| {
-            job(
-                &format!("{tenant}-{i}"),
-                &tenant,
-                "please summarise my last three invoices",
-            )
+        [&tenant, &monthly].into_iter().flat_map(|t| {
+            (0..n).map(move |i| {
+                job(
+                    &format!("{t}-{i}"),
+                    t,
+                    "please summarise my last three invoices",
+                )
+            })
         }),
     )
     .await
     .unwrap();
-    assert_eq!(outputs.wait_for(n, STALL, |_| {}).await, n);
+    assert_eq!(outputs.wait_for(2 * n, STALL, |_| {}).await, 2 * n);
     for s in services {
         s.stop().await;
     }
@@ -292,13 +297,20 @@ async fn a_daily_budget_holds_across_replicas() {
     let results = results_of(&all, &tenant);
     let spent: f64 = results.iter().map(|r| r.usage.cost_usd).sum();
     let most = results.iter().map(|r| r.usage.cost_usd).fold(0.0, f64::max);
-    let refused: Vec<_> = all
-        .iter()
-        .filter_map(|(c, _)| match c {
-            Collected::DeadLetter(dl) if dl.reason == DeadLetterReason::BudgetExceeded => Some(dl),
-            _ => None,
-        })
-        .collect();
+    let refused_of = |t: &str| -> Vec<_> {
+        all.iter()
+            .filter_map(|(c, _)| match c {
+                Collected::DeadLetter(dl)
+                    if dl.reason == DeadLetterReason::BudgetExceeded
+                        && dl.tenant.as_deref() == Some(t) =>
+                {
+                    Some(dl)
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let refused = refused_of(&tenant);
     // What the tenant really spent, as every replica recorded it (including the first calls of
     // jobs whose later calls the budget refused).
     let mut redis = redis::Client::open(redis_url())
@@ -342,9 +354,42 @@ async fn a_daily_budget_holds_across_replicas() {
         "every job is a result or a budget dead letter"
     );
     assert!(
-        refused[0].error.contains(&tenant) && refused[0].error.contains("budget"),
+        refused[0].error.contains(&tenant) && refused[0].error.contains("today"),
         "{}",
         refused[0].error
+    );
+
+    // The monthly budget holds the same way, on its own key.
+    let month_results = results_of(&all, &monthly);
+    let month_spent: f64 = month_results.iter().map(|r| r.usage.cost_usd).sum();
+    let month_refused = refused_of(&monthly);
+    let month_key = format!(
+        "{prefix}budget:{{{monthly}}}:m:{}",
+        chrono::Utc::now().format("%Y-%m")
+    );
+    let month_recorded: f64 = redis::cmd("GET")
+        .arg(&month_key)
+        .query_async::<String>(&mut redis)
+        .await
+        .unwrap()
+        .parse()
+        .unwrap();
+    eprintln!(
+        "monthly: {} jobs finished (${month_spent:.4}; recorded ${month_recorded:.4} of ${budget}), {} refused",
+        month_results.len(),
+        month_refused.len()
+    );
+    assert!(
+        month_recorded <= budget,
+        "${month_recorded:.4} over the monthly budget"
+    );
+    assert!((month_recorded - month_spent).abs() < 1e-9);
+    assert!(!month_results.is_empty() && !month_refused.is_empty());
+    assert_eq!(month_results.len() + month_refused.len(), n);
+    assert!(
+        month_refused[0].error.contains("this month"),
+        "{}",
+        month_refused[0].error
     );
 }
 
@@ -629,5 +674,183 @@ async fn cjk_jobs_on_three_replicas_never_spend_past_the_budget() {
         refused.error.contains("no provider was called") && refused.attempts == 0,
         "{}",
         refused.error
+    );
+}
+
+/// Publishes `n` jobs of `tenant` with distinct texts of about `words` words.
+async fn flood(brokers: &str, tenant: &str, n: usize, words: usize) {
+    let filler =
+        "my order arrived late and the invoice shows the wrong amount ".repeat(words / 11 + 1);
+    publish(
+        brokers,
+        JOBS_TOPIC,
+        (0..n).map(|i| {
+            job(
+                &format!("{tenant}-{i}"),
+                tenant,
+                &format!("ticket {i}: {filler}"),
+            )
+        }),
+    )
+    .await
+    .unwrap();
+}
+
+/// A provider's `rpm` and a tenant's `tokens_per_min` are each held across two replicas: the
+/// provider never sees more than the limit's burst (six seconds' worth) plus the rate over the
+/// time the calls took. Load can only slow the calls down, so the bound cannot flake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_rpm_and_tenant_tokens_per_min_hold_across_replicas() {
+    let kafka = switchyard::testkit::EmbeddedKafka::start(JOBS_TOPIC, &topics(), 6).unwrap();
+    let brokers = kafka.bootstrap_servers();
+    let limits = "{drain_timeout_ms: 5000}";
+    let outputs = collector(&brokers);
+
+    // The provider at 1,200 requests/min (20/s, a burst of 120): 200 calls.
+    let llm = mock_llm(1).await;
+    let (group, prefix) = (unique("rpm-"), format!("{}:", unique("it")));
+    let plans = (0..2)
+        .map(|_| {
+            let text = replica_config(
+                &brokers,
+                &group,
+                &prefix,
+                &llm.addr().to_string(),
+                limits,
+                "default: {}",
+            )
+            .replace(
+                "retry: {max_attempts: 3",
+                "limits: {rpm: 1200}, retry: {max_attempts: 3",
+            );
+            config::load_str(&text, "test config", std::iter::empty()).unwrap()
+        })
+        .collect();
+    let services = replicas(plans).await;
+    let n = 100;
+    flood(&brokers, "acme", n, 5).await;
+    assert_eq!(outputs.wait_for(n, STALL, |_| {}).await, n);
+    for s in services {
+        s.stop().await;
+    }
+    // After its burst the limiter admits one call per 50 ms. Measured on the provider's last
+    // 60 answers, well past the burst (the burst's own answers lag their admissions by the
+    // time 120 new connections take, so the first answer cannot mark its start).
+    let mut at: Vec<f64> = llm.log().iter().map(|e| e.at_ms).collect();
+    at.sort_by(f64::total_cmp);
+    assert_eq!(at.len(), 2 * n);
+    let tail = (at[at.len() - 1] - at[at.len() - 60]) / 1000.0;
+    eprintln!(
+        "rpm 1200: the last 60 of {} calls took {tail:.2} s (at least 2.95 s at 20/s)",
+        at.len()
+    );
+    assert!(
+        tail >= 59.0 * 0.05 - 0.1,
+        "60 calls in {tail:.2} s: faster than 1,200/min"
+    );
+
+    // A tenant at 120,000 tokens/min (2,000/s, a burst of 12,000): each call counts its prompt
+    // and max_tokens (64) up front, then what it really used.
+    // A cluster of its own: a new group on the first one would read the first part's jobs.
+    let kafka = switchyard::testkit::EmbeddedKafka::start(JOBS_TOPIC, &topics(), 6).unwrap();
+    let brokers = kafka.bootstrap_servers();
+    let outputs = collector(&brokers);
+    let llm = mock_llm(1).await;
+    let tenant = unique("tokens");
+    let (group, prefix) = (unique("tpm-"), format!("{}:", unique("it")));
+    let tenants = format!("{tenant}: {{tokens_per_min: 120000}}");
+    let services = replicas(
+        (0..2)
+            .map(|_| {
+                replica_plan(
+                    &brokers,
+                    &group,
+                    &prefix,
+                    &llm.addr().to_string(),
+                    limits,
+                    &tenants,
+                )
+            })
+            .collect(),
+    )
+    .await;
+    flood(&brokers, &tenant, n, 80).await;
+    assert_eq!(outputs.wait_for(n, STALL, |_| {}).await, n);
+    for s in services {
+        s.stop().await;
+    }
+    let all = outputs.snapshot();
+    let results = results_of(&all, &tenant);
+    assert_eq!(results.len(), n);
+    // Past the burst, the limiter admits 2,000 tokens a second. Measured call by call on the
+    // provider's last 100 answers (single file by then): what they used, less the first one's,
+    // over the time they took; 10% for reservations being estimates (prompt + max_tokens)
+    // corrected after each call.
+    let log = llm.log();
+    let used: u64 = log.iter().map(|e| e.tokens).sum();
+    assert!(
+        used > 2 * 12_000,
+        "the workload ({used} tokens) must be well past the burst"
+    );
+    let mut answers: Vec<(f64, u64)> = log.iter().map(|e| (e.at_ms, e.tokens)).collect();
+    answers.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let late = &answers[answers.len() - 100..];
+    let late_used = late[1..].iter().map(|(_, t)| *t).sum::<u64>() as f64;
+    let late_span = (late[late.len() - 1].0 - late[0].0) / 1000.0;
+    eprintln!("tokens_per_min 120000: {used} tokens in all; the last 100 calls used {late_used} in {late_span:.2} s");
+    assert!(
+        late_used <= 2_000.0 * late_span * 1.1,
+        "{late_used} tokens in {late_span:.2} s: over 120,000/min"
+    );
+}
+
+/// Tenant weights share the run slots end to end: with two slots and both tenants' queues full,
+/// a tenant of weight 2 finishes twice as many jobs as one of weight 1 while both have work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_slots_are_shared_by_tenant_weight() {
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let llm = mock_llm(10).await;
+    let plan = TestConfig::kafka(&brokers)
+        .llm(llm.addr())
+        .set("limits", "{max_running_jobs: 2, drain_timeout_ms: 5000}")
+        .set("tenants", "heavy: {weight: 2}\n  light: {weight: 1}")
+        .plan();
+    let outputs = collector(&brokers);
+    let service = Service::start(plan, memory());
+    service.wait_ready().await;
+    let n = 300;
+    publish(
+        &brokers,
+        JOBS_TOPIC,
+        (0..n).flat_map(|i| {
+            [
+                job(&format!("heavy-{i}"), "heavy", &format!("question {i}")),
+                job(&format!("light-{i}"), "light", &format!("question {i}")),
+            ]
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(outputs.wait_for(2 * n, STALL, |_| {}).await, 2 * n);
+    service.stop().await;
+    let all = outputs.snapshot();
+    assert_each_job_once(&all, 2 * n);
+    let mut finished: Vec<&JobResult> = all
+        .iter()
+        .filter_map(|(c, _)| match c {
+            Collected::Result(r) | Collected::Review(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    finished.sort_by_key(|r| r.completed_at);
+    // While both had work: the first 300 to finish (the heavy tenant's 300 are gone by then
+    // only if it got more than its share).
+    let heavy = finished[..n].iter().filter(|r| r.tenant == "heavy").count();
+    let share = heavy as f64 / n as f64;
+    eprintln!("of the first {n} jobs to finish, {heavy} were the weight-2 tenant's ({share:.2}; 2/3 expected)");
+    assert!(
+        (share - 2.0 / 3.0).abs() <= 0.07,
+        "the weight-2 tenant got {share:.2} of the run slots, not 2/3"
     );
 }

@@ -20,20 +20,27 @@ use common::*;
 const STALL: Duration = Duration::from_secs(30);
 
 async fn publish_with_traceparent(brokers: &str, payload: &[u8], traceparent: &str) {
+    publish_with_headers(brokers, payload, "acme", &[("traceparent", traceparent)]).await
+}
+
+async fn publish_with_headers(brokers: &str, payload: &[u8], key: &str, headers: &[(&str, &str)]) {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
         .unwrap();
-    let headers = OwnedHeaders::new().insert(Header {
-        key: "traceparent",
-        value: Some(traceparent),
-    });
+    let mut owned = OwnedHeaders::new();
+    for (name, value) in headers {
+        owned = owned.insert(Header {
+            key: name,
+            value: Some(*value),
+        });
+    }
     producer
         .send(
             FutureRecord::<str, [u8]>::to(JOBS_TOPIC)
                 .payload(payload)
-                .key("acme")
-                .headers(headers),
+                .key(key)
+                .headers(owned),
             Timeout::After(Duration::from_secs(10)),
         )
         .await
@@ -680,4 +687,113 @@ async fn with_tenant_from_key_a_kafka_producer_cannot_claim_another_tenant() {
     assert!(all
         .iter()
         .any(|(c, _)| matches!(c, Collected::Result(r) if r.job_id == "fine-k")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tenant_from_a_header_a_kafka_producer_cannot_claim_another_tenant() {
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let llm = mock_llm(1).await;
+    let plan = plan(
+        &brokers,
+        &llm.addr().to_string(),
+        &[("SWITCHYARD__SOURCE__TENANT_FROM", "header:x-tenant")],
+    );
+    let outputs = collector(&brokers);
+    let service = Service::start(plan, memory());
+    service.wait_ready().await;
+    // The gateway in front of Kafka sets x-tenant; the payload's own claim must agree.
+    let vouched = [("x-tenant", "acme")];
+    publish_with_headers(&brokers, &job("spoof-h", "globex", "hi"), "k", &vouched).await;
+    publish_with_headers(&brokers, &job("fine-h", "acme", "hi"), "k", &vouched).await;
+    publish_with_headers(&brokers, &job("bare-h", "acme", "hi"), "k", &[]).await;
+    assert_eq!(outputs.wait_for(3, STALL, |_| {}).await, 3);
+    service.stop().await;
+    let all = outputs.snapshot();
+    assert_schema_valid(&all);
+    let dead = |id: &str| {
+        all.iter()
+            .find_map(|(c, _)| match c {
+                Collected::DeadLetter(d) if d.job_id.as_deref() == Some(id) => Some(d.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{id} is dead-lettered"))
+    };
+    let spoof = dead("spoof-h");
+    assert_eq!(spoof.reason.as_str(), "invalid_job");
+    assert_eq!(
+        spoof.tenant.as_deref(),
+        Some("acme"),
+        "filed under the vouched tenant"
+    );
+    assert!(spoof.error.contains("globex"), "{}", spoof.error);
+    assert_eq!(
+        dead("bare-h").reason.as_str(),
+        "invalid_job",
+        "no header, no vouched tenant"
+    );
+    assert!(all
+        .iter()
+        .any(|(c, _)| matches!(c, Collected::Result(r) if r.job_id == "fine-h")));
+    assert_eq!(
+        llm.stats().requests(),
+        2,
+        "only the vouched job reached the provider"
+    );
+}
+
+/// A job running three times longer than its claim lease keeps its claim (renewed while it
+/// runs): a second delivery of it meanwhile waits and is answered from the store, instead of
+/// taking the claim over and calling the provider again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_longer_than_its_lease_keeps_its_claim_against_a_second_delivery() {
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    // Two calls of 1.5 s each; the lease is 1 s.
+    let llm = mock_llm(1500).await;
+    let prefix = format!("it{:x}:", rand::random::<u64>());
+    let plan = TestConfig::kafka(&brokers)
+        .llm(llm.addr())
+        .set(
+            "state",
+            format!(
+                "{{kind: redis, url: \"{}\", key_prefix: \"{prefix}\", claim_lease_ms: 1000}}",
+                redis_url()
+            ),
+        )
+        .plan();
+    let outputs = collector(&brokers);
+    let service = Service::start(plan.clone(), StateStore::open(&plan.state).await.unwrap());
+    let long = job("long-1", "acme", "a long one");
+    publish(&brokers, JOBS_TOPIC, [long.clone()]).await.unwrap();
+    eventually(STALL, "the job started", || llm.stats().requests() > 0).await;
+    // The second delivery arrives while the first holds the claim, and keeps asking for it
+    // well past the lease.
+    publish(&brokers, JOBS_TOPIC, [long]).await.unwrap();
+    assert_eq!(outputs.wait_for(2, STALL, |_| {}).await, 2);
+    service.stop().await;
+    let all = outputs.snapshot();
+    assert_schema_valid(&all);
+    let results: Vec<_> = all
+        .iter()
+        .map(|(c, _)| match c {
+            Collected::Result(r) => r,
+            other => panic!("expected results, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        results.iter().filter(|r| !r.duplicate).count(),
+        1,
+        "{results:?}"
+    );
+    assert_eq!(
+        results.iter().filter(|r| r.duplicate).count(),
+        1,
+        "{results:?}"
+    );
+    assert!(
+        results.iter().all(|r| r.latency_ms >= 2500 || r.duplicate),
+        "the job ran past its lease"
+    );
+    assert_eq!(llm.stats().requests(), 2, "no second run of the job");
 }

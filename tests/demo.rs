@@ -9,8 +9,11 @@ use serde_json::Value;
 #[test]
 fn the_demo_accounts_for_every_message_and_exits_zero() {
     let n = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let saved = dir.path().join("outputs.jsonl");
     let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["demo", "--jobs", &n.to_string(), "--json"])
+        .args(["demo", "--jobs", &n.to_string(), "--json", "--outputs"])
+        .arg(&saved)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -43,4 +46,44 @@ fn the_demo_accounts_for_every_message_and_exits_zero() {
         assert!(summary.get(key).is_some(), "summary has {key}");
     }
     assert!(summary["latency_ms"]["p50"].as_u64().unwrap() > 0);
+
+    // Counted here, from the outputs themselves, not from the demo's own tally: every valid
+    // job has exactly one original result, every invalid payload one dead letter, every
+    // duplicate one replay, and nothing else reached the output topics.
+    let outputs: Vec<Value> = std::fs::read_to_string(&saved)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(outputs.len(), n, "one output per published message");
+    let mut originals: std::collections::HashMap<&str, usize> = Default::default();
+    let (mut dead, mut replays) = (0u64, 0u64);
+    for output in &outputs {
+        if output["duplicate"] == true {
+            replays += 1;
+        } else if output.get("reason").is_some() {
+            dead += 1;
+            assert_eq!(output["reason"], "invalid_job", "{output}");
+        } else {
+            *originals
+                .entry(output["job_id"].as_str().unwrap())
+                .or_default() += 1;
+        }
+    }
+    assert_eq!(dead, invalid);
+    assert_eq!(replays, duplicates);
+    for item in &workload {
+        if let (Some(id), false) = (&item.valid_id, item.duplicate) {
+            assert_eq!(
+                originals.get(id.as_str()),
+                Some(&1),
+                "job {id}: exactly one original result"
+            );
+        }
+    }
+    assert_eq!(
+        originals.len() as u64,
+        valid,
+        "no result for a job never published"
+    );
 }

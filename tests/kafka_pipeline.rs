@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 use switchyard::config::SourcePlan;
 use switchyard::testkit::{publish, Collected};
@@ -227,10 +228,17 @@ async fn a_repeated_idempotency_key_is_answered_from_the_store_without_a_provide
         "input": {"text": "I was charged twice for order #4821"}})
     .to_string()
     .into_bytes();
-    publish(&brokers, JOBS_TOPIC, [first, same_key])
+    // Another tenant using the very same key: keys are scoped by tenant, so this is its own
+    // job, processed and paid for, never answered with acme's result.
+    let other_tenant =
+        serde_json::json!({"id": "t-4821", "tenant": "globex", "idempotency_key": "acme:t-4821",
+        "input": {"text": "I was charged twice for order #4821"}})
+        .to_string()
+        .into_bytes();
+    publish(&brokers, JOBS_TOPIC, [first, same_key, other_tenant])
         .await
         .unwrap();
-    assert_eq!(outputs.wait_for(3, STALL, |_| {}).await, 3);
+    assert_eq!(outputs.wait_for(4, STALL, |_| {}).await, 4);
     service.stop().await;
 
     let all = outputs.snapshot();
@@ -242,10 +250,16 @@ async fn a_repeated_idempotency_key_is_answered_from_the_store_without_a_provide
             other => panic!("unexpected {other:?}"),
         })
         .collect();
-    assert_eq!(results.iter().filter(|r| !r.duplicate).count(), 1);
-    assert_eq!(results.iter().filter(|r| r.duplicate).count(), 2);
-    let original = results.iter().find(|r| !r.duplicate).unwrap();
-    for replay in results.iter().filter(|r| r.duplicate) {
+    let (acme, globex): (Vec<_>, Vec<_>) = results.iter().partition(|r| r.tenant == "acme");
+    assert_eq!(acme.iter().filter(|r| !r.duplicate).count(), 1);
+    assert_eq!(acme.iter().filter(|r| r.duplicate).count(), 2);
+    assert_eq!(globex.len(), 1);
+    assert!(
+        !globex[0].duplicate,
+        "another tenant's key is not a duplicate"
+    );
+    let original = acme.iter().find(|r| !r.duplicate).unwrap();
+    for replay in acme.iter().filter(|r| r.duplicate) {
         assert_eq!(
             replay.output, original.output,
             "the stored result is replayed"
@@ -254,8 +268,41 @@ async fn a_repeated_idempotency_key_is_answered_from_the_store_without_a_provide
     }
     assert_eq!(
         llm.stats().requests(),
-        2,
-        "one classify and one generate call in total"
+        4,
+        "one classify and one generate call per tenant's job"
+    );
+
+    // Every Kafka output carries its id (deterministic: the same output written again, after a
+    // crash between the write and its record, has the same one). Each of these four is an
+    // output of its own: the original, two replays answering two deliveries, another tenant's.
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "output-id-reader")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&topics().results]).unwrap();
+    let mut ids: Vec<(String, String)> = Vec::new();
+    while ids.len() < 4 {
+        let message = tokio::time::timeout(STALL, consumer.recv())
+            .await
+            .expect("the results are on the topic")
+            .unwrap();
+        let result: serde_json::Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
+        let id = message
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == "switchyard-output-id"))
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8(v.to_vec()).unwrap())
+            .expect("every output carries switchyard-output-id");
+        ids.push((result["tenant"].as_str().unwrap().to_owned(), id));
+    }
+    let distinct: std::collections::HashSet<_> = ids.iter().map(|(_, id)| id).collect();
+    assert_eq!(distinct.len(), 4, "{ids:?}");
+    assert!(
+        ids.iter()
+            .all(|(_, id)| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())),
+        "{ids:?}"
     );
 }
 
@@ -395,8 +442,7 @@ async fn broker_errors_and_a_broker_outage_lose_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_traceparent_header_is_carried_from_the_job_to_its_result() {
-    use rdkafka::consumer::StreamConsumer;
-    use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+    use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let kafka = kafka();
     let brokers = kafka.bootstrap_servers();
@@ -498,24 +544,28 @@ async fn a_stalled_provider_pauses_intake_which_resumes_without_loss() {
     )
     .await
     .unwrap();
-    let deadline = tokio::time::Instant::now() + STALL;
-    while metrics.inflight.get() < BOUND {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "intake never reached its bound"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(STALL, "intake reached its bound", || {
+        metrics.inflight.get() >= BOUND
+    })
+    .await;
     // Held at the bound: the source pauses (the pause is counted) instead of pulling on.
-    let deadline = tokio::time::Instant::now() + STALL;
-    while metrics.intake_pauses.get() == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "intake did not pause while every in-flight job was stalled"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        STALL,
+        "intake paused while every in-flight job was stalled",
+        || metrics.intake_pauses.get() > 0,
+    )
+    .await;
     let paused = metrics.intake_pauses.get();
+    // The backlog the paused consumer leaves in the topic shows as consumer lag (from
+    // librdkafka's statistics, every 5 s).
+    let lag = metrics.consumer_lag.with_label_values(&["kafka"]);
+    eventually(
+        STALL,
+        "switchyard_consumer_lag showed the waiting jobs",
+        || lag.get() > 0,
+    )
+    .await;
+    let lag_seen = lag.get();
     llm.set_faults(switchyard::config::Faults {
         rate_hang: 0.0,
         ..hang
@@ -535,7 +585,7 @@ async fn a_stalled_provider_pauses_intake_which_resumes_without_loss() {
         .collect();
     assert!(dead.is_empty(), "no job dead-lettered: {dead:?}");
     eprintln!(
-        "{n} jobs through {BOUND} in-flight slots (peak {peak}); intake paused {paused} time(s) while the provider hung"
+        "{n} jobs through {BOUND} in-flight slots (peak {peak}); intake paused {paused} time(s) while the provider hung, consumer lag {lag_seen}"
     );
     assert!(
         peak <= BOUND,

@@ -24,14 +24,35 @@ async fn publish_sends_jobs_that_tail_then_prints() {
     service.wait_ready().await;
 
     let bin = env!("CARGO_BIN_EXE_switchyard");
-    let tail = Command::new(bin)
+    let mut tail = Command::new(bin)
         .args(["tail", "--json", "--count", "13", "--config"])
         .arg(&path)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Publish once tail says it is subscribed (NATS core subscriptions see new messages only).
+    let stderr = tail.stderr.take().unwrap();
+    let (subscribed, listening) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        let mut subscribed = Some(subscribed);
+        // Read to the end: a closed pipe would fail tail's later writes to stderr.
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.starts_with("listening on ") {
+                if let Some(tx) = subscribed.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(30), listening)
+        .await
+        .expect("tail subscribed within 30 s")
+        .expect("tail exited before subscribing");
 
     let jobs = dir.path().join("jobs.jsonl");
     let mut lines: Vec<String> = (0..12)
@@ -80,4 +101,88 @@ async fn publish_sends_jobs_that_tail_then_prints() {
     assert_eq!(dead[0]["payload"], "this line is not a job");
     service.stop().await;
     names.delete_streams().await;
+}
+
+/// Runs `command` to its end, or fails the test after `within` (killing it) instead of hanging.
+async fn run_within(mut command: Command, within: Duration) -> std::process::Output {
+    let child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    match tokio::time::timeout(
+        within,
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await
+    {
+        Ok(output) => output.unwrap().unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+            panic!("{command:?} did not finish within {within:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_kafka_publish_generates_sample_jobs_and_tail_filters_by_kind() {
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let llm = mock_llm(2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = TestConfig::kafka(&brokers)
+        .llm(llm.addr())
+        .write(dir.path(), "service.yaml");
+    let plan = switchyard::config::load(&path).unwrap();
+    let outputs = collector(&brokers);
+    let service = Service::start(plan, memory());
+    service.wait_ready().await;
+
+    let bin = env!("CARGO_BIN_EXE_switchyard");
+    let mut publish = Command::new(bin);
+    publish
+        .args(["publish", "--generate", "60", "--config"])
+        .arg(&path);
+    let out = run_within(publish, Duration::from_secs(60)).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "publish failed: {stdout}");
+    assert!(stdout.contains("published 60 of 60 jobs"), "{stdout}");
+    // Counted independently of the CLI: what reached the output topics.
+    assert_eq!(
+        outputs.wait_for(60, Duration::from_secs(30), |_| {}).await,
+        60
+    );
+    service.stop().await;
+    let all = outputs.snapshot();
+    assert_schema_valid(&all);
+    let dead = all
+        .iter()
+        .filter(|(c, _)| matches!(c, switchyard::testkit::Collected::DeadLetter(_)))
+        .count();
+    assert!(dead > 0, "the generated sample includes invalid jobs");
+
+    let mut tail = Command::new(bin);
+    tail.args([
+        "tail",
+        "--from-beginning",
+        "--only",
+        "dlq",
+        "--json",
+        "--count",
+    ])
+    .arg(dead.to_string())
+    .arg("--config")
+    .arg(&path);
+    let out = run_within(tail, Duration::from_secs(60)).await;
+    assert!(out.status.success());
+    let printed: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(printed.len(), dead);
+    assert!(
+        printed.iter().all(|v| v.get("reason").is_some()),
+        "--only dlq prints dead letters only: {printed:?}"
+    );
 }

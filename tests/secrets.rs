@@ -5,7 +5,7 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use switchyard::config::Faults;
 use switchyard::testkit::publish;
@@ -63,23 +63,12 @@ pipelines:
     publish(
         &brokers,
         JOBS_TOPIC,
-        (0..20).map(|i| job(&format!("s-{i}"), "acme", "hello")),
+        (0..20).map(|i| job(&format!("s-{i}"), "acme", &format!("hello PROMPTTEXT{i}"))),
     )
     .await
     .unwrap();
     outputs.wait_for(20, Duration::from_secs(30), |_| {}).await;
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let exit = loop {
-        if let Some(exit) = child.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(Instant::now() < deadline, "exits after SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let exit = terminate(&mut child);
     assert_eq!(exit.code(), Some(0), "SIGTERM is a clean exit");
 
     assert_eq!(outputs.len(), 20);
@@ -102,6 +91,10 @@ pipelines:
     assert!(
         !logs.contains("SECRETVALUE"),
         "the API key leaked into the logs"
+    );
+    assert!(
+        !logs.contains("PROMPTTEXT"),
+        "prompt text is logged only with log.payloads: true (even at debug)"
     );
     for (_, raw) in outputs.snapshot() {
         assert!(
@@ -188,10 +181,7 @@ async fn an_anthropic_key_is_not_sent_on_to_another_host_by_a_redirect() {
             }
         }),
     );
-    let other = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let other_port = other.local_addr().unwrap().port();
-    let tasks = tokio_util::task::TaskTracker::new();
-    tasks.spawn(async move { axum::serve(other, elsewhere).await });
+    let other_port = serve(elsewhere).await.port();
     // The configured endpoint redirects every call to another host name.
     let redirector = axum::Router::new().route(
         "/v1/messages",
@@ -205,9 +195,7 @@ async fn an_anthropic_key_is_not_sent_on_to_another_host_by_a_redirect() {
             )
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tasks.spawn(async move { axum::serve(listener, redirector).await });
+    let addr = serve(redirector).await;
 
     std::env::set_var("SY_TEST_REDIRECT_KEY", SECRET);
     let config = format!(
@@ -258,7 +246,7 @@ async fn human_readable_logs_to_a_file_have_no_colour_codes_and_no_forged_lines(
         r#"
 source: {{kind: kafka, brokers: "{brokers}", group: "logs-{g:x}", topic: {JOBS_TOPIC}}}
 http: {{listen: "off"}}
-log: {{format: pretty, filter: "info,librdkafka=warn,rdkafka=warn"}}
+log: {{format: pretty, payloads: true, filter: "debug,librdkafka=warn,rdkafka=warn"}}
 providers:
   llm: {{kind: openai, base_url: "http://{llm}/v1"}}
 models:
@@ -287,25 +275,21 @@ pipelines:
     let outputs = collector(&brokers);
     let forged = "2000-01-01T00:00:00.000000Z  INFO switchyard: forged";
     let payload = serde_json::json!({
-        "id": format!("evil\n{forged}\r\n\u{1b}[2J"), "tenant": "acme", "input": {"text": "hello"}
+        "id": format!("evil\n{forged}\r\n\u{1b}[2J"), "tenant": "acme", "input": {"text": "hello PROMPTTEXT"}
     })
     .to_string()
     .into_bytes();
     publish(&brokers, JOBS_TOPIC, [payload]).await.unwrap();
     outputs.wait_for(1, Duration::from_secs(30), |_| {}).await;
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "exits after SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert_eq!(terminate(&mut child).code(), Some(0));
     let logs = std::fs::read_to_string(&log_path).unwrap();
     assert!(
         logs.contains("job finished") || logs.contains("job dead-lettered"),
         "{logs}"
+    );
+    assert!(
+        logs.contains("PROMPTTEXT"),
+        "with log.payloads: true the prompt text is logged: {logs}"
     );
     assert!(
         !logs.contains('\u{1b}'),

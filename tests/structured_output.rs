@@ -59,13 +59,12 @@ async fn chat(State(script): State<Arc<Script>>, Json(body): Json<Value>) -> Jso
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_answers_are_repaired_or_dead_lettered_with_the_validation_error() {
     let script = Arc::new(Script::default());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let llm = listener.local_addr().unwrap();
-    let app = Router::new()
-        .route("/v1/chat/completions", post(chat))
-        .with_state(script.clone());
-    let server = tokio_util::task::TaskTracker::new();
-    server.spawn(async move { axum::serve(listener, app).await });
+    let llm = serve(
+        Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .with_state(script.clone()),
+    )
+    .await;
 
     let dir = tempfile::tempdir().unwrap();
     let schema = dir.path().join("answer.json");
@@ -159,11 +158,32 @@ pipelines:
     steps:
       - {name: answer, kind: generate, model: small, prompt: p, output_schema: /nonexistent/schema.json}
 "#;
-    let e = config::load_str(text, "test", std::iter::empty())
-        .unwrap_err()
-        .to_string();
+    let problem = |text: &str| {
+        config::load_str(text, "test", std::iter::empty())
+            .unwrap_err()
+            .to_string()
+    };
+    let e = problem(text);
     assert!(
-        e.contains("pipelines.support.steps[0].output_schema"),
+        e.contains("pipelines.support.steps[0].output_schema") && e.contains("cannot read"),
         "{e}"
     );
+    // A file that is there but is not JSON, and one that is JSON but not a JSON Schema.
+    let dir = tempfile::tempdir().unwrap();
+    for (name, content, why) in [
+        (
+            "truncated.json",
+            "{\"type\": \"object\", \"properties\": {",
+            "is not JSON",
+        ),
+        ("wrong.json", "{\"type\": 12}", "is not a valid JSON Schema"),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, content).unwrap();
+        let e = problem(&text.replace("/nonexistent/schema.json", path.to_str().unwrap()));
+        assert!(
+            e.contains("pipelines.support.steps[0].output_schema") && e.contains(why),
+            "{name}: {e}"
+        );
+    }
 }

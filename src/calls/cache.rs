@@ -152,4 +152,41 @@ mod tests {
         cache.put(&key, &answer).await;
         assert_eq!(cache.get(&key).await.unwrap().content, "hello");
     }
+
+    fn cache(ttl: std::time::Duration, global: bool) -> ResponseCache {
+        ResponseCache::new(
+            CachePlan {
+                ttl,
+                max_temperature: 0.0,
+                global,
+            },
+            StateStore::from(MemoryStore::new(10)),
+            Metrics::new().unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_global_cache_shares_answers_across_tenants() {
+        let cache = cache(std::time::Duration::from_secs(60), true);
+        assert_eq!(
+            cache.key("t", "p", &request("hi", 0.0)),
+            cache.key("u", "p", &request("hi", 0.0)),
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cached_answer_expires_after_its_ttl() {
+        let ttl = std::time::Duration::from_millis(100);
+        let cache = cache(ttl, false);
+        let key = cache.key("t", "p", &request("hi", 0.0)).unwrap();
+        let answer = ChatResponse {
+            content: "hello".into(),
+            input_tokens: 3,
+            output_tokens: 1,
+        };
+        cache.put(&key, &answer).await;
+        assert!(cache.get(&key).await.is_some());
+        tokio::time::sleep(ttl * 2).await;
+        assert!(cache.get(&key).await.is_none(), "expired after its TTL");
+    }
 }

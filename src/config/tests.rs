@@ -246,3 +246,63 @@ pipelines:
         "{problems}"
     );
 }
+
+/// The defaults the README states, as a user gets them from a minimal file.
+#[test]
+fn the_documented_defaults_are_what_a_minimal_config_gets() {
+    let plan = load(MINIMAL).unwrap();
+    let provider = &plan.providers["local"];
+    assert_eq!(
+        provider.retry.max_elapsed,
+        std::time::Duration::from_secs(600)
+    );
+    assert_eq!(
+        provider.circuit.open_for,
+        std::time::Duration::from_secs(30)
+    );
+    assert_eq!(plan.limits.park_after, std::time::Duration::from_secs(1));
+    assert_eq!(plan.limits.max_inflight_jobs, 1024);
+    assert_eq!(plan.limits.max_running_jobs, 256);
+    let nats = MINIMAL.replace(
+        "source: {kind: kafka, brokers: \"localhost:9092\"}",
+        "source: {kind: nats, url: \"nats://localhost:4222\"}\nsink: {kind: nats}",
+    );
+    let SourcePlan::Nats(source) = load(&nats).unwrap().source else {
+        panic!("nats source")
+    };
+    assert_eq!(
+        source.max_ack_pending, 50_000,
+        "parked messages stay pending: the server's 1,000 would stall every tenant"
+    );
+}
+
+#[test]
+fn a_rate_limited_tenant_on_kafka_without_a_delay_topic_is_warned_about() {
+    let limited = format!("{MINIMAL}tenants: {{acme: {{rps: 10}}}}\n");
+    let warnings = load(&limited).unwrap().warnings;
+    assert!(
+        warnings.iter().any(|w| w.contains("source.delay_topic")),
+        "{warnings:?}"
+    );
+    assert!(
+        load(MINIMAL)
+            .unwrap()
+            .warnings
+            .iter()
+            .all(|w| !w.contains("delay_topic")),
+        "no warning without an rps limit"
+    );
+    let parked = MINIMAL.replace(
+        "source: {kind: kafka, brokers: \"localhost:9092\"}",
+        "source: {kind: kafka, brokers: \"localhost:9092\", delay_topic: switchyard.jobs.delay}",
+    );
+    let named = format!("{parked}tenants: {{acme: {{rps: 10}}}}\n");
+    assert!(
+        load(&named)
+            .unwrap()
+            .warnings
+            .iter()
+            .all(|w| !w.contains("delay_topic")),
+        "no warning once the delay topic is named"
+    );
+}

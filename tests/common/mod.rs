@@ -185,12 +185,15 @@ impl Service {
         let telemetry = Telemetry::new().unwrap();
         let (health, metrics) = (telemetry.health.clone(), telemetry.metrics.clone());
         let tracker = TaskTracker::new();
-        let handle = tracker.spawn(switchyard::app::run_with(
-            plan,
-            state,
-            telemetry,
-            shutdown.clone(),
-        ));
+        let run = switchyard::app::run_with(plan, state, telemetry, shutdown.clone());
+        let handle = tracker.spawn(async move {
+            let result = run.await;
+            if let Err(e) = &result {
+                // In the test's output, so a start-up failure is not just "not ready".
+                tracing::error!(error = format!("{e:#}"), "the service exited with an error");
+            }
+            result
+        });
         Self {
             shutdown,
             health,
@@ -203,6 +206,10 @@ impl Service {
     pub async fn wait_ready(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while !self.health.is_ready() {
+            assert!(
+                !self.handle.is_finished(),
+                "the service exited before it was ready (its error is logged above)"
+            );
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "service not ready within 30s"
@@ -218,6 +225,49 @@ impl Service {
             .expect("service stops within 30s")
             .expect("service task")
             .expect("service exits cleanly");
+    }
+}
+
+/// Waits until `condition` holds, checking every 20 ms; fails the test with `what` after
+/// `within`. Timeouts are generous: a slow machine makes a test wait longer, never fail early.
+pub async fn eventually(within: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} (waited {within:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Serves `app` (a scripted provider or any other HTTP stand-in) on a free loopback port, in the
+/// background for the rest of the test; returns its address.
+pub async fn serve(app: axum::Router) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    TaskTracker::new().spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// Sends SIGTERM to a `switchyard` process and waits for it to exit; fails the test (after
+/// killing it) if it has not exited within 30 s. Returns the exit status.
+pub fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -TERM {}", child.id());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            return exit;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("the process did not exit within 30 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
