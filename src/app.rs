@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::admission::{Gate, Scheduler, SchedulerLimits};
 use crate::calls::cache::ResponseCache;
 use crate::calls::Calls;
-use crate::config::Plan;
+use crate::config::{Plan, SourcePlan};
 use crate::engine::Engine;
 use crate::pipeline::{Pools, Runner};
 use crate::provider::Providers;
@@ -274,8 +274,19 @@ async fn consume<K: OutputSink>(
         // dead-letters it when this was its last allowed delivery (a plain nak would lose it).
         let stopped = CancellationToken::new();
         stopped.cancel();
+        // What was prefetched arrives at once; then stop, before the subscription's next pulls
+        // bring fresh backlog only to hand it back (each costs the message a delivery).
+        let prefetched = match &plan.source {
+            SourcePlan::Nats(n) => 2 * n.batch,
+            SourcePlan::Kafka(_) => 0,
+        };
         let deadline = tokio::time::Instant::now() + BUFFERED_HAND_BACK;
-        while let Ok(next) = tokio::time::timeout_at(deadline, source.next()).await {
+        let mut seen = 0;
+        while seen < prefetched {
+            let Ok(next) = tokio::time::timeout_at(deadline, source.next()).await else {
+                break;
+            };
+            seen += 1;
             match next {
                 Ok(delivery) => {
                     let (engine, stopped) = (engine.clone(), stopped.clone());

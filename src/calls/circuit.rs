@@ -41,6 +41,25 @@ impl CircuitState {
     }
 }
 
+/// What a call's result says about its target's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    Failure,
+    /// Nothing either way: a 429 (a quota answer) or an error about the request itself.
+    Neutral,
+}
+
+impl Outcome {
+    pub fn of<T>(result: &Result<T, ProviderError>) -> Self {
+        match result {
+            Ok(_) => Outcome::Success,
+            Err(e) if counts_as_failure(e) => Outcome::Failure,
+            Err(_) => Outcome::Neutral,
+        }
+    }
+}
+
 #[derive(Debug)]
 enum Inner {
     Closed {
@@ -114,7 +133,8 @@ impl CircuitBreaker {
 
     /// May a call go to this target now? A half-open circuit lets `half_open_probes` through.
     pub fn allow(&self) -> bool {
-        let mut shared = self.lock();
+        let mut guard = self.lock();
+        let shared = &mut *guard;
         let now = Instant::now();
         match &mut shared.inner {
             Inner::Closed { .. } => true,
@@ -128,15 +148,39 @@ impl CircuitBreaker {
                 *probes += 1;
                 true
             }
+            // A probe that never reported (its call was dropped mid-flight, e.g. a DAG sibling
+            // failed): after another cooldown, probe again rather than stay half-open forever.
+            Inner::HalfOpen { probes }
+                if now.duration_since(shared.changed_at) >= self.policy.open_for =>
+            {
+                *probes = 1;
+                shared.changed_at = now;
+                true
+            }
             Inner::HalfOpen { .. } => false,
         }
     }
 
     /// Records the result of a call sent at `sent`; returns the state afterwards.
-    pub fn record(&self, failed: bool, sent: Instant) -> CircuitState {
+    pub fn record(&self, outcome: Outcome, sent: Instant) -> CircuitState {
         let policy = self.policy;
         let mut shared = self.lock();
         let now = Instant::now();
+        let failed = match outcome {
+            Outcome::Success => false,
+            Outcome::Failure => true,
+            Outcome::Neutral => {
+                // No news about the target; a probe that got one leaves its slot to another.
+                return match &mut shared.inner {
+                    Inner::Closed { .. } => CircuitState::Closed,
+                    Inner::HalfOpen { probes } => {
+                        *probes = probes.saturating_sub(1);
+                        CircuitState::HalfOpen
+                    }
+                    Inner::Open { .. } => CircuitState::Open,
+                };
+            }
+        };
         let stale = sent < shared.changed_at;
         // Sent before the latest success: the target has answered well since.
         let overtaken = failed && shared.last_success.is_some_and(|success| sent < success);
@@ -230,16 +274,25 @@ mod tests {
         let b = CircuitBreaker::new(policy());
         for _ in 0..2 {
             assert!(b.allow());
-            assert_eq!(b.record(true, Instant::now()), CircuitState::Closed);
+            assert_eq!(
+                b.record(Outcome::Failure, Instant::now()),
+                CircuitState::Closed
+            );
         }
         assert!(b.allow());
-        assert_eq!(b.record(true, Instant::now()), CircuitState::Open);
+        assert_eq!(
+            b.record(Outcome::Failure, Instant::now()),
+            CircuitState::Open
+        );
         assert!(!b.allow(), "open: skipped at once");
         tokio::time::advance(Duration::from_secs(5)).await;
         assert_eq!(b.state(), CircuitState::HalfOpen);
         assert!(b.allow(), "one probe");
         assert!(!b.allow(), "only one probe at a time");
-        assert_eq!(b.record(false, Instant::now()), CircuitState::Closed);
+        assert_eq!(
+            b.record(Outcome::Success, Instant::now()),
+            CircuitState::Closed
+        );
         assert!(b.allow());
     }
 
@@ -248,11 +301,14 @@ mod tests {
         let b = CircuitBreaker::new(policy());
         for _ in 0..3 {
             b.allow();
-            b.record(true, Instant::now());
+            b.record(Outcome::Failure, Instant::now());
         }
         tokio::time::advance(Duration::from_secs(5)).await;
         assert!(b.allow());
-        assert_eq!(b.record(true, Instant::now()), CircuitState::Open);
+        assert_eq!(
+            b.record(Outcome::Failure, Instant::now()),
+            CircuitState::Open
+        );
         tokio::time::advance(Duration::from_secs(4)).await;
         assert!(!b.allow());
         tokio::time::advance(Duration::from_secs(1)).await;
@@ -266,12 +322,19 @@ mod tests {
         let mut last = CircuitState::Closed;
         for i in 0..6 {
             assert!(b.allow());
-            last = b.record(i % 2 == 0, Instant::now());
+            last = b.record(
+                if i % 2 == 0 {
+                    Outcome::Failure
+                } else {
+                    Outcome::Success
+                },
+                Instant::now(),
+            );
         }
         assert_eq!(last, CircuitState::Closed, "the sixth call succeeded");
         assert!(b.allow());
         assert_eq!(
-            b.record(true, Instant::now()),
+            b.record(Outcome::Failure, Instant::now()),
             CircuitState::Open,
             "4 of 7 failed"
         );
@@ -289,12 +352,12 @@ mod tests {
         let sent = Instant::now();
         tokio::time::advance(Duration::from_millis(5)).await;
         for _ in 0..95 {
-            assert_eq!(b.record(false, sent), CircuitState::Closed);
+            assert_eq!(b.record(Outcome::Success, sent), CircuitState::Closed);
         }
         tokio::time::advance(Duration::from_secs(2)).await;
         for _ in 0..5 {
             assert_eq!(
-                b.record(true, sent),
+                b.record(Outcome::Failure, sent),
                 CircuitState::Closed,
                 "timeouts of calls sent before the last success are no run of failures"
             );
@@ -302,9 +365,9 @@ mod tests {
         // A target that really goes down: calls sent after the last success fail.
         let later = Instant::now();
         for _ in 0..2 {
-            assert_eq!(b.record(true, later), CircuitState::Closed);
+            assert_eq!(b.record(Outcome::Failure, later), CircuitState::Closed);
         }
-        assert_eq!(b.record(true, later), CircuitState::Open);
+        assert_eq!(b.record(Outcome::Failure, later), CircuitState::Open);
     }
 
     #[tokio::test(start_paused = true)]
@@ -317,21 +380,28 @@ mod tests {
         });
         // Old failures drop out of the window.
         for _ in 0..9 {
-            b.record(true, Instant::now());
+            b.record(Outcome::Failure, Instant::now());
         }
         tokio::time::advance(Duration::from_secs(11)).await;
         for _ in 0..9 {
-            b.record(false, Instant::now());
+            b.record(Outcome::Success, Instant::now());
         }
         assert_eq!(
-            b.record(true, Instant::now()),
+            b.record(Outcome::Failure, Instant::now()),
             CircuitState::Closed,
             "1 of 10 in the window"
         );
         // 60% of the calls of the window failing, interleaved with successes: it opens.
         let mut last = CircuitState::Closed;
         for i in 0..30 {
-            last = b.record(i % 5 < 3, Instant::now());
+            last = b.record(
+                if i % 5 < 3 {
+                    Outcome::Failure
+                } else {
+                    Outcome::Success
+                },
+                Instant::now(),
+            );
             if last == CircuitState::Open {
                 break;
             }
@@ -345,15 +415,60 @@ mod tests {
         let early = Instant::now();
         tokio::time::advance(Duration::from_millis(1)).await;
         for _ in 0..3 {
-            b.record(true, Instant::now());
+            b.record(Outcome::Failure, Instant::now());
         }
         tokio::time::advance(Duration::from_secs(5)).await;
         assert!(b.allow(), "half-open: the probe");
         assert_eq!(
-            b.record(false, early),
+            b.record(Outcome::Success, early),
             CircuitState::HalfOpen,
             "a success sent before the circuit opened does not close it"
         );
-        assert_eq!(b.record(false, Instant::now()), CircuitState::Closed);
+        assert_eq!(
+            b.record(Outcome::Success, Instant::now()),
+            CircuitState::Closed
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_that_never_reports_is_replaced_after_another_cooldown() {
+        let b = CircuitBreaker::new(policy());
+        for _ in 0..3 {
+            b.record(Outcome::Failure, Instant::now());
+        }
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(
+            b.allow(),
+            "the probe (its call is then dropped, never recorded)"
+        );
+        assert!(!b.allow());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(b.allow(), "a new probe after another cooldown");
+        assert_eq!(
+            b.record(Outcome::Success, Instant::now()),
+            CircuitState::Closed
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limits_say_nothing_about_health() {
+        let b = CircuitBreaker::new(policy());
+        // Timeouts interleaved with fast 429s: still a run of failures.
+        for _ in 0..2 {
+            b.record(Outcome::Failure, Instant::now());
+            b.record(Outcome::Neutral, Instant::now());
+        }
+        assert_eq!(
+            b.record(Outcome::Failure, Instant::now()),
+            CircuitState::Open
+        );
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(b.allow());
+        assert_eq!(
+            b.record(Outcome::Neutral, Instant::now()),
+            CircuitState::HalfOpen,
+            "a probe answered with a 429 does not close the circuit"
+        );
+        assert!(b.allow(), "and leaves its slot to another probe");
     }
 }

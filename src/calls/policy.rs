@@ -376,12 +376,8 @@ impl Calls {
         let sent = tokio::time::Instant::now();
         let result = target.provider.client.chat(&target.request, timeout).await;
         if let Some(breaker) = target.breaker {
-            let failed = result
-                .as_ref()
-                .err()
-                .is_some_and(circuit::counts_as_failure);
             let before = breaker.state();
-            let state = breaker.record(failed, sent);
+            let state = breaker.record(circuit::Outcome::of(&result), sent);
             match (before, state) {
                 (CircuitState::Closed | CircuitState::HalfOpen, CircuitState::Open) => {
                     tracing::warn!(provider = %provider, model = %model.model, probe = before == CircuitState::HalfOpen,

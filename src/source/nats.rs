@@ -2,7 +2,7 @@
 //! explicit acks only after the job's output is confirmed.
 //!
 //! While a job runs, in-progress acks (every third of `ack_wait`) keep the server from
-//! redelivering it; a job handed back (at shutdown, or when another replica holds its claim) is
+//! redelivering it; a job handed back (at shutdown, or after its claim's lease was lost) is
 //! nak'ed with a short delay, [`HAND_BACK_DELAY`], so another replica takes it within a second;
 //! an invalid job is `term`ed after its dead letter is written, so it is never redelivered.
 //! Pulls are small (`batch`) so prefetched messages do not sit in the client past their ack wait.
@@ -36,6 +36,8 @@ pub struct NatsSource {
     max_deliver: i64,
     /// The configured subject patterns: a subject's tenant token comes after their prefix.
     subjects: Vec<String>,
+    /// Messages per pull request.
+    batch: usize,
 }
 
 impl NatsSource {
@@ -117,6 +119,7 @@ impl NatsSource {
             ack_wait: plan.ack_wait,
             max_deliver: plan.max_deliver,
             subjects: plan.subjects.clone(),
+            batch: plan.batch,
         })
     }
 }
@@ -187,9 +190,16 @@ impl JobSource for NatsSource {
         // is named in an error so it is not lost silently.
         let mut handed_back = 0;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
-        while let Ok(Some(Ok(message))) =
-            tokio::time::timeout_at(deadline, self.messages.next()).await
-        {
+        // At most what the last pulls can have brought: not fresh backlog pulled only to be
+        // handed back.
+        let mut left = 2 * self.batch;
+        while left > 0 {
+            let Ok(Some(Ok(message))) =
+                tokio::time::timeout_at(deadline, self.messages.next()).await
+            else {
+                break;
+            };
+            left -= 1;
             let info = message
                 .info()
                 .ok()

@@ -51,6 +51,9 @@ pub struct SourceContext {
     lag: std::sync::atomic::AtomicI64,
     /// Intake is paused for backpressure: partitions assigned meanwhile start paused too.
     paused: std::sync::atomic::AtomicBool,
+    /// The group starts a partition it never committed on from its earliest offset
+    /// (`auto.offset.reset`), so such a partition's whole retained log is waiting.
+    from_earliest: bool,
 }
 
 impl ClientContext for SourceContext {
@@ -60,17 +63,18 @@ impl ClientContext for SourceContext {
             .values()
             .flat_map(|t| t.partitions.values())
             .filter(|p| p.partition >= 0)
-            .filter_map(partition_lag)
+            .filter_map(|p| partition_lag(p, self.from_earliest))
             .sum();
         self.lag.store(lag, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
 /// A partition's lag as librdkafka reports it (log end minus the committed offset). Before the
-/// group's first commit on the partition librdkafka reports none (-1); the whole retained log is
-/// then waiting (the source starts from the earliest offset), which is exactly when an operator
-/// most wants to see it: a first deployment in front of a backlog.
-fn partition_lag(p: &rdkafka::statistics::Partition) -> Option<i64> {
+/// group's first commit on the partition librdkafka reports none (-1); when the group starts such
+/// a partition from its earliest offset, its whole retained log is then waiting, which is exactly
+/// when an operator most wants to see it: a first deployment in front of a backlog. Only
+/// partitions this member is assigned count that way (a revoked one stays in the statistics).
+fn partition_lag(p: &rdkafka::statistics::Partition, from_earliest: bool) -> Option<i64> {
     if p.consumer_lag >= 0 {
         return Some(p.consumer_lag);
     }
@@ -80,7 +84,8 @@ fn partition_lag(p: &rdkafka::statistics::Partition) -> Option<i64> {
     } else {
         p.hi_offset
     };
-    (never_committed && end >= 0 && p.lo_offset >= 0).then(|| (end - p.lo_offset).max(0))
+    (from_earliest && p.desired && never_committed && end >= 0 && p.lo_offset >= 0)
+        .then(|| (end - p.lo_offset).max(0))
 }
 
 impl ConsumerContext for SourceContext {
@@ -242,11 +247,16 @@ impl KafkaSource {
             config.set(key, value);
         }
         let tracker = Arc::new(OffsetTracker::default());
+        let from_earliest = matches!(
+            config.get("auto.offset.reset"),
+            Some("earliest" | "smallest" | "beginning")
+        );
         let consumer: Inner = config.create_with_context(SourceContext {
             tracker: tracker.clone(),
             joined: Default::default(),
             lag: std::sync::atomic::AtomicI64::new(-1),
             paused: Default::default(),
+            from_earliest,
         })?;
         let parking = match &plan.delay_topic {
             Some(delay_topic) => {
