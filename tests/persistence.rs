@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use switchyard::config::{self, Faults, Plan};
+use switchyard::config::{Faults, Plan};
 use switchyard::state::StateStore;
 use switchyard::testkit::{publish_nats, Collected, OutputCollector};
 use switchyard::wire::DeadLetterReason;
@@ -19,33 +19,35 @@ use common::*;
 /// Default retry, circuit and limit settings; only the model's attempt timeout is short, so a
 /// hung request costs 2 s rather than the default 30 s.
 fn plan(names: &NatsNames, llm: &str) -> Plan {
+    // The source's own defaults (ack_wait, max_deliver, batch, max_ack_pending).
     let p = &names.prefix;
-    let text = format!(
-        r#"
-source: {{kind: nats, url: "{nats}", stream: {js}, subjects: ["{p}.jobs.>"]}}
-sink: {{kind: nats, stream: {os}, topics: {{results: {p}.results, review: {p}.review, dlq: {p}.dlq}}}}
-state: {{kind: redis, url: "{redis}", key_prefix: "{p}:"}}
-http: {{listen: "off"}}
-providers:
-  llm: {{kind: openai, base_url: "http://{llm}/v1"}}
-models:
-  small: {{provider: llm, model: gpt-4o-mini, price: {{input: 0.15, output: 0.6}}, timeout_ms: 2000}}
-prompts:
-  triage: {{user: "Categories: {{{{categories}}}}\n\nTicket:\n{{{{input.text}}}}"}}
-  answer: {{user: "{{{{input.text}}}}"}}
-pipelines:
-  support:
+    TestConfig::nats(names)
+        .set(
+            "source",
+            format!(
+                "{{kind: nats, url: \"{}\", stream: {}, subjects: [\"{p}.jobs.>\"]}}",
+                nats_url(),
+                names.jobs_stream
+            ),
+        )
+        .set(
+            "state",
+            format!("{{kind: redis, url: \"{}\", key_prefix: \"{p}:\"}}", redis_url()),
+        )
+        .without("limits")
+        .llm(llm)
+        .set(
+            "models",
+            "small: {provider: llm, model: gpt-4o-mini, price: {input: 0.15, output: 0.6}, timeout_ms: 2000}",
+        )
+        .set(
+            "pipelines",
+            "support:
     steps:
-      - {{name: classify, kind: classify, model: small, prompt: triage, categories: [billing, technical, account]}}
-      - {{name: answer, kind: generate, model: small, prompt: answer}}
-default_pipeline: support
-"#,
-        nats = nats_url(),
-        redis = redis_url(),
-        js = names.jobs_stream,
-        os = names.outputs_stream,
-    );
-    config::load_str(&text, "test config", std::iter::empty()).unwrap()
+      - {name: classify, kind: classify, model: small, prompt: triage, categories: [billing, technical, account]}
+      - {name: answer, kind: generate, model: small, prompt: answer}",
+        )
+        .plan()
 }
 
 fn job_with_deadline(id: &str, deadline: Option<DateTime<Utc>>) -> Vec<u8> {

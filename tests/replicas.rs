@@ -19,22 +19,35 @@ use common::*;
 const INFLIGHT: usize = 32;
 const STALL: Duration = Duration::from_secs(60);
 
-const PIPELINE: &str = r#"
-limits: {max_inflight_jobs: 32, max_job_bytes: 4096, drain_timeout_ms: 10000}
-http: {listen: "off"}
-models:
-  small: {provider: llm, model: gpt-4o-mini, price: {input: 0.15, output: 0.6}, timeout_ms: 5000}
-  large: {provider: llm, model: gpt-4o, price: {input: 2.5, output: 10}, timeout_ms: 5000}
-prompts:
-  triage: {user: "Categories: {{categories}}\n\nTicket:\n{{input.text}}"}
-  answer: {user: "{{input.text}}"}
-pipelines:
-  support:
-    steps:
-      - {name: classify, kind: classify, model: small, prompt: triage, categories: [billing, technical, account]}
-      - {name: route, kind: route, on: classify, routes: {technical: large, default: small}}
-      - {name: answer, kind: generate, model: "{{route.model}}", prompt: answer}
-"#;
+/// What every replica shares: the pipeline over the test's mock at `llm`, 32 jobs in flight,
+/// a 10 s drain, no HTTP port, Redis state under `prefix` with a 3 s lease.
+fn replica_config(source: TestConfig, llm: impl std::fmt::Display, prefix: &str) -> TestConfig {
+    source
+        .llm(llm)
+        .set(
+            "state",
+            format!(
+                "{{kind: redis, url: \"{}\", key_prefix: \"{prefix}\", claim_lease_ms: 3000}}",
+                redis_url()
+            ),
+        )
+        .set(
+            "limits",
+            "{max_inflight_jobs: 32, max_job_bytes: 4096, drain_timeout_ms: 10000}",
+        )
+        .set("http", "{listen: \"off\"}")
+}
+
+/// A Kafka source in `group` (a commit every 500 ms).
+fn kafka_source(brokers: &str, group: &str) -> TestConfig {
+    TestConfig::kafka(brokers).set(
+        "source",
+        format!(
+            "{{kind: kafka, brokers: \"{brokers}\", group: \"{group}\", topic: {JOBS_TOPIC},\n         \
+             librdkafka: {{auto.commit.interval.ms: 500, session.timeout.ms: 6000, heartbeat.interval.ms: 500}}}}"
+        ),
+    )
+}
 
 struct Replica {
     child: Child,
@@ -238,20 +251,12 @@ async fn three_kafka_replicas_lose_nothing_when_one_is_killed_and_restarted() {
     let llm = mock_llm(20).await;
     let dir = tempfile::tempdir().unwrap();
     let prefix = format!("it{:x}:", rand::random::<u64>());
-    let config = format!(
-        r#"
-source: {{kind: kafka, brokers: "{brokers}", group: "replicas-{g:x}", topic: {JOBS_TOPIC},
-         librdkafka: {{auto.commit.interval.ms: 500, session.timeout.ms: 6000, heartbeat.interval.ms: 500}}}}
-state: {{kind: redis, url: "{redis}", key_prefix: "{prefix}", claim_lease_ms: 3000}}
-providers:
-  llm: {{kind: openai, base_url: "http://{llm}/v1"}}
-{PIPELINE}"#,
-        g = rand::random::<u64>(),
-        redis = redis_url(),
-        llm = llm.addr(),
-    );
-    let path = dir.path().join("replica.yaml");
-    std::fs::write(&path, config).unwrap();
+    let path = replica_config(
+        kafka_source(&brokers, &format!("replicas-{:x}", rand::random::<u64>())),
+        llm.addr(),
+        &prefix,
+    )
+    .write(dir.path(), "replica.yaml");
     let mut replicas: Vec<Replica> = (0..3)
         .map(|i| Replica::spawn(&path, dir.path().join(format!("replica-{i}.log"))))
         .collect();
@@ -275,23 +280,17 @@ async fn three_nats_replicas_lose_nothing_when_one_is_killed_and_restarted() {
     let llm = mock_llm(20).await;
     let dir = tempfile::tempdir().unwrap();
     let p = &names.prefix;
-    let config = format!(
-        r#"
-source: {{kind: nats, url: "{nats}", stream: {js}, subjects: ["{p}.jobs.>"], consumer: switchyard,
-         ack_wait_ms: 3000, max_deliver: 50, batch: 16}}
-sink: {{kind: nats, stream: {os}, topics: {{results: {p}.results, review: {p}.review, dlq: {p}.dlq}}}}
-state: {{kind: redis, url: "{redis}", key_prefix: "{p}:", claim_lease_ms: 3000}}
-providers:
-  llm: {{kind: openai, base_url: "http://{llm}/v1"}}
-{PIPELINE}"#,
-        nats = nats_url(),
-        js = names.jobs_stream,
-        os = names.outputs_stream,
-        redis = redis_url(),
-        llm = llm.addr(),
+    let source = TestConfig::nats(&names).set(
+        "source",
+        format!(
+            "{{kind: nats, url: \"{}\", stream: {}, subjects: [\"{p}.jobs.>\"], consumer: switchyard,\n         \
+             ack_wait_ms: 3000, max_deliver: 50, batch: 16}}",
+            nats_url(),
+            names.jobs_stream
+        ),
     );
-    let path = dir.path().join("replica.yaml");
-    std::fs::write(&path, config).unwrap();
+    let path =
+        replica_config(source, llm.addr(), &format!("{p}:")).write(dir.path(), "replica.yaml");
     let outputs = OutputCollector::start_nats(&nats_url(), &names.topics())
         .await
         .unwrap();
@@ -327,20 +326,13 @@ async fn consumers_joining_and_leaving_under_load_lose_nothing_and_finish_nothin
     let llm = mock_llm(20).await;
     let dir = tempfile::tempdir().unwrap();
 
-    let config = format!(
-        r#"
-source: {{kind: kafka, brokers: "{brokers}", group: "rebalance-{g:x}", topic: {JOBS_TOPIC},
-         librdkafka: {{auto.commit.interval.ms: 500, session.timeout.ms: 6000, heartbeat.interval.ms: 500}}}}
-state: {{kind: redis, url: "{redis}", key_prefix: "it{g:x}:", claim_lease_ms: 3000}}
-providers:
-  llm: {{kind: openai, base_url: "http://{llm}/v1"}}
-{PIPELINE}"#,
-        g = rand::random::<u64>(),
-        redis = redis_url(),
-        llm = llm.addr(),
-    );
-    let path = dir.path().join("replica.yaml");
-    std::fs::write(&path, config).unwrap();
+    let g = rand::random::<u64>();
+    let path = replica_config(
+        kafka_source(&brokers, &format!("rebalance-{g:x}")),
+        llm.addr(),
+        &format!("it{g:x}:"),
+    )
+    .write(dir.path(), "replica.yaml");
     let log = |i: usize| dir.path().join(format!("replica-{i}.log"));
     let outputs = collector(&brokers);
     let n = 3000;

@@ -242,27 +242,13 @@ async fn human_readable_logs_to_a_file_have_no_colour_codes_and_no_forged_lines(
     let brokers = kafka.bootstrap_servers();
     let llm = mock_llm(1).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = format!(
-        r#"
-source: {{kind: kafka, brokers: "{brokers}", group: "logs-{g:x}", topic: {JOBS_TOPIC}}}
-http: {{listen: "off"}}
-log: {{format: pretty, payloads: true, filter: "debug,librdkafka=warn,rdkafka=warn"}}
-providers:
-  llm: {{kind: openai, base_url: "http://{llm}/v1"}}
-models:
-  small: {{provider: llm, model: gpt-4o-mini}}
-prompts:
-  p: {{user: "{{{{input.text}}}}"}}
-pipelines:
-  support:
-    steps:
-      - {{name: answer, kind: generate, model: small, prompt: p}}
-"#,
-        g = rand::random::<u64>(),
-        llm = llm.addr(),
-    );
-    let path = dir.path().join("c.yaml");
-    std::fs::write(&path, config).unwrap();
+    let path = TestConfig::kafka(&brokers)
+        .llm(llm.addr())
+        .set(
+            "log",
+            "{format: pretty, payloads: true, filter: \"debug,librdkafka=warn,rdkafka=warn\"}",
+        )
+        .write(dir.path(), "c.yaml");
     let log_path = dir.path().join("log.txt");
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["run", "--config"])

@@ -15,7 +15,6 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use switchyard::config;
-use switchyard::state::{MemoryStore, StateStore};
 use switchyard::testkit::{publish, Collected};
 use switchyard::wire::DeadLetterReason;
 
@@ -77,28 +76,26 @@ async fn invalid_answers_are_repaired_or_dead_lettered_with_the_validation_error
     .unwrap();
     let kafka = kafka();
     let brokers = kafka.bootstrap_servers();
-    let text = format!(
-        r#"
-source: {{kind: kafka, brokers: "{brokers}", group: "so-{g:x}", topic: {JOBS_TOPIC},
-         librdkafka: {{session.timeout.ms: 6000, heartbeat.interval.ms: 500}}}}
-http: {{listen: "off"}}
-providers:
-  llm: {{kind: openai, base_url: "http://{llm}/v1"}}
-models:
-  small: {{provider: llm, model: gpt-4o-mini, price: {{input: 0.15, output: 0.6}}}}
-prompts:
-  answer: {{user: "Reply as JSON with answer and sentiment.\n{{{{input.text}}}}"}}
-pipelines:
-  support:
-    steps:
-      - {{name: answer, kind: generate, model: small, prompt: answer, output_schema: "{schema}", max_repairs: 2}}
-"#,
-        g = rand::random::<u64>(),
-        schema = schema.display(),
-    );
-    let plan = config::load_str(&text, "test config", std::iter::empty()).unwrap();
+    let plan = TestConfig::kafka(&brokers)
+        .llm(llm)
+        .set(
+            "models",
+            "small: {provider: llm, model: gpt-4o-mini, price: {input: 0.15, output: 0.6}}",
+        )
+        .set(
+            "prompts",
+            "answer: {user: \"Reply as JSON with answer and sentiment.\\n{{input.text}}\"}",
+        )
+        .set(
+            "pipelines",
+            format!(
+                "support:\n    steps:\n      - {{name: answer, kind: generate, model: small, prompt: answer, output_schema: \"{}\", max_repairs: 2}}",
+                schema.display()
+            ),
+        )
+        .plan();
     let outputs = collector(&brokers);
-    let service = Service::start(plan, StateStore::from(MemoryStore::new(1000)));
+    let service = Service::start(plan, memory());
     publish(
         &brokers,
         JOBS_TOPIC,

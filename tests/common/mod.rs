@@ -33,12 +33,9 @@ pub fn topics() -> Topics {
 }
 
 /// A service config pointed at `brokers` and an external (test-owned) mock LLM at `llm`, with
-/// a quick retry policy.
+/// the default retry policy.
 pub fn plan(brokers: &str, llm: &str, extra_env: &[(&str, &str)]) -> Plan {
-    let providers = format!(
-        "llm: {{kind: openai, base_url: \"http://{llm}/v1\", retry: {{max_attempts: 3, base_delay_ms: 10, max_delay_ms: 100}}}}"
-    );
-    plan_with(brokers, &providers, MODELS, extra_env)
+    TestConfig::kafka(brokers).llm(llm).plan_env(extra_env)
 }
 
 /// A service config with the given `providers:` and `models:` entries (YAML, one per line,
@@ -123,15 +120,10 @@ pub fn assert_each_job_once(outputs: &[(Collected, Value)], total: usize) {
     assert!(per_job.values().all(|&c| c == 1), "no job answered twice");
 }
 
-/// NATS JetStream in, NATS out, Redis state, a test-owned mock LLM at `llm` (quick retries):
-/// the config text.
+/// NATS JetStream in, NATS out, Redis state, a test-owned mock LLM at `llm` (default retry
+/// policy): the config text.
 pub fn nats_config(names: &NatsNames, llm: &str) -> String {
-    TestConfig::nats(names)
-        .set(
-            "providers",
-            format!("llm: {{kind: openai, base_url: \"http://{llm}/v1\", retry: {{max_attempts: 3, base_delay_ms: 10, max_delay_ms: 100}}}}"),
-        )
-        .text()
+    TestConfig::nats(names).llm(llm).text()
 }
 
 /// [`nats_config`], loaded with `extra_env` overrides.
