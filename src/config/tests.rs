@@ -260,6 +260,25 @@ fn the_documented_defaults_are_what_a_minimal_config_gets() {
         provider.circuit.open_for,
         std::time::Duration::from_secs(30)
     );
+    assert_eq!(
+        provider.circuit.window_for,
+        std::time::Duration::from_secs(10)
+    );
+    assert_eq!(
+        (
+            provider.circuit.consecutive_failures,
+            provider.circuit.window,
+            provider.circuit.min_calls
+        ),
+        (5, 1000, 10)
+    );
+    assert_eq!(plan.http_listen.as_deref(), Some("0.0.0.0:9464"));
+    let off = format!("{MINIMAL}http: {{listen: \"off\"}}\n");
+    assert_eq!(
+        load(&off).unwrap().http_listen,
+        None,
+        "http: off serves nothing"
+    );
     assert_eq!(plan.limits.park_after, std::time::Duration::from_secs(1));
     assert_eq!(plan.limits.max_inflight_jobs, 1024);
     assert_eq!(plan.limits.max_running_jobs, 256);
