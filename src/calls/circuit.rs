@@ -471,4 +471,52 @@ mod tests {
         );
         assert!(b.allow(), "and leaves its slot to another probe");
     }
+
+    #[test]
+    fn only_errors_about_the_targets_health_count_as_failures() {
+        let s = || String::from("x");
+        let failures = [
+            ProviderError::Server {
+                status: 503,
+                retry_after: None,
+                message: s(),
+            },
+            ProviderError::Timeout(Duration::from_secs(1)),
+            ProviderError::Connect(s()),
+            ProviderError::Interrupted(s()),
+            ProviderError::InvalidResponse(s()),
+        ];
+        let neutral = [
+            ProviderError::RateLimited {
+                retry_after: None,
+                message: s(),
+            },
+            ProviderError::ContextLength(s()),
+            ProviderError::ContentFilter(s()),
+            ProviderError::Auth {
+                status: 401,
+                message: s(),
+            },
+            ProviderError::BadRequest {
+                status: 400,
+                message: s(),
+            },
+            ProviderError::CircuitOpen,
+        ];
+        for error in failures {
+            assert_eq!(
+                Outcome::of::<()>(&Err(error.clone())),
+                Outcome::Failure,
+                "{error}"
+            );
+        }
+        for error in neutral {
+            assert_eq!(
+                Outcome::of::<()>(&Err(error.clone())),
+                Outcome::Neutral,
+                "{error}"
+            );
+        }
+        assert_eq!(Outcome::of::<()>(&Ok(())), Outcome::Success);
+    }
 }
