@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::admission::{Gate, Scheduler, SchedulerLimits};
 use crate::calls::cache::ResponseCache;
 use crate::calls::Calls;
-use crate::config::{Plan, SourcePlan};
+use crate::config::Plan;
 use crate::engine::Engine;
 use crate::pipeline::{Pools, Runner};
 use crate::provider::Providers;
@@ -276,10 +276,7 @@ async fn consume<K: OutputSink>(
         stopped.cancel();
         // What was prefetched arrives at once; then stop, before the subscription's next pulls
         // bring fresh backlog only to hand it back (each costs the message a delivery).
-        let prefetched = match &plan.source {
-            SourcePlan::Nats(n) => 2 * n.batch,
-            SourcePlan::Kafka(_) => 0,
-        };
+        let prefetched = source.prefetched_bound();
         let deadline = tokio::time::Instant::now() + BUFFERED_HAND_BACK;
         let mut seen = 0;
         while seen < prefetched {

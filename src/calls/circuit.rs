@@ -166,22 +166,19 @@ impl CircuitBreaker {
         let policy = self.policy;
         let mut shared = self.lock();
         let now = Instant::now();
+        let stale = sent < shared.changed_at;
         let failed = match outcome {
             Outcome::Success => false,
             Outcome::Failure => true,
+            Outcome::Neutral if stale => return Self::current(&shared.inner),
             Outcome::Neutral => {
                 // No news about the target; a probe that got one leaves its slot to another.
-                return match &mut shared.inner {
-                    Inner::Closed { .. } => CircuitState::Closed,
-                    Inner::HalfOpen { probes } => {
-                        *probes = probes.saturating_sub(1);
-                        CircuitState::HalfOpen
-                    }
-                    Inner::Open { .. } => CircuitState::Open,
-                };
+                if let Inner::HalfOpen { probes } = &mut shared.inner {
+                    *probes = probes.saturating_sub(1);
+                }
+                return Self::current(&shared.inner);
             }
         };
-        let stale = sent < shared.changed_at;
         // Sent before the latest success: the target has answered well since.
         let overtaken = failed && shared.last_success.is_some_and(|success| sent < success);
         if !failed && !stale {
@@ -193,6 +190,15 @@ impl CircuitBreaker {
             shared.changed_at = now;
         }
         state
+    }
+
+    /// The state as recorded (an open circuit past its cooldown turns half-open on `allow`).
+    fn current(inner: &Inner) -> CircuitState {
+        match inner {
+            Inner::Closed { .. } => CircuitState::Closed,
+            Inner::HalfOpen { .. } => CircuitState::HalfOpen,
+            Inner::Open { .. } => CircuitState::Open,
+        }
     }
 
     fn apply(
@@ -208,8 +214,7 @@ impl CircuitBreaker {
         };
         match inner {
             // Old news: the state stands.
-            Inner::Closed { .. } if stale => CircuitState::Closed,
-            Inner::HalfOpen { .. } if stale => CircuitState::HalfOpen,
+            Inner::Closed { .. } | Inner::HalfOpen { .. } if stale => Self::current(inner),
             Inner::Closed {
                 consecutive,
                 recent,
@@ -470,6 +475,14 @@ mod tests {
             "a probe answered with a 429 does not close the circuit"
         );
         assert!(b.allow(), "and leaves its slot to another probe");
+        assert!(!b.allow(), "one probe at a time");
+        let before_probe = Instant::now();
+        tokio::time::advance(Duration::from_millis(1)).await;
+        b.record(Outcome::Failure, Instant::now());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(b.allow(), "the next probe");
+        b.record(Outcome::Neutral, before_probe);
+        assert!(!b.allow(), "a 429 from before the probe frees no slot");
     }
 
     #[test]

@@ -243,4 +243,13 @@ impl Source {
             Source::Nats(_) => "nats",
         }
     }
+
+    /// Messages already pulled but not yet read that a stop must still hand back (NATS: what
+    /// the last pull requests can have brought; Kafka keeps unread messages uncommitted).
+    pub fn prefetched_bound(&self) -> usize {
+        match self {
+            Source::Kafka(_) => 0,
+            Source::Nats(s) => s.prefetched_bound(),
+        }
+    }
 }

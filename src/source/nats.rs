@@ -125,6 +125,11 @@ impl NatsSource {
 }
 
 impl NatsSource {
+    /// At most what the last pull requests can have brought and the engine not yet read.
+    pub fn prefetched_bound(&self) -> usize {
+        2 * self.batch
+    }
+
     pub fn consumer(&self) -> PullConsumer {
         self.consumer.clone()
     }
@@ -184,15 +189,15 @@ impl JobSource for NatsSource {
     }
 
     async fn close(mut self) {
-        // Messages pulled since the engine's last look go back after HAND_BACK_DELAY (not
-        // after ack_wait), so another replica takes them soon. The engine dead-letters messages on their last
-        // delivery while the app drains; one still arriving here cannot be saved by a nak, and
-        // is named in an error so it is not lost silently.
+        // Messages pulled since the engine's last look go back after HAND_BACK_DELAY (not after
+        // ack_wait), so another replica takes them soon. The engine dead-letters messages on
+        // their last delivery while the app drains; one still arriving here cannot be saved by a
+        // nak, and is named in an error so it is not lost silently.
         let mut handed_back = 0;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
         // At most what the last pulls can have brought: not fresh backlog pulled only to be
         // handed back.
-        let mut left = 2 * self.batch;
+        let mut left = self.prefetched_bound();
         while left > 0 {
             let Ok(Some(Ok(message))) =
                 tokio::time::timeout_at(deadline, self.messages.next()).await
