@@ -66,6 +66,11 @@ tenants:
     )
 }
 
+/// `k` replicas of one plan.
+async fn replicas_of(k: usize, plan: Plan) -> Vec<Service> {
+    replicas(vec![plan; k]).await
+}
+
 async fn replicas(plans: Vec<Plan>) -> Vec<Service> {
     let mut services = Vec::new();
     for plan in plans {
@@ -126,19 +131,16 @@ async fn a_noisy_tenant_is_held_to_its_global_rate_and_does_not_slow_a_quiet_one
     // Default in-flight and running bounds: the flood (600) fits in neither a fair share of
     // them nor their whole.
     let limits = "{drain_timeout_ms: 5000}";
-    let services = replicas(
-        (0..3)
-            .map(|_| {
-                replica_plan(
-                    &brokers,
-                    &group,
-                    &prefix,
-                    &llm.addr().to_string(),
-                    limits,
-                    &tenants,
-                )
-            })
-            .collect(),
+    let services = replicas_of(
+        3,
+        replica_plan(
+            &brokers,
+            &group,
+            &prefix,
+            &llm.addr().to_string(),
+            limits,
+            &tenants,
+        ),
     )
     .await;
     let outputs = collector(&brokers);
@@ -262,19 +264,16 @@ async fn a_daily_budget_holds_across_replicas() {
         "{tenant}: {{budget_usd_per_day: {budget}}}\n  {monthly}: {{budget_usd_per_month: {budget}}}"
     );
     let limits = "{max_inflight_jobs: 256, drain_timeout_ms: 5000}";
-    let services = replicas(
-        (0..3)
-            .map(|_| {
-                replica_plan(
-                    &brokers,
-                    &group,
-                    &prefix,
-                    &llm.addr().to_string(),
-                    limits,
-                    &tenants,
-                )
-            })
-            .collect(),
+    let services = replicas_of(
+        3,
+        replica_plan(
+            &brokers,
+            &group,
+            &prefix,
+            &llm.addr().to_string(),
+            limits,
+            &tenants,
+        ),
     )
     .await;
     let outputs = collector(&brokers);
@@ -612,19 +611,16 @@ async fn cjk_jobs_on_three_replicas_never_spend_past_the_budget() {
     let tenants = format!("{tenant}: {{budget_usd_per_day: {budget}}}");
     // 50 jobs at once per replica.
     let limits = "{max_inflight_jobs: 50, max_running_jobs: 50, drain_timeout_ms: 5000}";
-    let services = replicas(
-        (0..3)
-            .map(|_| {
-                replica_plan(
-                    &brokers,
-                    &group,
-                    &prefix,
-                    &llm.addr().to_string(),
-                    limits,
-                    &tenants,
-                )
-            })
-            .collect(),
+    let services = replicas_of(
+        3,
+        replica_plan(
+            &brokers,
+            &group,
+            &prefix,
+            &llm.addr().to_string(),
+            limits,
+            &tenants,
+        ),
     )
     .await;
     let outputs = collector(&brokers);
@@ -719,24 +715,20 @@ async fn provider_rpm_and_tenant_tokens_per_min_hold_across_replicas() {
     // The provider at 1,200 requests/min (20/s, a burst of 120): 200 calls.
     let llm = mock_llm(1).await;
     let (group, prefix) = (unique("rpm-"), format!("{}:", unique("it")));
-    let plans = (0..2)
-        .map(|_| {
-            let text = replica_config(
-                &brokers,
-                &group,
-                &prefix,
-                &llm.addr().to_string(),
-                limits,
-                "default: {}",
-            )
-            .replace(
-                "retry: {max_attempts: 3",
-                "limits: {rpm: 1200}, retry: {max_attempts: 3",
-            );
-            config::load_str(&text, "test config", std::iter::empty()).unwrap()
-        })
-        .collect();
-    let services = replicas(plans).await;
+    let text = replica_config(
+        &brokers,
+        &group,
+        &prefix,
+        &llm.addr().to_string(),
+        limits,
+        "default: {}",
+    )
+    .replace(
+        "retry: {max_attempts: 3",
+        "limits: {rpm: 1200}, retry: {max_attempts: 3",
+    );
+    let plan = config::load_str(&text, "test config", std::iter::empty()).unwrap();
+    let services = replicas_of(2, plan).await;
     let n = 100;
     flood(&brokers, "acme", n, 5).await;
     assert_eq!(outputs.wait_for(n, STALL, |_| {}).await, n);
@@ -769,19 +761,16 @@ async fn provider_rpm_and_tenant_tokens_per_min_hold_across_replicas() {
     let tenant = unique("tokens");
     let (group, prefix) = (unique("tpm-"), format!("{}:", unique("it")));
     let tenants = format!("{tenant}: {{tokens_per_min: 120000}}");
-    let services = replicas(
-        (0..2)
-            .map(|_| {
-                replica_plan(
-                    &brokers,
-                    &group,
-                    &prefix,
-                    &llm.addr().to_string(),
-                    limits,
-                    &tenants,
-                )
-            })
-            .collect(),
+    let services = replicas_of(
+        2,
+        replica_plan(
+            &brokers,
+            &group,
+            &prefix,
+            &llm.addr().to_string(),
+            limits,
+            &tenants,
+        ),
     )
     .await;
     flood(&brokers, &tenant, n, 80).await;
