@@ -259,11 +259,7 @@ async fn noisy_neighbours(
 
     let all = outputs.snapshot();
     assert_each_job_once(&all, total);
-    let dead = all
-        .iter()
-        .filter(|(c, _)| matches!(c, Collected::DeadLetter(_)))
-        .count();
-    assert_eq!(dead, 0, "no job dead-lettered");
+    assert_no_dead_letters(&all, "no job dead-lettered");
 
     let quiet: Vec<&JobResult> = results_of(&all, "quiet")
         .into_iter()

@@ -579,11 +579,7 @@ async fn a_stalled_provider_pauses_intake_which_resumes_without_loss() {
     let all = outputs.snapshot();
     assert_each_job_once(&all, n);
     // The provider came back well within the jobs' deadline: a stall is not a failure.
-    let dead: Vec<_> = all
-        .iter()
-        .filter(|(c, _)| matches!(c, Collected::DeadLetter(_)))
-        .collect();
-    assert!(dead.is_empty(), "no job dead-lettered: {dead:?}");
+    assert_no_dead_letters(&all, "no job dead-lettered");
     eprintln!(
         "{n} jobs through {BOUND} in-flight slots (peak {peak}); intake paused {paused} time(s) while the provider hung, consumer lag {lag_seen}"
     );

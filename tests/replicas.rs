@@ -220,11 +220,7 @@ async fn kill_restart_and_check(
     assert_eq!(per_job.len(), n, "no job lost");
     // A restart is not a failure: no job may end as a dead letter (for instance with its
     // deliveries used up by hand-backs while a replica stops).
-    let dead: Vec<_> = all
-        .iter()
-        .filter(|(c, _)| matches!(c, switchyard::testkit::Collected::DeadLetter(_)))
-        .collect();
-    assert!(dead.is_empty(), "dead letters after restarts: {dead:?}");
+    assert_no_dead_letters(&all, "dead letters after restarts");
     // A job the killed process had written but not yet recorded in Redis is processed again
     // (Kafka/NATS and Redis cannot be written atomically); only its in-flight jobs can be.
     let twice = per_job.values().filter(|&&c| c > 1).count();

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use switchyard::state::StateStore;
-use switchyard::testkit::{publish, publish_nats, Collected, OutputCollector};
+use switchyard::testkit::{publish, publish_nats, OutputCollector};
 
 use common::*;
 
@@ -126,14 +126,7 @@ async fn a_redis_outage_pauses_intake_loses_nothing_and_recovers_by_itself() {
 
     let all = outputs.snapshot();
     assert_schema_valid(&all);
-    let dead: Vec<_> = all
-        .iter()
-        .filter(|(c, _)| !matches!(c, Collected::Result(_) | Collected::Review(_)))
-        .collect();
-    assert!(
-        dead.is_empty(),
-        "a store outage dead-letters nothing: {dead:?}"
-    );
+    assert_no_dead_letters(&all, "a store outage dead-letters nothing");
     let per_job = originals(&all);
     // Messages prefetched before the pause may be redelivered meanwhile; those are answered
     // from the store as duplicates, never processed again.
@@ -368,11 +361,7 @@ async fn a_redis_outage_under_kafka_loses_nothing_and_recovers_by_itself() {
 
     let all = outputs.snapshot();
     assert_schema_valid(&all);
-    assert!(
-        all.iter()
-            .all(|(c, _)| matches!(c, Collected::Result(_) | Collected::Review(_))),
-        "a store outage dead-letters nothing"
-    );
+    assert_no_dead_letters(&all, "a store outage dead-letters nothing");
     let per_job = originals(&all);
     assert_eq!(per_job.len(), n, "no job lost");
     assert!(per_job.values().all(|&c| c == 1), "no job processed twice");

@@ -120,6 +120,15 @@ pub fn assert_each_job_once(outputs: &[(Collected, Value)], total: usize) {
     assert!(per_job.values().all(|&c| c == 1), "no job answered twice");
 }
 
+/// Every output is a result or a review request: `why` no job may have been dead-lettered.
+pub fn assert_no_dead_letters(outputs: &[(Collected, Value)], why: &str) {
+    let dead: Vec<_> = outputs
+        .iter()
+        .filter(|(c, _)| !matches!(c, Collected::Result(_) | Collected::Review(_)))
+        .collect();
+    assert!(dead.is_empty(), "{why}: {dead:?}");
+}
+
 /// NATS JetStream in, NATS out, Redis state, a test-owned mock LLM at `llm` (default retry
 /// policy): the config text.
 pub fn nats_config(names: &NatsNames, llm: &str) -> String {
