@@ -18,6 +18,8 @@ pub mod calls;
 pub mod config;
 pub mod connect;
 pub mod engine;
+pub mod expr;
+pub mod guardrails;
 pub mod pipeline;
 pub mod provider;
 pub mod sink;

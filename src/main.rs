@@ -256,6 +256,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     rate_hang,
                 },
                 seed,
+                ..MockSettings::default()
             };
             let server =
                 provider::mock::MockServer::start(&format!("{host}:{port}"), settings).await?;

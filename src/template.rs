@@ -1,4 +1,6 @@
-//! Prompt templates: `{{input.<field>}}`, `{{categories}}` and `{{steps.<name>.output}}`.
+//! Prompt templates: `{{input.<field>}}`, `{{categories}}`, `{{steps.<name>.<field>...}}`
+//! (`output`, `category`, `confidence`, `output.<json field>`, ...) and the locals a step kind
+//! provides (`{{chunk}}` in a map step, `{{mapped}}` in a reduce step, ...).
 //!
 //! Templates are compiled when the config is loaded, so an unknown variable is a config error
 //! and rendering a job never parses template syntax again.
@@ -10,7 +12,20 @@ use serde_json::{Map, Value};
 pub enum Var {
     Input(String),
     Categories,
-    StepOutput(String),
+    /// `steps.<name>.<path...>`.
+    Step(String, Vec<String>),
+    /// A value the step kind provides (`chunk`, `mapped`, `candidate`, ...).
+    Local(String),
+}
+
+impl Var {
+    /// The step a variable reads, if any.
+    pub fn step(&self) -> Option<&str> {
+        match self {
+            Var::Step(name, _) => Some(name),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,7 +43,19 @@ pub struct Template {
 pub struct Scope<'a> {
     pub input: &'a Map<String, Value>,
     pub categories: &'a [String],
-    pub step_output: &'a dyn Fn(&str) -> Option<String>,
+    /// The value at a path of a finished step (`Null` for a skipped one); `None` when the step
+    /// has not finished.
+    pub step: &'a dyn Fn(&str, &[String]) -> Option<Value>,
+    pub locals: &'a [(&'a str, &'a str)],
+}
+
+/// How a value is written into text: strings as they are, `null` as nothing, the rest as JSON.
+pub fn to_text(value: &Value, out: &mut String) {
+    match value {
+        Value::String(s) => out.push_str(s),
+        Value::Null => {}
+        other => out.push_str(&other.to_string()),
+    }
 }
 
 impl Template {
@@ -61,6 +88,19 @@ impl Template {
         Ok(Self { segments })
     }
 
+    /// Text used as it is, without variables.
+    pub fn literal(text: &str) -> Self {
+        Self {
+            segments: vec![Segment::Literal(text.to_owned())],
+        }
+    }
+
+    /// This template with `other` rendered after it.
+    pub fn followed_by(mut self, other: Template) -> Self {
+        self.segments.extend(other.segments);
+        self
+    }
+
     pub fn vars(&self) -> impl Iterator<Item = &Var> {
         self.segments.iter().filter_map(|s| match s {
             Segment::Var(v) => Some(v),
@@ -74,34 +114,68 @@ impl Template {
         for segment in &self.segments {
             match segment {
                 Segment::Literal(text) => out.push_str(text),
-                Segment::Var(Var::Input(field)) => match scope.input.get(field) {
-                    Some(Value::String(s)) => out.push_str(s),
-                    Some(Value::Null) | None => {
-                        return Err(format!(
-                            "job input has no field `{field}`, which the prompt needs"
-                        ))
-                    }
-                    Some(other) => out.push_str(&other.to_string()),
-                },
                 Segment::Var(Var::Categories) => out.push_str(&scope.categories.join(", ")),
-                Segment::Var(Var::StepOutput(step)) => match (scope.step_output)(step) {
-                    Some(text) => out.push_str(&text),
-                    None => return Err(format!("step `{step}` has no output yet")),
-                },
+                Segment::Var(var) => to_text(&value_of(var, scope)?, &mut out),
             }
         }
         Ok(out)
     }
+
+    /// The variable when the template is exactly one `{{..}}` and nothing else.
+    pub fn single_var(&self) -> Option<&Var> {
+        match self.segments.as_slice() {
+            [Segment::Var(v)] => Some(v),
+            _ => None,
+        }
+    }
 }
+
+/// The value of a variable in `scope`, as JSON.
+pub fn value_of(var: &Var, scope: &Scope<'_>) -> Result<Value, String> {
+    match var {
+        Var::Input(field) => match scope.input.get(field) {
+            Some(Value::Null) | None => Err(format!(
+                "job input has no field `{field}`, which the prompt needs"
+            )),
+            Some(v) => Ok(v.clone()),
+        },
+        Var::Categories => Ok(Value::String(scope.categories.join(", "))),
+        Var::Step(step, path) => {
+            (scope.step)(step, path).ok_or_else(|| format!("step `{step}` has no output yet"))
+        }
+        Var::Local(name) => scope
+            .locals
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| Value::String((*v).to_owned()))
+            .ok_or_else(|| format!("`{{{{{name}}}}}` is not available here")),
+    }
+}
+
+/// The names a step kind may provide as `{{<name>}}`.
+pub const LOCALS: [&str; 7] = [
+    "chunk",
+    "chunk_index",
+    "chunk_count",
+    "mapped",
+    "candidate",
+    "feedback",
+    "round",
+];
 
 fn parse_var(expr: &str) -> Result<Var, String> {
     let parts: Vec<&str> = expr.split('.').collect();
+    let fine = |s: &&str| !s.is_empty();
     match parts.as_slice() {
         ["input", field] if !field.is_empty() => Ok(Var::Input((*field).to_owned())),
         ["categories"] => Ok(Var::Categories),
-        ["steps", step, "output"] if !step.is_empty() => Ok(Var::StepOutput((*step).to_owned())),
+        ["steps", step, path @ ..] if !step.is_empty() && !path.is_empty() && path.iter().all(fine) => Ok(
+            Var::Step((*step).to_owned(), path.iter().map(|s| (*s).to_owned()).collect()),
+        ),
+        [local] if LOCALS.contains(local) => Ok(Var::Local((*local).to_owned())),
         _ => Err(format!(
-            "unknown variable `{{{{{expr}}}}}`; use input.<field>, categories or steps.<name>.output"
+            "unknown variable `{{{{{expr}}}}}`; use input.<field>, categories, steps.<name>.output (or .category, .confidence, .output.<field>) or a step kind's own ({})",
+            LOCALS.join(", ")
         )),
     }
 }
@@ -116,11 +190,12 @@ mod tests {
             .unwrap();
         let input = serde_json::json!({"text": "hello"});
         let cats = vec!["x".to_owned(), "y".to_owned()];
-        let lookup = |name: &str| (name == "a").then(|| "A".to_owned());
+        let lookup = |name: &str, _: &[String]| (name == "a").then(|| Value::from("A"));
         let scope = Scope {
             input: input.as_object().unwrap(),
             categories: &cats,
-            step_output: &lookup,
+            step: &lookup,
+            locals: &[],
         };
         assert_eq!(t.render(&scope).unwrap(), "Cats: x, y\nhello / A");
     }
@@ -142,7 +217,8 @@ mod tests {
         let scope = Scope {
             input: &input,
             categories: &[],
-            step_output: &|_| None,
+            step: &|_, _| None,
+            locals: &[],
         };
         assert!(t.render(&scope).unwrap_err().contains("`body`"));
     }

@@ -23,6 +23,11 @@ fn exact(model: &str) -> Option<&'static CoreBPE> {
     }
 }
 
+/// The tokenizer that splits text for `model`: its own when known, else GPT-4o's (o200k).
+pub fn encoder(model: &str) -> &'static CoreBPE {
+    exact(model).unwrap_or_else(tiktoken_rs::o200k_base_singleton)
+}
+
 /// At least as many tokens as `model` counts for `text`.
 pub fn count(model: &str, text: &str) -> u64 {
     match exact(model) {

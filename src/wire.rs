@@ -260,7 +260,7 @@ pub struct RouteInfo {
 }
 
 /// What one step did: which target served it, how often it tried, what it cost.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepRecord {
     pub name: String,
     pub kind: String,
@@ -275,6 +275,40 @@ pub struct StepRecord {
     /// Time the step's calls (or, for the `admission` record, the job) waited for rate limits.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub throttled_ms: u64,
+    /// The step's `when` did not hold: it did not run.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub skipped: bool,
+    /// What the step produced, cut to the pipeline's `record_output_chars`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<serde_json::Value>,
+    /// Why the step failed, when a static `on_failure` answer stood in for it (or the job
+    /// was blocked or sent to review by a guardrail).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The prompt the step rendered (a route may choose it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    /// Chunks a split step produced or a map step processed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<u32>,
+    /// Each round of an evaluator-optimizer loop.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rounds: Vec<Round>,
+    /// What a guardrail redacted, by kind (`email`, `card`, ...): counts, never the text.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub redacted: std::collections::BTreeMap<String, u32>,
+}
+
+/// One round of a `refine` step: the evaluator's score and feedback on that round's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Round {
+    pub round: u32,
+    pub score: f64,
+    pub feedback: String,
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 fn is_zero(v: &u64) -> bool {

@@ -81,6 +81,7 @@ impl ResponseCache {
             content: s.content,
             input_tokens: s.input_tokens,
             output_tokens: s.output_tokens,
+            ..ChatResponse::default()
         })
     }
 
@@ -148,6 +149,7 @@ mod tests {
             content: "hello".into(),
             input_tokens: 3,
             output_tokens: 1,
+            ..ChatResponse::default()
         };
         cache.put(&key, &answer).await;
         assert_eq!(cache.get(&key).await.unwrap().content, "hello");
@@ -183,6 +185,7 @@ mod tests {
             content: "hello".into(),
             input_tokens: 3,
             output_tokens: 1,
+            ..ChatResponse::default()
         };
         cache.put(&key, &answer).await;
         assert!(cache.get(&key).await.is_some());

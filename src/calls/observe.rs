@@ -27,7 +27,7 @@ impl Calls {
         let latency_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
         match result {
             Ok(r) => {
-                let cost_usd = model.price.cost(r.input_tokens, r.output_tokens);
+                let cost_usd = model.price.response_cost(r);
                 self.metrics.llm_usage(
                     provider,
                     &model.model,
@@ -36,10 +36,12 @@ impl Calls {
                     cost_usd,
                 );
                 if self.log_payloads {
+                    // Texts go to the log with PII redacted, whatever the pipeline's guardrails.
+                    let scrub = crate::guardrails::scrub_for_log;
                     tracing::info!(target: "switchyard::llm", provider, model = %model.model, attempt, outcome, latency_ms,
                         input_tokens = r.input_tokens, output_tokens = r.output_tokens, cost_usd,
-                        prompt = %request.user, system = request.system.as_deref().unwrap_or_default(), response = %r.content,
-                        "provider call");
+                        prompt = %scrub(&request.user), system = %scrub(request.system.as_deref().unwrap_or_default()),
+                        response = %scrub(&r.content), "provider call");
                 } else {
                     tracing::info!(target: "switchyard::llm", provider, model = %model.model, attempt, outcome, latency_ms,
                         input_tokens = r.input_tokens, output_tokens = r.output_tokens, cost_usd, "provider call");

@@ -65,6 +65,13 @@ impl CallFailure {
             | CallFailure::BudgetExceeded { attempts, .. } => *attempts,
         }
     }
+
+    /// Every target failed because the prompt does not fit its context window.
+    pub fn only_context_length(&self) -> bool {
+        matches!(self, CallFailure::AllTargetsFailed { errors, .. }
+            if !errors.is_empty()
+                && errors.iter().all(|(_, e)| matches!(e, ProviderError::ContextLength(_))))
+    }
 }
 
 /// One target of a fallback chain, with what its attempts share.
@@ -279,6 +286,16 @@ impl Calls {
                 )
             })
         };
+        if let Some(window) = target.model.context_window {
+            let needed = prompt_tokens() + u64::from(target.request.max_tokens);
+            if needed > window {
+                // The provider would refuse it (and may bill the attempt): no call is made.
+                return TargetEnd::Failed(Some(ProviderError::ContextLength(format!(
+                    "the prompt and answer need up to {needed} tokens; model `{}` has a context window of {window}",
+                    target.alias
+                ))));
+            }
+        }
         let mut last = None;
         for attempt in 0..target.provider.retry.max_attempts {
             if remaining(scope.deadline).is_some_and(|left| left.is_zero()) {
@@ -396,7 +413,7 @@ impl Calls {
         let (used, cost) = match &result {
             Ok(r) => (
                 r.input_tokens + r.output_tokens,
-                model.price.cost(r.input_tokens, r.output_tokens),
+                model.price.response_cost(r),
             ),
             // Sent, then lost: the provider may well have billed it, so it is charged at its
             // reservation (the most it could have cost) rather than at nothing.

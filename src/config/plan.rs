@@ -235,11 +235,25 @@ pub struct RetryPolicy {
     pub budget_min_per_s: f64,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct MockSettings {
     pub latency: Latency,
     pub faults: Faults,
     pub seed: Option<u64>,
+    /// Canned answers, tried in order against the prompt (regexes checked at load).
+    pub answers: Vec<MockAnswer>,
+    /// Context window per model name.
+    pub context_windows: BTreeMap<String, u64>,
+}
+
+/// A canned answer of the mock: the first rule whose `match` regex finds the prompt (system
+/// and user text) answers with `answer` (a string, `$1`-style captures expanded, or JSON).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MockAnswer {
+    #[serde(rename = "match")]
+    pub pattern: String,
+    pub answer: serde_json::Value,
 }
 
 #[derive(Debug, Clone)]
@@ -285,11 +299,25 @@ pub struct ProviderPlan {
 pub struct Price {
     pub input: f64,
     pub output: f64,
+    /// Prompt-cache reads and writes (Anthropic).
+    pub cache_read: f64,
+    pub cache_write: f64,
 }
 
 impl Price {
+    /// The price of uncached input and output tokens.
     pub fn cost(&self, input_tokens: u64, output_tokens: u64) -> f64 {
         (input_tokens as f64 * self.input + output_tokens as f64 * self.output) / 1_000_000.0
+    }
+
+    /// The price of a response's usage: prompt-cache reads and writes at their own prices,
+    /// the rest of the prompt at the input price.
+    pub fn response_cost(&self, r: &crate::provider::ChatResponse) -> f64 {
+        let cached = r.cache_read_tokens + r.cache_write_tokens;
+        self.cost(r.input_tokens.saturating_sub(cached), r.output_tokens)
+            + (r.cache_read_tokens as f64 * self.cache_read
+                + r.cache_write_tokens as f64 * self.cache_write)
+                / 1_000_000.0
     }
 }
 
@@ -305,6 +333,8 @@ pub struct ModelPlan {
     /// Aliases tried in order after this one fails.
     pub fallbacks: Vec<String>,
     pub limits: RateLimits,
+    /// Context window in tokens, when known.
+    pub context_window: Option<u64>,
 }
 
 /// Requests and tokens per minute, summed over all replicas; `None` is unlimited.
@@ -385,13 +415,64 @@ pub struct PipelinePlan {
     pub budget_fallback: Option<String>,
     /// In config order, which is a topological order: `needs` only name earlier steps.
     pub steps: Vec<StepPlan>,
+    pub output: OutputPlan,
+    /// The static answer when a step fails and has none of its own.
+    pub on_failure: Option<serde_json::Value>,
+    pub guardrails: Option<Arc<GuardrailsPlan>>,
+    /// Characters of each step's output kept in its record (0: none).
+    pub record_output_chars: usize,
 }
 
-impl PipelinePlan {
-    /// The job's output is the last step's output.
-    pub fn output_step(&self) -> usize {
-        self.steps.len().saturating_sub(1)
+/// What becomes the job's output.
+#[derive(Debug, Clone)]
+pub enum OutputPlan {
+    /// The output of the last step that ran (not skipped).
+    LastRun,
+    Step(usize),
+    /// A `template` step over every step, run after them.
+    Assembled(Box<StepPlan>),
+}
+
+/// Text or JSON assembled from earlier outputs.
+#[derive(Debug, Clone)]
+pub enum Assemble {
+    Text(Template),
+    /// A JSON value whose strings are templates; a string that is a single `{{..}}` becomes
+    /// the value it names, with its JSON type.
+    Json(JsonTemplate),
+}
+
+#[derive(Debug, Clone)]
+pub enum JsonTemplate {
+    Literal(serde_json::Value),
+    Var(crate::template::Var),
+    Text(Template),
+    Array(Vec<JsonTemplate>),
+    Object(Vec<(String, JsonTemplate)>),
+}
+
+pub struct GuardrailsPlan {
+    pub set: crate::guardrails::GuardrailSet,
+    pub on_block: GuardAction,
+    pub on_error: GuardAction,
+    /// Any side redacts PII: payloads and texts are scrubbed before they reach a log.
+    pub redacts: bool,
+}
+
+impl std::fmt::Debug for GuardrailsPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuardrailsPlan")
+            .field("on_block", &self.on_block)
+            .field("on_error", &self.on_error)
+            .field("redacts", &self.redacts)
+            .finish_non_exhaustive()
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuardAction {
+    DeadLetter,
+    Review,
 }
 
 #[derive(Debug, Clone)]
@@ -399,6 +480,10 @@ pub struct StepPlan {
     pub name: String,
     pub needs: Vec<usize>,
     pub kind: StepKindPlan,
+    /// Run only when this holds; otherwise the step is recorded as skipped.
+    pub when: Option<crate::expr::Expr>,
+    /// The static output when the step fails.
+    pub on_failure: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone)]
@@ -406,6 +491,11 @@ pub enum StepKindPlan {
     Classify(ClassifyPlan),
     Route(RoutePlan),
     Generate(GeneratePlan),
+    Template(Assemble),
+    Split(SplitPlan),
+    Map(MapPlan),
+    Reduce(ReducePlan),
+    Refine(RefinePlan),
 }
 
 impl StepKindPlan {
@@ -414,6 +504,11 @@ impl StepKindPlan {
             StepKindPlan::Classify(_) => "classify",
             StepKindPlan::Route(_) => "route",
             StepKindPlan::Generate(_) => "generate",
+            StepKindPlan::Template(_) => "template",
+            StepKindPlan::Split(_) => "split",
+            StepKindPlan::Map(_) => "map",
+            StepKindPlan::Reduce(_) => "reduce",
+            StepKindPlan::Refine(_) => "refine",
         }
     }
 }
@@ -430,18 +525,95 @@ pub enum ClassifyMethod {
         model: String,
         prompt: Arc<PromptPlan>,
     },
-    /// category -> lower-cased keywords; the first category with a keyword in the text wins,
-    /// else the last category.
-    Rules(Vec<(String, Vec<String>)>),
+    /// Tried in order: the first rule whose tests all pass gives the category and confidence;
+    /// when none does, `otherwise`.
+    Rules {
+        rules: Vec<RulePlan>,
+        otherwise: (String, f64),
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct RulePlan {
+    pub category: String,
+    /// Lower-cased; any one found passes.
+    pub keywords: Vec<String>,
+    pub regex: Option<regex::Regex>,
+    pub min_chars: Option<usize>,
+    pub max_chars: Option<usize>,
+    pub looks_like_code: Option<bool>,
+    pub confidence: f64,
 }
 
 #[derive(Debug, Clone)]
 pub struct RoutePlan {
     /// Index of the classify step whose category is routed on.
     pub on: usize,
-    pub routes: BTreeMap<String, String>,
-    pub default: String,
+    pub routes: BTreeMap<String, RouteTarget>,
+    pub default: RouteTarget,
     pub review_below_confidence: Option<f64>,
+}
+
+/// Where a category goes: a model alias, a prompt, a branch name (for `when:`).
+#[derive(Debug, Clone, Default)]
+pub struct RouteTarget {
+    pub model: Option<String>,
+    pub prompt: Option<String>,
+    pub branch: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SplitPlan {
+    pub from: SplitSource,
+    pub by: SplitBy,
+    pub max_chunks: usize,
+}
+
+#[derive(Debug, Clone)]
+pub enum SplitSource {
+    Input(String),
+    Step(usize),
+}
+
+#[derive(Debug, Clone)]
+pub enum SplitBy {
+    Chars {
+        size: usize,
+        overlap: usize,
+    },
+    Tokens {
+        size: usize,
+        overlap: usize,
+        model: String,
+    },
+    JsonArray,
+}
+
+#[derive(Debug, Clone)]
+pub struct MapPlan {
+    /// The split step whose chunks are mapped.
+    pub over: usize,
+    pub model: String,
+    pub prompt: Arc<PromptPlan>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReducePlan {
+    /// The map step whose outputs are reduced.
+    pub over: usize,
+    pub model: String,
+    pub prompt: Arc<PromptPlan>,
+    pub max_input_chars: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct RefinePlan {
+    pub model: String,
+    pub prompt: Arc<PromptPlan>,
+    pub evaluator_model: String,
+    pub evaluator_prompt: Arc<PromptPlan>,
+    pub max_rounds: u32,
+    pub stop_at: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -454,9 +626,32 @@ pub enum ModelChoice {
 #[derive(Debug, Clone)]
 pub struct GeneratePlan {
     pub model: ModelChoice,
-    pub prompt: Arc<PromptPlan>,
+    pub prompt: PromptChoice,
     /// When set, the answer must be JSON satisfying this schema.
     pub output: Option<OutputSchema>,
+    /// When no model's window fits the prompt, cut the prompt to fit instead of failing.
+    pub truncate_to_fit: bool,
+}
+
+#[derive(Debug, Clone)]
+pub enum PromptChoice {
+    Fixed(Arc<PromptPlan>),
+    /// `{{route.prompt}}`: the prompt chosen by the route step at this index (each target's
+    /// prompt, resolved; `None` for targets without one, which use `default`).
+    FromRoute {
+        route: usize,
+        prompts: BTreeMap<String, Arc<PromptPlan>>,
+    },
+}
+
+impl PromptChoice {
+    /// Every prompt this step may render.
+    pub fn all(&self) -> Vec<&Arc<PromptPlan>> {
+        match self {
+            PromptChoice::Fixed(p) => vec![p],
+            PromptChoice::FromRoute { prompts, .. } => prompts.values().collect(),
+        }
+    }
 }
 
 /// A step's output schema, compiled at start-up.

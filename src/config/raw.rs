@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_norway::Value;
 
-use super::plan::{Faults, Latency};
+use super::plan::{Faults, Latency, MockAnswer};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -466,6 +466,12 @@ pub enum RawProvider {
         faults: Faults,
         #[serde(default)]
         seed: Option<u64>,
+        /// Canned answers: the first rule whose regex matches the prompt answers it.
+        #[serde(default)]
+        answers: Vec<MockAnswer>,
+        /// Context window per model name; a longer prompt gets the API's 400 error.
+        #[serde(default)]
+        context_windows: BTreeMap<String, u64>,
         #[serde(default)]
         retry: RawRetry,
         #[serde(default)]
@@ -556,6 +562,10 @@ pub struct RawModel {
     pub fallbacks: Vec<String>,
     #[serde(default)]
     pub limits: RawRateLimits,
+    /// The model's context window in tokens: a prompt that cannot fit skips this model (on to
+    /// a fallback with a larger window) without a call.
+    #[serde(default)]
+    pub context_window: Option<u64>,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -587,6 +597,11 @@ fn cache_system_min_chars() -> usize {
 pub struct RawPrice {
     pub input: f64,
     pub output: f64,
+    /// Prompt-cache reads and writes (Anthropic); by default 0.1x and 1.25x the input price.
+    #[serde(default)]
+    pub cache_read: Option<f64>,
+    #[serde(default)]
+    pub cache_write: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -604,15 +619,120 @@ pub struct RawPipeline {
     /// Model alias used instead when the tenant's budget cannot cover the configured model.
     #[serde(default)]
     pub budget_fallback: Option<String>,
+    /// The job's output: a step's name, or `{template: ..}` / `{json: ..}` assembled from the
+    /// steps' outputs; by default the output of the last step that ran.
+    #[serde(default)]
+    pub output: Option<RawOutput>,
+    /// A static answer (status `degraded`) instead of a `provider_failed` / `output_invalid`
+    /// dead letter.
+    #[serde(default)]
+    pub on_failure: Option<RawOnFailure>,
+    /// Checks on the job's input before any provider sees it and on its output before it leaves.
+    #[serde(default)]
+    pub guardrails: Option<RawGuardrails>,
+    /// Each step record carries its output up to this many characters (0: none).
+    #[serde(default = "default_record_output_chars")]
+    pub record_output_chars: usize,
+}
+
+fn default_record_output_chars() -> usize {
+    2_000
+}
+
+/// `output:` of a pipeline: a step's name or an assembled value.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawOutput {
+    Step(String),
+    Assembled(RawAssemble),
+}
+
+/// Text or JSON assembled from earlier outputs: `template:` (text) or `json:` (any YAML value
+/// whose strings are templates; a string that is one `{{..}}` keeps the value's JSON type).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAssemble {
+    #[serde(default)]
+    pub template: Option<String>,
+    #[serde(default)]
+    pub json: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOnFailure {
+    pub output: serde_json::Value,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGuardrails {
+    #[serde(default)]
+    pub input: RawGuardSide,
+    #[serde(default)]
+    pub output: RawGuardSide,
+    /// What a blocked job becomes: `dead_letter` (`guardrail_blocked`) or `review`.
+    #[serde(default)]
+    pub on_block: RawGuardAction,
+    /// What happens when a check itself fails: `dead_letter` or `review`; never a pass.
+    #[serde(default)]
+    pub on_error: RawGuardAction,
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RawGuardAction {
+    #[default]
+    DeadLetter,
+    Review,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGuardSide {
+    #[serde(default)]
+    pub max_chars: Option<usize>,
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
+    /// Prompt-injection patterns: `default` (the shipped set), `none`, or a list of regexes.
+    #[serde(default)]
+    pub injection: Option<RawPatterns>,
+    /// More regexes that block (case-insensitive).
+    #[serde(default)]
+    pub deny: Vec<String>,
+    /// PII kinds to redact: `all` or a list of `email`, `phone`, `card`, `iban`, `national_id`.
+    #[serde(default)]
+    pub redact_pii: Option<RawPatterns>,
+}
+
+/// A keyword (`default`, `all`, `none`) or an explicit list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawPatterns {
+    Keyword(String),
+    List(Vec<String>),
+}
+
+/// A pipeline step: what every kind shares, and the kind's own fields.
+#[derive(Debug, Deserialize)]
+pub struct RawStep {
+    pub name: String,
+    #[serde(default)]
+    pub needs: Option<Vec<String>>,
+    /// Run only when this expression over earlier outputs holds; otherwise recorded as skipped.
+    #[serde(default)]
+    pub when: Option<String>,
+    /// A static output (the step then counts as degraded) instead of failing the job.
+    #[serde(default)]
+    pub on_failure: Option<RawOnFailure>,
+    #[serde(flatten)]
+    pub kind: RawStepKind,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-pub enum RawStep {
+pub enum RawStepKind {
     Classify {
-        name: String,
-        #[serde(default)]
-        needs: Option<Vec<String>>,
         categories: Vec<String>,
         #[serde(default)]
         method: RawClassifyMethod,
@@ -620,23 +740,17 @@ pub enum RawStep {
         model: Option<String>,
         #[serde(default)]
         prompt: Option<String>,
-        /// `method: rules`: category -> keywords (case-insensitive); first match wins.
+        /// `method: rules`: category -> keywords, or a list of rules with confidences.
         #[serde(default)]
-        rules: BTreeMap<String, Vec<String>>,
+        rules: Option<RawRules>,
     },
     Route {
-        name: String,
-        #[serde(default)]
-        needs: Option<Vec<String>>,
         on: String,
-        routes: BTreeMap<String, String>,
+        routes: BTreeMap<String, RawRouteTarget>,
         #[serde(default)]
         review_below_confidence: Option<f64>,
     },
     Generate {
-        name: String,
-        #[serde(default)]
-        needs: Option<Vec<String>>,
         model: String,
         prompt: String,
         /// JSON Schema file the answer must satisfy (path relative to the working directory).
@@ -645,11 +759,146 @@ pub enum RawStep {
         /// Repair attempts (the validation error fed back to the model) before `output_invalid`.
         #[serde(default = "default_max_repairs")]
         max_repairs: u32,
+        /// When every model's context window is too small: `fail` (default) or `truncate`.
+        #[serde(default)]
+        on_context_overflow: RawOverflow,
+    },
+    /// Text or JSON assembled from earlier outputs, without a provider call.
+    Template {
+        #[serde(default)]
+        template: Option<String>,
+        #[serde(default)]
+        json: Option<serde_json::Value>,
+    },
+    /// Splits `input.<field>` (or an earlier step's output) into chunks.
+    Split {
+        from: String,
+        #[serde(default)]
+        by: RawSplitBy,
+        #[serde(default)]
+        size: Option<usize>,
+        #[serde(default)]
+        overlap: Option<usize>,
+        #[serde(default = "default_max_chunks")]
+        max_chunks: usize,
+        /// Whose tokenizer counts tokens (`by: tokens`); bytes bound the count otherwise.
+        #[serde(default)]
+        model: Option<String>,
+    },
+    /// One LLM call per chunk of a split step (`{{chunk}}`, `{{chunk_index}}`, `{{chunk_count}}`).
+    Map {
+        over: String,
+        model: String,
+        prompt: String,
+    },
+    /// Combines the outputs of a map step (`{{mapped}}`); hierarchical past `max_input_chars`.
+    Reduce {
+        over: String,
+        model: String,
+        prompt: String,
+        #[serde(default = "default_reduce_chars")]
+        max_input_chars: usize,
+    },
+    /// Evaluator-optimizer: generate, score with feedback, regenerate with the feedback.
+    Refine {
+        model: String,
+        prompt: String,
+        evaluator: RawEvaluator,
+        #[serde(default)]
+        max_rounds: Option<u32>,
+        #[serde(default = "default_stop_at")]
+        stop_at: f64,
     },
 }
 
 fn default_max_repairs() -> u32 {
     2
+}
+
+fn default_max_chunks() -> usize {
+    64
+}
+
+fn default_reduce_chars() -> usize {
+    12_000
+}
+
+fn default_stop_at() -> f64 {
+    0.8
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEvaluator {
+    pub model: String,
+    pub prompt: String,
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RawSplitBy {
+    #[default]
+    Chars,
+    Tokens,
+    JsonArray,
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RawOverflow {
+    #[default]
+    Fail,
+    Truncate,
+}
+
+/// A route's target: a model alias, or a model and/or prompt and/or branch name.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawRouteTarget {
+    Model(String),
+    Full(RawRouteFull),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouteFull {
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub prompt: Option<String>,
+    #[serde(default)]
+    pub branch: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawRules {
+    /// category -> keywords (case-insensitive); the first category with a keyword wins.
+    Keywords(BTreeMap<String, Vec<String>>),
+    /// Rules tried in order; the first whose tests all pass gives its category and confidence.
+    List(Vec<RawRule>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    pub category: String,
+    #[serde(default)]
+    pub keywords: Vec<String>,
+    #[serde(default)]
+    pub regex: Option<String>,
+    #[serde(default)]
+    pub min_chars: Option<usize>,
+    #[serde(default)]
+    pub max_chars: Option<usize>,
+    #[serde(default)]
+    pub looks_like_code: Option<bool>,
+    #[serde(default = "default_rule_confidence")]
+    pub confidence: f64,
+}
+
+fn default_rule_confidence() -> f64 {
+    1.0
 }
 
 #[derive(Debug, Default, Clone, Copy, Deserialize, PartialEq, Eq)]

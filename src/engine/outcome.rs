@@ -366,15 +366,9 @@ impl<K: OutputSink> Engine<K> {
                 StepRecord {
                     name: "admission".into(),
                     kind: "admission".into(),
-                    provider: None,
-                    model: None,
-                    attempts: 0,
-                    cached: false,
                     latency_ms: queued_ms,
-                    input_tokens: 0,
-                    output_tokens: 0,
-                    cost_usd: 0.0,
                     throttled_ms: queued_ms,
+                    ..StepRecord::default()
                 },
             );
         }

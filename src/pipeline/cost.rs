@@ -6,7 +6,8 @@
 //! rejected answer and the problem.
 
 use crate::config::{
-    ClassifyMethod, ModelChoice, ModelPlan, PipelinePlan, PromptPlan, StepKindPlan,
+    ClassifyMethod, ModelChoice, ModelPlan, PipelinePlan, PromptPlan, SplitBy, SplitSource,
+    StepKindPlan,
 };
 use crate::template::{Scope, Template, Var};
 use crate::wire::Job;
@@ -45,20 +46,85 @@ impl Runner {
                         let prompt = self.render(job, pipeline, prompt, &c.categories);
                         self.costliest(&[model.as_str()], &prompt, 0)
                     }
-                    ClassifyMethod::Rules(_) => 0.0,
+                    ClassifyMethod::Rules { .. } => 0.0,
                 },
-                StepKindPlan::Route(_) => 0.0,
+                StepKindPlan::Route(_) | StepKindPlan::Template(_) | StepKindPlan::Split(_) => 0.0,
                 StepKindPlan::Generate(g) => {
                     let aliases: Vec<&str> = match &g.model {
                         ModelChoice::Fixed(alias) => vec![alias.as_str()],
                         ModelChoice::FromRoute(index) => route_targets(pipeline, *index),
                     };
                     let repairs = g.output.as_ref().map_or(0, |o| o.max_repairs);
-                    let prompt = self.render(job, pipeline, &g.prompt, &[]);
-                    self.costliest(&aliases, &prompt, repairs)
+                    g.prompt
+                        .all()
+                        .into_iter()
+                        .map(|p| {
+                            let prompt = self.render(job, pipeline, p, &[]);
+                            self.costliest(&aliases, &prompt, repairs)
+                        })
+                        .fold(0.0, f64::max)
+                }
+                // One call per chunk, each prompt carrying at most one chunk.
+                StepKindPlan::Map(m) => {
+                    let (chunks, chunk_tokens) = self.chunks_bound(job, pipeline, m.over);
+                    let mut prompt = self.render(job, pipeline, &m.prompt, &[]);
+                    prompt.outputs += chunk_tokens;
+                    chunks as f64 * self.costliest(&[m.model.as_str()], &prompt, 0)
+                }
+                // At most one call per chunk over all levels plus the last, each prompt
+                // carrying at most `max_input_chars` of answers (4 bytes a character).
+                StepKindPlan::Reduce(r) => {
+                    let chunks = match pipeline.steps.get(r.over).map(|s| &s.kind) {
+                        Some(StepKindPlan::Map(m)) => self.chunks_bound(job, pipeline, m.over).0,
+                        _ => 1,
+                    };
+                    let mut prompt = self.render(job, pipeline, &r.prompt, &[]);
+                    prompt.outputs += 4 * r.max_input_chars as u64;
+                    chunks.max(1) as f64 * self.costliest(&[r.model.as_str()], &prompt, 0)
+                }
+                // Each round: one generation (its revision carries the previous answer and
+                // the feedback), perhaps a second with the feedback appended, one evaluation.
+                StepKindPlan::Refine(r) => {
+                    let answer = self.output_bound(pipeline, &step.name);
+                    let mut prompt = self.render(job, pipeline, &r.prompt, &[]);
+                    prompt.outputs += 2 * answer + REPAIR_PROBLEM_TOKENS;
+                    let generate = 2.0 * self.costliest(&[r.model.as_str()], &prompt, 0);
+                    let mut judge = self.render(job, pipeline, &r.evaluator_prompt, &[]);
+                    judge.outputs += answer;
+                    let evaluate = self.costliest(&[r.evaluator_model.as_str()], &judge, 0);
+                    f64::from(r.max_rounds) * (generate + evaluate)
                 }
             })
             .sum()
+    }
+
+    /// How many chunks the split step at `index` can make of this job's input, and the most
+    /// tokens one of them can have.
+    fn chunks_bound(&self, job: &Job, pipeline: &PipelinePlan, index: usize) -> (u64, u64) {
+        let Some(StepKindPlan::Split(split)) = pipeline.steps.get(index).map(|s| &s.kind) else {
+            return (0, 0);
+        };
+        let max = split.max_chunks as u64;
+        let source_bytes = match &split.from {
+            SplitSource::Input(field) => job.input.get(field).map(|v| match v {
+                serde_json::Value::String(s) => s.len() as u64,
+                other => other.to_string().len() as u64,
+            }),
+            SplitSource::Step(_) => None,
+        };
+        match (&split.by, source_bytes) {
+            (SplitBy::Chars { size, overlap }, bytes) => {
+                let step = (size - overlap).max(1) as u64;
+                let n = bytes.map_or(max, |b| (b / step + 1).min(max));
+                (n, 4 * *size as u64)
+            }
+            (SplitBy::Tokens { size, overlap, .. }, bytes) => {
+                let step = (size - overlap).max(1) as u64;
+                let n = bytes.map_or(max, |b| (b / step + 1).min(max));
+                (n, *size as u64)
+            }
+            (SplitBy::JsonArray, bytes) => (max, bytes.unwrap_or(0)),
+        }
     }
 
     /// The cost of the dearest call among `aliases` and their fallbacks, times one plus
@@ -95,18 +161,20 @@ impl Runner {
         prompt: &PromptPlan,
         categories: &[String],
     ) -> Prompt {
-        let empty = |_: &str| Some(String::new());
+        let empty = |_: &str, _: &[String]| Some(serde_json::Value::Null);
+        let locals: Vec<(&str, &str)> = crate::template::LOCALS.iter().map(|l| (*l, "")).collect();
         let scope = Scope {
             input: &job.input,
             categories,
-            step_output: &empty,
+            step: &empty,
+            locals: &locals,
         };
         let mut outputs = 0;
         let mut text = |template: &Template| {
             outputs += template
                 .vars()
                 .map(|var| match var {
-                    Var::StepOutput(name) => self.output_bound(pipeline, name),
+                    Var::Step(name, _) => self.output_bound(pipeline, name),
                     _ => 0,
                 })
                 .sum::<u64>()
@@ -154,13 +222,35 @@ impl Runner {
                 .routes
                 .values()
                 .chain(std::iter::once(&r.default))
+                .flat_map(|t| [&t.model, &t.prompt, &t.branch])
+                .flatten()
                 .map(|a| a.len() as u64)
                 .max()
-                .unwrap_or(0),
+                .unwrap_or(0)
+                .max(64),
             StepKindPlan::Generate(g) => match &g.model {
                 ModelChoice::Fixed(alias) => max_tokens_of(&[alias.as_str()]),
                 ModelChoice::FromRoute(index) => max_tokens_of(&route_targets(pipeline, *index)),
             },
+            StepKindPlan::Reduce(r) => max_tokens_of(&[r.model.as_str()]),
+            StepKindPlan::Refine(r) => max_tokens_of(&[r.model.as_str()]),
+            // Every answer of the map, or every earlier step's output in the template.
+            StepKindPlan::Map(m) => {
+                let chunks = match pipeline.steps.get(m.over).map(|s| &s.kind) {
+                    Some(StepKindPlan::Split(split)) => split.max_chunks as u64,
+                    _ => 1,
+                };
+                chunks * max_tokens_of(&[m.model.as_str()])
+            }
+            StepKindPlan::Template(_) => pipeline
+                .steps
+                .iter()
+                .take_while(|s| s.name != name)
+                .map(|s| self.output_bound(pipeline, &s.name))
+                .sum::<u64>()
+                .saturating_add(1_024),
+            // A split hands on the document it split: its size is not known here.
+            StepKindPlan::Split(_) => 0,
         }
     }
 }
@@ -172,7 +262,7 @@ fn route_targets(pipeline: &PipelinePlan, index: usize) -> Vec<&str> {
             .routes
             .values()
             .chain(std::iter::once(&r.default))
-            .map(String::as_str)
+            .filter_map(|t| t.model.as_deref())
             .collect(),
         _ => Vec::new(),
     }

@@ -5,6 +5,7 @@
 //! schedules the DAG; [`step`] is what every step kind shares (its context, output and the
 //! `StepKind` trait); each kind is one module under [`steps`].
 
+mod chunk;
 mod cost;
 mod runner;
 mod step;

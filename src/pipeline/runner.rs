@@ -1,19 +1,22 @@
 //! Runs one job through its pipeline's DAG: a step starts when every step it needs has
 //! finished, on its kind's worker pool; the first failing step fails the job.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
 use futures::stream::{FuturesUnordered, StreamExt};
-use serde_json::Value;
+use serde_json::{Map, Value};
 use tokio::sync::Semaphore;
 use tracing::Instrument as _;
 
-use super::step::{RunFailure, StepContext, StepKind as _, StepOutput, StepResult};
+use super::step::{index, RunFailure, StepContext, StepKind as _, StepOutput, StepResult};
 use crate::admission::JobBudget;
 use crate::calls::Calls;
-use crate::config::{PipelinePlan, PoolSizes, StepKindPlan};
+use crate::config::{GuardAction, OutputPlan, PipelinePlan, PoolSizes, StepKindPlan};
+use crate::expr::{Path, Root};
+use crate::guardrails::Verdict;
 use crate::telemetry::metrics::Metrics;
 use crate::wire::{DeadLetterReason, Job, ResultStatus, RouteInfo, StepRecord};
 
@@ -34,11 +37,26 @@ impl Pools {
         }
     }
 
-    fn for_kind(&self, kind: &StepKindPlan) -> &Semaphore {
+    /// The pool a step of `kind` holds a permit of while it runs; `None` for kinds that run
+    /// locally and cheaply (template, split) or take a permit per call (see [`Self::per_call`]).
+    fn for_kind(&self, kind: &StepKindPlan) -> Option<&Semaphore> {
         match kind {
-            StepKindPlan::Classify(_) => &self.classify,
-            StepKindPlan::Route(_) => &self.route,
-            StepKindPlan::Generate(_) => &self.generate,
+            StepKindPlan::Classify(_) => Some(&self.classify),
+            StepKindPlan::Route(_) => Some(&self.route),
+            StepKindPlan::Generate(_) => Some(&self.generate),
+            _ => None,
+        }
+    }
+
+    /// The pool each call of a many-call kind (map, reduce, refine) takes a permit from, so a
+    /// map over 50 chunks shares the generate pool with every other job instead of holding one
+    /// permit (or deadlocking on several).
+    fn per_call(&self, kind: &StepKindPlan) -> Option<&Semaphore> {
+        match kind {
+            StepKindPlan::Map(_) | StepKindPlan::Reduce(_) | StepKindPlan::Refine(_) => {
+                Some(&self.generate)
+            }
+            _ => None,
         }
     }
 }
@@ -77,25 +95,122 @@ impl Runner {
         &self.calls
     }
 
-    /// Runs every step of `pipeline` for `job`, its calls drawing on `job_budget` when the job
-    /// has a budget reservation; the first failing step fails the job.
+    /// Runs `pipeline` for `job`: the input guardrails, every step whose `when` holds (a step
+    /// starts when every step it needs has finished or was skipped), the job's output and the
+    /// output guardrails. Calls draw on `job_budget` when the job has a budget reservation. A
+    /// failing step fails the job, unless it (or the pipeline) has a static `on_failure` answer.
     pub async fn run(
         &self,
         job: &Job,
         pipeline: &PipelinePlan,
         job_budget: Option<&Arc<JobBudget>>,
     ) -> Result<RunOutput, RunFailure> {
+        let mut guard = pipeline.guardrails.as_deref().map(|g| (g, guard_record()));
+        let redacted_input;
+        let input = match &mut guard {
+            None => &job.input,
+            Some((g, record)) => {
+                let mut checked = job.input.clone();
+                match g.set.check_input(&mut checked, &guard_tokens) {
+                    Verdict::Pass { redacted } => count_redactions(record, &redacted),
+                    Verdict::Blocked { reason, .. } => {
+                        return guard_stop(g.on_block, format!("input guardrail: {reason}"), vec![record.clone()], Value::Null)
+                    }
+                    Verdict::Error { reason } => {
+                        return guard_stop(g.on_error, format!("input guardrail could not check the job, so it was not passed: {reason}"), vec![record.clone()], Value::Null)
+                    }
+                }
+                redacted_input = checked;
+                &redacted_input
+            }
+        };
+        let (outputs, mut records, failure) =
+            self.run_steps(job, input, pipeline, job_budget).await;
+        let fallback = |failure: RunFailure, records: Vec<StepRecord>| match &pipeline.on_failure {
+            Some(answer) if stands_in(&failure) => Ok(RunOutput {
+                status: ResultStatus::Degraded,
+                output: answer.clone(),
+                route: route_info(&outputs).0,
+                steps: records,
+            }),
+            _ => Err(failure),
+        };
+        if let Some(failure) = failure {
+            return fallback(failure, records);
+        }
+        let mut output = match self.job_output(job, input, pipeline, &outputs).await {
+            Ok(output) => output,
+            Err(failure) => return fallback(failure, records),
+        };
+        if let Some((g, mut record)) = guard {
+            match g.set.check_output(&mut output, &guard_tokens) {
+                Verdict::Pass { redacted } => count_redactions(&mut record, &redacted),
+                Verdict::Blocked { reason, .. } => {
+                    records.insert(0, record);
+                    return guard_stop(
+                        g.on_block,
+                        format!("output guardrail: {reason}"),
+                        records,
+                        output,
+                    );
+                }
+                Verdict::Error { reason } => {
+                    records.insert(0, record);
+                    return guard_stop(g.on_error, format!("output guardrail could not check the answer, so it was not passed: {reason}"), records, output);
+                }
+            }
+            records.insert(0, record);
+        }
+        let (route, review) = route_info(&outputs);
+        let degraded = outputs.iter().flatten().any(StepOutput::degraded);
+        let status = if review {
+            ResultStatus::Review
+        } else if degraded {
+            ResultStatus::Degraded
+        } else {
+            ResultStatus::Ok
+        };
+        Ok(RunOutput {
+            status,
+            output,
+            route,
+            steps: records,
+        })
+    }
+
+    /// The DAG: each step's output (`None` for steps that never started because an earlier one
+    /// failed), the records of the steps that finished, and the failure that stopped it.
+    async fn run_steps(
+        &self,
+        job: &Job,
+        input: &Map<String, Value>,
+        pipeline: &PipelinePlan,
+        job_budget: Option<&Arc<JobBudget>>,
+    ) -> (Vec<Option<StepOutput>>, Vec<StepRecord>, Option<RunFailure>) {
         let n = pipeline.steps.len();
         let mut outputs: Vec<Option<StepOutput>> = vec![None; n];
         let mut records: Vec<Option<StepRecord>> = vec![None; n];
         let mut started = vec![false; n];
         let mut running = FuturesUnordered::new();
+        let mut failure = None;
         loop {
             for (i, step) in pipeline.steps.iter().enumerate() {
                 if started[i] || !step.needs.iter().all(|&j| outputs[j].is_some()) {
                     continue;
                 }
                 started[i] = true;
+                if let Some(when) = &step.when {
+                    if !when.eval(&|path| lookup(pipeline, input, &outputs, path)) {
+                        outputs[i] = Some(StepOutput::Skipped);
+                        records[i] = Some(StepRecord {
+                            name: step.name.clone(),
+                            kind: step.kind.name().to_owned(),
+                            skipped: true,
+                            ..StepRecord::default()
+                        });
+                        continue;
+                    }
+                }
                 let inputs = step
                     .needs
                     .iter()
@@ -106,9 +221,11 @@ impl Runner {
                     step,
                     calls: &self.calls,
                     inputs,
+                    input,
                     pipeline,
                     throttled_ms: Default::default(),
                     job_budget,
+                    call_pool: self.pools.per_call(&step.kind),
                 };
                 let pool = self.pools.for_kind(&step.kind);
                 let span = tracing::info_span!("step", step = %step.name);
@@ -116,32 +233,207 @@ impl Runner {
                 running.push(
                     async move {
                         let started = Instant::now();
-                        let result = match pool.acquire().await {
-                            Ok(_permit) => run_step(&ctx).await,
-                            Err(_) => Err(RunFailure {
-                                reason: DeadLetterReason::Internal,
-                                error: "worker pool closed during shutdown".into(),
-                                attempts: 0,
-                            }),
+                        let result = match pool.map(Semaphore::acquire) {
+                            None => run_step(&ctx).await,
+                            Some(acquire) => match acquire.await {
+                                Ok(_permit) => run_step(&ctx).await,
+                                Err(_) => Err(RunFailure {
+                                    reason: DeadLetterReason::Internal,
+                                    error: "worker pool closed during shutdown".into(),
+                                    attempts: 0,
+                                }),
+                            },
                         };
                         metrics
                             .step_duration
                             .with_label_values(&[ctx.step.name.as_str()])
                             .observe(started.elapsed().as_secs_f64());
-                        (i, result)
+                        (i, result, ctx.local_record(started))
                     }
                     .instrument(span),
                 );
             }
-            let Some((i, result)) = running.next().await else {
+            let Some((i, result, local)) = running.next().await else {
                 break;
             };
-            let (output, record) = result?;
+            let step = &pipeline.steps[i];
+            let (output, mut record) = match result {
+                Ok(done) => done,
+                Err(f) => match &step.on_failure {
+                    Some(answer) if stands_in(&f) => {
+                        tracing::info!(step = %step.name, reason = f.reason.as_str(), "step failed; its on_failure answer stands in");
+                        let output = StepOutput::Value {
+                            value: answer.clone(),
+                            fields: Map::new(),
+                            degraded: true,
+                        };
+                        let record = StepRecord {
+                            attempts: f.attempts,
+                            error: Some(f.error),
+                            ..local
+                        };
+                        (output, record)
+                    }
+                    _ => {
+                        records[i] = Some(StepRecord {
+                            attempts: f.attempts,
+                            error: Some(f.error.clone()),
+                            ..local
+                        });
+                        failure = Some(f);
+                        break;
+                    }
+                },
+            };
+            if pipeline.record_output_chars > 0 {
+                record.output = Some(bounded(output.output(), pipeline.record_output_chars));
+            }
             outputs[i] = Some(output);
             records[i] = Some(record);
         }
-        Ok(finish(pipeline, outputs, records))
+        (outputs, records.into_iter().flatten().collect(), failure)
     }
+
+    /// The job's output: a named step's, an assembled one, or the last step that ran.
+    async fn job_output(
+        &self,
+        job: &Job,
+        input: &Map<String, Value>,
+        pipeline: &PipelinePlan,
+        outputs: &[Option<StepOutput>],
+    ) -> Result<Value, RunFailure> {
+        match &pipeline.output {
+            OutputPlan::LastRun => Ok(outputs
+                .iter()
+                .rev()
+                .flatten()
+                .find(|o| !matches!(o, StepOutput::Skipped))
+                .map(StepOutput::output)
+                .unwrap_or(Value::Null)),
+            OutputPlan::Step(i) => Ok(outputs
+                .get(*i)
+                .and_then(Option::as_ref)
+                .map(StepOutput::output)
+                .unwrap_or(Value::Null)),
+            OutputPlan::Assembled(step) => {
+                let ctx = StepContext {
+                    job,
+                    step,
+                    calls: &self.calls,
+                    inputs: outputs
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, o)| o.clone().map(|o| (i, o)))
+                        .collect(),
+                    input,
+                    pipeline,
+                    throttled_ms: Default::default(),
+                    job_budget: None,
+                    call_pool: None,
+                };
+                match &step.kind {
+                    StepKindPlan::Template(assemble) => super::steps::assemble(&ctx, assemble),
+                    _ => Ok(Value::Null),
+                }
+            }
+        }
+    }
+}
+
+/// Failures a static `on_failure` answer may stand in for: the models could not give a usable
+/// answer. Not a bad job, a deadline, a budget or a guardrail: those must stay visible.
+fn stands_in(failure: &RunFailure) -> bool {
+    matches!(
+        failure.reason,
+        DeadLetterReason::ProviderFailed | DeadLetterReason::OutputInvalid
+    )
+}
+
+/// Tokens a guardrail's `max_tokens` counts: GPT-4o's tokenizer (o200k), a fair measure for
+/// any modern model.
+fn guard_tokens(text: &str) -> u64 {
+    crate::tokens::count("gpt-4o", text)
+}
+
+fn guard_record() -> StepRecord {
+    StepRecord {
+        name: "guardrails".into(),
+        kind: "guardrail".into(),
+        ..StepRecord::default()
+    }
+}
+
+fn count_redactions(record: &mut StepRecord, redacted: &BTreeMap<&'static str, u32>) {
+    for (kind, n) in redacted {
+        *record.redacted.entry((*kind).to_owned()).or_default() += n;
+    }
+}
+
+/// A blocked job (or one whose check failed): a `guardrail_blocked` dead letter, or a review
+/// request whose record says why.
+fn guard_stop(
+    action: GuardAction,
+    why: String,
+    mut steps: Vec<StepRecord>,
+    output: Value,
+) -> Result<RunOutput, RunFailure> {
+    match action {
+        GuardAction::DeadLetter => Err(RunFailure {
+            reason: DeadLetterReason::GuardrailBlocked,
+            error: why,
+            attempts: 0,
+        }),
+        GuardAction::Review => {
+            if let Some(record) = steps.iter_mut().find(|r| r.kind == "guardrail") {
+                record.error = Some(why);
+            }
+            Ok(RunOutput {
+                status: ResultStatus::Review,
+                output,
+                route: RouteInfo::default(),
+                steps,
+            })
+        }
+    }
+}
+
+/// The value a `when` path names: the job's input or a finished step's output.
+fn lookup(
+    pipeline: &PipelinePlan,
+    input: &Map<String, Value>,
+    outputs: &[Option<StepOutput>],
+    path: &Path,
+) -> Option<Value> {
+    match &path.root {
+        Root::Input => {
+            let (first, rest) = path.fields.split_first()?;
+            let head = input.get(first)?.clone();
+            Some(rest.iter().fold(head, |v, key| index(&v, key)))
+        }
+        Root::Step(name) => {
+            let i = pipeline.steps.iter().position(|s| &s.name == name)?;
+            outputs.get(i)?.as_ref().map(|o| o.at(&path.fields))
+        }
+    }
+}
+
+/// `value` as a step record keeps it: whole when its JSON is at most `max` characters, else its
+/// first `max` characters as a string with a note of how much was cut.
+fn bounded(value: Value, max: usize) -> Value {
+    let text = match &value {
+        Value::String(s) if s.chars().count() <= max => return value,
+        Value::String(s) => s.clone(),
+        other => {
+            let json = other.to_string();
+            if json.chars().count() <= max {
+                return value;
+            }
+            json
+        }
+    };
+    let total = text.chars().count();
+    let kept: String = text.chars().take(max).collect();
+    Value::String(format!("{kept}... [{} more characters]", total - max))
 }
 
 /// `index` and every step it transitively depends on, paired with their outputs.
@@ -183,25 +475,26 @@ async fn run_step(ctx: &StepContext<'_>) -> StepResult {
         StepKindPlan::Classify(plan) => plan.run(ctx).await,
         StepKindPlan::Route(plan) => plan.run(ctx).await,
         StepKindPlan::Generate(plan) => plan.run(ctx).await,
+        StepKindPlan::Template(plan) => plan.run(ctx).await,
+        StepKindPlan::Split(plan) => plan.run(ctx).await,
+        StepKindPlan::Map(plan) => plan.run(ctx).await,
+        StepKindPlan::Reduce(plan) => plan.run(ctx).await,
+        StepKindPlan::Refine(plan) => plan.run(ctx).await,
     }
 }
 
-fn finish(
-    pipeline: &PipelinePlan,
-    outputs: Vec<Option<StepOutput>>,
-    records: Vec<Option<StepRecord>>,
-) -> RunOutput {
+/// The job's route (category, confidence, model) from its classify and route steps, and
+/// whether a route asked for review.
+fn route_info(outputs: &[Option<StepOutput>]) -> (RouteInfo, bool) {
     let mut route = RouteInfo::default();
     let mut review = false;
-    let mut degraded = false;
     for output in outputs.iter().flatten() {
         match output {
             StepOutput::Classified {
                 category,
                 confidence,
-                degraded: d,
+                ..
             } => {
-                degraded |= *d;
                 route.category = Some(category.clone());
                 route.confidence = Some(*confidence);
             }
@@ -210,41 +503,18 @@ fn finish(
                 confidence,
                 model,
                 review: r,
+                ..
             } => {
                 route.category = Some(category.clone());
                 route.confidence = Some(*confidence);
-                route.model = Some(model.clone());
+                route.model = (!model.is_empty()).then(|| model.clone());
                 review |= *r;
             }
-            StepOutput::Generated {
-                degraded: d, model, ..
-            } => {
-                degraded |= *d;
+            StepOutput::Generated { model, .. } => {
                 route.model.get_or_insert_with(|| model.clone());
             }
+            StepOutput::Value { .. } | StepOutput::Skipped => {}
         }
     }
-    let output = outputs
-        .get(pipeline.output_step())
-        .and_then(Option::as_ref)
-        .map(|o| match o {
-            StepOutput::Generated {
-                json: Some(json), ..
-            } => json.clone(),
-            other => Value::String(other.text().to_owned()),
-        })
-        .unwrap_or(Value::Null);
-    let status = if review {
-        ResultStatus::Review
-    } else if degraded {
-        ResultStatus::Degraded
-    } else {
-        ResultStatus::Ok
-    };
-    RunOutput {
-        status,
-        output,
-        route,
-        steps: records.into_iter().flatten().collect(),
-    }
+    (route, review)
 }

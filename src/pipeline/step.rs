@@ -5,11 +5,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use serde_json::{Map, Value};
+
 use crate::admission::JobBudget;
 use crate::calls::{CallFailure, CallOutcome, CallScope};
 use crate::config::{ModelPlan, PipelinePlan, StepPlan};
 use crate::provider::ChatRequest;
-use crate::template::{Scope, Template};
+use crate::template::{Scope, Template, Var};
 use crate::wire::{DeadLetterReason, Job, StepRecord};
 
 /// A step kind: given the outputs of the steps it needs, produce its own output and record.
@@ -30,6 +32,8 @@ pub enum StepOutput {
         category: String,
         confidence: f64,
         model: String,
+        prompt: Option<String>,
+        branch: String,
         review: bool,
     },
     /// `model` is the alias that answered (a fallback when `degraded`).
@@ -38,18 +42,100 @@ pub enum StepOutput {
         model: String,
         degraded: bool,
         /// The validated JSON answer of a step with an `output_schema`.
-        json: Option<serde_json::Value>,
+        json: Option<Value>,
     },
+    /// Any other value: a template's, a split's chunks, a map's answers, a reduce's or refine's
+    /// answer, a static `on_failure` answer. `fields` are readable as `steps.<name>.<field>`.
+    Value {
+        value: Value,
+        fields: Map<String, Value>,
+        degraded: bool,
+    },
+    /// The step's `when` did not hold.
+    Skipped,
 }
 
 impl StepOutput {
-    /// The text `{{steps.<name>.output}}` renders to.
-    pub fn text(&self) -> &str {
+    /// The value `{{steps.<name>.output}}` names.
+    pub fn output(&self) -> Value {
         match self {
-            StepOutput::Classified { category, .. } => category,
-            StepOutput::Routed { model, .. } => model,
-            StepOutput::Generated { text, .. } => text,
+            StepOutput::Classified { category, .. } => Value::String(category.clone()),
+            StepOutput::Routed { model, branch, .. } if model.is_empty() => {
+                Value::String(branch.clone())
+            }
+            StepOutput::Routed { model, .. } => Value::String(model.clone()),
+            StepOutput::Generated {
+                json: Some(json), ..
+            } => json.clone(),
+            StepOutput::Generated { text, .. } => Value::String(text.clone()),
+            StepOutput::Value { value, .. } => value.clone(),
+            StepOutput::Skipped => Value::Null,
         }
+    }
+
+    /// The value at `steps.<name>.<path>`: `output` and what follows it reads into the output;
+    /// the kind's other fields (`category`, `confidence`, `model`, `branch`, `skipped`, ...) by
+    /// name. Absent fields are `null`.
+    pub fn at(&self, path: &[String]) -> Value {
+        let Some((first, rest)) = path.split_first() else {
+            return self.output();
+        };
+        let head = match (self, first.as_str()) {
+            (_, "output") => self.output(),
+            (StepOutput::Skipped, "skipped") => Value::Bool(true),
+            (_, "skipped") => Value::Bool(false),
+            (
+                StepOutput::Classified { category, .. } | StepOutput::Routed { category, .. },
+                "category",
+            ) => Value::String(category.clone()),
+            (
+                StepOutput::Classified { confidence, .. } | StepOutput::Routed { confidence, .. },
+                "confidence",
+            ) => Value::from(*confidence),
+            (StepOutput::Routed { model, .. } | StepOutput::Generated { model, .. }, "model") => {
+                Value::String(model.clone())
+            }
+            (StepOutput::Routed { prompt, .. }, "prompt") => {
+                prompt.clone().map_or(Value::Null, Value::String)
+            }
+            (StepOutput::Routed { branch, .. }, "branch") => Value::String(branch.clone()),
+            (StepOutput::Routed { review, .. }, "review") => Value::Bool(*review),
+            (StepOutput::Generated { text, .. }, "text") => Value::String(text.clone()),
+            (
+                StepOutput::Classified { degraded, .. }
+                | StepOutput::Generated { degraded, .. }
+                | StepOutput::Value { degraded, .. },
+                "degraded",
+            ) => Value::Bool(*degraded),
+            (StepOutput::Value { fields, .. }, name) => {
+                fields.get(name).cloned().unwrap_or(Value::Null)
+            }
+            _ => Value::Null,
+        };
+        rest.iter().fold(head, |v, key| index(&v, key))
+    }
+
+    /// A fallback model, a static answer or a budget fallback served this step.
+    pub fn degraded(&self) -> bool {
+        match self {
+            StepOutput::Classified { degraded, .. }
+            | StepOutput::Generated { degraded, .. }
+            | StepOutput::Value { degraded, .. } => *degraded,
+            StepOutput::Routed { .. } | StepOutput::Skipped => false,
+        }
+    }
+}
+
+/// `value[key]`: an object's field or an array's element; `null` when absent.
+pub fn index(value: &Value, key: &str) -> Value {
+    match value {
+        Value::Object(map) => map.get(key).cloned().unwrap_or(Value::Null),
+        Value::Array(items) => key
+            .parse::<usize>()
+            .ok()
+            .and_then(|i| items.get(i).cloned())
+            .unwrap_or(Value::Null),
+        _ => Value::Null,
     }
 }
 
@@ -71,11 +157,16 @@ pub(crate) struct StepContext<'a> {
     pub calls: &'a crate::calls::Calls,
     /// Outputs of every step this one depends on, by index into the pipeline.
     pub inputs: Vec<(usize, StepOutput)>,
+    /// The job's input as the steps see it (after guardrail redaction).
+    pub input: &'a Map<String, Value>,
     pub pipeline: &'a PipelinePlan,
     /// Milliseconds this step's calls waited for rate limits.
     pub throttled_ms: AtomicU64,
     /// The job's budget reservation its calls draw on, when it has one.
     pub job_budget: Option<&'a Arc<JobBudget>>,
+    /// For kinds that make many calls (map, reduce, refine): the pool each call takes a
+    /// permit from, instead of one permit for the whole step.
+    pub call_pool: Option<&'a tokio::sync::Semaphore>,
 }
 
 impl StepContext<'_> {
@@ -86,21 +177,51 @@ impl StepContext<'_> {
             .map(|(_, o)| o)
     }
 
+    /// The output of the earlier step named `name`, if this step depends on it.
+    pub fn output_named(&self, name: &str) -> Option<&StepOutput> {
+        let index = self.pipeline.steps.iter().position(|s| s.name == name)?;
+        self.output_of(index)
+    }
+
     pub fn render(&self, template: &Template, categories: &[String]) -> Result<String, RunFailure> {
-        let lookup = |name: &str| {
-            let index = self.pipeline.steps.iter().position(|s| s.name == name)?;
-            self.output_of(index).map(|o| o.text().to_owned())
-        };
+        self.render_with(template, categories, &[])
+    }
+
+    /// Renders `template` with the step kind's own values (`{{chunk}}`, `{{mapped}}`, ...).
+    pub fn render_with(
+        &self,
+        template: &Template,
+        categories: &[String],
+        locals: &[(&str, &str)],
+    ) -> Result<String, RunFailure> {
+        let lookup = |name: &str, path: &[String]| self.output_named(name).map(|o| o.at(path));
         let scope = Scope {
-            input: &self.job.input,
+            input: self.input,
             categories,
-            step_output: &lookup,
+            step: &lookup,
+            locals,
         };
-        template.render(&scope).map_err(|e| RunFailure {
+        template.render(&scope).map_err(|e| self.invalid(e))
+    }
+
+    /// The value of one variable (for JSON templates, which keep a value's type).
+    pub fn value_of(&self, var: &Var) -> Result<Value, RunFailure> {
+        let lookup = |name: &str, path: &[String]| self.output_named(name).map(|o| o.at(path));
+        let scope = Scope {
+            input: self.input,
+            categories: &[],
+            step: &lookup,
+            locals: &[],
+        };
+        crate::template::value_of(var, &scope).map_err(|e| self.invalid(e))
+    }
+
+    fn invalid(&self, e: String) -> RunFailure {
+        RunFailure {
             reason: DeadLetterReason::InvalidJob,
             error: format!("step `{}`: {e}", self.step.name),
             attempts: 0,
-        })
+        }
     }
 
     /// Calls `alias` for this job; when the tenant's budget cannot cover it and the pipeline
@@ -110,11 +231,27 @@ impl StepContext<'_> {
         alias: &str,
         request: impl Fn(&ModelPlan) -> ChatRequest,
     ) -> Result<CallOutcome, RunFailure> {
+        self.call_raw(alias, request)
+            .await
+            .map_err(|f| self.call_failed(f))
+    }
+
+    /// [`Self::call`], its failure as the call policy reports it.
+    pub async fn call_raw(
+        &self,
+        alias: &str,
+        request: impl Fn(&ModelPlan) -> ChatRequest,
+    ) -> Result<CallOutcome, CallFailure> {
         let scope = CallScope {
             tenant: self.job.tenant.as_str(),
             deadline: self.job.deadline,
             throttled_ms: &self.throttled_ms,
             job_budget: self.job_budget,
+        };
+        // A closed pool (shutdown) leaves the call unbounded rather than failing the job.
+        let _permit = match self.call_pool {
+            Some(pool) => pool.acquire().await.ok(),
+            None => None,
         };
         self.calls
             .call(
@@ -124,7 +261,6 @@ impl StepContext<'_> {
                 self.pipeline.budget_fallback.as_deref(),
             )
             .await
-            .map_err(|f| self.call_failed(f))
     }
 
     /// A record for a step that made an LLM call.
@@ -145,9 +281,10 @@ impl StepContext<'_> {
             cost_usd: if outcome.cached {
                 0.0
             } else {
-                model.price.cost(r.input_tokens, r.output_tokens)
+                model.price.response_cost(r)
             },
             throttled_ms: self.throttled_ms.load(Ordering::Relaxed),
+            ..StepRecord::default()
         }
     }
 
@@ -156,15 +293,21 @@ impl StepContext<'_> {
         StepRecord {
             name: self.step.name.clone(),
             kind: self.step.kind.name().to_owned(),
-            provider: None,
-            model: None,
-            attempts: 0,
-            cached: false,
             latency_ms: elapsed_ms(started),
-            input_tokens: 0,
-            output_tokens: 0,
-            cost_usd: 0.0,
-            throttled_ms: 0,
+            ..StepRecord::default()
+        }
+    }
+
+    /// Adds the tokens, cost and attempts of another call to `record`.
+    pub fn absorb(record: &mut StepRecord, other: &StepRecord) {
+        record.attempts += other.attempts;
+        record.input_tokens += other.input_tokens;
+        record.output_tokens += other.output_tokens;
+        record.cost_usd += other.cost_usd;
+        record.cached &= other.cached;
+        if record.provider.is_none() {
+            record.provider.clone_from(&other.provider);
+            record.model.clone_from(&other.model);
         }
     }
 

@@ -123,6 +123,8 @@ fn parse_success(bytes: &[u8]) -> Result<ChatResponse, ProviderError> {
             + usage("cache_creation_input_tokens")
             + usage("cache_read_input_tokens"),
         output_tokens: usage("output_tokens"),
+        cache_read_tokens: usage("cache_read_input_tokens"),
+        cache_write_tokens: usage("cache_creation_input_tokens"),
     })
 }
 

@@ -29,11 +29,16 @@ pub struct ChatRequest {
     pub temperature: f64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ChatResponse {
     pub content: String,
+    /// Every prompt token, prompt-cache reads and writes included.
     pub input_tokens: u64,
     pub output_tokens: u64,
+    /// Of `input_tokens`: read from the provider's prompt cache ...
+    pub cache_read_tokens: u64,
+    /// ... and written to it (each priced on its own).
+    pub cache_write_tokens: u64,
 }
 
 /// Reads a response body, failing once it grows past `max` bytes (`limits.max_response_bytes`).

@@ -130,6 +130,12 @@ fn parse_success(bytes: &[u8], request: &ChatRequest) -> Result<ChatResponse, Pr
         content,
         input_tokens,
         output_tokens,
+        // Prompt tokens OpenAI served from its automatic prompt cache (billed at a discount).
+        cache_read_tokens: body
+            .pointer("/usage/prompt_tokens_details/cached_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
+        cache_write_tokens: 0,
     })
 }
 

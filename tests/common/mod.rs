@@ -153,6 +153,7 @@ pub async fn mock_llm_with(latency_ms: u64, faults: Faults) -> MockServer {
         latency: Latency::Fixed { ms: latency_ms },
         faults,
         seed: Some(1),
+        ..MockSettings::default()
     };
     MockServer::start("127.0.0.1:0", settings).await.unwrap()
 }

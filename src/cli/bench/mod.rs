@@ -359,6 +359,7 @@ async fn start_mock(latency_ms: u64) -> anyhow::Result<MockServer> {
             latency: Latency::Fixed { ms: latency_ms },
             faults: Faults::default(),
             seed: Some(7),
+            ..MockSettings::default()
         },
     )
     .await?)

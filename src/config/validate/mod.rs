@@ -6,6 +6,7 @@ mod io;
 mod pipelines;
 mod providers;
 mod service;
+mod steps;
 mod tenants;
 
 use std::collections::BTreeMap;

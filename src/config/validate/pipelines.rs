@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::{keys, non_empty, Problems};
 use crate::config::plan::*;
-use crate::config::raw::{self, RawClassifyMethod, RawStep};
+use crate::config::raw::{self, RawStep};
 use crate::template::{Template, Var};
 
 pub(super) fn pipelines_plan(
@@ -20,8 +20,9 @@ pub(super) fn pipelines_plan(
     }
     raw.into_iter()
         .map(|(name, pipeline)| {
-            let mut plan = pipeline_plan(p, &name, pipeline.steps, models, prompts);
-            if let Some(alias) = &pipeline.budget_fallback {
+            let budget_fallback = pipeline.budget_fallback.clone();
+            let mut plan = pipeline_plan(p, &name, pipeline, models, prompts);
+            if let Some(alias) = &budget_fallback {
                 if !models.contains_key(alias) {
                     p.add(
                         format!("pipelines.{name}.budget_fallback"),
@@ -32,7 +33,7 @@ pub(super) fn pipelines_plan(
                     );
                 }
             }
-            plan.budget_fallback = pipeline.budget_fallback;
+            plan.budget_fallback = budget_fallback;
             (name, Arc::new(plan))
         })
         .collect()
@@ -86,17 +87,132 @@ pub(super) fn prompts_plan(
     prompts
 }
 
-const ROUTE_MODEL: &str = "{{route.model}}";
+/// What validating one step sees: the pipeline so far and the models and prompts.
+pub(super) struct StepScope<'a> {
+    pub pipeline: &'a str,
+    /// `pipelines.<name>.steps[<i>]`.
+    pub field: String,
+    pub name: String,
+    /// The steps before this one.
+    pub steps: &'a [StepPlan],
+    /// Every earlier step this one transitively depends on.
+    pub depends_on: BTreeSet<usize>,
+    pub models: &'a BTreeMap<String, Arc<ModelPlan>>,
+    pub prompts: &'a BTreeMap<String, Arc<PromptPlan>>,
+}
+
+impl StepScope<'_> {
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.steps.iter().position(|s| s.name == name)
+    }
+
+    /// The index of step `name` when this step depends on it; otherwise a problem at `at`
+    /// saying what to fix (`what` says who reads it, e.g. "`when`").
+    pub fn dependency(&self, p: &mut Problems, at: &str, what: &str, name: &str) -> Option<usize> {
+        match self.index_of(name) {
+            Some(j) if self.depends_on.contains(&j) => Some(j),
+            Some(_) => {
+                p.add(
+                    at,
+                    format!("{what} reads step `{name}`, which step `{}` does not depend on; add it to `needs`", self.name),
+                );
+                None
+            }
+            None => {
+                p.add(
+                    at,
+                    format!(
+                        "{what} reads step `{name}`, which is not an earlier step of pipeline `{}`",
+                        self.pipeline
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// Checks a `steps.<name>.<field>` path: the step is depended on and has that field.
+    pub fn step_path(&self, p: &mut Problems, at: &str, what: &str, name: &str, path: &[String]) {
+        let Some(j) = self.dependency(p, at, what, name) else {
+            return;
+        };
+        let kind = &self.steps[j].kind;
+        let fields = fields_of(kind);
+        if let Some(first) = path.first() {
+            if !fields.contains(&first.as_str()) {
+                p.add(
+                    at,
+                    format!(
+                        "{what} reads `steps.{name}.{first}`, but a {} step has no `{first}` (it has: {})",
+                        kind.name(),
+                        fields.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Every variable of `template` names something this step can read; `locals` are the
+    /// step kind's own `{{..}}` names.
+    pub fn template_vars(&self, p: &mut Problems, at: &str, template: &Template, locals: &[&str]) {
+        for var in template.vars() {
+            match var {
+                Var::Step(name, path) => self.step_path(p, at, "the template", name, path),
+                Var::Local(local) if !locals.contains(&local.as_str()) => p.add(
+                    at,
+                    if locals.is_empty() {
+                        format!("`{{{{{local}}}}}` is not available here: only map, reduce and refine steps provide their own values")
+                    } else {
+                        format!("`{{{{{local}}}}}` is not available here (this step provides: {})", locals.join(", "))
+                    },
+                ),
+                _ => {}
+            }
+        }
+    }
+
+    /// A prompt's templates checked as [`Self::template_vars`].
+    pub fn prompt_vars(&self, p: &mut Problems, at: &str, prompt: &PromptPlan, locals: &[&str]) {
+        if let Some(system) = &prompt.system {
+            self.template_vars(p, at, system, locals);
+        }
+        self.template_vars(p, at, &prompt.user, locals);
+    }
+}
+
+/// What `steps.<name>.<field>` can read of a step of this kind.
+pub(super) fn fields_of(kind: &StepKindPlan) -> &'static [&'static str] {
+    match kind {
+        StepKindPlan::Classify(_) => &["output", "category", "confidence", "degraded", "skipped"],
+        StepKindPlan::Route(_) => &[
+            "output",
+            "category",
+            "confidence",
+            "model",
+            "prompt",
+            "branch",
+            "review",
+            "skipped",
+        ],
+        StepKindPlan::Generate(_) => &["output", "text", "model", "degraded", "skipped"],
+        StepKindPlan::Template(_) => &["output", "skipped"],
+        StepKindPlan::Split(_) | StepKindPlan::Map(_) => {
+            &["output", "count", "degraded", "skipped"]
+        }
+        StepKindPlan::Reduce(_) => &["output", "levels", "degraded", "skipped"],
+        StepKindPlan::Refine(_) => &["output", "score", "rounds", "passed", "degraded", "skipped"],
+    }
+}
 
 pub(super) fn pipeline_plan(
     p: &mut Problems,
     pipeline: &str,
-    raw_steps: Vec<RawStep>,
+    raw: raw::RawPipeline,
     models: &BTreeMap<String, Arc<ModelPlan>>,
     prompts: &BTreeMap<String, Arc<PromptPlan>>,
 ) -> PipelinePlan {
-    let mut steps: Vec<StepPlan> = Vec::with_capacity(raw_steps.len());
-    if raw_steps.is_empty() {
+    let mut steps: Vec<StepPlan> = Vec::with_capacity(raw.steps.len());
+    if raw.steps.is_empty() {
         p.add(
             format!("pipelines.{pipeline}.steps"),
             "a pipeline needs at least one step",
@@ -104,13 +220,15 @@ pub(super) fn pipeline_plan(
     }
     // ancestors[i]: every step index step i transitively depends on.
     let mut ancestors: Vec<BTreeSet<usize>> = Vec::new();
-    for (i, step) in raw_steps.into_iter().enumerate() {
+    for (i, step) in raw.steps.into_iter().enumerate() {
         let field = format!("pipelines.{pipeline}.steps[{i}]");
-        let (name, needs_raw) = match &step {
-            RawStep::Classify { name, needs, .. }
-            | RawStep::Route { name, needs, .. }
-            | RawStep::Generate { name, needs, .. } => (name.clone(), needs.clone()),
-        };
+        let RawStep {
+            name,
+            needs,
+            when,
+            on_failure,
+            kind,
+        } = step;
         non_empty(p, format!("{field}.name"), &name);
         if steps.iter().any(|s| s.name == name) {
             p.add(
@@ -119,7 +237,7 @@ pub(super) fn pipeline_plan(
             );
         }
         let index_of = |n: &str| steps.iter().position(|s| s.name == n);
-        let needs: Vec<usize> = match needs_raw {
+        let needs: Vec<usize> = match needs {
             None => i.checked_sub(1).into_iter().collect(),
             Some(names) => names
                 .iter()
@@ -135,210 +253,174 @@ pub(super) fn pipeline_plan(
                 })
                 .collect(),
         };
-        let mut mine: BTreeSet<usize> = BTreeSet::new();
+        let mut depends_on: BTreeSet<usize> = BTreeSet::new();
         for &n in &needs {
-            mine.insert(n);
-            mine.extend(ancestors[n].iter().copied());
+            depends_on.insert(n);
+            depends_on.extend(ancestors[n].iter().copied());
         }
-        let depends_on = |target: usize| mine.contains(&target);
-        let kind = match step {
-            RawStep::Classify {
-                categories,
-                method,
-                model,
-                prompt,
-                rules,
-                ..
-            } => {
-                if categories.is_empty() {
-                    p.add(format!("{field}.categories"), "list at least one category");
-                }
-                let method = match method {
-                    RawClassifyMethod::Llm => {
-                        let model = model_ref(p, &field, model.as_deref(), models);
-                        let prompt = prompt_ref(p, &field, prompt.as_deref(), prompts);
-                        if !rules.is_empty() {
-                            p.add(
-                                format!("{field}.rules"),
-                                "rules only apply with `method: rules`",
-                            );
-                        }
-                        ClassifyMethod::Llm { model, prompt }
-                    }
-                    RawClassifyMethod::Rules => {
-                        for category in rules.keys() {
-                            if !categories.contains(category) {
-                                p.add(
-                                    format!("{field}.rules.{category}"),
-                                    "not one of `categories`",
-                                );
-                            }
-                        }
-                        let ordered = categories
-                            .iter()
-                            .filter_map(|c| {
-                                rules.get(c).map(|kw| {
-                                    (c.clone(), kw.iter().map(|k| k.to_lowercase()).collect())
-                                })
-                            })
-                            .collect();
-                        ClassifyMethod::Rules(ordered)
-                    }
-                };
-                StepKindPlan::Classify(ClassifyPlan { categories, method })
-            }
-            RawStep::Route {
-                on,
-                routes,
-                review_below_confidence,
-                ..
-            } => {
-                let on_index = match index_of(&on) {
-                    Some(j) if matches!(steps[j].kind, StepKindPlan::Classify(_)) => {
-                        if !depends_on(j) {
-                            p.add(
-                                format!("{field}.on"),
-                                format!("step `{name}` must depend on `{on}`; add it to `needs`"),
-                            );
-                        }
-                        j
-                    }
-                    Some(_) => {
-                        p.add(
-                            format!("{field}.on"),
-                            format!("`{on}` is not a classify step"),
-                        );
-                        0
-                    }
-                    None => {
-                        p.add(
-                            format!("{field}.on"),
-                            format!("`{on}` is not an earlier step of pipeline `{pipeline}`"),
-                        );
-                        0
-                    }
-                };
-                let mut routes = routes;
-                let default = routes.remove("default");
-                if default.is_none() {
-                    p.add(
-                        format!("{field}.routes"),
-                        "add a `default` route for categories without their own",
-                    );
-                }
-                if let Some(StepKindPlan::Classify(c)) = index_of(&on).map(|j| &steps[j].kind) {
-                    for category in routes.keys() {
-                        if !c.categories.contains(category) {
-                            p.add(
-                                format!("{field}.routes.{category}"),
-                                format!("`{category}` is not a category of step `{on}`"),
-                            );
-                        }
-                    }
-                }
-                let named = routes.iter().map(|(c, a)| (c.as_str(), a));
-                for (key, alias) in named.chain(default.iter().map(|d| ("default", d))) {
-                    if !models.contains_key(alias) {
-                        p.add(
-                            format!("{field}.routes.{key}"),
-                            format!("model `{alias}` is not defined under `models`"),
-                        );
-                    }
-                }
-                if let Some(t) = review_below_confidence {
-                    if !(0.0..=1.0).contains(&t) {
-                        p.add(
-                            format!("{field}.review_below_confidence"),
-                            "must be between 0 and 1",
-                        );
-                    }
-                }
-                StepKindPlan::Route(RoutePlan {
-                    on: on_index,
-                    routes,
-                    default: default.unwrap_or_default(),
-                    review_below_confidence,
-                })
-            }
-            RawStep::Generate {
-                model,
-                prompt,
-                output_schema: schema_path,
-                max_repairs,
-                ..
-            } => {
-                let model = if model.replace(' ', "") == ROUTE_MODEL {
-                    let routes: Vec<usize> = mine
-                        .iter()
-                        .copied()
-                        .filter(|&j| matches!(steps[j].kind, StepKindPlan::Route(_)))
-                        .collect();
-                    match routes.as_slice() {
-                        [j] => ModelChoice::FromRoute(*j),
-                        [] => {
-                            p.add(
-                                format!("{field}.model"),
-                                "`{{route.model}}` needs a route step in this step's `needs`",
-                            );
-                            ModelChoice::Fixed(String::new())
-                        }
-                        _ => {
-                            p.add(format!("{field}.model"), "`{{route.model}}` is ambiguous: this step depends on several route steps");
-                            ModelChoice::Fixed(String::new())
-                        }
-                    }
-                } else {
-                    ModelChoice::Fixed(model_ref(p, &field, Some(&model), models))
-                };
-                let prompt = prompt_ref(p, &field, Some(&prompt), prompts);
-                let output = schema_path.and_then(|path| {
-                    output_schema(p, &format!("{field}.output_schema"), &path, max_repairs)
-                });
-                StepKindPlan::Generate(GeneratePlan {
-                    model,
-                    prompt,
-                    output,
-                })
-            }
+        let scope = StepScope {
+            pipeline,
+            field: field.clone(),
+            name: name.clone(),
+            steps: &steps,
+            depends_on,
+            models,
+            prompts,
         };
-        // Every step a prompt reads must be one this step waits for.
-        let prompt = match &kind {
-            StepKindPlan::Classify(ClassifyPlan {
-                method: ClassifyMethod::Llm { prompt, .. },
-                ..
-            })
-            | StepKindPlan::Generate(GeneratePlan { prompt, .. }) => Some(prompt.clone()),
-            _ => None,
-        };
-        if let Some(prompt) = prompt {
-            let vars = prompt
-                .system
-                .iter()
-                .flat_map(|t| t.vars())
-                .chain(prompt.user.vars());
-            for var in vars {
-                if let Var::StepOutput(other) = var {
-                    match index_of(other) {
-                        Some(j) if depends_on(j) => {}
-                        Some(_) => p.add(
-                            format!("{field}.prompt"),
-                            format!("prompt `{}` reads step `{other}`, which step `{name}` does not depend on; add it to `needs`", prompt.name),
-                        ),
-                        None => p.add(
-                            format!("{field}.prompt"),
-                            format!("prompt `{}` reads step `{other}`, which is not an earlier step", prompt.name),
-                        ),
+        let when = when.and_then(|text| match crate::expr::Expr::parse(&text) {
+            Ok(expr) => {
+                for path in expr.paths() {
+                    if let crate::expr::Root::Step(step) = &path.root {
+                        scope.step_path(p, &format!("{field}.when"), "`when`", step, &path.fields);
                     }
                 }
+                Some(expr)
             }
+            Err(e) => {
+                p.add(format!("{field}.when"), e);
+                None
+            }
+        });
+        let kind = super::steps::step_kind(p, &scope, kind);
+        let depends_on = scope.depends_on;
+        ancestors.push(depends_on);
+        steps.push(StepPlan {
+            name,
+            needs,
+            kind,
+            when,
+            on_failure: on_failure.map(|f| f.output),
+        });
+    }
+    let output = match raw.output {
+        None => OutputPlan::LastRun,
+        Some(raw::RawOutput::Step(name)) => match steps.iter().position(|s| s.name == name) {
+            Some(i) => OutputPlan::Step(i),
+            None => {
+                p.add(
+                    format!("pipelines.{pipeline}.output"),
+                    format!("`{name}` is not a step of pipeline `{pipeline}`"),
+                );
+                OutputPlan::LastRun
+            }
+        },
+        Some(raw::RawOutput::Assembled(assemble)) => {
+            let scope = StepScope {
+                pipeline,
+                field: format!("pipelines.{pipeline}.output"),
+                name: "output".into(),
+                steps: &steps,
+                depends_on: (0..steps.len()).collect(),
+                models,
+                prompts,
+            };
+            let kind = super::steps::template(p, &scope, assemble.template, assemble.json);
+            OutputPlan::Assembled(Box::new(StepPlan {
+                name: "output".into(),
+                needs: (0..steps.len()).collect(),
+                kind,
+                when: None,
+                on_failure: None,
+            }))
         }
-        ancestors.push(mine);
-        steps.push(StepPlan { name, needs, kind });
+    };
+    if raw.record_output_chars > 1_000_000 {
+        p.add(
+            format!("pipelines.{pipeline}.record_output_chars"),
+            "at most 1000000 (step outputs travel in every result)",
+        );
     }
     PipelinePlan {
         name: pipeline.to_owned(),
         budget_fallback: None,
         steps,
+        output,
+        on_failure: raw.on_failure.map(|f| f.output),
+        guardrails: raw
+            .guardrails
+            .and_then(|g| guardrails_plan(p, &format!("pipelines.{pipeline}.guardrails"), g))
+            .map(Arc::new),
+        record_output_chars: raw.record_output_chars,
+    }
+}
+
+fn guardrails_plan(
+    p: &mut Problems,
+    field: &str,
+    raw: raw::RawGuardrails,
+) -> Option<GuardrailsPlan> {
+    use crate::guardrails::{default_injection_patterns, GuardrailSet, PiiKind, SideConfig};
+    let mut side = |name: &str, raw: raw::RawGuardSide, injection_default: bool| {
+        let at = format!("{field}.{name}");
+        let injection = match raw.injection {
+            None if injection_default => default_patterns(),
+            None => Vec::new(),
+            Some(raw::RawPatterns::Keyword(k)) if k == "default" => default_patterns(),
+            Some(raw::RawPatterns::Keyword(k)) if k == "none" => Vec::new(),
+            Some(raw::RawPatterns::Keyword(k)) => {
+                p.add(
+                    format!("{at}.injection"),
+                    format!("`{k}` is not `default`, `none` or a list of patterns"),
+                );
+                Vec::new()
+            }
+            Some(raw::RawPatterns::List(list)) => list,
+        };
+        let redact = match raw.redact_pii {
+            None => Vec::new(),
+            Some(raw::RawPatterns::Keyword(k)) if k == "all" => PiiKind::ALL.to_vec(),
+            Some(raw::RawPatterns::Keyword(k)) if k == "none" => Vec::new(),
+            Some(raw::RawPatterns::Keyword(k)) => {
+                p.add(format!("{at}.redact_pii"), format!("`{k}` is not `all`, `none` or a list of kinds"));
+                Vec::new()
+            }
+            Some(raw::RawPatterns::List(list)) => list
+                .iter()
+                .enumerate()
+                .filter_map(|(i, kind)| {
+                    let found = PiiKind::parse(kind);
+                    if found.is_none() {
+                        p.add(
+                            format!("{at}.redact_pii[{i}]"),
+                            format!("`{kind}` is not a PII kind (email, phone, card, iban, national_id)"),
+                        );
+                    }
+                    found
+                })
+                .collect(),
+        };
+        SideConfig {
+            max_chars: raw.max_chars,
+            max_tokens: raw.max_tokens,
+            injection,
+            deny: raw.deny,
+            redact,
+        }
+    };
+    fn default_patterns() -> Vec<String> {
+        default_injection_patterns()
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect()
+    }
+    let input = side("input", raw.input, true);
+    let output = side("output", raw.output, false);
+    let redacts = !(input.redact.is_empty() && output.redact.is_empty());
+    let action = |a: raw::RawGuardAction| match a {
+        raw::RawGuardAction::DeadLetter => GuardAction::DeadLetter,
+        raw::RawGuardAction::Review => GuardAction::Review,
+    };
+    match GuardrailSet::new(input, output) {
+        Ok(set) => Some(GuardrailsPlan {
+            set,
+            on_block: action(raw.on_block),
+            on_error: action(raw.on_error),
+            redacts,
+        }),
+        Err(e) => {
+            p.add(field, e);
+            None
+        }
     }
 }
 

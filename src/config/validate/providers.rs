@@ -114,10 +114,17 @@ pub(super) fn provider_plan(p: &mut Problems, field: &str, provider: RawProvider
             latency,
             faults,
             seed,
+            answers,
+            context_windows,
             retry,
             circuit,
             limits,
         } => {
+            for (i, a) in answers.iter().enumerate() {
+                if let Err(e) = regex::Regex::new(&a.pattern) {
+                    p.add(format!("{field}.answers[{i}].match"), format!("{e}"));
+                }
+            }
             for (name, rate) in [
                 ("rate_429", faults.rate_429),
                 ("rate_500", faults.rate_500),
@@ -152,6 +159,8 @@ pub(super) fn provider_plan(p: &mut Problems, field: &str, provider: RawProvider
                         latency,
                         faults,
                         seed,
+                        answers,
+                        context_windows,
                     },
                     match api {
                         raw::RawApi::Openai => WireApi::OpenAi,
@@ -261,10 +270,19 @@ pub(super) fn models_plan(
         non_empty(p, format!("{field}.model"), &m.model);
         positive(p, format!("{field}.timeout_ms"), m.timeout_ms);
         positive(p, format!("{field}.max_tokens"), u64::from(m.max_tokens));
+        // Prompt-cache prices default to what each API charges relative to input: Anthropic
+        // 0.1x for reads and 1.25x for writes, OpenAI 0.5x for reads (it has no writes).
+        let anthropic = matches!(
+            providers.get(&m.provider).map(|p| &p.kind),
+            Some(ProviderKind::Anthropic { .. } | ProviderKind::Mock(_, WireApi::Anthropic))
+        );
+        let (read, write) = if anthropic { (0.1, 1.25) } else { (0.5, 1.0) };
         let price = match &m.price {
             Some(price) => Price {
                 input: price.input,
                 output: price.output,
+                cache_read: price.cache_read.unwrap_or(price.input * read),
+                cache_write: price.cache_write.unwrap_or(price.input * write),
             },
             None => {
                 p.warn(
@@ -274,13 +292,19 @@ pub(super) fn models_plan(
                 Price {
                     input: 0.0,
                     output: 0.0,
+                    cache_read: 0.0,
+                    cache_write: 0.0,
                 }
             }
         };
-        if !(price.input.is_finite()
-            && price.output.is_finite()
-            && price.input >= 0.0
-            && price.output >= 0.0)
+        if ![
+            price.input,
+            price.output,
+            price.cache_read,
+            price.cache_write,
+        ]
+        .iter()
+        .all(|v| v.is_finite() && *v >= 0.0)
         {
             p.add(
                 format!("{field}.price"),
@@ -315,6 +339,7 @@ pub(super) fn models_plan(
                 temperature: m.temperature,
                 fallbacks: m.fallbacks,
                 limits: rate_limits(p, &format!("{field}.limits"), &m.limits),
+                context_window: m.context_window,
             }),
         );
     }

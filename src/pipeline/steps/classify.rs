@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use crate::config::{ClassifyMethod, ClassifyPlan};
+use crate::config::{ClassifyMethod, ClassifyPlan, RulePlan};
 use crate::pipeline::step::{RunFailure, StepContext, StepKind, StepOutput, StepResult};
 use crate::provider::ChatRequest;
 use crate::wire::DeadLetterReason;
@@ -18,25 +18,23 @@ impl StepKind for ClassifyPlan {
 async fn run(ctx: &StepContext<'_>, plan: &ClassifyPlan) -> StepResult {
     let started = Instant::now();
     match &plan.method {
-        ClassifyMethod::Rules(rules) => {
+        ClassifyMethod::Rules { rules, otherwise } => {
             let text = ctx
-                .job
                 .input
                 .values()
                 .filter_map(Value::as_str)
                 .collect::<Vec<_>>()
-                .join("\n")
-                .to_lowercase();
-            let category = rules
+                .join("\n");
+            let text = Text::new(&text);
+            let (category, confidence) = rules
                 .iter()
-                .find(|(_, keywords)| keywords.iter().any(|k| text.contains(k.as_str())))
-                .map(|(c, _)| c.clone())
-                .or_else(|| plan.categories.last().cloned())
-                .unwrap_or_default();
+                .find(|rule| text.passes(rule))
+                .map(|rule| (rule.category.clone(), rule.confidence))
+                .unwrap_or_else(|| otherwise.clone());
             Ok((
                 StepOutput::Classified {
                     category,
-                    confidence: 1.0,
+                    confidence,
                     degraded: false,
                 },
                 ctx.local_record(started),
@@ -77,6 +75,83 @@ async fn run(ctx: &StepContext<'_>, plan: &ClassifyPlan) -> StepResult {
     }
 }
 
+/// The job's text as the rules test it, with what several rules share computed once.
+struct Text<'a> {
+    raw: &'a str,
+    lower: String,
+    chars: usize,
+    code: std::cell::OnceCell<bool>,
+}
+
+impl<'a> Text<'a> {
+    fn new(raw: &'a str) -> Self {
+        Self {
+            raw,
+            lower: raw.to_lowercase(),
+            chars: raw.chars().count(),
+            code: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// Every test the rule sets passes (a rule with no tests always passes).
+    fn passes(&self, rule: &RulePlan) -> bool {
+        (rule.keywords.is_empty()
+            || rule
+                .keywords
+                .iter()
+                .any(|k| self.lower.contains(k.as_str())))
+            && rule.regex.as_ref().is_none_or(|r| r.is_match(self.raw))
+            && rule.min_chars.is_none_or(|n| self.chars >= n)
+            && rule.max_chars.is_none_or(|n| self.chars <= n)
+            && rule
+                .looks_like_code
+                .is_none_or(|want| *self.code.get_or_init(|| looks_like_code(self.raw)) == want)
+    }
+}
+
+/// Whether text reads as source code: a fenced block, or at least two lines (and a fifth of
+/// the non-empty ones) that end in `;`, `{` or `}`, start with a keyword of common languages,
+/// or hold an arrow or call syntax.
+pub(crate) fn looks_like_code(text: &str) -> bool {
+    if text.contains("```") {
+        return true;
+    }
+    const STARTS: [&str; 14] = [
+        "def ",
+        "fn ",
+        "function ",
+        "class ",
+        "import ",
+        "from ",
+        "#include",
+        "public ",
+        "private ",
+        "return ",
+        "const ",
+        "let ",
+        "var ",
+        "SELECT ",
+    ];
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let code = lines
+        .iter()
+        .filter(|l| {
+            l.ends_with(';')
+                || l.ends_with('{')
+                || l.ends_with('}')
+                || STARTS.iter().any(|s| l.starts_with(s))
+                || l.contains("=>")
+                || l.contains("();")
+                || l.contains("->")
+        })
+        .count();
+    code >= 2 && code * 5 >= lines.len()
+}
+
 /// Reads `{"category": .., "confidence": ..}` (code fences and surrounding prose tolerated) or a
 /// bare category name.
 fn parse_answer(content: &str, categories: &[String]) -> Result<(String, f64), String> {
@@ -105,7 +180,8 @@ fn parse_answer(content: &str, categories: &[String]) -> Result<(String, f64), S
         .iter()
         .find(|c| c.eq_ignore_ascii_case(&category))
         .ok_or_else(|| {
-            let shown: String = content.chars().take(120).collect();
+            let shown =
+                crate::guardrails::scrub_for_log(&content.chars().take(120).collect::<String>());
             format!(
                 "the model answered {shown:?}, which names none of the categories [{}]",
                 categories.join(", ")
@@ -137,6 +213,17 @@ mod tests {
             parse_answer("billing.", &cats()).unwrap(),
             ("billing".into(), 1.0)
         );
+    }
+
+    #[test]
+    fn code_is_told_from_prose() {
+        assert!(looks_like_code(
+            "fn main() {\n    let x = compute();\n    println!(\"{x}\");\n}"
+        ));
+        assert!(looks_like_code("see\n```\nls -la\n```"));
+        assert!(!looks_like_code(
+            "Hello, I was charged twice this month.\nPlease refund me; thanks."
+        ));
     }
 
     #[test]

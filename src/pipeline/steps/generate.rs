@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use super::structured;
-use crate::config::{GeneratePlan, ModelChoice};
+use crate::config::{GeneratePlan, ModelChoice, PromptChoice};
 use crate::pipeline::step::{RunFailure, StepContext, StepKind, StepOutput, StepResult};
 use crate::provider::ChatRequest;
 use crate::wire::DeadLetterReason;
@@ -32,13 +32,32 @@ async fn run(ctx: &StepContext<'_>, plan: &GeneratePlan) -> StepResult {
             }
         },
     };
-    let system = plan
-        .prompt
+    let prompt = match &plan.prompt {
+        PromptChoice::Fixed(prompt) => prompt.clone(),
+        PromptChoice::FromRoute { route, prompts } => {
+            let chosen = match ctx.output_of(*route) {
+                Some(StepOutput::Routed { prompt, .. }) => prompt.as_ref(),
+                _ => None,
+            };
+            chosen
+                .and_then(|name| prompts.get(name))
+                .cloned()
+                .ok_or_else(|| RunFailure {
+                    reason: DeadLetterReason::Internal,
+                    error: format!(
+                        "step `{}`: its route step chose no prompt it knows",
+                        ctx.step.name
+                    ),
+                    attempts: 0,
+                })?
+        }
+    };
+    let system = prompt
         .system
         .as_ref()
         .map(|t| ctx.render(t, &[]))
         .transpose()?;
-    let user = ctx.render(&plan.prompt.user, &[])?;
+    let mut user = ctx.render(&prompt.user, &[])?;
     let request = |user: &str| {
         let system = system.clone();
         let user = user.to_owned();
@@ -50,8 +69,21 @@ async fn run(ctx: &StepContext<'_>, plan: &GeneratePlan) -> StepResult {
             temperature: m.temperature,
         }
     };
-    let mut outcome = ctx.call(&alias, request(&user)).await?;
+    let mut outcome = match ctx.call_raw(&alias, request(&user)).await {
+        Ok(outcome) => outcome,
+        Err(failure) if plan.truncate_to_fit && failure.only_context_length() => {
+            // No model's window holds the prompt: cut it to the step's model's window.
+            let Some(cut) = truncate(ctx, &alias, system.as_deref(), &user) else {
+                return Err(ctx.call_failed(failure));
+            };
+            tracing::info!(step = %ctx.step.name, from = user.len(), to = cut.len(), "prompt cut to fit the model's context window");
+            user = cut;
+            ctx.call(&alias, request(&user)).await?
+        }
+        Err(failure) => return Err(ctx.call_failed(failure)),
+    };
     let mut record = ctx.record(started, &outcome);
+    record.prompt = Some(prompt.name.clone());
     let json = match &plan.output {
         None => None,
         Some(schema) => {
@@ -70,6 +102,7 @@ async fn run(ctx: &StepContext<'_>, plan: &GeneratePlan) -> StepResult {
                             (record.input_tokens, record.output_tokens, record.cost_usd);
                         outcome = ctx.call(&alias, request(&repair)).await?;
                         record = ctx.record(started, &outcome);
+                        record.prompt = Some(prompt.name.clone());
                         record.attempts += attempts;
                         record.input_tokens += input;
                         record.output_tokens += output;
@@ -96,4 +129,39 @@ async fn run(ctx: &StepContext<'_>, plan: &GeneratePlan) -> StepResult {
         json,
     };
     Ok((output, record))
+}
+
+/// Marks where a prompt was cut.
+const CUT_NOTE: &str = "\n[... truncated to fit the model's context window]";
+
+/// `user` cut (at a character boundary) so that it, the system prompt and the longest answer
+/// fit the context window of `alias`; `None` when the model declares no window or even an
+/// empty prompt would not fit.
+fn truncate(
+    ctx: &StepContext<'_>,
+    alias: &str,
+    system: Option<&str>,
+    user: &str,
+) -> Option<String> {
+    let model = ctx.calls.model(alias)?;
+    let window = model.context_window?;
+    let budget = window.checked_sub(u64::from(model.max_tokens))?;
+    let fits = |text: &str| crate::tokens::prompt(&model.model, system, text) <= budget;
+    if !fits(CUT_NOTE) {
+        return None;
+    }
+    // The longest prefix that fits, by binary search over character positions.
+    let bounds: Vec<usize> = user.char_indices().map(|(i, _)| i).collect();
+    let (mut lo, mut hi) = (0usize, bounds.len());
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        let cut = bounds.get(mid).copied().unwrap_or(user.len());
+        if fits(&format!("{}{CUT_NOTE}", &user[..cut])) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    let cut = bounds.get(lo).copied().unwrap_or(user.len());
+    Some(format!("{}{CUT_NOTE}", &user[..cut]))
 }

@@ -2,5 +2,11 @@
 
 mod classify;
 mod generate;
+mod map;
+mod refine;
 mod route;
+mod split;
 mod structured;
+mod template;
+
+pub(crate) use template::assemble;

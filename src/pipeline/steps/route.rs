@@ -1,4 +1,5 @@
-//! `route`: map the classify step's category to a model alias; low confidence means review.
+//! `route`: map the classify step's category to a target (a model alias, a prompt, a branch
+//! name later steps test in `when:`); low confidence means review.
 
 use std::time::Instant;
 
@@ -29,14 +30,20 @@ fn run(ctx: &StepContext<'_>, plan: &RoutePlan) -> StepResult {
             attempts: 0,
         });
     };
-    let model = plan.routes.get(category).unwrap_or(&plan.default).clone();
+    let target = plan.routes.get(category).unwrap_or(&plan.default);
+    let pick = |f: fn(&crate::config::RouteTarget) -> &Option<String>| {
+        f(target).clone().or_else(|| f(&plan.default).clone())
+    };
     let review = plan
         .review_below_confidence
         .is_some_and(|t| *confidence < t);
     let output = StepOutput::Routed {
         category: category.clone(),
         confidence: *confidence,
-        model,
+        model: pick(|t| &t.model).unwrap_or_default(),
+        prompt: pick(|t| &t.prompt),
+        // A target without its own branch name is the category's branch.
+        branch: target.branch.clone().unwrap_or_else(|| category.clone()),
         review,
     };
     Ok((output, ctx.local_record(started)))

@@ -12,7 +12,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::answer::answer;
 use super::{fnv1a, limit_to, play_fault, ErrorShapes, MockState, PROMPT_CACHE_MAX};
 use crate::tokens::typical;
 
@@ -103,6 +102,18 @@ pub(super) async fn messages(
         .pointer("/system/0/cache_control/type")
         .and_then(Value::as_str)
         == Some("ephemeral");
+    if let Some(window) = state.context_window(&model) {
+        let system_tokens = request
+            .get("system")
+            .map_or(0, |s| typical(&blocks_text(s)));
+        let prompt: u64 = system_tokens + turns.iter().map(|(_, c)| typical(c) + 3).sum::<u64>();
+        if prompt > window {
+            state.record(&body, "bad_request", None);
+            return bad(&format!(
+                "prompt is too long: {prompt} tokens > {window} maximum"
+            ));
+        }
+    }
     let latency = match play_fault(&state, &body, &model, &headers, &ERRORS).await {
         Ok(latency) => latency,
         Err(response) => return response,
@@ -133,7 +144,7 @@ pub(super) async fn messages(
     if !system.is_empty() {
         turns.insert(0, ("system".into(), system));
     }
-    let (content, cut) = limit_to(answer(&turns).0, max_tokens);
+    let (content, cut) = limit_to(state.answer(&turns), max_tokens);
     let stop_reason = if cut { "max_tokens" } else { "end_turn" };
     let output_tokens = typical(&content);
     state.record_answer(

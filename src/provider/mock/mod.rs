@@ -75,6 +75,10 @@ struct MockState {
     /// The most recent requests, for checking client behaviour (e.g. Retry-After) afterwards.
     log: Mutex<std::collections::VecDeque<LogEntry>>,
     started: std::time::Instant,
+    /// Canned answers: the first regex that finds the prompt answers it.
+    answers: Vec<(regex::Regex, Value)>,
+    /// Context window per model name.
+    context_windows: std::collections::BTreeMap<String, u64>,
 }
 
 /// Requests the log keeps (the oldest are dropped).
@@ -96,6 +100,37 @@ pub struct LogEntry {
 }
 
 impl MockState {
+    /// The answer to a conversation: the first canned answer whose regex finds its text
+    /// (`$1`, `${name}` expanded from the match; a JSON answer as its JSON text), else the
+    /// built-in one.
+    fn answer(&self, messages: &[(String, String)]) -> String {
+        if !self.answers.is_empty() {
+            let text = messages
+                .iter()
+                .map(|(_, c)| c.as_str())
+                .collect::<Vec<_>>()
+                .join("\n");
+            for (pattern, answer) in &self.answers {
+                if let Some(found) = pattern.captures(&text) {
+                    return match answer {
+                        Value::String(template) => {
+                            let mut out = String::new();
+                            found.expand(template, &mut out);
+                            out
+                        }
+                        other => other.to_string(),
+                    };
+                }
+            }
+        }
+        answer::answer(messages).0
+    }
+
+    /// The context window of `model`, when the mock is told one.
+    fn context_window(&self, model: &str) -> Option<u64> {
+        self.context_windows.get(model).copied()
+    }
+
     fn record(&self, body: &[u8], outcome: &'static str, retry_after_s: Option<u64>) {
         self.record_answer(body, outcome, retry_after_s, 0);
     }
@@ -243,6 +278,13 @@ fn mock_state(settings: MockSettings) -> Arc<MockState> {
         prompt_cache: Mutex::new(Default::default()),
         log: Mutex::new(Default::default()),
         started: std::time::Instant::now(),
+        // Checked when the config was loaded; a pattern that still fails is left out.
+        answers: settings
+            .answers
+            .iter()
+            .filter_map(|a| Some((regex::Regex::new(&a.pattern).ok()?, a.answer.clone())))
+            .collect(),
+        context_windows: settings.context_windows,
     })
 }
 

@@ -11,7 +11,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::answer::answer;
 use super::{limit_to, play_fault, ErrorShapes, MockState};
 use crate::tokens::typical;
 
@@ -103,11 +102,6 @@ pub(super) async fn chat_completions(
             "you must provide a model parameter and at least one message",
         );
     }
-    let latency = match play_fault(&state, &body, &model, &headers, &ERRORS).await {
-        Ok(latency) => latency,
-        Err(response) => return response,
-    };
-    tokio::time::sleep(latency).await;
     let max_tokens = request
         .get("max_completion_tokens")
         .or_else(|| request.get("max_tokens"))
@@ -115,7 +109,27 @@ pub(super) async fn chat_completions(
         .unwrap_or(4096)
         .max(1);
     let prompt_tokens: u64 = messages.iter().map(|(_, c)| typical(c) + 3).sum::<u64>() + 3;
-    let (content, cut) = limit_to(answer(&messages).0, max_tokens);
+    if let Some(window) = state.context_window(&model) {
+        if prompt_tokens + max_tokens > window {
+            stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+            state.record(&body, "bad_request", None);
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("context_length_exceeded"),
+                &format!(
+                    "This model's maximum context length is {window} tokens. However, you requested {} tokens ({prompt_tokens} in the messages, {max_tokens} in the completion). Please reduce the length of the messages or completion.",
+                    prompt_tokens + max_tokens
+                ),
+            );
+        }
+    }
+    let latency = match play_fault(&state, &body, &model, &headers, &ERRORS).await {
+        Ok(latency) => latency,
+        Err(response) => return response,
+    };
+    tokio::time::sleep(latency).await;
+    let (content, cut) = limit_to(state.answer(&messages), max_tokens);
     let finish_reason = if cut { "length" } else { "stop" };
     let completion_tokens = typical(&content);
     state.record_answer(&body, "ok", None, prompt_tokens + completion_tokens);
