@@ -83,7 +83,7 @@ impl Runner {
                     chunks.max(1) as f64 * self.costliest(&[r.model.as_str()], &prompt, 0)
                 }
                 // Each round: one generation (its revision carries the previous answer and
-                // the feedback), perhaps a second with the feedback appended, one evaluation.
+                // the feedback) and one evaluation; counted twice over for slack.
                 StepKindPlan::Refine(r) => {
                     let answer = self.output_bound(pipeline, &step.name);
                     let mut prompt = self.render(job, pipeline, &r.prompt, &[]);

@@ -30,13 +30,13 @@ impl StepKind for RefinePlan {
                 ("candidate", previous.as_str()),
                 ("feedback", feedback.as_str()),
             ];
-            let mut draft = ask(ctx, &self.model, &self.prompt, &locals).await?;
-            if revise.is_some() && !self.prompt_reads_feedback() {
-                // The prompt does not place the feedback itself: ask again with it appended.
-                answers.push(draft);
+            // A prompt that does not place the feedback itself gets it appended.
+            let draft = if revise.is_some() && !self.prompt_reads_feedback() {
                 let prompt = revision(&self.prompt, &previous, &feedback);
-                draft = ask(ctx, &self.model, &prompt, &locals[..1]).await?;
-            }
+                ask(ctx, &self.model, &prompt, &locals).await?
+            } else {
+                ask(ctx, &self.model, &self.prompt, &locals).await?
+            };
             let candidate = draft.text.clone();
             answers.push(draft);
             let locals = [
