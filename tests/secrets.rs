@@ -261,7 +261,8 @@ async fn human_readable_logs_to_a_file_have_no_colour_codes_and_no_forged_lines(
     let outputs = collector(&brokers);
     let forged = "2000-01-01T00:00:00.000000Z  INFO switchyard: forged";
     let payload = serde_json::json!({
-        "id": format!("evil\n{forged}\r\n\u{1b}[2J"), "tenant": "acme", "input": {"text": "hello PROMPTTEXT"}
+        "id": format!("evil\n{forged}\r\n\u{1b}[2J"), "tenant": "acme",
+        "input": {"text": "hello PROMPTTEXT, card 4111 1111 1111 1111, mail jane.doe@example.com"}
     })
     .to_string()
     .into_bytes();
@@ -276,6 +277,14 @@ async fn human_readable_logs_to_a_file_have_no_colour_codes_and_no_forged_lines(
     assert!(
         logs.contains("PROMPTTEXT"),
         "with log.payloads: true the prompt text is logged: {logs}"
+    );
+    // Raw PII never reaches the log, whatever the level and even with payloads on.
+    for pii in ["4111 1111 1111 1111", "jane.doe@example.com"] {
+        assert!(!logs.contains(pii), "`{pii}` logged: {logs}");
+    }
+    assert!(
+        logs.contains("[CARD]") && logs.contains("[EMAIL]"),
+        "{logs}"
     );
     assert!(
         !logs.contains('\u{1b}'),

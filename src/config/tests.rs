@@ -325,3 +325,212 @@ fn a_rate_limited_tenant_on_kafka_without_a_delay_topic_is_warned_about() {
         "no warning once the delay topic is named"
     );
 }
+
+/// MINIMAL with `steps` replaced (and extra prompts for the pattern steps).
+fn with_steps(steps: &str) -> String {
+    let head = MINIMAL.split("pipelines:").next().unwrap_or_default().replace(
+        "prompts:\n",
+        "prompts:\n  chunk: {user: \"Sum up {{chunk}}\"}\n  combine: {user: \"Join {{mapped}}\"}\n  judge: {user: \"Score {{candidate}}\"}\n  plain: {user: \"{{input.text}}\"}\n",
+    );
+    format!("{head}pipelines:\n  support:\n    steps:\n{steps}")
+}
+
+/// Each new mistake is reported, naming its field.
+#[test]
+fn pattern_mistakes_name_their_field() {
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "unknown step in when",
+            "      - {name: a, kind: generate, model: small, prompt: plain}\n      - {name: b, kind: generate, model: small, prompt: plain, when: 'steps.nope.output == \"x\"'}\n",
+            &["steps[1].when", "`nope`", "not an earlier step"],
+        ),
+        (
+            "when reads a step it does not wait for",
+            "      - {name: a, kind: generate, model: small, prompt: plain}\n      - {name: b, kind: generate, model: small, prompt: plain, needs: []}\n      - {name: c, kind: generate, model: small, prompt: plain, needs: [b], when: 'steps.a.output'}\n",
+            &["steps[2].when", "add it to `needs`"],
+        ),
+        (
+            "when that does not parse",
+            "      - {name: a, kind: generate, model: small, prompt: plain, when: 'input.x =='}\n",
+            &["steps[0].when", "position"],
+        ),
+        (
+            "when reads a field the step kind has not",
+            "      - {name: c, kind: classify, method: rules, categories: [x], rules: {x: [y]}}\n      - {name: b, kind: generate, model: small, prompt: plain, when: 'steps.c.categry == \"x\"'}\n",
+            &["steps[1].when", "no `categry`", "category"],
+        ),
+        (
+            "a map without a split",
+            "      - {name: a, kind: generate, model: small, prompt: plain}\n      - {name: m, kind: map, over: a, model: small, prompt: chunk}\n",
+            &["steps[1].over", "must name a split step"],
+        ),
+        (
+            "a map over nothing",
+            "      - {name: m, kind: map, over: nothing, model: small, prompt: chunk}\n",
+            &["steps[0].over", "needs a split step"],
+        ),
+        (
+            "a map prompt without its chunk",
+            "      - {name: s, kind: split, from: input.text}\n      - {name: m, kind: map, over: s, model: small, prompt: plain}\n",
+            &["steps[1].prompt", "never reads `{{chunk}}`"],
+        ),
+        (
+            "a reduce over a split",
+            "      - {name: s, kind: split, from: input.text}\n      - {name: r, kind: reduce, over: s, model: small, prompt: combine}\n",
+            &["steps[1].over", "must name a map step"],
+        ),
+        (
+            "a loop without a bound",
+            "      - {name: r, kind: refine, model: small, prompt: plain, evaluator: {model: small, prompt: judge}}\n",
+            &["steps[0].max_rounds", "a loop needs a bound"],
+        ),
+        (
+            "an evaluator that never sees the answer",
+            "      - {name: r, kind: refine, model: small, prompt: plain, max_rounds: 2, evaluator: {model: small, prompt: plain}}\n",
+            &["steps[0].evaluator.prompt", "`{{candidate}}`"],
+        ),
+        (
+            "overlap as large as the chunk",
+            "      - {name: s, kind: split, from: input.text, size: 100, overlap: 100}\n",
+            &["steps[0].overlap", "smaller than `size`"],
+        ),
+        (
+            "a split of something that is not input or a step",
+            "      - {name: s, kind: split, from: text}\n",
+            &["steps[0].from", "`input.<field>`"],
+        ),
+        (
+            "a template that is both text and json",
+            "      - {name: t, kind: template, template: x, json: {a: 1}}\n",
+            &["steps[0]", "exactly one of `template`"],
+        ),
+        (
+            "a template reading a step it does not wait for",
+            "      - {name: a, kind: generate, model: small, prompt: plain}\n      - {name: t, kind: template, needs: [], json: {a: '{{steps.a.output}}'}}\n",
+            &["steps[1].json.a", "add it to `needs`"],
+        ),
+        (
+            "a map's own variable in a generate prompt",
+            "      - {name: a, kind: generate, model: small, prompt: chunk}\n",
+            &["steps[0].prompt", "`{{chunk}}` is not available here"],
+        ),
+        (
+            "a rule with a bad regex and an unknown category",
+            "      - {name: c, kind: classify, method: rules, categories: [x], rules: [{category: y, regex: '(', confidence: 0.5}]}\n",
+            &["steps[0].rules[0].regex", "steps[0].rules[0].category"],
+        ),
+        (
+            "rules without rules",
+            "      - {name: c, kind: classify, method: rules, categories: [x]}\n",
+            &["steps[0].rules", "needs `rules`"],
+        ),
+        (
+            "a route to an unknown prompt",
+            "      - {name: c, kind: classify, method: rules, categories: [x], rules: {x: [y]}}\n      - {name: r, kind: route, on: c, routes: {x: {prompt: nope}, default: {prompt: plain}}}\n",
+            &["steps[1].routes.x.prompt", "`nope`"],
+        ),
+        (
+            "route.prompt without a default prompt",
+            "      - {name: c, kind: classify, method: rules, categories: [x], rules: {x: [y]}}\n      - {name: r, kind: route, on: c, routes: {x: {prompt: plain}, default: small}}\n      - {name: g, kind: generate, model: small, prompt: '{{route.prompt}}'}\n",
+            &["steps[2].prompt", "`default` route"],
+        ),
+        (
+            "truncate without a context window",
+            "      - {name: g, kind: generate, model: small, prompt: plain, on_context_overflow: truncate}\n",
+            &["steps[0].on_context_overflow", "context_window"],
+        ),
+        (
+            "a typo in a pattern step",
+            "      - {name: s, kind: split, from: input.text, sise: 10}\n",
+            &["steps[0]", "unknown field `sise`"],
+        ),
+    ];
+    for (what, steps, expected) in cases {
+        let text = with_steps(steps);
+        let e = match load(&text) {
+            Ok(_) => panic!("{what}: loaded\n{text}"),
+            Err(e) => e.to_string(),
+        };
+        for part in *expected {
+            assert!(e.contains(part), "{what}: `{part}` not in:\n{e}");
+        }
+    }
+}
+
+#[test]
+fn pipeline_level_mistakes_name_their_field() {
+    let steps = "      - {name: a, kind: generate, model: small, prompt: plain}\n";
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "    output: nope\n",
+            &["pipelines.support.output", "`nope`"],
+        ),
+        (
+            "    guardrails: {input: {redact_pii: [email, ssn]}}\n",
+            &["guardrails.input.redact_pii[1]", "`ssn`"],
+        ),
+        (
+            "    guardrails: {output: {deny: ['(']}}\n",
+            &["pipelines.support.guardrails", "output.deny"],
+        ),
+        (
+            "    guardrails: {input: {injection: sometimes}}\n",
+            &["guardrails.input.injection", "`sometimes`"],
+        ),
+        (
+            "    output: {json: {a: '{{steps.zzz.output}}'}}\n",
+            &["pipelines.support.output.json.a", "`zzz`"],
+        ),
+    ];
+    for (extra, expected) in cases {
+        let text = with_steps(steps).replace("    steps:\n", &format!("{extra}    steps:\n"));
+        let e = match load(&text) {
+            Ok(_) => panic!("loaded\n{text}"),
+            Err(e) => e.to_string(),
+        };
+        for part in *expected {
+            assert!(e.contains(part), "`{part}` not in:\n{e}");
+        }
+    }
+}
+
+#[test]
+fn mock_answers_with_a_bad_regex_name_the_rule() {
+    let text = MINIMAL.replace(
+        "local: {kind: mock}",
+        "local: {kind: mock, answers: [{match: 'ok', answer: x}, {match: '(', answer: y}]}",
+    );
+    let e = problems(&text);
+    assert!(e.contains("providers.local.answers[1].match"), "{e}");
+}
+
+#[test]
+fn prompt_cache_prices_default_per_api_and_are_charged_apart() {
+    let text = MINIMAL.replace(
+        "local: {kind: mock}",
+        "local: {kind: mock}\n  claude: {kind: mock, api: anthropic}",
+    ).replace(
+        "models:\n",
+        "models:\n  haiku: {provider: claude, model: h, price: {input: 1.0, output: 5.0}}\n  custom: {provider: claude, model: h, price: {input: 1.0, output: 5.0, cache_read: 0.2, cache_write: 2.0}}\n",
+    );
+    let plan = load(&text).unwrap();
+    let haiku = plan.models["haiku"].price;
+    assert_eq!((haiku.cache_read, haiku.cache_write), (0.1, 1.25));
+    let small = plan.models["small"].price;
+    assert_eq!((small.cache_read, small.cache_write), (0.075, 0.15));
+    let custom = plan.models["custom"].price;
+    // 1M prompt tokens, of which 600k read from the cache and 100k written to it.
+    let response = crate::provider::ChatResponse {
+        input_tokens: 1_000_000,
+        output_tokens: 0,
+        cache_read_tokens: 600_000,
+        cache_write_tokens: 100_000,
+        ..Default::default()
+    };
+    let cost = custom.response_cost(&response);
+    assert!(
+        (cost - (0.3 + 0.6 * 0.2 + 0.1 * 2.0)).abs() < 1e-9,
+        "{cost}"
+    );
+    assert!((haiku.response_cost(&response) - (0.3 + 0.06 + 0.125)).abs() < 1e-9);
+}

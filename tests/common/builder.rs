@@ -109,6 +109,15 @@ impl TestConfig {
         self
     }
 
+    /// The YAML of section `key` (empty when absent).
+    pub fn section(&self, key: &str) -> String {
+        self.sections
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    }
+
     /// Leaves the section `key` out (the service's default applies).
     pub fn without(mut self, key: &str) -> Self {
         self.sections.retain(|(k, _)| *k != key);
