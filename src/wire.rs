@@ -219,7 +219,7 @@ fn validate(wire: WireJob, received_at: DateTime<Utc>) -> Result<Job, InvalidJob
     })
 }
 
-fn json_kind(v: &Value) -> &'static str {
+pub(crate) fn json_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

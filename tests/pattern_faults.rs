@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use switchyard::config::{MockAnswer, MockSettings};
 use switchyard::provider::mock::MockServer;
 use switchyard::testkit::{publish, Collected};
-use switchyard::wire::{JobResult, ResultStatus, StepRecord};
+use switchyard::wire::ResultStatus;
 
 use common::*;
 
@@ -69,24 +69,6 @@ async fn run(config: TestConfig, jobs: Vec<Vec<u8>>) -> Vec<(Collected, Value)> 
     all
 }
 
-fn result<'a>(outputs: &'a [(Collected, Value)], id: &str) -> &'a JobResult {
-    outputs
-        .iter()
-        .find_map(|(c, _)| match c {
-            Collected::Result(r) | Collected::Review(r) if r.job_id == id => Some(r),
-            _ => None,
-        })
-        .unwrap_or_else(|| panic!("no result for {id}: {outputs:#?}"))
-}
-
-fn step<'a>(result: &'a JobResult, name: &str) -> &'a StepRecord {
-    result
-        .steps
-        .iter()
-        .find(|s| s.name == name)
-        .unwrap_or_else(|| panic!("no step `{name}` in {:#?}", result.steps))
-}
-
 /// About 1,200 tokens: far more than a 300-token window.
 fn long_text() -> String {
     (0..200)
@@ -121,15 +103,19 @@ async fn a_prompt_too_long_for_a_model_moves_to_a_larger_window() {
     )
     .await;
     for id in ["d1", "b1"] {
-        let r = result(&outputs, id);
+        let r = result_of(&outputs, id);
         assert_eq!(
             r.status,
             ResultStatus::Degraded,
             "{id}: a fallback answered"
         );
-        assert_eq!(step(r, "answer").model.as_deref(), Some("gpt-4o"), "{id}");
+        assert_eq!(
+            step_of(r, "answer").model.as_deref(),
+            Some("gpt-4o"),
+            "{id}"
+        );
     }
-    assert_eq!(result(&outputs, "s1").status, ResultStatus::Ok);
+    assert_eq!(result_of(&outputs, "s1").status, ResultStatus::Ok);
     let stats = llm.stats();
     // The declared window spared the doomed call; the undeclared one cost one refused request.
     assert_eq!(stats.bad_requests.load(Ordering::Relaxed), 1);
@@ -159,7 +145,7 @@ async fn a_prompt_no_window_holds_is_cut_to_fit_when_the_step_says_so() {
         ],
     )
     .await;
-    let r = result(&outputs, "c1");
+    let r = result_of(&outputs, "c1");
     assert_eq!(r.status, ResultStatus::Ok);
     // The mock quotes the end of the prompt it got: the cut, marked.
     let answer = r.output.as_str().unwrap();
@@ -167,15 +153,9 @@ async fn a_prompt_no_window_holds_is_cut_to_fit_when_the_step_says_so() {
         answer.contains("truncated to fit the model's context window"),
         "{answer}"
     );
-    assert!(step(r, "answer").input_tokens <= 300 - 64);
+    assert!(step_of(r, "answer").input_tokens <= 300 - 64);
     // Without `truncate` the job is a dead letter that says why.
-    let dead = outputs
-        .iter()
-        .find_map(|(c, _)| match c {
-            Collected::DeadLetter(d) if d.job_id.as_deref() == Some("x1") => Some(d),
-            _ => None,
-        })
-        .expect("x1 dead-lettered");
+    let dead = dead_letter_of(&outputs, "x1");
     assert!(dead.error.contains("context window"), "{}", dead.error);
     assert_eq!(
         llm.stats().requests(),
@@ -234,26 +214,26 @@ async fn a_failed_step_gets_its_static_answer_and_guardrails_fail_closed() {
         ],
     )
     .await;
-    let r = result(&outputs, "m1");
+    let r = result_of(&outputs, "m1");
     assert_eq!(r.status, ResultStatus::Degraded, "a static answer stood in");
     assert_eq!(
         r.output,
         json!({"answer": "Write to [EMAIL] or call [PHONE].", "tags": []})
     );
-    let tags = step(r, "tags");
+    let tags = step_of(r, "tags");
     assert!(tags.error.as_deref().unwrap().contains("500"), "{tags:?}");
     assert_eq!(tags.output, Some(json!([])));
-    let guard = step(r, "guardrails");
+    let guard = step_of(r, "guardrails");
     assert_eq!(guard.redacted.get("email"), Some(&1));
     assert_eq!(guard.redacted.get("phone"), Some(&1));
 
-    let held = result(&outputs, "m2");
+    let held = result_of(&outputs, "m2");
     assert_eq!(
         held.status,
         ResultStatus::Review,
         "sent to a person, not passed"
     );
-    let why = step(held, "guardrails").error.as_deref().unwrap();
+    let why = step_of(held, "guardrails").error.as_deref().unwrap();
     assert!(why.contains("could not check"), "{why}");
     assert_eq!(llm.stats().requests(), 1, "m2 reached no provider");
 }

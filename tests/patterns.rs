@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use switchyard::config::{self, Plan};
 use switchyard::testkit::{publish_nats, Collected, OutputCollector};
-use switchyard::wire::{DeadLetter, DeadLetterReason, JobResult, ResultStatus, StepRecord};
+use switchyard::wire::{DeadLetterReason, ResultStatus};
 
 use common::*;
 
@@ -114,34 +114,6 @@ impl Example {
     }
 }
 
-fn result<'a>(outputs: &'a [(Collected, Value)], id: &str) -> &'a JobResult {
-    outputs
-        .iter()
-        .find_map(|(c, _)| match c {
-            Collected::Result(r) | Collected::Review(r) if r.job_id == id => Some(r),
-            _ => None,
-        })
-        .unwrap_or_else(|| panic!("no result for {id}: {outputs:#?}"))
-}
-
-fn dead_letter<'a>(outputs: &'a [(Collected, Value)], id: &str) -> &'a DeadLetter {
-    outputs
-        .iter()
-        .find_map(|(c, _)| match c {
-            Collected::DeadLetter(d) if d.job_id.as_deref() == Some(id) => Some(d),
-            _ => None,
-        })
-        .unwrap_or_else(|| panic!("no dead letter for {id}: {outputs:#?}"))
-}
-
-fn step<'a>(result: &'a JobResult, name: &str) -> &'a StepRecord {
-    result
-        .steps
-        .iter()
-        .find(|s| s.name == name)
-        .unwrap_or_else(|| panic!("no step `{name}` in {:#?}", result.steps))
-}
-
 #[tokio::test]
 async fn chain_feeds_each_step_the_one_before() {
     let outputs = Example::start("chain")
@@ -151,14 +123,14 @@ async fn chain_feeds_each_step_the_one_before() {
             json!({"text": "Where is order 1234? It is late."}),
         )])
         .await;
-    let r = result(&outputs, "c1");
+    let r = result_of(&outputs, "c1");
     assert_eq!(r.status, ResultStatus::Ok);
     assert_eq!(
         r.output,
         json!("Dear customer, your order 1234 is on its way.")
     );
     assert_eq!(
-        step(r, "extract").output,
+        step_of(r, "extract").output,
         Some(json!("order=1234; issue=late delivery"))
     );
     assert!(r.usage.cost_usd > 0.0);
@@ -173,7 +145,7 @@ async fn parallel_steps_merge_into_one_json_answer_without_a_call() {
             json!({"text": "I was charged twice for my order", "ticket_id": "T-9"}),
         )])
         .await;
-    let r = result(&outputs, "p1");
+    let r = result_of(&outputs, "p1");
     assert_eq!(
         r.output,
         json!({
@@ -183,7 +155,7 @@ async fn parallel_steps_merge_into_one_json_answer_without_a_call() {
             "ticket": "T-9"
         })
     );
-    let merged = step(r, "merged");
+    let merged = step_of(r, "merged");
     assert_eq!((merged.provider.as_deref(), merged.cost_usd), (None, 0.0));
 }
 
@@ -199,28 +171,28 @@ async fn routing_picks_a_prompt_per_category_and_skips_other_branches() {
             ),
         ])
         .await;
-    let billing = result(&outputs, "b1");
+    let billing = result_of(&outputs, "b1");
     assert_eq!(billing.route.category.as_deref(), Some("billing"));
     let answer = billing.output.as_str().unwrap();
     assert!(answer.starts_with("Billing team:"), "{answer}");
     assert_eq!(
-        step(billing, "answer").prompt.as_deref(),
+        step_of(billing, "answer").prompt.as_deref(),
         Some("billing@v1")
     );
-    assert!(!step(billing, "refund").skipped);
+    assert!(!step_of(billing, "refund").skipped);
     assert_eq!(
-        step(billing, "refund").output,
+        step_of(billing, "refund").output,
         Some(json!("{\"refund\": true}"))
     );
 
-    let technical = result(&outputs, "t1");
+    let technical = result_of(&outputs, "t1");
     assert_eq!(technical.route.model.as_deref(), Some("large"));
     assert!(technical
         .output
         .as_str()
         .unwrap()
         .starts_with("Tech support:"));
-    let refund = step(technical, "refund");
+    let refund = step_of(technical, "refund");
     assert!(refund.skipped && refund.provider.is_none() && refund.output.is_none());
 }
 
@@ -230,10 +202,10 @@ async fn a_failed_provider_gets_the_static_answer_not_a_dead_letter() {
         .await
         .run(vec![("f1", json!({"text": "hello"}))])
         .await;
-    let r = result(&outputs, "f1");
+    let r = result_of(&outputs, "f1");
     assert_eq!(r.status, ResultStatus::Degraded);
     assert_eq!(r.output["automated"], json!(false));
-    let failed = step(r, "answer");
+    let failed = step_of(r, "answer");
     let error = failed.error.as_deref().unwrap();
     assert!(error.contains("server error 500"), "{error}");
     assert!(failed.attempts >= 2, "{failed:?}");
@@ -249,11 +221,11 @@ async fn map_reduce_summarises_every_chunk_and_combines_them_in_levels() {
         .await
         .run(vec![("m1", json!({"document": document}))])
         .await;
-    let r = result(&outputs, "m1");
+    let r = result_of(&outputs, "m1");
     assert_eq!(r.status, ResultStatus::Ok);
-    let chunks = step(r, "split").chunks.unwrap();
+    let chunks = step_of(r, "split").chunks.unwrap();
     assert!((7..=10).contains(&chunks), "{chunks} chunks");
-    let map = step(r, "summaries");
+    let map = step_of(r, "summaries");
     assert_eq!((map.chunks, map.attempts), (Some(chunks), chunks));
     // Every chunk's summary reached the final answer, through more than one level.
     let combined = r.output.as_str().unwrap();
@@ -264,7 +236,7 @@ async fn map_reduce_summarises_every_chunk_and_combines_them_in_levels() {
         );
     }
     assert!(combined.matches("Combined[").count() >= 3, "{combined}");
-    assert!(step(r, "combined").attempts >= 3);
+    assert!(step_of(r, "combined").attempts >= 3);
 }
 
 #[tokio::test]
@@ -273,15 +245,15 @@ async fn the_evaluator_loop_rewrites_until_the_score_is_reached() {
         .await
         .run(vec![("e1", json!({"text": "hiking jacket"}))])
         .await;
-    let r = result(&outputs, "e1");
+    let r = result_of(&outputs, "e1");
     assert_eq!(r.output, json!("A light hiking jacket. It is waterproof."));
-    let rounds = &step(r, "description").rounds;
+    let rounds = &step_of(r, "description").rounds;
     assert_eq!(rounds.len(), 2, "{rounds:?}");
     assert_eq!(rounds[0].score, 0.4);
     assert_eq!(rounds[0].feedback, "mention that it is waterproof");
     assert_eq!(rounds[1].score, 0.9);
     // Two rounds: two generations and two evaluations.
-    assert_eq!(step(r, "description").attempts, 4);
+    assert_eq!(step_of(r, "description").attempts, 4);
 }
 
 #[tokio::test]
@@ -299,7 +271,7 @@ async fn guardrails_redact_pii_before_the_provider_and_block_injections() {
             ),
         ])
         .await;
-    let r = result(&outputs, "g1");
+    let r = result_of(&outputs, "g1");
     let answer = r.output.as_str().unwrap();
     // The mock quotes the end of the prompt it was sent: the provider saw placeholders.
     assert!(
@@ -310,11 +282,11 @@ async fn guardrails_redact_pii_before_the_provider_and_block_injections() {
         !answer.contains("jane.doe") && !answer.contains("4111"),
         "{answer}"
     );
-    let guard = step(r, "guardrails");
+    let guard = step_of(r, "guardrails");
     assert_eq!(guard.redacted.get("email"), Some(&1));
     assert_eq!(guard.redacted.get("card"), Some(&1));
 
-    let blocked = dead_letter(&outputs, "g2");
+    let blocked = dead_letter_of(&outputs, "g2");
     assert_eq!(blocked.reason, DeadLetterReason::GuardrailBlocked);
     assert!(blocked.error.contains("injection"), "{}", blocked.error);
     assert!(
@@ -333,7 +305,7 @@ async fn low_confidence_rules_send_the_job_to_review() {
             ("r2", json!({"text": "hello there"})),
         ])
         .await;
-    let sure = result(&outputs, "r1");
+    let sure = result_of(&outputs, "r1");
     assert_eq!(sure.status, ResultStatus::Ok);
     assert_eq!(
         (sure.route.category.as_deref(), sure.route.confidence),

@@ -29,6 +29,19 @@ pub struct ChatRequest {
     pub temperature: f64,
 }
 
+impl ChatRequest {
+    /// The request for `model` (its name, answer limit and temperature) with these messages.
+    pub fn to(model: &crate::config::ModelPlan, system: &Option<String>, user: &str) -> Self {
+        Self {
+            model: model.model.clone(),
+            system: system.clone(),
+            user: user.to_owned(),
+            max_tokens: model.max_tokens,
+            temperature: model.temperature,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct ChatResponse {
     pub content: String,

@@ -329,3 +329,43 @@ pub fn assert_schema_valid(outputs: &[(Collected, Value)]) {
         );
     }
 }
+
+/// The result (or review request) of job `id` among `outputs`.
+pub fn result_of<'a>(
+    outputs: &'a [(Collected, Value)],
+    id: &str,
+) -> &'a switchyard::wire::JobResult {
+    outputs
+        .iter()
+        .find_map(|(c, _)| match c {
+            Collected::Result(r) | Collected::Review(r) if r.job_id == id => Some(r),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no result for {id}: {outputs:#?}"))
+}
+
+/// The dead letter of job `id` among `outputs`.
+pub fn dead_letter_of<'a>(
+    outputs: &'a [(Collected, Value)],
+    id: &str,
+) -> &'a switchyard::wire::DeadLetter {
+    outputs
+        .iter()
+        .find_map(|(c, _)| match c {
+            Collected::DeadLetter(d) if d.job_id.as_deref() == Some(id) => Some(d),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no dead letter for {id}: {outputs:#?}"))
+}
+
+/// The record of step `name` in `result`.
+pub fn step_of<'a>(
+    result: &'a switchyard::wire::JobResult,
+    name: &str,
+) -> &'a switchyard::wire::StepRecord {
+    result
+        .steps
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no step `{name}` in {:#?}", result.steps))
+}

@@ -48,13 +48,7 @@ async fn run(ctx: &StepContext<'_>, plan: &ClassifyPlan) -> StepResult {
                 .transpose()?;
             let user = ctx.render(&prompt.user, &plan.categories)?;
             let outcome = ctx
-                .call(model, |m| ChatRequest {
-                    model: m.model.clone(),
-                    system: system.clone(),
-                    user: user.clone(),
-                    max_tokens: m.max_tokens,
-                    temperature: m.temperature,
-                })
+                .call(model, |m| ChatRequest::to(m, &system, &user))
                 .await?;
             let record = ctx.record(started, &outcome);
             let (category, confidence) = parse_answer(&outcome.response.content, &plan.categories)

@@ -59,15 +59,8 @@ async fn run(ctx: &StepContext<'_>, plan: &GeneratePlan) -> StepResult {
         .transpose()?;
     let mut user = ctx.render(&prompt.user, &[])?;
     let request = |user: &str| {
-        let system = system.clone();
-        let user = user.to_owned();
-        move |m: &crate::config::ModelPlan| ChatRequest {
-            model: m.model.clone(),
-            system: system.clone(),
-            user: user.clone(),
-            max_tokens: m.max_tokens,
-            temperature: m.temperature,
-        }
+        let (system, user) = (system.clone(), user.to_owned());
+        move |m: &crate::config::ModelPlan| ChatRequest::to(m, &system, &user)
     };
     let mut outcome = match ctx.call_raw(&alias, request(&user)).await {
         Ok(outcome) => outcome,

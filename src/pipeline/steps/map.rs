@@ -39,13 +39,7 @@ pub(super) async fn ask(
         .transpose()?;
     let user = ctx.render_with(&prompt.user, &[], locals)?;
     let outcome = ctx
-        .call(alias, |m: &ModelPlan| ChatRequest {
-            model: m.model.clone(),
-            system: system.clone(),
-            user: user.clone(),
-            max_tokens: m.max_tokens,
-            temperature: m.temperature,
-        })
+        .call(alias, |m: &ModelPlan| ChatRequest::to(m, &system, &user))
         .await?;
     Ok(Answer {
         record: ctx.record(started, &outcome),

@@ -44,7 +44,7 @@ impl StepKind for SplitPlan {
             (SplitBy::JsonArray, other) => {
                 return Err(invalid(format!(
                     "`by: json_array` needs an array, got {}",
-                    kind_of(&other)
+                    crate::wire::json_kind(&other)
                 )))
             }
             (by, value) => {
@@ -88,16 +88,5 @@ impl StepKind for SplitPlan {
             degraded: false,
         };
         Ok((output, record))
-    }
-}
-
-fn kind_of(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
