@@ -101,6 +101,17 @@ impl Template {
         self
     }
 
+    /// Bytes of the template's own text (without its variables).
+    pub fn literal_bytes(&self) -> u64 {
+        self.segments
+            .iter()
+            .map(|s| match s {
+                Segment::Literal(text) => text.len() as u64,
+                Segment::Var(_) => 0,
+            })
+            .sum()
+    }
+
     pub fn vars(&self) -> impl Iterator<Item = &Var> {
         self.segments.iter().filter_map(|s| match s {
             Segment::Var(v) => Some(v),

@@ -357,6 +357,8 @@ pub enum DeadLetterReason {
     RateLimited,
     ProviderFailed,
     OutputInvalid,
+    /// No model the step may use has a context window that holds the prompt.
+    ContextLengthExceeded,
     GuardrailBlocked,
     /// Handed back on its last allowed delivery; the broker will not deliver it again.
     MaxDeliveriesExceeded,
@@ -374,6 +376,7 @@ impl DeadLetterReason {
             DeadLetterReason::RateLimited => "rate_limited",
             DeadLetterReason::ProviderFailed => "provider_failed",
             DeadLetterReason::OutputInvalid => "output_invalid",
+            DeadLetterReason::ContextLengthExceeded => "context_length_exceeded",
             DeadLetterReason::GuardrailBlocked => "guardrail_blocked",
             DeadLetterReason::UnknownTenant => "unknown_tenant",
             DeadLetterReason::MaxDeliveriesExceeded => "max_deliveries_exceeded",

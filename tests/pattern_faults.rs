@@ -156,6 +156,10 @@ async fn a_prompt_no_window_holds_is_cut_to_fit_when_the_step_says_so() {
     assert!(step_of(r, "answer").input_tokens <= 300 - 64);
     // Without `truncate` the job is a dead letter that says why.
     let dead = dead_letter_of(&outputs, "x1");
+    assert_eq!(
+        dead.reason,
+        switchyard::wire::DeadLetterReason::ContextLengthExceeded
+    );
     assert!(dead.error.contains("context window"), "{}", dead.error);
     assert_eq!(
         llm.stats().requests(),
@@ -223,6 +227,11 @@ async fn a_failed_step_gets_its_static_answer_and_guardrails_fail_closed() {
     let tags = step_of(r, "tags");
     assert!(tags.error.as_deref().unwrap().contains("500"), "{tags:?}");
     assert_eq!(tags.output, Some(json!([])));
+    // The step record travels with the output: redacted like it.
+    assert_eq!(
+        step_of(r, "answer").output,
+        Some(json!("Write to [EMAIL] or call [PHONE]."))
+    );
     let guard = step_of(r, "guardrails");
     assert_eq!(guard.redacted.get("email"), Some(&1));
     assert_eq!(guard.redacted.get("phone"), Some(&1));
@@ -236,4 +245,45 @@ async fn a_failed_step_gets_its_static_answer_and_guardrails_fail_closed() {
     let why = step_of(held, "guardrails").error.as_deref().unwrap();
     assert!(why.contains("could not check"), "{why}");
     assert_eq!(llm.stats().requests(), 1, "m2 reached no provider");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_that_work_on_a_skipped_step_are_skipped_too() {
+    let llm = mock(&[], &[]).await;
+    let config = TestConfig::kafka("brokers set by run()")
+        .llm(llm.addr())
+        .set(
+            "pipelines",
+            "gated:
+    steps:
+      - {name: classify, kind: classify, model: small, prompt: triage, categories: [billing, technical],
+         when: 'input.triage == true'}
+      - {name: route, kind: route, on: classify, routes: {technical: large, default: small}}
+      - {name: answer, kind: generate, model: \"{{route.model}}\", prompt: answer}",
+        );
+    let outputs = run(
+        config,
+        vec![
+            job_in(
+                "on",
+                "gated",
+                json!({"text": "billing issue", "triage": true}),
+            ),
+            job_in("off", "gated", json!({"text": "billing issue"})),
+        ],
+    )
+    .await;
+    let on = result_of(&outputs, "on");
+    assert!(on.steps.iter().all(|s| !s.skipped), "{:?}", on.steps);
+    let off = result_of(&outputs, "off");
+    assert_eq!(off.status, ResultStatus::Ok);
+    for name in ["classify", "route", "answer"] {
+        assert!(step_of(off, name).skipped, "{name}: {:?}", off.steps);
+    }
+    assert_eq!(off.output, Value::Null, "no step ran");
+    assert_eq!(
+        llm.stats().requests(),
+        2,
+        "only the gated-on job called the model"
+    );
 }

@@ -176,7 +176,10 @@ impl Gate {
             0
         };
         let tokens = (prompt_tokens + u64::from(model.max_tokens)) as f64;
-        let cost = model.price.cost(prompt_tokens, u64::from(model.max_tokens));
+        let cost = model
+            .price
+            .worst_case()
+            .cost(prompt_tokens, u64::from(model.max_tokens));
         // The budget first: a refused call must not use up rate limits others share.
         // A free model (the usual budget fallback) needs no reservation.
         let budget = match self.budget_keys(scope.tenant).filter(|_| cost > 0.0) {

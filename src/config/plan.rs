@@ -310,6 +310,15 @@ impl Price {
         (input_tokens as f64 * self.input + output_tokens as f64 * self.output) / 1_000_000.0
     }
 
+    /// These prices with input at the dearer of uncached and cache-write input: what a
+    /// reservation counts before it knows whether the prompt will be written to the cache.
+    pub fn worst_case(&self) -> Price {
+        Price {
+            input: self.input.max(self.cache_write),
+            ..*self
+        }
+    }
+
     /// The price of a response's usage: prompt-cache reads and writes at their own prices,
     /// the rest of the prompt at the input price.
     pub fn response_cost(&self, r: &crate::provider::ChatResponse) -> f64 {
@@ -442,6 +451,16 @@ pub enum Assemble {
     Json(JsonTemplate),
 }
 
+impl Assemble {
+    /// Bytes of text the template writes besides its variables.
+    pub fn literal_bytes(&self) -> u64 {
+        match self {
+            Assemble::Text(t) => t.literal_bytes(),
+            Assemble::Json(j) => j.literal_bytes(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum JsonTemplate {
     Literal(serde_json::Value),
@@ -451,12 +470,41 @@ pub enum JsonTemplate {
     Object(Vec<(String, JsonTemplate)>),
 }
 
+impl JsonTemplate {
+    /// Every variable the template reads.
+    pub fn vars(&self) -> Vec<&crate::template::Var> {
+        match self {
+            JsonTemplate::Literal(_) => Vec::new(),
+            JsonTemplate::Var(v) => vec![v],
+            JsonTemplate::Text(t) => t.vars().collect(),
+            JsonTemplate::Array(items) => items.iter().flat_map(JsonTemplate::vars).collect(),
+            JsonTemplate::Object(fields) => fields.iter().flat_map(|(_, j)| j.vars()).collect(),
+        }
+    }
+
+    /// Bytes of JSON the template writes besides its variables (quotes, keys, literals).
+    pub fn literal_bytes(&self) -> u64 {
+        match self {
+            JsonTemplate::Literal(v) => v.to_string().len() as u64,
+            JsonTemplate::Var(_) => 2,
+            JsonTemplate::Text(t) => t.literal_bytes() + 2,
+            JsonTemplate::Array(items) => {
+                2 + items.iter().map(|j| j.literal_bytes() + 1).sum::<u64>()
+            }
+            JsonTemplate::Object(fields) => {
+                2 + fields
+                    .iter()
+                    .map(|(k, j)| k.len() as u64 + 4 + j.literal_bytes())
+                    .sum::<u64>()
+            }
+        }
+    }
+}
+
 pub struct GuardrailsPlan {
     pub set: crate::guardrails::GuardrailSet,
     pub on_block: GuardAction,
     pub on_error: GuardAction,
-    /// Any side redacts PII: payloads and texts are scrubbed before they reach a log.
-    pub redacts: bool,
 }
 
 impl std::fmt::Debug for GuardrailsPlan {
@@ -464,7 +512,6 @@ impl std::fmt::Debug for GuardrailsPlan {
         f.debug_struct("GuardrailsPlan")
             .field("on_block", &self.on_block)
             .field("on_error", &self.on_error)
-            .field("redacts", &self.redacts)
             .finish_non_exhaustive()
     }
 }
@@ -499,6 +546,24 @@ pub enum StepKindPlan {
 }
 
 impl StepKindPlan {
+    /// The earlier step whose typed output this kind works on: a route's classify step, a
+    /// generate's route (for `{{route.model}}` / `{{route.prompt}}`), a map's split, a
+    /// reduce's map.
+    pub fn works_on(&self) -> Option<usize> {
+        match self {
+            StepKindPlan::Route(r) => Some(r.on),
+            StepKindPlan::Generate(g) => match (&g.model, &g.prompt) {
+                (ModelChoice::FromRoute(j), _) | (_, PromptChoice::FromRoute { route: j, .. }) => {
+                    Some(*j)
+                }
+                _ => None,
+            },
+            StepKindPlan::Map(m) => Some(m.over),
+            StepKindPlan::Reduce(r) => Some(r.over),
+            _ => None,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             StepKindPlan::Classify(_) => "classify",

@@ -440,6 +440,21 @@ fn pattern_mistakes_name_their_field() {
             &["steps[0].on_context_overflow", "context_window"],
         ),
         (
+            "on_failure on a step that calls no model",
+            "      - {name: c, kind: classify, method: rules, categories: [x], rules: {x: [y]}, on_failure: {output: x}}\n",
+            &["steps[0].on_failure", "no model call"],
+        ),
+        (
+            "a map stand-in that is not a list",
+            "      - {name: s, kind: split, from: input.text}\n      - {name: m, kind: map, over: s, model: small, prompt: chunk, on_failure: {output: none}}\n",
+            &["steps[1].on_failure.output", "must be a list"],
+        ),
+        (
+            "route.model without a default model",
+            "      - {name: c, kind: classify, method: rules, categories: [x], rules: {x: [y]}}\n      - {name: r, kind: route, on: c, routes: {x: small, default: {branch: other}}}\n      - {name: g, kind: generate, model: '{{route.model}}', prompt: plain}\n",
+            &["steps[2].model", "`default` route"],
+        ),
+        (
             "a typo in a pattern step",
             "      - {name: s, kind: split, from: input.text, sise: 10}\n",
             &["steps[0]", "unknown field `sise`"],
@@ -492,6 +507,16 @@ fn pipeline_level_mistakes_name_their_field() {
             assert!(e.contains(part), "`{part}` not in:\n{e}");
         }
     }
+}
+
+#[test]
+fn a_context_window_must_leave_room_for_a_prompt() {
+    let text = MINIMAL.replace(
+        "price: {input: 0.15, output: 0.6}}",
+        "price: {input: 0.15, output: 0.6}, max_tokens: 512, context_window: 512}",
+    );
+    let e = problems(&text);
+    assert!(e.contains("models.small.context_window"), "{e}");
 }
 
 #[test]

@@ -6,8 +6,8 @@
 //! rejected answer and the problem.
 
 use crate::config::{
-    ClassifyMethod, ModelChoice, ModelPlan, PipelinePlan, PromptPlan, SplitBy, SplitSource,
-    StepKindPlan,
+    Assemble, ClassifyMethod, ModelChoice, ModelPlan, PipelinePlan, PromptPlan, SplitBy,
+    SplitSource, StepKindPlan,
 };
 use crate::template::{Scope, Template, Var};
 use crate::wire::Job;
@@ -71,24 +71,30 @@ impl Runner {
                     prompt.outputs += chunk_tokens;
                     chunks as f64 * self.costliest(&[m.model.as_str()], &prompt, 0)
                 }
-                // At most one call per chunk over all levels plus the last, each prompt
-                // carrying at most `max_input_chars` of answers (4 bytes a character).
+                // At most one call per chunk over all levels plus the last. A prompt carries
+                // at most `max_input_chars` of answers (4 bytes a character), or a group of up
+                // to three answers that are each longer than that.
                 StepKindPlan::Reduce(r) => {
-                    let chunks = match pipeline.steps.get(r.over).map(|s| &s.kind) {
-                        Some(StepKindPlan::Map(m)) => self.chunks_bound(job, pipeline, m.over).0,
-                        _ => 1,
+                    let (chunks, mapped) = match pipeline.steps.get(r.over).map(|s| &s.kind) {
+                        Some(StepKindPlan::Map(m)) => (
+                            self.chunks_bound(job, pipeline, m.over).0,
+                            self.max_tokens_of(&[m.model.as_str()]),
+                        ),
+                        _ => (1, 0),
                     };
+                    let answer = mapped.max(self.max_tokens_of(&[r.model.as_str()]));
                     let mut prompt = self.render(job, pipeline, &r.prompt, &[]);
-                    prompt.outputs += 4 * r.max_input_chars as u64;
+                    prompt.outputs += (4 * r.max_input_chars as u64).max(3 * answer);
                     chunks.max(1) as f64 * self.costliest(&[r.model.as_str()], &prompt, 0)
                 }
                 // Each round: one generation (its revision carries the previous answer and
-                // the feedback) and one evaluation; counted twice over for slack.
+                // the evaluator's feedback) and one evaluation of one answer.
                 StepKindPlan::Refine(r) => {
-                    let answer = self.output_bound(pipeline, &step.name);
+                    let answer = self.max_tokens_of(&[r.model.as_str()]);
+                    let feedback = self.max_tokens_of(&[r.evaluator_model.as_str()]);
                     let mut prompt = self.render(job, pipeline, &r.prompt, &[]);
-                    prompt.outputs += 2 * answer + REPAIR_PROBLEM_TOKENS;
-                    let generate = 2.0 * self.costliest(&[r.model.as_str()], &prompt, 0);
+                    prompt.outputs += answer + feedback + REPAIR_PROBLEM_TOKENS;
+                    let generate = self.costliest(&[r.model.as_str()], &prompt, 0);
                     let mut judge = self.render(job, pipeline, &r.evaluator_prompt, &[]);
                     judge.outputs += answer;
                     let evaluate = self.costliest(&[r.evaluator_model.as_str()], &judge, 0);
@@ -99,32 +105,65 @@ impl Runner {
     }
 
     /// How many chunks the split step at `index` can make of this job's input, and the most
-    /// tokens one of them can have.
+    /// tokens one of them can have (a token is at least a byte, a character at most 4).
     fn chunks_bound(&self, job: &Job, pipeline: &PipelinePlan, index: usize) -> (u64, u64) {
         let Some(StepKindPlan::Split(split)) = pipeline.steps.get(index).map(|s| &s.kind) else {
             return (0, 0);
         };
         let max = split.max_chunks as u64;
-        let source_bytes = match &split.from {
-            SplitSource::Input(field) => job.input.get(field).map(|v| match v {
-                serde_json::Value::String(s) => s.len() as u64,
-                other => other.to_string().len() as u64,
-            }),
+        let source = match &split.from {
+            SplitSource::Input(field) => job.input.get(field),
             SplitSource::Step(_) => None,
         };
-        match (&split.by, source_bytes) {
-            (SplitBy::Chars { size, overlap }, bytes) => {
-                let step = (size - overlap).max(1) as u64;
-                let n = bytes.map_or(max, |b| (b / step + 1).min(max));
-                (n, 4 * *size as u64)
+        let bytes = source.map(|v| match v {
+            serde_json::Value::String(s) => s.len() as u64,
+            other => other.to_string().len() as u64,
+        });
+        let count = |step: usize| bytes.map_or(max, |b| (b / step.max(1) as u64 + 1).min(max));
+        match &split.by {
+            // A chunk may end at a break in the last fifth of its window.
+            SplitBy::Chars { size, overlap } => {
+                (count(size - size / 5 - overlap), 4 * *size as u64)
             }
-            (SplitBy::Tokens { size, overlap, .. }, bytes) => {
-                let step = (size - overlap).max(1) as u64;
-                let n = bytes.map_or(max, |b| (b / step + 1).min(max));
-                (n, *size as u64)
-            }
-            (SplitBy::JsonArray, bytes) => (max, bytes.unwrap_or(0)),
+            SplitBy::Tokens { size, overlap, .. } => (count(size - overlap), *size as u64),
+            SplitBy::JsonArray => match source {
+                Some(serde_json::Value::Array(items)) => (
+                    (items.len() as u64).min(max),
+                    items
+                        .iter()
+                        .map(|i| i.to_string().len() as u64)
+                        .max()
+                        .unwrap_or(0),
+                ),
+                _ => {
+                    let whole = match &split.from {
+                        SplitSource::Step(j) => pipeline
+                            .steps
+                            .get(*j)
+                            .map_or(0, |s| self.output_bound(job, pipeline, &s.name)),
+                        SplitSource::Input(_) => bytes.unwrap_or(0),
+                    };
+                    (max, whole)
+                }
+            },
         }
+    }
+
+    /// The largest `max_tokens` among `aliases` and their fallbacks.
+    fn max_tokens_of(&self, aliases: &[&str]) -> u64 {
+        aliases
+            .iter()
+            .filter_map(|a| self.calls().model(a))
+            .flat_map(|m| {
+                std::iter::once(u64::from(m.max_tokens)).chain(
+                    m.fallbacks
+                        .iter()
+                        .filter_map(|f| self.calls().model(f))
+                        .map(|f| u64::from(f.max_tokens)),
+                )
+            })
+            .max()
+            .unwrap_or(0)
     }
 
     /// The cost of the dearest call among `aliases` and their fallbacks, times one plus
@@ -143,10 +182,10 @@ impl Runner {
             .map(|m| {
                 let prompt = prompt.tokens(m);
                 let answer = u64::from(m.max_tokens);
-                let first = m.price.cost(prompt, answer);
-                let repair = m
-                    .price
-                    .cost(prompt + answer + REPAIR_PROBLEM_TOKENS, answer);
+                // A prompt may be written to the provider's prompt cache, priced apart.
+                let price = m.price.worst_case();
+                let first = price.cost(prompt, answer);
+                let repair = price.cost(prompt + answer + REPAIR_PROBLEM_TOKENS, answer);
                 first + f64::from(repairs) * repair
             })
             .fold(0.0, f64::max)
@@ -174,7 +213,7 @@ impl Runner {
             outputs += template
                 .vars()
                 .map(|var| match var {
-                    Var::Step(name, _) => self.output_bound(pipeline, name),
+                    Var::Step(name, _) => self.output_bound(job, pipeline, name),
                     _ => 0,
                 })
                 .sum::<u64>()
@@ -191,26 +230,12 @@ impl Runner {
     }
 
     /// The most tokens step `name`'s output can have when rendered into a later prompt.
-    fn output_bound(&self, pipeline: &PipelinePlan, name: &str) -> u64 {
+    fn output_bound(&self, job: &Job, pipeline: &PipelinePlan, name: &str) -> u64 {
         let Some(step) = pipeline.steps.iter().find(|s| s.name == name) else {
             return 0;
         };
-        let max_tokens_of = |aliases: &[&str]| {
-            aliases
-                .iter()
-                .filter_map(|a| self.calls().model(a))
-                .flat_map(|m| {
-                    std::iter::once(u64::from(m.max_tokens)).chain(
-                        m.fallbacks
-                            .iter()
-                            .filter_map(|f| self.calls().model(f))
-                            .map(|f| u64::from(f.max_tokens)),
-                    )
-                })
-                .max()
-                .unwrap_or(0)
-        };
-        match &step.kind {
+        let answers = |aliases: &[&str]| self.max_tokens_of(aliases);
+        let own = match &step.kind {
             // A category or a model alias: short config text, counted as one token a byte.
             StepKindPlan::Classify(c) => c
                 .categories
@@ -229,29 +254,51 @@ impl Runner {
                 .unwrap_or(0)
                 .max(64),
             StepKindPlan::Generate(g) => match &g.model {
-                ModelChoice::Fixed(alias) => max_tokens_of(&[alias.as_str()]),
-                ModelChoice::FromRoute(index) => max_tokens_of(&route_targets(pipeline, *index)),
+                ModelChoice::Fixed(alias) => answers(&[alias.as_str()]),
+                ModelChoice::FromRoute(index) => answers(&route_targets(pipeline, *index)),
             },
-            StepKindPlan::Reduce(r) => max_tokens_of(&[r.model.as_str()]),
-            StepKindPlan::Refine(r) => max_tokens_of(&[r.model.as_str()]),
-            // Every answer of the map, or every earlier step's output in the template.
+            StepKindPlan::Reduce(r) => answers(&[r.model.as_str()]),
+            StepKindPlan::Refine(r) => answers(&[r.model.as_str()]),
+            // Every answer of the map, for as many chunks as this job's input can make.
             StepKindPlan::Map(m) => {
-                let chunks = match pipeline.steps.get(m.over).map(|s| &s.kind) {
-                    Some(StepKindPlan::Split(split)) => split.max_chunks as u64,
-                    _ => 1,
-                };
-                chunks * max_tokens_of(&[m.model.as_str()])
+                self.chunks_bound(job, pipeline, m.over).0 * answers(&[m.model.as_str()])
             }
-            StepKindPlan::Template(_) => pipeline
-                .steps
-                .iter()
-                .take_while(|s| s.name != name)
-                .map(|s| self.output_bound(pipeline, &s.name))
-                .sum::<u64>()
-                .saturating_add(1_024),
-            // A split hands on the document it split: its size is not known here.
-            StepKindPlan::Split(_) => 0,
-        }
+            // What the template reads, plus its own text.
+            StepKindPlan::Template(assemble) => {
+                let vars: Vec<&Var> = match assemble {
+                    Assemble::Text(t) => t.vars().collect(),
+                    Assemble::Json(j) => j.vars(),
+                };
+                vars.into_iter()
+                    .map(|var| match var {
+                        Var::Step(step, _) => self.output_bound(job, pipeline, step),
+                        Var::Input(field) => job
+                            .input
+                            .get(field)
+                            .map_or(0, |v| v.to_string().len() as u64),
+                        _ => 0,
+                    })
+                    .sum::<u64>()
+                    .saturating_add(assemble.literal_bytes())
+            }
+            // A split hands on the document it split.
+            StepKindPlan::Split(split) => match &split.from {
+                SplitSource::Input(field) => job
+                    .input
+                    .get(field)
+                    .map_or(0, |v| v.to_string().len() as u64),
+                SplitSource::Step(j) => pipeline
+                    .steps
+                    .get(*j)
+                    .map_or(0, |s| self.output_bound(job, pipeline, &s.name)),
+            },
+        };
+        // A static `on_failure` answer may stand in for the output.
+        let stand_in = step
+            .on_failure
+            .as_ref()
+            .map_or(0, |v| v.to_string().len() as u64);
+        own.max(stand_in)
     }
 }
 

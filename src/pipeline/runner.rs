@@ -14,9 +14,11 @@ use tracing::Instrument as _;
 use super::step::{index, RunFailure, StepContext, StepKind as _, StepOutput, StepResult};
 use crate::admission::JobBudget;
 use crate::calls::Calls;
-use crate::config::{GuardAction, OutputPlan, PipelinePlan, PoolSizes, StepKindPlan};
+use crate::config::{
+    GuardAction, GuardrailsPlan, OutputPlan, PipelinePlan, PoolSizes, StepKindPlan,
+};
 use crate::expr::{Path, Root};
-use crate::guardrails::Verdict;
+use crate::guardrails::{GuardrailSet, Verdict};
 use crate::telemetry::metrics::Metrics;
 use crate::wire::{DeadLetterReason, Job, ResultStatus, RouteInfo, StepRecord};
 
@@ -105,19 +107,22 @@ impl Runner {
         pipeline: &PipelinePlan,
         job_budget: Option<&Arc<JobBudget>>,
     ) -> Result<RunOutput, RunFailure> {
-        let mut guard = pipeline.guardrails.as_deref().map(|g| (g, guard_record()));
+        let guard = pipeline.guardrails.clone();
+        let mut guard_record = guard_record();
         let redacted_input;
-        let input = match &mut guard {
+        let input = match &guard {
             None => &job.input,
-            Some((g, record)) => {
-                let mut checked = job.input.clone();
-                match g.set.check_input(&mut checked, &guard_tokens) {
-                    Verdict::Pass { redacted } => count_redactions(record, &redacted),
+            Some(g) => {
+                let (checked, verdict) = check_input(g.clone(), job.input.clone()).await;
+                match verdict {
+                    Verdict::Pass { redacted } => count_redactions(&mut guard_record, &redacted),
                     Verdict::Blocked { reason, .. } => {
-                        return guard_stop(g.on_block, format!("input guardrail: {reason}"), vec![record.clone()], Value::Null)
+                        let why = format!("input guardrail: {reason}");
+                        return guard_stop(g.on_block, why, vec![guard_record], Value::Null);
                     }
                     Verdict::Error { reason } => {
-                        return guard_stop(g.on_error, format!("input guardrail could not check the job, so it was not passed: {reason}"), vec![record.clone()], Value::Null)
+                        let why = format!("input guardrail could not check the job, so it was not passed: {reason}");
+                        return guard_stop(g.on_error, why, vec![guard_record], Value::Null);
                     }
                 }
                 redacted_input = checked;
@@ -126,50 +131,44 @@ impl Runner {
         };
         let (outputs, mut records, failure) =
             self.run_steps(job, input, pipeline, job_budget).await;
-        let fallback = |failure: RunFailure, records: Vec<StepRecord>| match &pipeline.on_failure {
-            Some(answer) if stands_in(&failure) => Ok(RunOutput {
-                status: ResultStatus::Degraded,
-                output: answer.clone(),
-                route: route_info(&outputs).0,
-                steps: records,
-            }),
-            _ => Err(failure),
+        let (route, review) = route_info(&outputs);
+        let finished = match failure {
+            None => self.job_output(job, input, pipeline, &outputs).await,
+            Some(failure) => Err(failure),
         };
-        if let Some(failure) = failure {
-            return fallback(failure, records);
-        }
-        let mut output = match self.job_output(job, input, pipeline, &outputs).await {
-            Ok(output) => output,
-            Err(failure) => return fallback(failure, records),
+        let (mut output, status) = match finished {
+            Ok(output) if review => (output, ResultStatus::Review),
+            Ok(output) if outputs.iter().flatten().any(StepOutput::degraded) => {
+                (output, ResultStatus::Degraded)
+            }
+            Ok(output) => (output, ResultStatus::Ok),
+            // The static answer stands in; the failure stays in the failing step's record.
+            Err(failure) => match &pipeline.on_failure {
+                Some(answer) if stands_in(&failure) => (answer.clone(), ResultStatus::Degraded),
+                _ => return Err(failure),
+            },
         };
-        if let Some((g, mut record)) = guard {
+        if let Some(g) = &guard {
+            // What travels with the output (step outputs, errors, feedback) is redacted like it.
+            records.iter_mut().for_each(|r| redact_record(&g.set, r));
             match g.set.check_output(&mut output, &guard_tokens) {
-                Verdict::Pass { redacted } => count_redactions(&mut record, &redacted),
+                Verdict::Pass { redacted } => count_redactions(&mut guard_record, &redacted),
                 Verdict::Blocked { reason, .. } => {
-                    records.insert(0, record);
-                    return guard_stop(
-                        g.on_block,
-                        format!("output guardrail: {reason}"),
-                        records,
-                        output,
-                    );
+                    // A person may look at it: redacted, as it would have left.
+                    count_redactions(&mut guard_record, &g.set.redact_output(&mut output));
+                    records.insert(0, guard_record);
+                    let why = format!("output guardrail: {reason}");
+                    return guard_stop(g.on_block, why, records, output);
                 }
                 Verdict::Error { reason } => {
-                    records.insert(0, record);
-                    return guard_stop(g.on_error, format!("output guardrail could not check the answer, so it was not passed: {reason}"), records, output);
+                    // It could not be scanned, so it does not leave, not even for review.
+                    records.insert(0, guard_record);
+                    let why = format!("output guardrail could not check the answer, so it was not passed: {reason}");
+                    return guard_stop(g.on_error, why, records, Value::Null);
                 }
             }
-            records.insert(0, record);
+            records.insert(0, guard_record);
         }
-        let (route, review) = route_info(&outputs);
-        let degraded = outputs.iter().flatten().any(StepOutput::degraded);
-        let status = if review {
-            ResultStatus::Review
-        } else if degraded {
-            ResultStatus::Degraded
-        } else {
-            ResultStatus::Ok
-        };
         Ok(RunOutput {
             status,
             output,
@@ -199,8 +198,19 @@ impl Runner {
                     continue;
                 }
                 started[i] = true;
-                if let Some(when) = &step.when {
-                    if !when.eval(&|path| lookup(pipeline, input, &outputs, path)) {
+                // A step that works on a skipped step's output (a route's classify, a map's
+                // split, ...) has nothing to work on: it is skipped too.
+                let source_skipped = step
+                    .kind
+                    .works_on()
+                    .is_some_and(|j| matches!(outputs[j], Some(StepOutput::Skipped)));
+                let holds = || {
+                    step.when.as_ref().is_none_or(|when| {
+                        when.eval(&|path| lookup(pipeline, input, &outputs, path))
+                    })
+                };
+                {
+                    if source_skipped || !holds() {
                         outputs[i] = Some(StepOutput::Skipped);
                         records[i] = Some(StepRecord {
                             name: step.name.clone(),
@@ -226,6 +236,7 @@ impl Runner {
                     throttled_ms: Default::default(),
                     job_budget,
                     call_pool: self.pools.per_call(&step.kind),
+                    spent: Default::default(),
                 };
                 let pool = self.pools.for_kind(&step.kind);
                 let span = tracing::info_span!("step", step = %step.name);
@@ -248,42 +259,37 @@ impl Runner {
                             .step_duration
                             .with_label_values(&[ctx.step.name.as_str()])
                             .observe(started.elapsed().as_secs_f64());
-                        (i, result, ctx.local_record(started))
+                        let failed = result.as_ref().err().map(|f| ctx.failed_record(started, f));
+                        (i, result, failed)
                     }
                     .instrument(span),
                 );
             }
-            let Some((i, result, local)) = running.next().await else {
+            let Some((i, result, failed)) = running.next().await else {
                 break;
             };
             let step = &pipeline.steps[i];
             let (output, mut record) = match result {
                 Ok(done) => done,
-                Err(f) => match &step.on_failure {
-                    Some(answer) if stands_in(&f) => {
-                        tracing::info!(step = %step.name, reason = f.reason.as_str(), "step failed; its on_failure answer stands in");
-                        let output = StepOutput::Value {
-                            value: answer.clone(),
-                            fields: Map::new(),
-                            degraded: true,
-                        };
-                        let record = StepRecord {
-                            attempts: f.attempts,
-                            error: Some(f.error),
-                            ..local
-                        };
-                        (output, record)
+                Err(f) => {
+                    let record = failed.unwrap_or_default();
+                    match &step.on_failure {
+                        Some(answer) if stands_in(&f) => {
+                            tracing::info!(step = %step.name, reason = f.reason.as_str(), "step failed; its on_failure answer stands in");
+                            let output = StepOutput::Value {
+                                value: answer.clone(),
+                                fields: Map::new(),
+                                degraded: true,
+                            };
+                            (output, record)
+                        }
+                        _ => {
+                            records[i] = Some(record);
+                            failure = Some(f);
+                            break;
+                        }
                     }
-                    _ => {
-                        records[i] = Some(StepRecord {
-                            attempts: f.attempts,
-                            error: Some(f.error.clone()),
-                            ..local
-                        });
-                        failure = Some(f);
-                        break;
-                    }
-                },
+                }
             };
             if pipeline.record_output_chars > 0 {
                 record.output = Some(bounded(output.output(), pipeline.record_output_chars));
@@ -330,6 +336,7 @@ impl Runner {
                     throttled_ms: Default::default(),
                     job_budget: None,
                     call_pool: None,
+                    spent: Default::default(),
                 };
                 match &step.kind {
                     StepKindPlan::Template(assemble) => super::steps::assemble(&ctx, assemble),
@@ -353,6 +360,50 @@ fn stands_in(failure: &RunFailure) -> bool {
 /// any modern model.
 fn guard_tokens(text: &str) -> u64 {
     crate::tokens::count("gpt-4o", text)
+}
+
+/// The input check, off the async workers: counting tokens and scanning a large input is
+/// CPU work (bounded by the scan limits).
+async fn check_input(
+    guard: Arc<GuardrailsPlan>,
+    mut input: Map<String, Value>,
+) -> (Map<String, Value>, Verdict) {
+    let checked = tokio::task::spawn_blocking(move || {
+        let verdict = guard.set.check_input(&mut input, &guard_tokens);
+        (input, verdict)
+    })
+    .await;
+    match checked {
+        Ok(checked) => checked,
+        // The check did not finish (a panic in it): fail closed.
+        Err(e) => (
+            Map::new(),
+            Verdict::Error {
+                reason: format!("the check stopped: {e}"),
+            },
+        ),
+    }
+}
+
+/// A step record redacted as the output side redacts the output.
+fn redact_record(set: &GuardrailSet, record: &mut StepRecord) {
+    if let Some(output) = &mut record.output {
+        set.redact_output(output);
+    }
+    let redact_text = |text: &mut String| {
+        let mut value = Value::String(std::mem::take(text));
+        set.redact_output(&mut value);
+        if let Value::String(redacted) = value {
+            *text = redacted;
+        }
+    };
+    if let Some(error) = &mut record.error {
+        redact_text(error);
+    }
+    record
+        .rounds
+        .iter_mut()
+        .for_each(|round| redact_text(&mut round.feedback));
 }
 
 fn guard_record() -> StepRecord {

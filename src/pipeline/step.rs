@@ -167,6 +167,18 @@ pub(crate) struct StepContext<'a> {
     /// For kinds that make many calls (map, reduce, refine): the pool each call takes a
     /// permit from, instead of one permit for the whole step.
     pub call_pool: Option<&'a tokio::sync::Semaphore>,
+    /// What this step's answered calls spent so far, so a step that fails half-way (a map whose
+    /// last chunk fails, a loop whose evaluator breaks) still shows the calls that were paid.
+    pub spent: std::sync::Mutex<Spent>,
+}
+
+/// Attempts, tokens and cost of a step's answered calls.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Spent {
+    pub attempts: u32,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cost_usd: f64,
 }
 
 impl StepContext<'_> {
@@ -253,14 +265,24 @@ impl StepContext<'_> {
             Some(pool) => pool.acquire().await.ok(),
             None => None,
         };
-        self.calls
+        let outcome = self
+            .calls
             .call(
                 alias,
                 request,
                 &scope,
                 self.pipeline.budget_fallback.as_deref(),
             )
-            .await
+            .await?;
+        let mut spent = self.spent.lock().unwrap_or_else(|e| e.into_inner());
+        spent.attempts += outcome.attempts;
+        if !outcome.cached {
+            spent.input_tokens += outcome.response.input_tokens;
+            spent.output_tokens += outcome.response.output_tokens;
+            spent.cost_usd += outcome.model.price.response_cost(&outcome.response);
+        }
+        drop(spent);
+        Ok(outcome)
     }
 
     /// A record for a step that made an LLM call.
@@ -285,6 +307,21 @@ impl StepContext<'_> {
             },
             throttled_ms: self.throttled_ms.load(Ordering::Relaxed),
             ..StepRecord::default()
+        }
+    }
+
+    /// The record of a step that failed: what its answered calls spent, plus the attempts of
+    /// the failure itself.
+    pub fn failed_record(&self, started: Instant, failure: &RunFailure) -> StepRecord {
+        let spent = *self.spent.lock().unwrap_or_else(|e| e.into_inner());
+        StepRecord {
+            attempts: spent.attempts + failure.attempts,
+            input_tokens: spent.input_tokens,
+            output_tokens: spent.output_tokens,
+            cost_usd: spent.cost_usd,
+            throttled_ms: self.throttled_ms.load(Ordering::Relaxed),
+            error: Some(failure.error.clone()),
+            ..self.local_record(started)
         }
     }
 
@@ -315,6 +352,10 @@ impl StepContext<'_> {
         let attempts = failure.attempts();
         let reason = match failure {
             CallFailure::DeadlineExceeded { .. } => DeadLetterReason::DeadlineExceeded,
+            // Not the provider's fault: the job's prompt fits none of the step's models.
+            CallFailure::AllTargetsFailed { .. } if failure.only_context_length() => {
+                DeadLetterReason::ContextLengthExceeded
+            }
             CallFailure::AllTargetsFailed { .. } => DeadLetterReason::ProviderFailed,
             CallFailure::BudgetExceeded { .. } => DeadLetterReason::BudgetExceeded,
         };

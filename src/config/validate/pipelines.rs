@@ -282,6 +282,23 @@ pub(super) fn pipeline_plan(
             }
         });
         let kind = super::steps::step_kind(p, &scope, kind);
+        if let Some(answer) = on_failure.as_ref().map(|f| &f.output) {
+            match &kind {
+                StepKindPlan::Generate(_) | StepKindPlan::Reduce(_) | StepKindPlan::Refine(_) => {}
+                StepKindPlan::Map(_) if answer.is_array() => {}
+                StepKindPlan::Map(_) => p.add(
+                    format!("{field}.on_failure.output"),
+                    "a map's stand-in answer must be a list, like the answers it stands in for",
+                ),
+                other => p.add(
+                    format!("{field}.on_failure"),
+                    format!(
+                        "a {} step makes no model call, so no model failure can happen to stand in for; `on_failure` applies to generate, map, reduce and refine steps",
+                        other.name()
+                    ),
+                ),
+            }
+        }
         let depends_on = scope.depends_on;
         ancestors.push(depends_on);
         steps.push(StepPlan {
@@ -405,7 +422,6 @@ fn guardrails_plan(
     }
     let input = side("input", raw.input, true);
     let output = side("output", raw.output, false);
-    let redacts = !(input.redact.is_empty() && output.redact.is_empty());
     let action = |a: raw::RawGuardAction| match a {
         raw::RawGuardAction::DeadLetter => GuardAction::DeadLetter,
         raw::RawGuardAction::Review => GuardAction::Review,
@@ -415,7 +431,6 @@ fn guardrails_plan(
             set,
             on_block: action(raw.on_block),
             on_error: action(raw.on_error),
-            redacts,
         }),
         Err(e) => {
             p.add(field, e);

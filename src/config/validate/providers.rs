@@ -311,6 +311,17 @@ pub(super) fn models_plan(
                 "prices must be finite and not negative (USD per million tokens)",
             );
         }
+        if let Some(window) = m.context_window {
+            if window <= u64::from(m.max_tokens) {
+                p.add(
+                    format!("{field}.context_window"),
+                    format!(
+                        "{window} tokens leave no room for a prompt next to max_tokens ({})",
+                        m.max_tokens
+                    ),
+                );
+            }
+        }
         if !(0.0..=2.0).contains(&m.temperature) {
             p.add(format!("{field}.temperature"), "must be between 0 and 2");
         }

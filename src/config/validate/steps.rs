@@ -60,7 +60,17 @@ pub(super) fn step_kind(p: &mut Problems, s: &StepScope<'_>, kind: RawStepKind) 
         } => {
             let model = if model.replace(' ', "") == ROUTE_MODEL {
                 match one_route(p, s, "model", ROUTE_MODEL) {
-                    Some(j) => ModelChoice::FromRoute(j),
+                    Some(j) => {
+                        if let StepKindPlan::Route(r) = &s.steps[j].kind {
+                            if r.default.model.is_none() {
+                                p.add(
+                                    format!("{field}.model"),
+                                    format!("`{ROUTE_MODEL}` needs the `default` route of step `{}` to name a model", s.steps[j].name),
+                                );
+                            }
+                        }
+                        ModelChoice::FromRoute(j)
+                    }
                     None => ModelChoice::Fixed(String::new()),
                 }
             } else {

@@ -87,7 +87,7 @@ async fn run(ctx: &StepContext<'_>, plan: &GeneratePlan) -> StepResult {
                     Ok(value) => break Some(value),
                     Err(problem) if repairs < schema.max_repairs => {
                         repairs += 1;
-                        tracing::debug!(step = %ctx.step.name, repairs, problem = %problem, "answer does not satisfy the output schema; asking for a repair");
+                        tracing::debug!(step = %ctx.step.name, repairs, problem = %crate::guardrails::scrub_for_log(&problem), "answer does not satisfy the output schema; asking for a repair");
                         let repair =
                             structured::repair_prompt(&user, &outcome.response.content, &problem);
                         let attempts = record.attempts;

@@ -15,7 +15,7 @@ use crate::wire::{DeadLetterReason, StepRecord};
 /// Between two mapped answers in `{{mapped}}`.
 const SEPARATOR: &str = "\n\n---\n\n";
 /// Most levels of a hierarchical reduce.
-const MAX_LEVELS: u32 = 8;
+const MAX_LEVELS: u32 = 16;
 
 /// One answer of a many-call step, with its record.
 pub(super) struct Answer {
