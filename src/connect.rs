@@ -32,6 +32,23 @@ pub async fn nats(
     })
 }
 
+/// Opens JetStream stream `config.name`, creating it when missing. Replicas starting together
+/// race to create it: the losers' create fails (JetStream reports the subjects as overlapping
+/// the stream the winner just made), so a failed create is followed by one more open.
+pub async fn open_or_create_stream(
+    js: &async_nats::jetstream::Context,
+    config: async_nats::jetstream::stream::Config,
+) -> anyhow::Result<async_nats::jetstream::stream::Stream> {
+    let name = config.name.clone();
+    match js.get_or_create_stream(config).await {
+        Ok(stream) => Ok(stream),
+        Err(created) => match js.get_stream(&name).await {
+            Ok(stream) => Ok(stream),
+            Err(_) => Err(created.into()),
+        },
+    }
+}
+
 /// Whether a first connection that fails is retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retry {

@@ -341,7 +341,7 @@ impl<K: OutputSink> Engine<K> {
                         .inc();
                 }
                 tracing::warn!(job_id = dl.job_id.as_deref().unwrap_or("-"), tenant = dl.tenant.as_deref().unwrap_or("-"),
-                    pipeline, status, traceparent = trace, reason = dl.reason.as_str(), attempts = dl.attempts, error = %dl.error, "job dead-lettered");
+                    pipeline, status, traceparent = trace, reason = dl.reason.as_str(), attempts = dl.attempts, error = %crate::guardrails::scrub_for_log(&dl.error), "job dead-lettered");
             }
         }
     }

@@ -37,15 +37,16 @@ impl NatsSink {
                     .iter()
                     .map(|t| format!("{t}.>"))
                     .collect();
-                js.get_or_create_stream(stream::Config {
+                let config = stream::Config {
                     name: name.clone(),
                     subjects,
                     ..Default::default()
-                })
-                .await
-                .map_err(|e| {
-                    anyhow::anyhow!("sink.stream: cannot create or open stream {name}: {e}")
-                })?;
+                };
+                crate::connect::open_or_create_stream(&js, config)
+                    .await
+                    .map_err(|e| {
+                        anyhow::anyhow!("sink.stream: cannot create or open stream {name}: {e}")
+                    })?;
             }
             Some(js)
         } else {

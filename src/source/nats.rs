@@ -52,18 +52,19 @@ impl NatsSource {
         .await?;
         let js = jetstream::new(client.clone());
         let stream = if plan.create_stream {
-            js.get_or_create_stream(stream::Config {
+            let config = stream::Config {
                 name: plan.stream.clone(),
                 subjects: plan.subjects.clone(),
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "source.stream: cannot create or open stream {}: {e}",
-                    plan.stream
-                )
-            })?
+            };
+            crate::connect::open_or_create_stream(&js, config)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "source.stream: cannot create or open stream {}: {e}",
+                        plan.stream
+                    )
+                })?
         } else {
             js.get_stream(&plan.stream).await.map_err(|e| {
                 anyhow::anyhow!("source.stream: stream {} is not available ({e}); create it or set create_stream: true", plan.stream)
