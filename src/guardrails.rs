@@ -1,8 +1,10 @@
 //! Guardrails for LLM jobs: size and token limits, prompt-injection and deny patterns, and PII
 //! redaction, checked on a job's input before any provider call and on its output before it
-//! leaves. Every string in the JSON is scanned, at any depth (keys are neither scanned nor
-//! rewritten); numbers of 13 or more digits are scanned as text too, so a card number sent as a
-//! JSON number is caught (it becomes a string only if something in it is redacted).
+//! leaves. Every string in the JSON is scanned, at any depth, and so are the keys of nested
+//! objects, which a prompt renders with the object (a job's top-level field names are not: they
+//! are what templates address); a redacted key keeps its value. Numbers of 13 or more digits
+//! are scanned as text too, so a card number sent as a JSON number is caught (it becomes a
+//! string only if something in it is redacted). Keys count towards the scan bounds.
 //!
 //! The scan is bounded and fails closed: JSON deeper than [`MAX_DEPTH`], with more than
 //! [`MAX_STRINGS`] strings or more than [`MAX_TEXT_BYTES`] of text yields [`Verdict::Error`],

@@ -442,7 +442,7 @@ fn pattern_mistakes_name_their_field() {
         (
             "on_failure on a step that calls no model",
             "      - {name: c, kind: classify, method: rules, categories: [x], rules: {x: [y]}, on_failure: {output: x}}\n",
-            &["steps[0].on_failure", "no model call"],
+            &["steps[0].on_failure", "applies to generate"],
         ),
         (
             "a map stand-in that is not a list",

@@ -84,7 +84,7 @@ impl Runner {
                     };
                     let answer = mapped.max(self.max_tokens_of(&[r.model.as_str()]));
                     let mut prompt = self.render(job, pipeline, &r.prompt, &[]);
-                    prompt.outputs += (4 * r.max_input_chars as u64).max(3 * answer);
+                    prompt.outputs += 4 * r.max_input_chars as u64 + 3 * answer;
                     chunks.max(1) as f64 * self.costliest(&[r.model.as_str()], &prompt, 0)
                 }
                 // Each round: one generation (its revision carries the previous answer and
@@ -122,9 +122,10 @@ impl Runner {
         let count = |step: usize| bytes.map_or(max, |b| (b / step.max(1) as u64 + 1).min(max));
         match &split.by {
             // A chunk may end at a break in the last fifth of its window.
-            SplitBy::Chars { size, overlap } => {
-                (count(size - size / 5 - overlap), 4 * *size as u64)
-            }
+            SplitBy::Chars { size, overlap } => (
+                count(size.saturating_sub(size / 5 + overlap)),
+                4 * *size as u64,
+            ),
             SplitBy::Tokens { size, overlap, .. } => (count(size - overlap), *size as u64),
             SplitBy::JsonArray => match source {
                 Some(serde_json::Value::Array(items)) => (
@@ -269,16 +270,26 @@ impl Runner {
                     Assemble::Text(t) => t.vars().collect(),
                     Assemble::Json(j) => j.vars(),
                 };
-                vars.into_iter()
-                    .map(|var| match var {
-                        Var::Step(step, _) => self.output_bound(job, pipeline, step),
-                        Var::Input(field) => job
-                            .input
-                            .get(field)
-                            .map_or(0, |v| v.to_string().len() as u64),
-                        _ => 0,
-                    })
-                    .sum::<u64>()
+                // Each step read once, times how often it is read: templates reading templates
+                // stay linear, not exponential.
+                let mut reads: std::collections::BTreeMap<&str, u64> = Default::default();
+                let mut input = 0u64;
+                for var in vars {
+                    match var {
+                        Var::Step(step, _) => *reads.entry(step.as_str()).or_default() += 1,
+                        Var::Input(field) => {
+                            input += job
+                                .input
+                                .get(field)
+                                .map_or(0, |v| v.to_string().len() as u64)
+                        }
+                        _ => {}
+                    }
+                }
+                reads
+                    .into_iter()
+                    .map(|(step, n)| n.saturating_mul(self.output_bound(job, pipeline, step)))
+                    .fold(input, u64::saturating_add)
                     .saturating_add(assemble.literal_bytes())
             }
             // A split hands on the document it split.

@@ -161,7 +161,9 @@ impl Runner {
                     return guard_stop(g.on_block, why, records, output);
                 }
                 Verdict::Error { reason } => {
-                    // It could not be scanned, so it does not leave, not even for review.
+                    // It could not be scanned, so it does not leave, not even for review, nor
+                    // in the records of the steps that made it.
+                    records.iter_mut().for_each(|r| r.output = None);
                     records.insert(0, guard_record);
                     let why = format!("output guardrail could not check the answer, so it was not passed: {reason}");
                     return guard_stop(g.on_error, why, records, Value::Null);
@@ -292,7 +294,12 @@ impl Runner {
                 }
             };
             if pipeline.record_output_chars > 0 {
-                record.output = Some(bounded(output.output(), pipeline.record_output_chars));
+                let mut value = output.output();
+                // Redacted whole, before the cut: a cut PII value would no longer be found.
+                if let Some(g) = &pipeline.guardrails {
+                    g.set.redact_output(&mut value);
+                }
+                record.output = Some(bounded(value, pipeline.record_output_chars));
             }
             outputs[i] = Some(output);
             records[i] = Some(record);

@@ -314,8 +314,15 @@ impl StepContext<'_> {
     /// the failure itself.
     pub fn failed_record(&self, started: Instant, failure: &RunFailure) -> StepRecord {
         let spent = *self.spent.lock().unwrap_or_else(|e| e.into_inner());
+        // An answer that failed validation counted the answered calls already; a call that
+        // failed counted only its own attempts.
+        let attempts = if failure.reason == DeadLetterReason::OutputInvalid {
+            failure.attempts.max(spent.attempts)
+        } else {
+            spent.attempts + failure.attempts
+        };
         StepRecord {
-            attempts: spent.attempts + failure.attempts,
+            attempts,
             input_tokens: spent.input_tokens,
             output_tokens: spent.output_tokens,
             cost_usd: spent.cost_usd,

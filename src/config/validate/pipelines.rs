@@ -293,7 +293,7 @@ pub(super) fn pipeline_plan(
                 other => p.add(
                     format!("{field}.on_failure"),
                     format!(
-                        "a {} step makes no model call, so no model failure can happen to stand in for; `on_failure` applies to generate, map, reduce and refine steps",
+                        "`on_failure` applies to generate, map, reduce and refine steps, not a {} step (its output is read by kind, so a stand-in could not take its place)",
                         other.name()
                     ),
                 ),
