@@ -258,8 +258,9 @@ async fn the_evaluator_loop_rewrites_until_the_score_is_reached() {
 
 #[tokio::test]
 async fn guardrails_redact_pii_before_the_provider_and_block_injections() {
-    let outputs = Example::start("guardrails")
-        .await
+    let example = Example::start("guardrails").await;
+    let metrics = example.service.metrics.clone();
+    let outputs = example
         .run(vec![
             (
                 "g1",
@@ -286,6 +287,24 @@ async fn guardrails_redact_pii_before_the_provider_and_block_injections() {
     assert_eq!(guard.redacted.get("email"), Some(&1));
     assert_eq!(guard.redacted.get("card"), Some(&1));
 
+    let verdicts = |side: &str, verdict: &str| {
+        metrics
+            .guardrail_verdicts
+            .with_label_values(&["support", side, verdict])
+            .get()
+    };
+    assert_eq!(
+        (verdicts("input", "pass"), verdicts("input", "blocked")),
+        (1, 1)
+    );
+    assert_eq!(verdicts("output", "pass"), 1);
+    let redacted = |kind: &str| {
+        metrics
+            .pii_redacted
+            .with_label_values(&["input", kind])
+            .get()
+    };
+    assert_eq!((redacted("email"), redacted("card")), (1, 1));
     let blocked = dead_letter_of(&outputs, "g2");
     assert_eq!(blocked.reason, DeadLetterReason::GuardrailBlocked);
     assert!(blocked.error.contains("injection"), "{}", blocked.error);

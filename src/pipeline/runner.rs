@@ -114,6 +114,7 @@ impl Runner {
             None => &job.input,
             Some(g) => {
                 let (checked, verdict) = check_input(g.clone(), job.input.clone()).await;
+                self.metrics.guardrail(&pipeline.name, "input", &verdict);
                 match verdict {
                     Verdict::Pass { redacted } => count_redactions(&mut guard_record, &redacted),
                     Verdict::Blocked { reason, .. } => {
@@ -151,7 +152,9 @@ impl Runner {
         if let Some(g) = &guard {
             // What travels with the output (step outputs, errors, feedback) is redacted like it.
             records.iter_mut().for_each(|r| redact_record(&g.set, r));
-            match g.set.check_output(&mut output, &guard_tokens) {
+            let verdict = g.set.check_output(&mut output, &guard_tokens);
+            self.metrics.guardrail(&pipeline.name, "output", &verdict);
+            match verdict {
                 Verdict::Pass { redacted } => count_redactions(&mut guard_record, &redacted),
                 Verdict::Blocked { reason, .. } => {
                     // A person may look at it: redacted, as it would have left.

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub intake_pauses: IntCounter,
     pub job_panics: IntCounter,
     pub cache_requests: IntCounterVec,
+    pub guardrail_verdicts: IntCounterVec,
+    pub pii_redacted: IntCounterVec,
     pub tenant_tokens: IntCounterVec,
     pub tenant_cost: CounterVec,
     /// Worker pools whose free permits a scrape reports, by pool name.
@@ -131,6 +133,14 @@ impl Metrics {
                 "Times intake paused the source because in-flight jobs stayed at limits.max_inflight_jobs.",
             ))?,
             cache_requests: IntCounterVec::new(opts("cache_requests_total", "Response cache lookups by result (hit, miss)."), &["result"])?,
+            guardrail_verdicts: IntCounterVec::new(
+                opts("guardrail_verdicts_total", "Guardrail checks by pipeline, side (input, output) and verdict (pass; blocked: a limit or pattern matched; error: the check could not run, so the job was not passed)."),
+                &["pipeline", "side", "verdict"],
+            )?,
+            pii_redacted: IntCounterVec::new(
+                opts("pii_redacted_total", "PII values replaced by guardrails, by side and kind (email, phone, card, iban, national_id)."),
+                &["side", "kind"],
+            )?,
             tenant_tokens: IntCounterVec::new(
                 opts("tenant_tokens_total", "Tokens of finished jobs by tenant (tenants named in config; the rest are `other`) and direction."),
                 &["tenant", "direction"],
@@ -167,6 +177,9 @@ impl Metrics {
         m.registry.register(Box::new(m.intake_pauses.clone()))?;
         m.registry.register(Box::new(m.job_panics.clone()))?;
         m.registry.register(Box::new(m.cache_requests.clone()))?;
+        m.registry
+            .register(Box::new(m.guardrail_verdicts.clone()))?;
+        m.registry.register(Box::new(m.pii_redacted.clone()))?;
         m.registry.register(Box::new(m.tenant_tokens.clone()))?;
         m.registry.register(Box::new(m.tenant_cost.clone()))?;
         Ok(Arc::new(m))
@@ -187,6 +200,26 @@ impl Metrics {
         self.llm_request_duration
             .with_label_values(&[provider, model])
             .observe(seconds);
+    }
+
+    /// Records one guardrail check: its verdict and what it redacted.
+    pub fn guardrail(&self, pipeline: &str, side: &str, verdict: &crate::guardrails::Verdict) {
+        use crate::guardrails::Verdict;
+        let name = match verdict {
+            Verdict::Pass { redacted } => {
+                for (kind, n) in redacted {
+                    self.pii_redacted
+                        .with_label_values(&[side, kind])
+                        .inc_by(u64::from(*n));
+                }
+                "pass"
+            }
+            Verdict::Blocked { .. } => "blocked",
+            Verdict::Error { .. } => "error",
+        };
+        self.guardrail_verdicts
+            .with_label_values(&[pipeline, side, name])
+            .inc();
     }
 
     /// Records the usage and spend of a successful provider call.
