@@ -68,6 +68,19 @@ enum Command {
     Bench(cli::bench::BenchArgs),
     /// Validate a config file; exits non-zero naming every bad field.
     CheckConfig { file: PathBuf },
+    /// The prompt registry.
+    #[command(subcommand)]
+    Prompts(PromptsCommand),
+}
+
+#[derive(Subcommand)]
+enum PromptsCommand {
+    /// Record the content hash of every versioned prompt (name@version) in the config's
+    /// prompt lock, so a later change of its text without a new version fails at start-up.
+    Lock {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -149,6 +162,18 @@ const EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
+        Command::Prompts(PromptsCommand::Lock { config: file }) => {
+            match config::lock_prompts(&file) {
+                Ok((lock, n)) => {
+                    println!("{}: {n} prompt version(s) locked", lock.display());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
         Command::CheckConfig { file } => match config::load(&file) {
             Ok(plan) => {
                 for warning in &plan.warnings {

@@ -82,3 +82,40 @@ fn an_unreadable_file_fails_with_its_path() {
         "{text}"
     );
 }
+
+/// The prompt lock: `switchyard prompts lock` records each versioned prompt's text; a later
+/// change of that text under the same version fails `check-config` naming the prompt.
+#[test]
+fn a_prompt_text_changed_without_a_new_version_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let lock = dir.path().join("prompts.lock");
+    let locked = format!(
+        "prompt_registry: {{lock: \"{}\"}}\n{}",
+        lock.display(),
+        example()
+    );
+    let path = write(&dir, &locked);
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["prompts", "lock", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::read_to_string(&lock)
+        .unwrap()
+        .contains("triage@v1"));
+    let (ok, text) = check(&path);
+    assert!(ok, "{text}");
+    let changed = locked.replacen("Ticket:", "Customer ticket:", 1);
+    assert_ne!(changed, locked);
+    let (ok, text) = check(&write(&dir, &changed));
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("prompts.triage@v1") && text.contains("new version"),
+        "{text}"
+    );
+}

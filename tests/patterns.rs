@@ -116,19 +116,29 @@ impl Example {
 
 #[tokio::test]
 async fn chain_feeds_each_step_the_one_before() {
-    let outputs = Example::start("chain")
-        .await
+    let example = Example::start("chain").await;
+    let metrics = example.service.metrics.clone();
+    let outputs = example
         .run(vec![(
             "c1",
             json!({"text": "Where is order 1234? It is late."}),
         )])
         .await;
+    // Each call is counted under the prompt version it was rendered from.
+    for prompt in ["extract@v1", "reply@v1"] {
+        let calls = metrics
+            .llm_requests
+            .with_label_values(&["mock", "gpt-4o-mini", prompt, "ok"])
+            .get();
+        assert_eq!(calls, 1, "{prompt}");
+    }
     let r = result_of(&outputs, "c1");
     assert_eq!(r.status, ResultStatus::Ok);
     assert_eq!(
         r.output,
         json!("Dear customer, your order 1234 is on its way.")
     );
+    assert_eq!(step_of(r, "reply").prompt.as_deref(), Some("reply@v1"));
     assert_eq!(
         step_of(r, "extract").output,
         Some(json!("order=1234; issue=late delivery"))

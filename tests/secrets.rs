@@ -221,6 +221,7 @@ pipelines:
         user: "hello".into(),
         max_tokens: 16,
         temperature: 0.0,
+        prompt: None,
     };
     let answer = providers
         .target("llm")

@@ -112,6 +112,7 @@ mod tests {
             user: user.into(),
             max_tokens: 10,
             temperature,
+            prompt: None,
         }
     }
 

@@ -22,8 +22,15 @@ impl Calls {
             Ok(_) => "ok",
             Err(e) => e.kind(),
         };
-        self.metrics
-            .llm_attempt(provider, &model.model, outcome, elapsed.as_secs_f64());
+        // Prompt names come from config: a bounded label.
+        let prompt = request.prompt.as_deref().unwrap_or("-");
+        self.metrics.llm_attempt(
+            provider,
+            &model.model,
+            prompt,
+            outcome,
+            elapsed.as_secs_f64(),
+        );
         let latency_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
         match result {
             Ok(r) => {
@@ -38,17 +45,17 @@ impl Calls {
                 if self.log_payloads {
                     // Texts go to the log with PII redacted, whatever the pipeline's guardrails.
                     let scrub = crate::guardrails::scrub_for_log;
-                    tracing::info!(target: "switchyard::llm", provider, model = %model.model, attempt, outcome, latency_ms,
+                    tracing::info!(target: "switchyard::llm", provider, model = %model.model, prompt_version = prompt, attempt, outcome, latency_ms,
                         input_tokens = r.input_tokens, output_tokens = r.output_tokens, cost_usd,
                         prompt = %scrub(&request.user), system = %scrub(request.system.as_deref().unwrap_or_default()),
                         response = %scrub(&r.content), "provider call");
                 } else {
-                    tracing::info!(target: "switchyard::llm", provider, model = %model.model, attempt, outcome, latency_ms,
+                    tracing::info!(target: "switchyard::llm", provider, model = %model.model, prompt_version = prompt, attempt, outcome, latency_ms,
                         input_tokens = r.input_tokens, output_tokens = r.output_tokens, cost_usd, "provider call");
                 }
             }
             Err(error) => {
-                tracing::info!(target: "switchyard::llm", provider, model = %model.model, attempt, outcome, latency_ms,
+                tracing::info!(target: "switchyard::llm", provider, model = %model.model, prompt_version = prompt, attempt, outcome, latency_ms,
                     input_tokens = 0u64, output_tokens = 0u64, cost_usd = 0.0, error = %error, "provider call");
             }
         }

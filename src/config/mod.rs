@@ -108,6 +108,37 @@ pub fn load_str(
     })
 }
 
+/// Writes the prompt lock of the config at `path`: the content hash of every versioned prompt
+/// (`name@version`), so a later change of its text without a new version fails at start-up.
+/// Returns the lock's path and how many prompts it holds.
+pub fn lock_prompts(path: &Path) -> Result<(std::path::PathBuf, usize), ConfigError> {
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::one(&origin, format!("cannot read the file: {e}")))?;
+    let mut root: Value = serde_norway::from_str(&text)
+        .map_err(|e| ConfigError::one(&origin, format!("not valid YAML: {e}")))?;
+    apply_env_overrides(&mut root, std::env::vars()).map_err(|p| ConfigError::one(&origin, p))?;
+    let raw: raw::RawConfig = serde_path_to_error::deserialize(root).map_err(|e| {
+        let path = e.path().to_string();
+        ConfigError::one(&origin, format!("{path}: {}", e.into_inner()))
+    })?;
+    let (lock, hashes) = validate::prompt_hashes(&raw).map_err(|problems| ConfigError {
+        origin: origin.clone(),
+        problems,
+    })?;
+    let mut text = String::from(
+        "# Written by `switchyard prompts lock`: the SHA-256 of each versioned prompt's text.\n\
+         # A prompt whose text no longer matches is refused at start-up; change text in a new version.\n",
+    );
+    for (key, hash) in &hashes {
+        text.push_str(&format!("\"{key}\": \"{hash}\"\n"));
+    }
+    std::fs::write(&lock, text).map_err(|e| {
+        ConfigError::one(&origin, format!("cannot write `{}`: {e}", lock.display()))
+    })?;
+    Ok((lock, hashes.len()))
+}
+
 /// Applies `SWITCHYARD__SOURCE__BROKERS=host:9092`-style variables onto the parsed YAML.
 /// Path segments are lower-cased; the value is read as YAML, so numbers and booleans work.
 fn apply_env_overrides(

@@ -22,6 +22,9 @@ pub struct RawConfig {
     pub models: BTreeMap<String, RawModel>,
     #[serde(default)]
     pub prompts: BTreeMap<String, RawPrompt>,
+    /// Versioned prompts as files, labels, and the lock of their content hashes.
+    #[serde(default)]
+    pub prompt_registry: Option<RawPromptRegistry>,
     pub pipelines: BTreeMap<String, RawPipeline>,
     #[serde(default)]
     pub default_pipeline: Option<String>,
@@ -604,7 +607,19 @@ pub struct RawPrice {
     pub cache_write: Option<f64>,
 }
 
-#[derive(Debug, Deserialize)]
+/// `prompt_registry`: `dir` holds `<name>/<version>.yaml` (a prompt: `system`, `user`) and
+/// `<name>/labels.yaml` (`label: version`); `lock` (default `<dir>/prompts.lock`) records the
+/// content hash of every versioned prompt (`switchyard prompts lock` writes it).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPromptRegistry {
+    #[serde(default)]
+    pub dir: Option<String>,
+    #[serde(default)]
+    pub lock: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPrompt {
     #[serde(default)]

@@ -559,3 +559,121 @@ fn prompt_cache_prices_default_per_api_and_are_charged_apart() {
     );
     assert!((haiku.response_cost(&response) - (0.3 + 0.06 + 0.125)).abs() < 1e-9);
 }
+
+/// A registry in a temporary directory: `triage` v1 and v2, `production` -> v2.
+fn registry(dir: &std::path::Path) -> String {
+    let triage = dir.join("triage");
+    std::fs::create_dir_all(&triage).unwrap();
+    std::fs::write(
+        triage.join("v1.yaml"),
+        "user: \"Categories: {{categories}}\\n{{input.text}}\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        triage.join("v2.yaml"),
+        "system: Answer in JSON.\nuser: \"Categories: {{categories}}\\nTicket: {{input.text}}\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        triage.join("labels.yaml"),
+        "production: v2\ncandidate: v1\n",
+    )
+    .unwrap();
+    MINIMAL
+        .replace("prompt: triage,", "prompt: triage@production,")
+        .replace(
+            "pipelines:",
+            &format!(
+                "prompt_registry: {{dir: \"{}\"}}\npipelines:",
+                dir.display()
+            ),
+        )
+}
+
+#[test]
+fn registry_labels_resolve_to_versions_and_records_name_the_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = load(&registry(dir.path())).unwrap();
+    let StepKindPlan::Classify(ClassifyPlan {
+        method: ClassifyMethod::Llm { prompt, .. },
+        ..
+    }) = &plan.pipelines["support"].steps[0].kind
+    else {
+        panic!("an LLM classify step")
+    };
+    assert_eq!(
+        prompt.name, "triage@v2",
+        "the label resolves to its version"
+    );
+    assert!(
+        plan.warnings.iter().any(|w| w.contains("prompts.lock")),
+        "no lock yet: {:?}",
+        plan.warnings
+    );
+}
+
+#[test]
+fn a_prompt_changed_without_a_new_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = registry(dir.path());
+    let config = dir.path().join("c.yaml");
+    std::fs::write(&config, &text).unwrap();
+    let (lock, n) = lock_prompts(&config).unwrap();
+    assert_eq!(n, 2);
+    assert!(lock.ends_with("prompts.lock"));
+    let plan = load(&text).unwrap();
+    assert!(
+        plan.warnings.iter().all(|w| !w.contains("prompts.")),
+        "{:?}",
+        plan.warnings
+    );
+    // Same version, new text.
+    std::fs::write(
+        dir.path().join("triage/v1.yaml"),
+        "user: \"Categories: {{categories}}\\nBe nice. {{input.text}}\"\n",
+    )
+    .unwrap();
+    let e = problems(&text);
+    assert!(
+        e.contains("prompts.triage@v1") && e.contains("changed since"),
+        "{e}"
+    );
+    // A new version is fine, with a warning until it is locked.
+    std::fs::write(
+        dir.path().join("triage/v1.yaml"),
+        "user: \"Categories: {{categories}}\\n{{input.text}}\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("triage/v3.yaml"),
+        "user: \"Categories: {{categories}}\\nBe nice. {{input.text}}\"\n",
+    )
+    .unwrap();
+    let plan = load(&text).unwrap();
+    assert!(
+        plan.warnings
+            .iter()
+            .any(|w| w.contains("prompts.triage@v3")),
+        "{:?}",
+        plan.warnings
+    );
+}
+
+#[test]
+fn registry_mistakes_name_what_to_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = registry(dir.path());
+    std::fs::write(dir.path().join("triage/labels.yaml"), "production: v9\n").unwrap();
+    let e = problems(&text);
+    assert!(
+        e.contains("prompts.triage@production") && e.contains("triage@v9"),
+        "{e}"
+    );
+    let inline = text.replace("prompts:\n", "prompts:\n  triage@v1: {user: x}\n");
+    std::fs::write(dir.path().join("triage/labels.yaml"), "production: v2\n").unwrap();
+    let e = problems(&inline);
+    assert!(
+        e.contains("prompts.triage@v1") && e.contains("also defined by"),
+        "{e}"
+    );
+}

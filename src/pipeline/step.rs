@@ -352,6 +352,7 @@ impl StepContext<'_> {
         if record.provider.is_none() {
             record.provider.clone_from(&other.provider);
             record.model.clone_from(&other.model);
+            record.prompt.clone_from(&other.prompt);
         }
     }
 

@@ -171,6 +171,7 @@ mod tests {
             user: "hello".into(),
             max_tokens: 64,
             temperature: 0.0,
+            prompt: None,
         }
     }
 

@@ -27,6 +27,8 @@ pub struct ChatRequest {
     pub user: String,
     pub max_tokens: u32,
     pub temperature: f64,
+    /// The prompt it was rendered from (`name@version`), for logs and metrics; not sent.
+    pub prompt: Option<String>,
 }
 
 impl ChatRequest {
@@ -38,7 +40,14 @@ impl ChatRequest {
             user: user.to_owned(),
             max_tokens: model.max_tokens,
             temperature: model.temperature,
+            prompt: None,
         }
+    }
+
+    /// This request, rendered from the prompt named `prompt`.
+    pub fn from_prompt(mut self, prompt: &str) -> Self {
+        self.prompt = Some(prompt.to_owned());
+        self
     }
 }
 

@@ -208,6 +208,7 @@ mod tests {
             user: "u".into(),
             max_tokens: 5,
             temperature: 0.0,
+            prompt: None,
         };
         let r = parse_success(body, &req).unwrap();
         assert_eq!(

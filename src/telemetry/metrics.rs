@@ -80,8 +80,8 @@ impl Metrics {
             ))?,
             step_duration: HistogramVec::new(histogram("step_duration_seconds", "One pipeline step, including its pool wait."), &["step"])?,
             llm_requests: IntCounterVec::new(
-                opts("llm_requests_total", "Provider attempts by outcome (ok or the error class)."),
-                &["provider", "model", "outcome"],
+                opts("llm_requests_total", "Provider attempts by prompt (name@version, `-` for none) and outcome (ok or the error class)."),
+                &["provider", "model", "prompt", "outcome"],
             )?,
             llm_request_duration: HistogramVec::new(
                 histogram("llm_request_duration_seconds", "One provider attempt."),
@@ -193,9 +193,16 @@ impl Metrics {
     }
 
     /// Records one provider attempt.
-    pub fn llm_attempt(&self, provider: &str, model: &str, outcome: &str, seconds: f64) {
+    pub fn llm_attempt(
+        &self,
+        provider: &str,
+        model: &str,
+        prompt: &str,
+        outcome: &str,
+        seconds: f64,
+    ) {
         self.llm_requests
-            .with_label_values(&[provider, model, outcome])
+            .with_label_values(&[provider, model, prompt, outcome])
             .inc();
         self.llm_request_duration
             .with_label_values(&[provider, model])

@@ -5,6 +5,7 @@
 mod io;
 mod pipelines;
 mod providers;
+mod registry;
 mod service;
 mod steps;
 mod tenants;
@@ -31,6 +32,34 @@ impl Problems {
     }
 }
 
+/// `name@version` -> content hash of every versioned prompt of `raw` (inline and registry
+/// files), and where the lock goes; for `switchyard prompts lock`.
+pub(super) fn prompt_hashes(
+    raw: &RawConfig,
+) -> Result<(std::path::PathBuf, BTreeMap<String, String>), Vec<String>> {
+    let mut p = Problems::default();
+    let Some(config) = &raw.prompt_registry else {
+        return Err(vec![
+            "prompt_registry: not set; name a `dir` and/or a `lock` file".into(),
+        ]);
+    };
+    let registry = registry::read(&mut p, config);
+    let mut prompts = raw.prompts.clone();
+    registry::merge(&mut p, &registry, &mut prompts);
+    let Some(lock) = registry.lock_path.clone() else {
+        return Err(vec!["prompt_registry: name a `dir` or a `lock` file".into()]);
+    };
+    if !p.0.is_empty() {
+        return Err(p.0);
+    }
+    let hashes = prompts
+        .iter()
+        .filter(|(k, _)| k.contains('@'))
+        .map(|(k, v)| (k.clone(), registry::content_hash(v)))
+        .collect();
+    Ok((lock, hashes))
+}
+
 pub(super) fn validate(raw: RawConfig) -> Result<Plan, Vec<String>> {
     let mut p = Problems::default();
     let p = &mut p;
@@ -41,7 +70,16 @@ pub(super) fn validate(raw: RawConfig) -> Result<Plan, Vec<String>> {
     let limits = service::limits_plan(p, raw.limits);
     let providers = providers::providers_plan(p, raw.providers);
     let models = providers::models_plan(p, raw.models, &providers);
-    let prompts = pipelines::prompts_plan(p, raw.prompts);
+    let mut raw_prompts = raw.prompts;
+    let registry = raw
+        .prompt_registry
+        .as_ref()
+        .map(|r| registry::read(p, r))
+        .unwrap_or_default();
+    registry::merge(p, &registry, &mut raw_prompts);
+    registry::check_lock(p, &registry, &raw_prompts);
+    let mut prompts = pipelines::prompts_plan(p, raw_prompts);
+    registry::add_labels(p, &registry, &mut prompts);
     let pipelines = pipelines::pipelines_plan(p, raw.pipelines, &models, &prompts);
     let default_pipeline = pipelines::default_pipeline(p, raw.default_pipeline, &pipelines);
     let pools = service::pools_plan(p, raw.pools);

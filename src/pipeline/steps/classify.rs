@@ -48,9 +48,12 @@ async fn run(ctx: &StepContext<'_>, plan: &ClassifyPlan) -> StepResult {
                 .transpose()?;
             let user = ctx.render(&prompt.user, &plan.categories)?;
             let outcome = ctx
-                .call(model, |m| ChatRequest::to(m, &system, &user))
+                .call(model, |m| {
+                    ChatRequest::to(m, &system, &user).from_prompt(&prompt.name)
+                })
                 .await?;
-            let record = ctx.record(started, &outcome);
+            let mut record = ctx.record(started, &outcome);
+            record.prompt = Some(prompt.name.clone());
             let (category, confidence) = parse_answer(&outcome.response.content, &plan.categories)
                 .map_err(|e| RunFailure {
                     reason: DeadLetterReason::OutputInvalid,

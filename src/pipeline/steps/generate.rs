@@ -60,7 +60,8 @@ async fn run(ctx: &StepContext<'_>, plan: &GeneratePlan) -> StepResult {
     let mut user = ctx.render(&prompt.user, &[])?;
     let request = |user: &str| {
         let (system, user) = (system.clone(), user.to_owned());
-        move |m: &crate::config::ModelPlan| ChatRequest::to(m, &system, &user)
+        let name = prompt.name.clone();
+        move |m: &crate::config::ModelPlan| ChatRequest::to(m, &system, &user).from_prompt(&name)
     };
     let mut outcome = match ctx.call_raw(&alias, request(&user)).await {
         Ok(outcome) => outcome,

@@ -39,10 +39,14 @@ pub(super) async fn ask(
         .transpose()?;
     let user = ctx.render_with(&prompt.user, &[], locals)?;
     let outcome = ctx
-        .call(alias, |m: &ModelPlan| ChatRequest::to(m, &system, &user))
+        .call(alias, |m: &ModelPlan| {
+            ChatRequest::to(m, &system, &user).from_prompt(&prompt.name)
+        })
         .await?;
+    let mut record = ctx.record(started, &outcome);
+    record.prompt = Some(prompt.name.clone());
     Ok(Answer {
-        record: ctx.record(started, &outcome),
+        record,
         degraded: outcome.degraded,
         text: outcome.response.content,
     })
