@@ -71,6 +71,16 @@ enum Command {
     /// The prompt registry.
     #[command(subcommand)]
     Prompts(PromptsCommand),
+    /// A/B experiments.
+    #[command(subcommand)]
+    Experiments(ExperimentsCommand),
+}
+
+#[derive(Subcommand)]
+enum ExperimentsCommand {
+    /// Per-variant jobs, share, latency, cost, review and degraded rates from results as
+    /// `tail --json` prints them (a file, or `-` for standard input).
+    Report { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -162,6 +172,10 @@ const EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
+        Command::Experiments(ExperimentsCommand::Report { file }) => {
+            cli::experiments::run(&file)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Prompts(PromptsCommand::Lock { config: file }) => {
             match config::lock_prompts(&file) {
                 Ok((lock, n)) => {

@@ -1,8 +1,10 @@
-//! The operator commands around the service: `demo`, `publish`, `tail` and `bench`. They live
+//! The operator commands around the service: `demo`, `publish`, `tail`, `bench` and
+//! `experiments report`. They live
 //! in the binary, not the library: the service never depends on them.
 
 pub mod bench;
 pub mod demo;
+pub mod experiments;
 pub mod publish;
 pub mod tail;
 

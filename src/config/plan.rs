@@ -696,6 +696,67 @@ pub struct GeneratePlan {
     pub output: Option<OutputSchema>,
     /// When no model's window fits the prompt, cut the prompt to fit instead of failing.
     pub truncate_to_fit: bool,
+    pub experiment: Option<Arc<ExperimentPlan>>,
+}
+
+/// Weighted variants of a generate step, assigned by a stable hash of the experiment and the
+/// sticky unit, so a user keeps its variant across restarts and replicas.
+#[derive(Debug)]
+pub struct ExperimentPlan {
+    pub name: String,
+    pub sticky_by: StickyBy,
+    /// Percent of units in the experiment.
+    pub rollout: f64,
+    pub variants: Vec<VariantPlan>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StickyBy {
+    User,
+    Tenant,
+    Job,
+}
+
+#[derive(Debug)]
+pub struct VariantPlan {
+    pub name: String,
+    pub weight: u32,
+    pub model: Option<String>,
+    pub prompt: Option<Arc<PromptPlan>>,
+    pub temperature: Option<f64>,
+    pub max_tokens: Option<u32>,
+}
+
+impl ExperimentPlan {
+    /// The variant of `unit`, or `None` when the unit is outside the rollout. The same unit
+    /// always gets the same answer for the same experiment (name, rollout, variants).
+    pub fn assign(&self, unit: &str) -> Option<&VariantPlan> {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::new()
+            .chain_update(self.name.as_bytes())
+            .chain_update([0])
+            .chain_update(unit.as_bytes())
+            .finalize();
+        let word = |i: usize| {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(digest.get(i..i + 8).unwrap_or(&[0; 8]));
+            u64::from_be_bytes(bytes)
+        };
+        let rollout = (self.rollout * 100.0).round() as u64;
+        if word(0) % 10_000 >= rollout {
+            return None;
+        }
+        let total: u64 = self.variants.iter().map(|v| u64::from(v.weight)).sum();
+        let mut point = word(8) % total.max(1);
+        for variant in &self.variants {
+            let weight = u64::from(variant.weight);
+            if point < weight {
+                return Some(variant);
+            }
+            point -= weight;
+        }
+        self.variants.last()
+    }
 }
 
 #[derive(Debug, Clone)]

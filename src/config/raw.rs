@@ -777,6 +777,9 @@ pub enum RawStepKind {
         /// When every model's context window is too small: `fail` (default) or `truncate`.
         #[serde(default)]
         on_context_overflow: RawOverflow,
+        /// Weighted variants of this step (prompt, model, parameters), assigned stickily.
+        #[serde(default)]
+        experiment: Option<RawExperiment>,
     },
     /// Text or JSON assembled from earlier outputs, without a provider call.
     Template {
@@ -824,6 +827,50 @@ pub enum RawStepKind {
         #[serde(default = "default_stop_at")]
         stop_at: f64,
     },
+}
+
+/// An A/B experiment on a generate step.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawExperiment {
+    /// Default: `<pipeline>.<step>`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// What keeps its variant: `user` (the job's `user`, else its tenant), `tenant` or `job`.
+    #[serde(default)]
+    pub sticky_by: RawStickyBy,
+    /// Percent of units in the experiment; the rest run the step as configured, unrecorded.
+    #[serde(default = "full_rollout")]
+    pub rollout: f64,
+    pub variants: BTreeMap<String, RawVariant>,
+}
+
+fn full_rollout() -> f64 {
+    100.0
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RawStickyBy {
+    #[default]
+    User,
+    Tenant,
+    Job,
+}
+
+/// A variant: its share and what it changes (nothing: the control).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVariant {
+    pub weight: u32,
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub prompt: Option<String>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
 }
 
 fn default_max_repairs() -> u32 {

@@ -677,3 +677,88 @@ fn registry_mistakes_name_what_to_fix() {
         "{e}"
     );
 }
+
+fn experiment(rollout: f64, weights: &[(&str, u32)]) -> ExperimentPlan {
+    ExperimentPlan {
+        name: "exp".into(),
+        sticky_by: StickyBy::User,
+        rollout,
+        variants: weights
+            .iter()
+            .map(|(name, weight)| VariantPlan {
+                name: (*name).into(),
+                weight: *weight,
+                model: None,
+                prompt: None,
+                temperature: None,
+                max_tokens: None,
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn experiment_assignment_follows_the_weights_and_the_rollout_and_is_stable() {
+    let e = experiment(100.0, &[("control", 90), ("b", 10)]);
+    let n = 20_000;
+    let b = (0..n)
+        .filter(|i| {
+            e.assign(&format!("user-{i}"))
+                .is_some_and(|v| v.name == "b")
+        })
+        .count();
+    assert!((1_800..=2_200).contains(&b), "{b} of {n}");
+    // The same unit, the same variant, however often it is asked (any replica, any restart).
+    for i in 0..100 {
+        let unit = format!("user-{i}");
+        let first = e.assign(&unit).map(|v| v.name.clone());
+        assert!((0..5).all(|_| e.assign(&unit).map(|v| v.name.clone()) == first));
+    }
+    let half = experiment(50.0, &[("control", 1), ("b", 1)]);
+    let inside = (0..n)
+        .filter(|i| half.assign(&format!("u{i}")).is_some())
+        .count();
+    assert!((9_500..=10_500).contains(&inside), "{inside} of {n}");
+    assert!(experiment(0.0, &[("b", 1)]).assign("anyone").is_none());
+}
+
+#[test]
+fn experiment_mistakes_name_their_field() {
+    let base = "      - {name: g, kind: generate, model: small, prompt: plain, experiment: EXP}\n";
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "{variants: {a: {weight: 1, model: nope}}}",
+            &["steps[0].experiment.variants.a.model", "`nope`"],
+        ),
+        (
+            "{variants: {a: {weight: 1, max_tokens: 999999}}}",
+            &["variants.a.max_tokens", "max_tokens"],
+        ),
+        (
+            "{rollout: 150, variants: {a: {weight: 1}}}",
+            &["experiment.rollout"],
+        ),
+        (
+            "{variants: {a: {weight: 0}}}",
+            &["experiment.variants", "weight above 0"],
+        ),
+        (
+            "{variants: {a: {weight: 1, prompt: chunk}}}",
+            &["variants.a.prompt", "`{{chunk}}` is not available here"],
+        ),
+    ];
+    for (exp, expected) in cases {
+        let e = problems(&with_steps(&base.replace("EXP", exp)));
+        for part in *expected {
+            assert!(e.contains(part), "`{part}` not in:\n{e}");
+        }
+    }
+    let two = format!(
+        "{}{}",
+        base.replace("EXP", "{variants: {a: {weight: 1}}}"),
+        base.replace("name: g", "name: h")
+            .replace("EXP", "{variants: {a: {weight: 1}}}")
+    );
+    let e = problems(&with_steps(&two));
+    assert!(e.contains("one experiment per pipeline"), "{e}");
+}

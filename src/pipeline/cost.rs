@@ -6,8 +6,8 @@
 //! rejected answer and the problem.
 
 use crate::config::{
-    Assemble, ClassifyMethod, ModelChoice, ModelPlan, PipelinePlan, PromptPlan, SplitBy,
-    SplitSource, StepKindPlan,
+    Assemble, ClassifyMethod, GeneratePlan, ModelChoice, ModelPlan, PipelinePlan, PromptPlan,
+    SplitBy, SplitSource, StepKindPlan,
 };
 use crate::template::{Scope, Template, Var};
 use crate::wire::Job;
@@ -49,15 +49,18 @@ impl Runner {
                     ClassifyMethod::Rules { .. } => 0.0,
                 },
                 StepKindPlan::Route(_) | StepKindPlan::Template(_) | StepKindPlan::Split(_) => 0.0,
+                // Over every model and prompt the step may use, its experiment's variants' too.
                 StepKindPlan::Generate(g) => {
-                    let aliases: Vec<&str> = match &g.model {
-                        ModelChoice::Fixed(alias) => vec![alias.as_str()],
-                        ModelChoice::FromRoute(index) => route_targets(pipeline, *index),
-                    };
+                    let aliases = generate_aliases(pipeline, g);
                     let repairs = g.output.as_ref().map_or(0, |o| o.max_repairs);
+                    let variant_prompts = g
+                        .experiment
+                        .iter()
+                        .flat_map(|e| e.variants.iter().filter_map(|v| v.prompt.as_ref()));
                     g.prompt
                         .all()
                         .into_iter()
+                        .chain(variant_prompts)
                         .map(|p| {
                             let prompt = self.render(job, pipeline, p, &[]);
                             self.costliest(&aliases, &prompt, repairs)
@@ -254,10 +257,7 @@ impl Runner {
                 .max()
                 .unwrap_or(0)
                 .max(64),
-            StepKindPlan::Generate(g) => match &g.model {
-                ModelChoice::Fixed(alias) => answers(&[alias.as_str()]),
-                ModelChoice::FromRoute(index) => answers(&route_targets(pipeline, *index)),
-            },
+            StepKindPlan::Generate(g) => answers(&generate_aliases(pipeline, g)),
             StepKindPlan::Reduce(r) => answers(&[r.model.as_str()]),
             StepKindPlan::Refine(r) => answers(&[r.model.as_str()]),
             // Every answer of the map, for as many chunks as this job's input can make.
@@ -311,6 +311,19 @@ impl Runner {
             .map_or(0, |v| v.to_string().len() as u64);
         own.max(stand_in)
     }
+}
+
+/// Every model alias a generate step may call first: its own (or its route's choices) and its
+/// experiment's variants'.
+fn generate_aliases<'a>(pipeline: &'a PipelinePlan, g: &'a GeneratePlan) -> Vec<&'a str> {
+    let mut aliases: Vec<&str> = match &g.model {
+        ModelChoice::Fixed(alias) => vec![alias.as_str()],
+        ModelChoice::FromRoute(index) => route_targets(pipeline, *index),
+    };
+    if let Some(e) = &g.experiment {
+        aliases.extend(e.variants.iter().filter_map(|v| v.model.as_deref()));
+    }
+    aliases
 }
 
 /// Every model alias the route step at `index` can choose.

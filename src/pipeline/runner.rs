@@ -133,6 +133,18 @@ impl Runner {
         let (outputs, mut records, failure) =
             self.run_steps(job, input, pipeline, job_budget).await;
         let (route, review) = route_info(&outputs);
+        for output in outputs.iter().flatten() {
+            if let StepOutput::Generated {
+                variant: Some((experiment, variant)),
+                ..
+            } = output
+            {
+                self.metrics
+                    .experiment_assignments
+                    .with_label_values(&[pipeline.name.as_str(), experiment, variant])
+                    .inc();
+            }
+        }
         let finished = match failure {
             None => self.job_output(job, input, pipeline, &outputs).await,
             Some(failure) => Err(failure),
@@ -571,8 +583,11 @@ fn route_info(outputs: &[Option<StepOutput>]) -> (RouteInfo, bool) {
                 route.model = (!model.is_empty()).then(|| model.clone());
                 review |= *r;
             }
-            StepOutput::Generated { model, .. } => {
+            StepOutput::Generated { model, variant, .. } => {
                 route.model.get_or_insert_with(|| model.clone());
+                if let Some((_, variant)) = variant {
+                    route.variant = Some(variant.clone());
+                }
             }
             StepOutput::Value { .. } | StepOutput::Skipped => {}
         }

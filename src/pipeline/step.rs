@@ -43,6 +43,8 @@ pub enum StepOutput {
         degraded: bool,
         /// The validated JSON answer of a step with an `output_schema`.
         json: Option<Value>,
+        /// The experiment and variant the job was assigned, when it is in one.
+        variant: Option<(String, String)>,
     },
     /// Any other value: a template's, a split's chunks, a map's answers, a reduce's or refine's
     /// answer, a static `on_failure` answer. `fields` are readable as `steps.<name>.<field>`.
@@ -101,6 +103,9 @@ impl StepOutput {
             (StepOutput::Routed { branch, .. }, "branch") => Value::String(branch.clone()),
             (StepOutput::Routed { review, .. }, "review") => Value::Bool(*review),
             (StepOutput::Generated { text, .. }, "text") => Value::String(text.clone()),
+            (StepOutput::Generated { variant, .. }, "variant") => variant
+                .as_ref()
+                .map_or(Value::Null, |(_, v)| Value::String(v.clone())),
             (
                 StepOutput::Classified { degraded, .. }
                 | StepOutput::Generated { degraded, .. }

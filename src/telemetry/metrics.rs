@@ -44,6 +44,7 @@ pub struct Metrics {
     pub job_panics: IntCounter,
     pub cache_requests: IntCounterVec,
     pub guardrail_verdicts: IntCounterVec,
+    pub experiment_assignments: IntCounterVec,
     pub pii_redacted: IntCounterVec,
     pub tenant_tokens: IntCounterVec,
     pub tenant_cost: CounterVec,
@@ -133,6 +134,10 @@ impl Metrics {
                 "Times intake paused the source because in-flight jobs stayed at limits.max_inflight_jobs.",
             ))?,
             cache_requests: IntCounterVec::new(opts("cache_requests_total", "Response cache lookups by result (hit, miss)."), &["result"])?,
+            experiment_assignments: IntCounterVec::new(
+                opts("experiment_assignments_total", "Jobs run in an experiment's variant, by pipeline, experiment and variant (units outside the rollout are not counted)."),
+                &["pipeline", "experiment", "variant"],
+            )?,
             guardrail_verdicts: IntCounterVec::new(
                 opts("guardrail_verdicts_total", "Guardrail checks by pipeline, side (input, output) and verdict (pass; blocked: a limit or pattern matched; error: the check could not run, so the job was not passed)."),
                 &["pipeline", "side", "verdict"],
@@ -180,6 +185,8 @@ impl Metrics {
         m.registry
             .register(Box::new(m.guardrail_verdicts.clone()))?;
         m.registry.register(Box::new(m.pii_redacted.clone()))?;
+        m.registry
+            .register(Box::new(m.experiment_assignments.clone()))?;
         m.registry.register(Box::new(m.tenant_tokens.clone()))?;
         m.registry.register(Box::new(m.tenant_cost.clone()))?;
         Ok(Arc::new(m))

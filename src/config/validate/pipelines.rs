@@ -194,7 +194,7 @@ pub(super) fn fields_of(kind: &StepKindPlan) -> &'static [&'static str] {
             "review",
             "skipped",
         ],
-        StepKindPlan::Generate(_) => &["output", "text", "model", "degraded", "skipped"],
+        StepKindPlan::Generate(_) => &["output", "text", "model", "variant", "degraded", "skipped"],
         StepKindPlan::Template(_) => &["output", "skipped"],
         StepKindPlan::Split(_) | StepKindPlan::Map(_) => {
             &["output", "count", "degraded", "skipped"]
@@ -308,6 +308,25 @@ pub(super) fn pipeline_plan(
             when,
             on_failure: on_failure.map(|f| f.output),
         });
+    }
+    let experiments: Vec<&str> = steps
+        .iter()
+        .filter_map(|s| match &s.kind {
+            StepKindPlan::Generate(GeneratePlan {
+                experiment: Some(e),
+                ..
+            }) => Some(e.name.as_str()),
+            _ => None,
+        })
+        .collect();
+    if experiments.len() > 1 {
+        p.add(
+            format!("pipelines.{pipeline}.steps"),
+            format!(
+                "one experiment per pipeline (a result records one variant); found {}",
+                experiments.join(", ")
+            ),
+        );
     }
     let output = match raw.output {
         None => OutputPlan::LastRun,

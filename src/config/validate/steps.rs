@@ -2,12 +2,14 @@
 //! loops, with every problem naming its field.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::pipelines::{model_ref, output_schema, prompt_ref, StepScope};
 use super::Problems;
 use crate::config::plan::*;
 use crate::config::raw::{
-    RawClassifyMethod, RawOverflow, RawRouteTarget, RawRule, RawRules, RawSplitBy, RawStepKind,
+    RawClassifyMethod, RawExperiment, RawOverflow, RawRouteTarget, RawRule, RawRules, RawSplitBy,
+    RawStepKind, RawStickyBy,
 };
 use crate::template::{Template, Var};
 
@@ -57,6 +59,7 @@ pub(super) fn step_kind(p: &mut Problems, s: &StepScope<'_>, kind: RawStepKind) 
             output_schema: schema_path,
             max_repairs,
             on_context_overflow,
+            experiment,
         } => {
             let model = if model.replace(' ', "") == ROUTE_MODEL {
                 match one_route(p, s, "model", ROUTE_MODEL) {
@@ -100,11 +103,13 @@ pub(super) fn step_kind(p: &mut Problems, s: &StepScope<'_>, kind: RawStepKind) 
                     );
                 }
             }
+            let experiment = experiment.map(|e| Arc::new(experiment_plan(p, s, e, &model)));
             StepKindPlan::Generate(GeneratePlan {
                 model,
                 prompt,
                 output,
                 truncate_to_fit,
+                experiment,
             })
         }
         RawStepKind::Template { template: t, json } => template(p, s, t, json),
@@ -297,6 +302,77 @@ pub(super) fn step_kind(p: &mut Problems, s: &StepScope<'_>, kind: RawStepKind) 
                 stop_at,
             })
         }
+    }
+}
+
+fn experiment_plan(
+    p: &mut Problems,
+    s: &StepScope<'_>,
+    raw: RawExperiment,
+    model: &ModelChoice,
+) -> ExperimentPlan {
+    let field = format!("{}.experiment", s.field);
+    if !(0.0..=100.0).contains(&raw.rollout) {
+        p.add(format!("{field}.rollout"), "a percentage between 0 and 100");
+    }
+    if raw.variants.is_empty() || raw.variants.values().all(|v| v.weight == 0) {
+        p.add(
+            format!("{field}.variants"),
+            "name at least one variant with a weight above 0",
+        );
+    }
+    let step_max_tokens = |alias: &str| s.models.get(alias).map(|m| m.max_tokens);
+    let variants = raw
+        .variants
+        .into_iter()
+        .map(|(name, v)| {
+            let at = format!("{field}.variants.{name}");
+            let model_alias = v.model.map(|m| model_ref(p, &at, Some(&m), s.models));
+            let prompt = v.prompt.map(|name| {
+                let prompt = prompt_ref(p, &at, Some(&name), s.prompts);
+                s.prompt_vars(p, &format!("{at}.prompt"), &prompt, &[]);
+                prompt
+            });
+            if let Some(t) = v.temperature {
+                if !(0.0..=2.0).contains(&t) {
+                    p.add(format!("{at}.temperature"), "must be between 0 and 2");
+                }
+            }
+            // A cap, never a raise: budget reservations count the model's own max_tokens.
+            let alias = model_alias.clone().or(match model {
+                ModelChoice::Fixed(a) => Some(a.clone()),
+                ModelChoice::FromRoute(_) => None,
+            });
+            if let (Some(n), Some(cap)) = (v.max_tokens, alias.as_deref().and_then(step_max_tokens))
+            {
+                if n == 0 || n > cap {
+                    p.add(
+                        format!("{at}.max_tokens"),
+                        format!("must be between 1 and the model's max_tokens ({cap})"),
+                    );
+                }
+            }
+            VariantPlan {
+                name,
+                weight: v.weight,
+                model: model_alias,
+                prompt,
+                temperature: v.temperature,
+                max_tokens: v.max_tokens,
+            }
+        })
+        .collect();
+    ExperimentPlan {
+        name: raw
+            .name
+            .unwrap_or_else(|| format!("{}.{}", s.pipeline, s.name)),
+        sticky_by: match raw.sticky_by {
+            RawStickyBy::User => StickyBy::User,
+            RawStickyBy::Tenant => StickyBy::Tenant,
+            RawStickyBy::Job => StickyBy::Job,
+        },
+        rollout: raw.rollout,
+        variants,
     }
 }
 

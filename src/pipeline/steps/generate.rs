@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use super::structured;
-use crate::config::{GeneratePlan, ModelChoice, PromptChoice};
+use crate::config::{GeneratePlan, ModelChoice, PromptChoice, StickyBy};
 use crate::pipeline::step::{RunFailure, StepContext, StepKind, StepOutput, StepResult};
 use crate::provider::ChatRequest;
 use crate::wire::DeadLetterReason;
@@ -16,6 +16,15 @@ impl StepKind for GeneratePlan {
 
 async fn run(ctx: &StepContext<'_>, plan: &GeneratePlan) -> StepResult {
     let started = Instant::now();
+    let variant = plan.experiment.as_ref().and_then(|e| {
+        let job = ctx.job;
+        let unit = match e.sticky_by {
+            StickyBy::User => job.user.as_deref().unwrap_or(job.tenant.as_str()),
+            StickyBy::Tenant => job.tenant.as_str(),
+            StickyBy::Job => job.idempotency_key.as_str(),
+        };
+        e.assign(unit).map(|v| (e, v))
+    });
     let alias = match &plan.model {
         ModelChoice::Fixed(alias) => alias.clone(),
         ModelChoice::FromRoute(index) => match ctx.output_of(*index) {
@@ -52,6 +61,15 @@ async fn run(ctx: &StepContext<'_>, plan: &GeneratePlan) -> StepResult {
                 })?
         }
     };
+    // The variant's prompt and model, when the job is in the experiment.
+    let (alias, prompt) = match variant {
+        Some((_, v)) => (
+            v.model.clone().unwrap_or(alias),
+            v.prompt.clone().unwrap_or(prompt),
+        ),
+        None => (alias, prompt),
+    };
+    let overrides = variant.map(|(_, v)| (v.temperature, v.max_tokens));
     let system = prompt
         .system
         .as_ref()
@@ -61,7 +79,14 @@ async fn run(ctx: &StepContext<'_>, plan: &GeneratePlan) -> StepResult {
     let request = |user: &str| {
         let (system, user) = (system.clone(), user.to_owned());
         let name = prompt.name.clone();
-        move |m: &crate::config::ModelPlan| ChatRequest::to(m, &system, &user).from_prompt(&name)
+        move |m: &crate::config::ModelPlan| {
+            let mut request = ChatRequest::to(m, &system, &user).from_prompt(&name);
+            if let Some((temperature, max_tokens)) = overrides {
+                request.temperature = temperature.unwrap_or(request.temperature);
+                request.max_tokens = max_tokens.map_or(request.max_tokens, |n| n.min(m.max_tokens));
+            }
+            request
+        }
     };
     let mut outcome = match ctx.call_raw(&alias, request(&user)).await {
         Ok(outcome) => outcome,
@@ -121,6 +146,7 @@ async fn run(ctx: &StepContext<'_>, plan: &GeneratePlan) -> StepResult {
         model: outcome.model.alias.clone(),
         degraded: outcome.degraded,
         json,
+        variant: variant.map(|(e, v)| (e.name.clone(), v.name.clone())),
     };
     Ok((output, record))
 }
