@@ -192,3 +192,68 @@ fn switchyard_report(lines: impl Iterator<Item = String>) -> String {
     assert!(out.status.success());
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// `per_user.rps`: one user's burst is held to its rate while another user of the same tenant
+/// is not held behind it; jobs without a user are not limited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_rate_limit_holds_that_user_only() {
+    let names = NatsNames::new();
+    let llm = mock_llm(0).await;
+    let plan = TestConfig::nats(&names)
+        .llm(llm.addr())
+        .set("tenants", "{acme: {per_user: {rps: 4}}}")
+        .set("prompts", "plain: {user: \"{{input.text}}\"}")
+        .set(
+            "pipelines",
+            "support:\n    steps:\n      - {name: answer, kind: generate, model: small, prompt: plain}",
+        )
+        .plan();
+    let collector = OutputCollector::start_nats(&nats_url(), &names.topics())
+        .await
+        .unwrap();
+    let service = Service::start(plan.clone(), StateStore::open(&plan.state).await.unwrap());
+    service.wait_ready().await;
+    let job = |id: String, user: Option<&str>| {
+        let job = json!({"id": id, "tenant": "acme", "user": user, "input": {"text": "hi"}});
+        (names.job_subject("acme"), job.to_string().into_bytes())
+    };
+    let heavy = (0..24).map(|i| job(format!("heavy-{i}"), Some("heavy")));
+    let light = (0..4).map(|i| job(format!("light-{i}"), Some("light")));
+    let anonymous = (0..8).map(|i| job(format!("anon-{i}"), None));
+    publish_nats(&nats_url(), heavy.chain(light).chain(anonymous))
+        .await
+        .unwrap();
+    assert_eq!(collector.wait_for(36, STALL, |_| {}).await, 36);
+    service.stop().await;
+    let all = collector.snapshot();
+    collector.stop().await;
+    names.delete_streams().await;
+    let finished = |prefix: &str| -> Vec<switchyard::wire::JobResult> {
+        all.iter()
+            .filter_map(|(c, _)| match c {
+                Collected::Result(r) if r.job_id.starts_with(prefix) => Some(r.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let heavy = finished("heavy-");
+    assert_eq!(heavy.len(), 24);
+    let first = heavy.iter().map(|r| r.completed_at).min().unwrap();
+    let last = heavy.iter().map(|r| r.completed_at).max().unwrap();
+    // 24 jobs at 4/s: whatever the burst (at most two seconds' worth, 8), the other 16 take
+    // at least 4 s. Unlimited, they all finish within a few hundred ms.
+    let spread = (last - first).num_milliseconds();
+    assert!(
+        spread >= 4_000,
+        "heavy's 24 jobs finished within {spread} ms"
+    );
+    for prefix in ["light-", "anon-"] {
+        let others = finished(prefix);
+        assert!(!others.is_empty());
+        let slowest = others.iter().map(|r| r.latency_ms).max().unwrap();
+        assert!(
+            slowest < 2_500,
+            "{prefix} jobs are not held behind heavy's limit (slowest {slowest} ms)"
+        );
+    }
+}

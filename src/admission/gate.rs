@@ -35,6 +35,8 @@ const STORE_RETRY: Duration = Duration::from_millis(250);
 /// Who a provider call is for, and what its waits are charged to.
 pub struct CallScope<'a> {
     pub tenant: &'a str,
+    /// The job's `user`, held to its tenant's `per_user` limits.
+    pub user: Option<&'a str>,
     pub deadline: Option<DateTime<Utc>>,
     /// Milliseconds this job's calls spent waiting for limits (goes into the step record).
     pub throttled_ms: &'a AtomicU64,
@@ -80,6 +82,8 @@ pub struct Reservation {
     tokens: f64,
     cost: f64,
     tenant: String,
+    /// The user's token limiter key, when its tokens were reserved there.
+    user_key: Option<String>,
     provider: String,
     model: String,
     /// The budget keys reserved against (kept, so a call crossing midnight settles on the day
@@ -193,12 +197,23 @@ impl Gate {
             None => None,
         };
         let tenant = self.tenants.get(scope.tenant);
+        let user_tpm = scope.user.and(tenant.per_user.tokens_per_min);
         let provider = self
             .providers
             .get(&model.provider)
             .copied()
             .unwrap_or_default();
         let limiters = [
+            (
+                "user_tokens",
+                format!(
+                    "t:{{{}}}:u:{}:tpm",
+                    scope.tenant,
+                    scope.user.unwrap_or_default()
+                ),
+                tokens,
+                user_tpm,
+            ),
             (
                 "tenant_tokens",
                 format!("t:{}:tpm", scope.tenant),
@@ -250,6 +265,9 @@ impl Gate {
             tokens,
             cost,
             tenant: scope.tenant.to_owned(),
+            user_key: user_tpm
+                .and(scope.user)
+                .map(|u| format!("t:{{{}}}:u:{u}:tpm", scope.tenant)),
             provider: model.provider.clone(),
             model: model.model.clone(),
             budget,
@@ -263,7 +281,9 @@ impl Gate {
             .providers
             .get(&model.provider)
             .is_some_and(|p| p.tpm.is_some());
-        self.tenants.get(tenant).tokens_per_min.is_some()
+        let plan = self.tenants.get(tenant);
+        plan.tokens_per_min.is_some()
+            || plan.per_user.tokens_per_min.is_some()
             || provider_tpm
             || model.limits.tpm.is_some()
             || self.budget_keys(tenant).is_some()
@@ -412,7 +432,11 @@ impl Gate {
             .get(&reservation.provider)
             .copied()
             .unwrap_or_default();
-        for (key, limit) in [
+        let user = reservation
+            .user_key
+            .clone()
+            .map(|key| (key, tenant.per_user.tokens_per_min));
+        for (key, limit) in user.into_iter().chain([
             (
                 format!("t:{}:tpm", reservation.tenant),
                 tenant.tokens_per_min,
@@ -422,7 +446,7 @@ impl Gate {
                 format!("m:{}:{}:tpm", reservation.provider, reservation.model),
                 model.limits.tpm,
             ),
-        ] {
+        ]) {
             if let Some(limit) = limit {
                 if let Err(e) = self.state.adjust(&key, delta, per_minute(limit)).await {
                     tracing::debug!(key, error = %e, "could not reconcile a token reservation");
@@ -591,6 +615,20 @@ impl Gate {
                     .set((limit - spent).max(0.0));
             }
         }
+    }
+}
+
+impl Gate {
+    /// Waits for the job's turn under its user's `per_user.rps` (a job with no `user`, or a
+    /// tenant without the limit, goes at once); the deadline passing first refuses it.
+    pub async fn user_turn(&self, scope: &CallScope<'_>) -> Result<(), Refusal> {
+        let (Some(user), Some(rps)) = (scope.user, self.tenants.get(scope.tenant).per_user.rps)
+        else {
+            return Ok(());
+        };
+        let key = format!("t:{{{}}}:u:{user}:rps", scope.tenant);
+        let rate = Rate::new(rps, Duration::from_secs(1), Duration::from_secs(1));
+        self.wait(scope, "user_requests", &key, 1.0, rate).await
     }
 }
 

@@ -364,6 +364,16 @@ pub struct TenantPlan {
     /// The bound of the tenant's queue on one replica; `None`: a fair share of
     /// `limits.max_inflight_jobs` among the tenants with jobs queued (see the scheduler).
     pub max_queued: Option<usize>,
+    /// Limits on each user of the tenant (jobs with a `user`).
+    pub per_user: PerUserLimits,
+}
+
+/// What one user of a tenant may use; unset is unlimited. Their limiter state in the store
+/// expires once a user is idle, so it stays bounded by the users active in the last minute.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PerUserLimits {
+    pub rps: Option<f64>,
+    pub tokens_per_min: Option<f64>,
 }
 
 #[derive(Debug, Clone)]

@@ -80,6 +80,17 @@ pub struct RawTenant {
     pub weight: Option<u32>,
     /// Jobs of this tenant waiting for admission in one replica, at most.
     pub max_queued: Option<usize>,
+    /// Limits on each of the tenant's users (the job's `user`), summed over all replicas.
+    pub per_user: Option<RawPerUser>,
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPerUser {
+    /// Jobs of one user admitted per second.
+    pub rps: Option<f64>,
+    /// LLM tokens (input + output) of one user per minute.
+    pub tokens_per_min: Option<f64>,
 }
 
 /// Requests and tokens per minute a provider or model may be sent, summed over all replicas.

@@ -762,3 +762,18 @@ fn experiment_mistakes_name_their_field() {
     let e = problems(&with_steps(&two));
     assert!(e.contains("one experiment per pipeline"), "{e}");
 }
+
+#[test]
+fn per_user_limits_merge_with_the_default_and_name_their_field() {
+    let text = format!(
+        "{MINIMAL}tenants:\n  default: {{per_user: {{rps: 2}}}}\n  acme: {{per_user: {{tokens_per_min: 1000}}}}\n"
+    );
+    let plan = load(&text).unwrap();
+    let acme = plan.tenants.get("acme").per_user;
+    assert_eq!((acme.rps, acme.tokens_per_min), (Some(2.0), Some(1000.0)));
+    let bad = text.replace("tokens_per_min: 1000", "tokens_per_min: -5");
+    let e = problems(&bad);
+    assert!(e.contains("tenants.acme.per_user.tokens_per_min"), "{e}");
+    let typo = text.replace("tokens_per_min: 1000", "tokens_per_mn: 1000");
+    assert!(problems(&typo).contains("tokens_per_mn"));
+}

@@ -319,6 +319,23 @@ impl<K: OutputSink> Engine<K> {
         booked: Booked,
         deferrable: bool,
     ) -> Result<Result<RunOutput, RunFailure>, Stopped> {
+        // The user's turn under its tenant's `per_user.rps`, before a run slot is taken: a busy
+        // user waits without holding up the tenant's other users.
+        let waited = std::sync::atomic::AtomicU64::new(0);
+        let scope = CallScope {
+            tenant: job.tenant.as_str(),
+            user: job.user.as_deref(),
+            deadline: job.deadline,
+            throttled_ms: &waited,
+            job_budget: None,
+        };
+        if self.scheduler.gate().user_turn(&scope).await.is_err() {
+            return Ok(Err(RunFailure {
+                reason: DeadLetterReason::DeadlineExceeded,
+                error: "the deadline passed while the job waited for its user's turn (tenants.<tenant>.per_user.rps); no provider was called".into(),
+                attempts: 0,
+            }));
+        }
         let expired = deadline_passes(job);
         let admitted = async {
             loop {
@@ -430,6 +447,7 @@ impl<K: OutputSink> Engine<K> {
         let waited = std::sync::atomic::AtomicU64::new(0);
         let scope = CallScope {
             tenant: job.tenant.as_str(),
+            user: job.user.as_deref(),
             deadline: job.deadline,
             throttled_ms: &waited,
             job_budget: None,

@@ -49,7 +49,25 @@ pub(super) fn tenants_plan(
             budget_usd_per_month: t.budget_usd_per_month.or(base.budget_usd_per_month),
             weight: t.weight.or(base.weight).unwrap_or(1),
             max_queued: t.max_queued.or(base.max_queued),
+            per_user: {
+                let (own, base) = (
+                    t.per_user.unwrap_or_default(),
+                    base.per_user.unwrap_or_default(),
+                );
+                PerUserLimits {
+                    rps: own.rps.or(base.rps),
+                    tokens_per_min: own.tokens_per_min.or(base.tokens_per_min),
+                }
+            },
         };
+        if let Some(u) = &t.per_user {
+            rate(p, &format!("{field}.per_user.rps"), u.rps);
+            rate(
+                p,
+                &format!("{field}.per_user.tokens_per_min"),
+                u.tokens_per_min,
+            );
+        }
         for (key, value) in [
             ("rps", t.rps),
             ("tokens_per_min", t.tokens_per_min),
