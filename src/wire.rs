@@ -346,6 +346,9 @@ pub struct JobResult {
     pub received_at: DateTime<Utc>,
     pub completed_at: DateTime<Utc>,
     pub latency_ms: u64,
+    /// Why a result went to review (status `review`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub review_reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -287,3 +287,60 @@ async fn steps_that_work_on_a_skipped_step_are_skipped_too() {
         "only the gated-on job called the model"
     );
 }
+
+/// Review triggers besides low confidence: an expression over the steps (a category, a rule's
+/// confidence) and a cost threshold; the result says why it went to review.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_triggers_send_results_to_review_with_the_reason() {
+    let llm = mock(&[], &[]).await;
+    let config = TestConfig::kafka("brokers set by run()")
+        .llm(llm.addr())
+        .set("prompts", "plain: {user: \"{{input.text}}\"}")
+        .set(
+            "pipelines",
+            "triggers:
+    review: {when: 'steps.classify.category == \"legal\"'}
+    steps:
+      - {name: classify, kind: classify, method: rules, categories: [legal, general],
+         rules: [{category: legal, keywords: [lawsuit, subpoena], confidence: 0.9}]}
+      - {name: answer, kind: generate, model: small, prompt: plain}
+  costly:
+    review: {cost_above_usd: 0.0}
+    steps:
+      - {name: answer, kind: generate, model: small, prompt: plain}",
+        );
+    let outputs = run(
+        config,
+        vec![
+            job_in(
+                "legal",
+                "triggers",
+                json!({"text": "We received a subpoena"}),
+            ),
+            job_in("plain", "triggers", json!({"text": "Where is my parcel?"})),
+            job_in("paid", "costly", json!({"text": "Where is my parcel?"})),
+        ],
+    )
+    .await;
+    let legal = result_of(&outputs, "legal");
+    assert_eq!(legal.status, ResultStatus::Review);
+    let why = legal.review_reason.as_deref().unwrap();
+    assert!(
+        why.contains("review.when") && why.contains("legal"),
+        "{why}"
+    );
+    let plain = result_of(&outputs, "plain");
+    assert_eq!(
+        (plain.status, plain.review_reason.as_deref()),
+        (ResultStatus::Ok, None)
+    );
+    let paid = result_of(&outputs, "paid");
+    assert_eq!(paid.status, ResultStatus::Review);
+    assert!(
+        paid.review_reason
+            .as_deref()
+            .unwrap()
+            .contains("cost_above_usd"),
+        "{paid:?}"
+    );
+}

@@ -348,6 +348,8 @@ async fn low_confidence_rules_send_the_job_to_review() {
         })
         .expect("r2 on the review topic");
     assert_eq!(unsure.status, ResultStatus::Review);
+    let why = unsure.review_reason.as_deref().unwrap();
+    assert!(why.contains("confidence 0.50"), "{why}");
     assert_eq!(
         (unsure.route.category.as_deref(), unsure.route.confidence),
         (Some("general"), Some(0.5))

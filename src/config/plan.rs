@@ -440,6 +440,15 @@ pub struct PipelinePlan {
     pub guardrails: Option<Arc<GuardrailsPlan>>,
     /// Characters of each step's output kept in its record (0: none).
     pub record_output_chars: usize,
+    pub review: ReviewPlan,
+}
+
+/// What sends a pipeline's result to review besides a route's low confidence.
+#[derive(Debug, Clone, Default)]
+pub struct ReviewPlan {
+    /// The expression and its source text (quoted in the review reason).
+    pub when: Option<(crate::expr::Expr, String)>,
+    pub cost_above_usd: Option<f64>,
 }
 
 /// What becomes the job's output.

@@ -656,6 +656,10 @@ pub struct RawPipeline {
     /// Checks on the job's input before any provider sees it and on its output before it leaves.
     #[serde(default)]
     pub guardrails: Option<RawGuardrails>,
+    /// When a result goes to review besides low route confidence: an expression over the
+    /// steps' outputs and the input, a cost threshold.
+    #[serde(default)]
+    pub review: Option<RawReview>,
     /// Each step record carries its output up to this many characters (0: none).
     #[serde(default = "default_record_output_chars")]
     pub record_output_chars: usize,
@@ -663,6 +667,17 @@ pub struct RawPipeline {
 
 fn default_record_output_chars() -> usize {
     2_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReview {
+    /// E.g. `steps.classify.category == "legal" or steps.rules.confidence < 0.6`.
+    #[serde(default)]
+    pub when: Option<String>,
+    /// The job's cost (all its calls) above this sends it to review.
+    #[serde(default)]
+    pub cost_above_usd: Option<f64>,
 }
 
 /// `output:` of a pipeline: a step's name or an assembled value.

@@ -280,6 +280,7 @@ impl<K: OutputSink> Engine<K> {
                     pipeline: pipeline.name.clone(),
                     status: out.status,
                     output: out.output,
+                    review_reason: out.review_reason,
                     route: out.route,
                     steps: out.steps,
                     usage,

@@ -69,6 +69,8 @@ pub struct RunOutput {
     pub output: Value,
     pub route: RouteInfo,
     pub steps: Vec<StepRecord>,
+    /// Why it goes to review, when it does.
+    pub review_reason: Option<String>,
 }
 
 pub struct Runner {
@@ -149,8 +151,8 @@ impl Runner {
             None => self.job_output(job, input, pipeline, &outputs).await,
             Some(failure) => Err(failure),
         };
-        let (mut output, status) = match finished {
-            Ok(output) if review => (output, ResultStatus::Review),
+        let (mut output, mut status) = match finished {
+            Ok(output) if review.is_some() => (output, ResultStatus::Review),
             Ok(output) if outputs.iter().flatten().any(StepOutput::degraded) => {
                 (output, ResultStatus::Degraded)
             }
@@ -161,6 +163,13 @@ impl Runner {
                 _ => return Err(failure),
             },
         };
+        let mut review_reason = review;
+        if status != ResultStatus::Review {
+            review_reason = review_trigger(pipeline, input, &outputs, &records);
+            if review_reason.is_some() {
+                status = ResultStatus::Review;
+            }
+        }
         if let Some(g) = &guard {
             // What travels with the output (step outputs, errors, feedback) is redacted like it.
             records.iter_mut().for_each(|r| redact_record(&g.set, r));
@@ -191,6 +200,7 @@ impl Runner {
             output,
             route,
             steps: records,
+            review_reason,
         })
     }
 
@@ -458,13 +468,14 @@ fn guard_stop(
         }),
         GuardAction::Review => {
             if let Some(record) = steps.iter_mut().find(|r| r.kind == "guardrail") {
-                record.error = Some(why);
+                record.error = Some(why.clone());
             }
             Ok(RunOutput {
                 status: ResultStatus::Review,
                 output,
                 route: RouteInfo::default(),
                 steps,
+                review_reason: Some(why),
             })
         }
     }
@@ -556,11 +567,33 @@ async fn run_step(ctx: &StepContext<'_>) -> StepResult {
     }
 }
 
+/// The pipeline's own review triggers (`review.when`, `review.cost_above_usd`): why the job
+/// goes to review, if it does.
+fn review_trigger(
+    pipeline: &PipelinePlan,
+    input: &Map<String, Value>,
+    outputs: &[Option<StepOutput>],
+    records: &[StepRecord],
+) -> Option<String> {
+    if let Some((when, text)) = &pipeline.review.when {
+        if when.eval(&|path| lookup(pipeline, input, outputs, path)) {
+            return Some(format!("review.when holds: {text}"));
+        }
+    }
+    let cost: f64 = records.iter().map(|r| r.cost_usd).sum();
+    match pipeline.review.cost_above_usd {
+        Some(limit) if cost > limit => Some(format!(
+            "the job cost ${cost:.6}, above review.cost_above_usd (${limit})"
+        )),
+        _ => None,
+    }
+}
+
 /// The job's route (category, confidence, model) from its classify and route steps, and
-/// whether a route asked for review.
-fn route_info(outputs: &[Option<StepOutput>]) -> (RouteInfo, bool) {
+/// why a route asked for review, if it did.
+fn route_info(outputs: &[Option<StepOutput>]) -> (RouteInfo, Option<String>) {
     let mut route = RouteInfo::default();
-    let mut review = false;
+    let mut review = None;
     for output in outputs.iter().flatten() {
         match output {
             StepOutput::Classified {
@@ -581,7 +614,11 @@ fn route_info(outputs: &[Option<StepOutput>]) -> (RouteInfo, bool) {
                 route.category = Some(category.clone());
                 route.confidence = Some(*confidence);
                 route.model = (!model.is_empty()).then(|| model.clone());
-                review |= *r;
+                if *r {
+                    review = Some(format!(
+                        "the classification of `{category}` has confidence {confidence:.2}, below the route's review_below_confidence"
+                    ));
+                }
             }
             StepOutput::Generated { model, variant, .. } => {
                 route.model.get_or_insert_with(|| model.clone());

@@ -360,6 +360,52 @@ pub(super) fn pipeline_plan(
             }))
         }
     };
+    let review = raw.review.map_or_else(ReviewPlan::default, |r| {
+        let field = format!("pipelines.{pipeline}.review");
+        let scope = StepScope {
+            pipeline,
+            field: field.clone(),
+            name: "review".into(),
+            steps: &steps,
+            depends_on: (0..steps.len()).collect(),
+            models,
+            prompts,
+        };
+        let when = r
+            .when
+            .and_then(|text| match crate::expr::Expr::parse(&text) {
+                Ok(expr) => {
+                    for path in expr.paths() {
+                        if let crate::expr::Root::Step(step) = &path.root {
+                            scope.step_path(
+                                p,
+                                &format!("{field}.when"),
+                                "`review.when`",
+                                step,
+                                &path.fields,
+                            );
+                        }
+                    }
+                    Some((expr, text))
+                }
+                Err(e) => {
+                    p.add(format!("{field}.when"), e);
+                    None
+                }
+            });
+        if r.cost_above_usd
+            .is_some_and(|c| !(c.is_finite() && c >= 0.0))
+        {
+            p.add(
+                format!("{field}.cost_above_usd"),
+                "a cost in USD, 0 or more",
+            );
+        }
+        ReviewPlan {
+            when,
+            cost_above_usd: r.cost_above_usd,
+        }
+    });
     if raw.record_output_chars > 1_000_000 {
         p.add(
             format!("pipelines.{pipeline}.record_output_chars"),
@@ -377,6 +423,7 @@ pub(super) fn pipeline_plan(
             .and_then(|g| guardrails_plan(p, &format!("pipelines.{pipeline}.guardrails"), g))
             .map(Arc::new),
         record_output_chars: raw.record_output_chars,
+        review,
     }
 }
 
