@@ -224,7 +224,17 @@ async fn a_users_rate_limit_holds_that_user_only() {
         .await
         .unwrap();
     assert_eq!(collector.wait_for(36, STALL, |_| {}).await, 36);
+    let parked = service
+        .metrics
+        .jobs_parked
+        .with_label_values(&["user_rate"])
+        .get();
     service.stop().await;
+    // Turns more than a second off wait at the broker, not in the process's in-flight slots.
+    assert!(
+        parked > 0,
+        "heavy's later jobs were parked until their turn"
+    );
     let all = collector.snapshot();
     collector.stop().await;
     names.delete_streams().await;

@@ -117,6 +117,8 @@ pub struct Gate {
     settling: tokio_util::task::TaskTracker,
     /// Tenants' rate bookings, coalesced per tenant.
     bookings: Arc<super::booking::Bookings>,
+    /// A user's turn further off than this parks the job (`limits.park_after_ms`).
+    park_after: Duration,
 }
 
 impl Gate {
@@ -133,6 +135,7 @@ impl Gate {
             metrics,
             exhausted: Default::default(),
             settling: tokio_util::task::TaskTracker::new(),
+            park_after: plan.limits.park_after,
         };
         for (name, tenant) in &gate.tenants.named {
             for (period, limit) in [
@@ -206,11 +209,7 @@ impl Gate {
         let limiters = [
             (
                 "user_tokens",
-                format!(
-                    "t:{{{}}}:u:{}:tpm",
-                    scope.tenant,
-                    scope.user.unwrap_or_default()
-                ),
+                user_key(scope.tenant, scope.user.unwrap_or_default(), "tpm"),
                 tokens,
                 user_tpm,
             ),
@@ -267,7 +266,7 @@ impl Gate {
             tenant: scope.tenant.to_owned(),
             user_key: user_tpm
                 .and(scope.user)
-                .map(|u| format!("t:{{{}}}:u:{u}:tpm", scope.tenant)),
+                .map(|u| user_key(scope.tenant, u, "tpm")),
             provider: model.provider.clone(),
             model: model.model.clone(),
             budget,
@@ -618,18 +617,86 @@ impl Gate {
     }
 }
 
+/// Why a job did not get its user's turn now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserWait {
+    /// The turn is further off than `limits.park_after_ms`: park the job until then.
+    Park(Duration),
+    /// The job's deadline passed while it waited.
+    Deadline,
+}
+
+/// A user's limiter key: the user hashed, so any user string makes a short key of its own.
+/// (In braces: a Redis Cluster hash tag, so a user's limiter and its tickets share a slot.)
+fn user_key(tenant: &str, user: &str, what: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(user.as_bytes());
+    let short: String = digest.iter().take(12).map(|b| format!("{b:02x}")).collect();
+    format!("u:{{{tenant}:{short}}}:{what}")
+}
+
 impl Gate {
-    /// Waits for the job's turn under its user's `per_user.rps` (a job with no `user`, or a
-    /// tenant without the limit, goes at once); the deadline passing first refuses it.
-    pub async fn user_turn(&self, scope: &CallScope<'_>) -> Result<(), Refusal> {
-        let (Some(user), Some(rps)) = (scope.user, self.tenants.get(scope.tenant).per_user.rps)
-        else {
+    /// Books the job's turn under its user's `per_user.rps` (a job with no `user`, or a
+    /// tenant without the limit, goes at once), shared by every replica: now, after a short
+    /// wait here, or (when `deferrable` and further off than `park_after`) parked with a ticket
+    /// the job runs on when it comes back, like a tenant's turn.
+    pub async fn user_turn(
+        &self,
+        tenant: &str,
+        user: Option<&str>,
+        job_key: &str,
+        deadline: Option<chrono::DateTime<Utc>>,
+        deferrable: bool,
+    ) -> Result<(), UserWait> {
+        let (Some(user), Some(rps)) = (user, self.tenants.get(tenant).per_user.rps) else {
             return Ok(());
         };
-        let key = format!("t:{{{}}}:u:{user}:rps", scope.tenant);
+        let key = user_key(tenant, user, "rps");
+        let ticket = format!("{key}:ticket:{job_key}");
         let rate = Rate::new(rps, Duration::from_secs(1), Duration::from_secs(1));
-        self.wait(scope, "user_requests", &key, 1.0, rate).await
+        let park_after = deferrable.then_some(self.park_after);
+        let wait = loop {
+            match self
+                .state
+                .book(&key, &[(ticket.as_str(), park_after)], rate)
+                .await
+            {
+                Ok(booked) => match booked.first() {
+                    Some(Booking::After(wait)) => break *wait,
+                    Some(Booking::Parked(wait)) => {
+                        self.metrics
+                            .ratelimit_throttled
+                            .with_label_values(&["user_requests"])
+                            .inc();
+                        return Err(UserWait::Park(*wait));
+                    }
+                    _ => return Ok(()),
+                },
+                // The store is out: try again, within the deadline.
+                Err(_) => {
+                    if until(deadline).is_some_and(|left| left < STORE_RETRY) {
+                        return Err(UserWait::Deadline);
+                    }
+                    tokio::time::sleep(STORE_RETRY).await;
+                }
+            }
+        };
+        self.metrics
+            .ratelimit_throttled
+            .with_label_values(&["user_requests"])
+            .inc();
+        if let Some(left) = until(deadline).filter(|left| *left < wait) {
+            tokio::time::sleep(left).await;
+            return Err(UserWait::Deadline);
+        }
+        tokio::time::sleep(wait).await;
+        Ok(())
     }
+}
+
+/// Time left until `deadline`, if there is one.
+fn until(deadline: Option<chrono::DateTime<Utc>>) -> Option<Duration> {
+    deadline.map(|d| (d - Utc::now()).to_std().unwrap_or(Duration::ZERO))
 }
 
 fn per_minute(limit: f64) -> Rate {

@@ -10,5 +10,5 @@ mod booking;
 pub mod gate;
 pub mod scheduler;
 
-pub use gate::{CallScope, Gate, JobBudget, Refusal, Reservation};
+pub use gate::{CallScope, Gate, JobBudget, Refusal, Reservation, UserWait};
 pub use scheduler::{Booked, NotQueued, RunSlot, Scheduler, SchedulerLimits};

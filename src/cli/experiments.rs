@@ -27,6 +27,10 @@ pub fn report(lines: impl Iterator<Item = String>) -> String {
             }
             continue;
         };
+        // A replay of a finished job is the same job again, not another sample.
+        if result.get("duplicate").and_then(Value::as_bool) == Some(true) {
+            continue;
+        }
         let text = |pointer: &str| result.pointer(pointer).and_then(Value::as_str);
         let Some(variant) = text("/route/variant") else {
             without += 1;

@@ -126,13 +126,12 @@ pub fn lock_prompts(path: &Path) -> Result<(std::path::PathBuf, usize), ConfigEr
         origin: origin.clone(),
         problems,
     })?;
-    let mut text = String::from(
+    let entries = serde_norway::to_string(&hashes)
+        .map_err(|e| ConfigError::one(&origin, format!("cannot write the lock: {e}")))?;
+    let text = format!(
         "# Written by `switchyard prompts lock`: the SHA-256 of each versioned prompt's text.\n\
-         # A prompt whose text no longer matches is refused at start-up; change text in a new version.\n",
+         # A prompt whose text no longer matches is refused at start-up; change text in a new version.\n{entries}"
     );
-    for (key, hash) in &hashes {
-        text.push_str(&format!("\"{key}\": \"{hash}\"\n"));
-    }
     std::fs::write(&lock, text).map_err(|e| {
         ConfigError::one(&origin, format!("cannot write `{}`: {e}", lock.display()))
     })?;

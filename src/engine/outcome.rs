@@ -14,7 +14,7 @@ use super::claim::Held;
 use super::{
     seconds_since, Engine, Incoming, LeaseLost, Stopped, QUEUE_FULL_DEFER, QUEUE_FULL_RETRY,
 };
-use crate::admission::{Booked, CallScope, Gate, JobBudget, NotQueued, Refusal};
+use crate::admission::{Booked, CallScope, Gate, JobBudget, NotQueued, Refusal, UserWait};
 use crate::config::{PipelinePlan, UnknownTenants};
 use crate::pipeline::{RunFailure, RunOutput};
 use crate::sink::OutputSink;
@@ -211,6 +211,10 @@ impl<K: OutputSink> Engine<K> {
         // The job's turn is booked before its claim, so a job parked until its turn costs one
         // round trip to the state store, not three (claim, book, release).
         let expired = job.deadline.is_some_and(|d| d <= Utc::now());
+        if !expired {
+            self.user_turn(&job, &key, incoming.deferrable, stop)
+                .await?;
+        }
         let booked = if expired {
             Booked::now()
         } else {
@@ -320,23 +324,6 @@ impl<K: OutputSink> Engine<K> {
         booked: Booked,
         deferrable: bool,
     ) -> Result<Result<RunOutput, RunFailure>, Stopped> {
-        // The user's turn under its tenant's `per_user.rps`, before a run slot is taken: a busy
-        // user waits without holding up the tenant's other users.
-        let waited = std::sync::atomic::AtomicU64::new(0);
-        let scope = CallScope {
-            tenant: job.tenant.as_str(),
-            user: job.user.as_deref(),
-            deadline: job.deadline,
-            throttled_ms: &waited,
-            job_budget: None,
-        };
-        if self.scheduler.gate().user_turn(&scope).await.is_err() {
-            return Ok(Err(RunFailure {
-                reason: DeadLetterReason::DeadlineExceeded,
-                error: "the deadline passed while the job waited for its user's turn (tenants.<tenant>.per_user.rps); no provider was called".into(),
-                attempts: 0,
-            }));
-        }
         let expired = deadline_passes(job);
         let admitted = async {
             loop {
@@ -423,6 +410,43 @@ impl<K: OutputSink> Engine<K> {
             Ok(booked) => Ok(booked),
             Err(NotQueued::Parked(wait)) => Err(Stopped::Deferred(until_deadline(job, wait))),
             Err(NotQueued::QueueFull) => Err(self.queue_full(job)),
+        }
+    }
+
+    /// Waits for the job's turn under its user's `per_user.rps` (before its tenant's turn is
+    /// booked, so a busy user spends none of the tenant's rate). A turn further off than
+    /// `limits.park_after_ms` parks the job at the broker, like a tenant's: a burst of one
+    /// user does not hold in-flight slots. A deadline passing meanwhile goes on to the claim,
+    /// and the deadline check after it.
+    async fn user_turn(
+        &self,
+        job: &Job,
+        key: &str,
+        deferrable: bool,
+        stop: &CancellationToken,
+    ) -> Result<(), Stopped> {
+        let gate = self.scheduler.gate();
+        let turn = gate.user_turn(
+            job.tenant.as_str(),
+            job.user.as_deref(),
+            key,
+            job.deadline,
+            deferrable,
+        );
+        let result = tokio::select! {
+            biased;
+            () = stop.cancelled() => return Err(Stopped::Now),
+            result = turn => result,
+        };
+        match result {
+            Ok(()) | Err(UserWait::Deadline) => Ok(()),
+            Err(UserWait::Park(wait)) => {
+                self.metrics
+                    .jobs_parked
+                    .with_label_values(&["user_rate"])
+                    .inc();
+                Err(Stopped::Deferred(until_deadline(job, wait)))
+            }
         }
     }
 

@@ -122,7 +122,7 @@ impl Metrics {
                 &["reason"],
             )?,
             jobs_parked: IntCounterVec::new(
-                opts("jobs_parked_total", "Jobs handed back to the broker to come again later instead of waiting in the process, by reason (rate_limit: their turn was more than limits.park_after_ms off; queue_full: their tenant's queue was at its bound)."),
+                opts("jobs_parked_total", "Jobs handed back to the broker to come again later instead of waiting in the process, by reason (rate_limit: their turn was more than limits.park_after_ms off; queue_full: their tenant's queue was at its bound; user_rate: their user's per_user.rps turn was more than limits.park_after_ms off)."),
                 &["reason"],
             )?,
             job_panics: IntCounter::with_opts(opts(

@@ -43,7 +43,8 @@ pub(super) fn prompt_hashes(
             "prompt_registry: not set; name a `dir` and/or a `lock` file".into(),
         ]);
     };
-    let registry = registry::read(&mut p, config);
+    // The old lock is not read: it is what is being replaced.
+    let registry = registry::read(&mut p, config, false);
     let mut prompts = raw.prompts.clone();
     registry::merge(&mut p, &registry, &mut prompts);
     let Some(lock) = registry.lock_path.clone() else {
@@ -74,7 +75,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Plan, Vec<String>> {
     let registry = raw
         .prompt_registry
         .as_ref()
-        .map(|r| registry::read(p, r))
+        .map(|r| registry::read(p, r, true))
         .unwrap_or_default();
     registry::merge(p, &registry, &mut raw_prompts);
     registry::check_lock(p, &registry, &raw_prompts);

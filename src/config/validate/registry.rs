@@ -34,16 +34,19 @@ pub struct Registry {
 /// The hash the lock records for a prompt's text.
 pub fn content_hash(prompt: &RawPrompt) -> String {
     let mut hasher = Sha256::new();
-    hasher.update(prompt.system.as_deref().unwrap_or_default().as_bytes());
-    hasher.update([0]);
-    hasher.update(prompt.user.as_bytes());
+    // Length-prefixed, so no split between system and user text hashes like another.
+    for part in [prompt.system.as_deref().unwrap_or_default(), &prompt.user] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part.as_bytes());
+    }
     let digest = hasher.finalize();
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     format!("sha256:{hex}")
 }
 
-/// Reads the registry's directory and lock; problems name the file.
-pub fn read(p: &mut Problems, raw: &RawPromptRegistry) -> Registry {
+/// Reads the registry's directory and (with `read_lock`) its lock; problems name the file. A
+/// lock named in config must exist; the default one may not yet (a warning says so).
+pub fn read(p: &mut Problems, raw: &RawPromptRegistry, read_lock: bool) -> Registry {
     let mut registry = Registry::default();
     if let Some(dir) = &raw.dir {
         read_dir(p, Path::new(dir), &mut registry);
@@ -53,7 +56,7 @@ pub fn read(p: &mut Problems, raw: &RawPromptRegistry) -> Registry {
         .as_ref()
         .map(PathBuf::from)
         .or_else(|| raw.dir.as_ref().map(|d| Path::new(d).join("prompts.lock")));
-    if let Some(path) = &lock_path {
+    if let Some(path) = lock_path.as_ref().filter(|_| read_lock) {
         match std::fs::read_to_string(path) {
             Ok(text) => match serde_norway::from_str::<BTreeMap<String, String>>(&text) {
                 Ok(lock) => registry.lock = Some(lock),
@@ -62,6 +65,13 @@ pub fn read(p: &mut Problems, raw: &RawPromptRegistry) -> Registry {
                     format!("`{}` is not a map of name@version to hash: {e}", path.display()),
                 ),
             },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && raw.lock.is_some() => p.add(
+                "prompt_registry.lock",
+                format!(
+                    "`{}` does not exist; write it with `switchyard prompts lock --config <file>` and ship it with the config",
+                    path.display()
+                ),
+            ),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => p.warn(
                 "prompt_registry.lock",
                 format!(

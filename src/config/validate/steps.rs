@@ -343,9 +343,12 @@ fn experiment_plan(
                 ModelChoice::Fixed(a) => Some(a.clone()),
                 ModelChoice::FromRoute(_) => None,
             });
+            if v.max_tokens == Some(0) {
+                p.add(format!("{at}.max_tokens"), "must be at least 1");
+            }
             if let (Some(n), Some(cap)) = (v.max_tokens, alias.as_deref().and_then(step_max_tokens))
             {
-                if n == 0 || n > cap {
+                if n > cap {
                     p.add(
                         format!("{at}.max_tokens"),
                         format!("must be between 1 and the model's max_tokens ({cap})"),

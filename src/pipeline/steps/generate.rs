@@ -19,11 +19,15 @@ async fn run(ctx: &StepContext<'_>, plan: &GeneratePlan) -> StepResult {
     let variant = plan.experiment.as_ref().and_then(|e| {
         let job = ctx.job;
         let unit = match e.sticky_by {
-            StickyBy::User => job.user.as_deref().unwrap_or(job.tenant.as_str()),
-            StickyBy::Tenant => job.tenant.as_str(),
-            StickyBy::Job => job.idempotency_key.as_str(),
+            // A user is one within its tenant; a job without one is its own unit.
+            StickyBy::User => match &job.user {
+                Some(user) => format!("{}\0{user}", job.tenant.as_str()),
+                None => format!("job\0{}", job.idempotency_key),
+            },
+            StickyBy::Tenant => job.tenant.as_str().to_owned(),
+            StickyBy::Job => format!("job\0{}", job.idempotency_key),
         };
-        e.assign(unit).map(|v| (e, v))
+        e.assign(&unit).map(|v| (e, v))
     });
     let alias = match &plan.model {
         ModelChoice::Fixed(alias) => alias.clone(),
