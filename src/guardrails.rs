@@ -533,6 +533,16 @@ impl GuardrailSet {
         }
     }
 
+    /// Redacts the input side's PII kinds in `input` (no other check): for an input that was
+    /// blocked and goes to a person for review.
+    pub fn redact_input(&self, input: &mut Map<String, Value>) -> Counts {
+        let mut counts = BTreeMap::new();
+        for v in input.values_mut() {
+            self.redact_value(v, &self.input.redact, &mut counts);
+        }
+        counts
+    }
+
     /// Redacts the output side's PII kinds in `value` (no other check): for what travels with
     /// an output besides the output itself, such as step records.
     pub fn redact_output(&self, value: &mut Value) -> Counts {

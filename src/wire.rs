@@ -349,6 +349,29 @@ pub struct JobResult {
     /// Why a result went to review (status `review`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub review_reason: Option<String>,
+    /// What a reviewer needs besides the proposed output (status `review`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub review: Option<ReviewRequest>,
+}
+
+/// The parts of a review request beyond the result: an id a decision names, the time by which
+/// it is due, and the job's input as the pipeline saw it (after guardrail redaction).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReviewRequest {
+    /// The same for every delivery of the same job.
+    pub id: String,
+    pub deadline: DateTime<Utc>,
+    pub input: Map<String, Value>,
+}
+
+impl ReviewRequest {
+    /// The review id of the job whose idempotency state key is `state_key`.
+    pub fn id_for(state_key: &str) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(state_key.as_bytes());
+        let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+        format!("rv-{hex}")
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

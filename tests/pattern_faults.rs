@@ -299,7 +299,7 @@ async fn review_triggers_send_results_to_review_with_the_reason() {
         .set(
             "pipelines",
             "triggers:
-    review: {when: 'steps.classify.category == \"legal\"'}
+    review: {when: 'steps.classify.category == \"legal\"', timeout_s: 3600}
     steps:
       - {name: classify, kind: classify, method: rules, categories: [legal, general],
          rules: [{category: legal, keywords: [lawsuit, subpoena], confidence: 0.9}]}
@@ -329,7 +329,19 @@ async fn review_triggers_send_results_to_review_with_the_reason() {
         why.contains("review.when") && why.contains("legal"),
         "{why}"
     );
+    // A review request carries what a reviewer needs: an id, the deadline, the input.
+    let request = legal.review.as_ref().expect("a review request");
+    assert!(
+        request.id.starts_with("rv-") && request.id.len() == 35,
+        "{request:?}"
+    );
+    assert_eq!(
+        request.deadline - legal.received_at,
+        chrono::Duration::hours(1)
+    );
+    assert_eq!(request.input["text"], "We received a subpoena");
     let plain = result_of(&outputs, "plain");
+    assert!(plain.review.is_none());
     assert_eq!(
         (plain.status, plain.review_reason.as_deref()),
         (ResultStatus::Ok, None)

@@ -443,12 +443,25 @@ pub struct PipelinePlan {
     pub review: ReviewPlan,
 }
 
-/// What sends a pipeline's result to review besides a route's low confidence.
-#[derive(Debug, Clone, Default)]
+/// What sends a pipeline's result to review besides a route's low confidence, and how long a
+/// review request is given.
+#[derive(Debug, Clone)]
 pub struct ReviewPlan {
     /// The expression and its source text (quoted in the review reason).
     pub when: Option<(crate::expr::Expr, String)>,
     pub cost_above_usd: Option<f64>,
+    /// A review request is due this long after the job was received.
+    pub timeout: Duration,
+}
+
+impl Default for ReviewPlan {
+    fn default() -> Self {
+        Self {
+            when: None,
+            cost_above_usd: None,
+            timeout: Duration::from_secs(24 * 3600),
+        }
+    }
 }
 
 /// What becomes the job's output.

@@ -678,6 +678,9 @@ pub struct RawReview {
     /// The job's cost (all its calls) above this sends it to review.
     #[serde(default)]
     pub cost_above_usd: Option<f64>,
+    /// A review request is due this long after the job was received (default a day).
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
 }
 
 /// `output:` of a pipeline: a step's name or an assembled value.

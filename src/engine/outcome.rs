@@ -285,6 +285,15 @@ impl<K: OutputSink> Engine<K> {
                     status: out.status,
                     output: out.output,
                     review_reason: out.review_reason,
+                    review: (out.status == crate::wire::ResultStatus::Review).then(|| {
+                        crate::wire::ReviewRequest {
+                            id: crate::wire::ReviewRequest::id_for(&key),
+                            deadline: received_at
+                                + chrono::Duration::from_std(pipeline.review.timeout)
+                                    .unwrap_or(chrono::Duration::days(1)),
+                            input: out.review_input.unwrap_or_default(),
+                        }
+                    }),
                     route: out.route,
                     steps: out.steps,
                     usage,

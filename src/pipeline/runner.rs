@@ -71,6 +71,8 @@ pub struct RunOutput {
     pub steps: Vec<StepRecord>,
     /// Why it goes to review, when it does.
     pub review_reason: Option<String>,
+    /// The input as the pipeline saw it (redacted by the guardrails), when it goes to review.
+    pub review_input: Option<Map<String, Value>>,
 }
 
 pub struct Runner {
@@ -121,11 +123,21 @@ impl Runner {
                     Verdict::Pass { redacted } => count_redactions(&mut guard_record, &redacted),
                     Verdict::Blocked { reason, .. } => {
                         let why = format!("input guardrail: {reason}");
-                        return guard_stop(g.on_block, why, vec![guard_record], Value::Null);
+                        // A person may look at it: redacted as it would have been.
+                        let mut shown = job.input.clone();
+                        g.set.redact_input(&mut shown);
+                        return guard_stop(
+                            g.on_block,
+                            why,
+                            vec![guard_record],
+                            Value::Null,
+                            Some(shown),
+                        );
                     }
                     Verdict::Error { reason } => {
                         let why = format!("input guardrail could not check the job, so it was not passed: {reason}");
-                        return guard_stop(g.on_error, why, vec![guard_record], Value::Null);
+                        // It could not be scanned: not even a reviewer gets it from here.
+                        return guard_stop(g.on_error, why, vec![guard_record], Value::Null, None);
                     }
                 }
                 redacted_input = checked;
@@ -182,7 +194,7 @@ impl Runner {
                     count_redactions(&mut guard_record, &g.set.redact_output(&mut output));
                     records.insert(0, guard_record);
                     let why = format!("output guardrail: {reason}");
-                    return guard_stop(g.on_block, why, records, output);
+                    return guard_stop(g.on_block, why, records, output, Some(input.clone()));
                 }
                 Verdict::Error { reason } => {
                     // It could not be scanned, so it does not leave, not even for review, nor
@@ -190,12 +202,13 @@ impl Runner {
                     records.iter_mut().for_each(|r| r.output = None);
                     records.insert(0, guard_record);
                     let why = format!("output guardrail could not check the answer, so it was not passed: {reason}");
-                    return guard_stop(g.on_error, why, records, Value::Null);
+                    return guard_stop(g.on_error, why, records, Value::Null, Some(input.clone()));
                 }
             }
             records.insert(0, guard_record);
         }
         Ok(RunOutput {
+            review_input: (status == ResultStatus::Review).then(|| input.clone()),
             status,
             output,
             route,
@@ -459,6 +472,7 @@ fn guard_stop(
     why: String,
     mut steps: Vec<StepRecord>,
     output: Value,
+    review_input: Option<Map<String, Value>>,
 ) -> Result<RunOutput, RunFailure> {
     match action {
         GuardAction::DeadLetter => Err(RunFailure {
@@ -476,6 +490,7 @@ fn guard_stop(
                 route: RouteInfo::default(),
                 steps,
                 review_reason: Some(why),
+                review_input,
             })
         }
     }

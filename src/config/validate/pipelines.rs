@@ -401,9 +401,16 @@ pub(super) fn pipeline_plan(
                 "a cost in USD, 0 or more",
             );
         }
+        if r.timeout_s == Some(0) {
+            p.add(format!("{field}.timeout_s"), "must be at least 1");
+        }
         ReviewPlan {
             when,
             cost_above_usd: r.cost_above_usd,
+            timeout: r.timeout_s.map_or(
+                ReviewPlan::default().timeout,
+                std::time::Duration::from_secs,
+            ),
         }
     });
     if raw.record_output_chars > 1_000_000 {
