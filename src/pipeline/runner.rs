@@ -183,7 +183,8 @@ impl Runner {
             }
         }
         if let Some(g) = &guard {
-            // What travels with the output (step outputs, errors, feedback) is redacted like it.
+            // What travels with the output (errors, feedback; step outputs already were) is
+            // redacted like it.
             records.iter_mut().for_each(|r| redact_record(&g.set, r));
             let verdict = g.set.check_output(&mut output, &guard_tokens);
             self.metrics.guardrail(&pipeline.name, "output", &verdict);
@@ -431,10 +432,8 @@ async fn check_input(
 }
 
 /// A step record redacted as the output side redacts the output.
+/// (Its `output` was redacted when the step finished, before it was cut: not scanned again.)
 fn redact_record(set: &GuardrailSet, record: &mut StepRecord) {
-    if let Some(output) = &mut record.output {
-        set.redact_output(output);
-    }
     let redact_text = |text: &mut String| {
         let mut value = Value::String(std::mem::take(text));
         set.redact_output(&mut value);
