@@ -20,7 +20,7 @@ use crate::admission::{Gate, Scheduler, SchedulerLimits};
 use crate::calls::cache::ResponseCache;
 use crate::calls::Calls;
 use crate::config::Plan;
-use crate::engine::Engine;
+use crate::engine::{Engine, Kind};
 use crate::pipeline::{Pools, Runner};
 use crate::provider::Providers;
 use crate::sink::{OutputSink, Sink};
@@ -93,6 +93,16 @@ pub async fn run_with(
         );
         let sink = Sink::open(&plan.sink).await?;
         let source = Source::open(&plan.source).await?;
+        let decisions = if plan.reviews.consume {
+            let decisions = crate::source::decisions_plan(&plan.source, &plan.reviews.decisions);
+            Some(
+                Source::open(&decisions)
+                    .await
+                    .context("opening the review decisions source (reviews.decisions)")?,
+            )
+        } else {
+            None
+        };
         let (probe, lag_gauge, stop) = (
             source.lag_probe(),
             metrics
@@ -127,7 +137,42 @@ pub async fn run_with(
             max_inflight = plan.limits.max_inflight_jobs,
             "switchyard running"
         );
-        let consumed = consume(source, engine, &state, &telemetry, &plan, shutdown).await;
+        // Either consumer failing for good stops the other.
+        let stopping = shutdown.child_token();
+        if plan.reviews.consume {
+            let (engine, stop, every) =
+                (engine.clone(), stopping.clone(), plan.reviews.expire_every);
+            background.spawn(async move { expire_reviews(&engine, every, &stop).await });
+        }
+        let run = |source: Source, kind: Kind| {
+            let (engine, state, telemetry, plan, stopping) =
+                (engine.clone(), &state, &telemetry, &plan, stopping.clone());
+            async move {
+                let consumed = consume(
+                    source,
+                    kind,
+                    engine,
+                    state,
+                    telemetry,
+                    plan,
+                    stopping.clone(),
+                )
+                .await;
+                if consumed.is_err() {
+                    stopping.cancel();
+                }
+                consumed
+            }
+        };
+        let jobs = run(source, Kind::Job);
+        let decided = async {
+            match decisions {
+                Some(decisions) => run(decisions, Kind::Decision).await,
+                None => Ok(()),
+            }
+        };
+        let (jobs, decided) = tokio::join!(jobs, decided);
+        let consumed = jobs.and(decided.context("review decisions"));
         // Budget reservations of jobs that ended during shutdown are settled before exit.
         settling.finish_settling(SETTLE_GRACE).await;
         consumed
@@ -168,8 +213,30 @@ async fn paused_until(
     resumed
 }
 
+/// Settles reviews past their deadline and reports pending reviews, every `every`, until
+/// `stop`. Every replica runs it; each review is settled once (its decision claim).
+async fn expire_reviews<K: OutputSink>(
+    engine: &Engine<K>,
+    every: Duration,
+    stop: &CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen = std::collections::BTreeSet::new();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => {
+                engine.expire_due_reviews(stop).await;
+                engine.report_pending_reviews(&mut seen).await;
+            }
+        }
+    }
+}
+
 async fn consume<K: OutputSink>(
     mut source: Source,
+    kind: Kind,
     engine: Arc<Engine<K>>,
     state: &StateStore,
     telemetry: &Telemetry,
@@ -237,18 +304,22 @@ async fn consume<K: OutputSink>(
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break 'intake,
-                _ = tick.tick() => health.set_source_connected(source.is_connected()),
+                _ = tick.tick() => if kind == Kind::Job {
+                    health.set_source_connected(source.is_connected());
+                },
                 delivery = source.next() => break delivery,
             }
         };
         match delivery {
             Ok(delivery) => {
                 backoff = Duration::from_millis(100);
-                metrics.jobs_received.with_label_values(&[transport]).inc();
+                if kind == Kind::Job {
+                    metrics.jobs_received.with_label_values(&[transport]).inc();
+                }
                 metrics.inflight.inc();
                 let (engine, stop, metrics) = (engine.clone(), hand_back.clone(), metrics.clone());
                 tasks.spawn(async move {
-                    engine.handle(delivery, &stop).await;
+                    engine.handle_as(delivery, kind, &stop).await;
                     metrics.inflight.dec();
                     drop(permit);
                 });
@@ -287,7 +358,7 @@ async fn consume<K: OutputSink>(
             match next {
                 Ok(delivery) => {
                     let (engine, stopped) = (engine.clone(), stopped.clone());
-                    tasks.spawn(async move { engine.handle(delivery, &stopped).await });
+                    tasks.spawn(async move { engine.handle_as(delivery, kind, &stopped).await });
                 }
                 Err(SourceError::Transient(_)) => {}
                 Err(SourceError::Fatal(_)) => break,

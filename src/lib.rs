@@ -22,6 +22,7 @@ pub mod expr;
 pub mod guardrails;
 pub mod pipeline;
 pub mod provider;
+pub mod review;
 pub mod sink;
 pub mod source;
 pub mod state;

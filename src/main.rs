@@ -74,6 +74,20 @@ enum Command {
     /// A/B experiments.
     #[command(subcommand)]
     Experiments(ExperimentsCommand),
+    /// The reviews waiting for a decision (from the config's state store), earliest deadline
+    /// first. Decisions go to `reviews.decisions` (see docs/architecture.md, "Review").
+    Reviews {
+        #[arg(long, short, env = "SWITCHYARD_CONFIG")]
+        config: PathBuf,
+        /// Only this tenant's reviews.
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// One JSON object per review (with the proposed output).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -172,6 +186,15 @@ const EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
+        Command::Reviews {
+            config,
+            tenant,
+            limit,
+            json,
+        } => {
+            cli::reviews::list(&config, tenant.as_deref(), limit, json).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Experiments(ExperimentsCommand::Report { file }) => {
             cli::experiments::run(&file)?;
             Ok(ExitCode::SUCCESS)

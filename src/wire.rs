@@ -352,6 +352,9 @@ pub struct JobResult {
     /// What a reviewer needs besides the proposed output (status `review`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub review: Option<ReviewRequest>,
+    /// Who decided a reviewed result, how and when (a result that came back from review).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reviewed: Option<Box<crate::review::Reviewed>>,
 }
 
 /// The parts of a review request beyond the result: an id a decision names, the time by which
@@ -390,6 +393,11 @@ pub enum DeadLetterReason {
     MaxDeliveriesExceeded,
     /// The tenant is not named in config and `tenants.unknown: reject`.
     UnknownTenant,
+    /// A reviewer rejected the result (or its review timed out with `on_timeout: reject`).
+    ReviewRejected,
+    /// A review decision that cannot be applied: unknown or already-decided review, another
+    /// tenant's review, or a malformed decision.
+    DecisionRefused,
     Internal,
 }
 
@@ -406,6 +414,8 @@ impl DeadLetterReason {
             DeadLetterReason::GuardrailBlocked => "guardrail_blocked",
             DeadLetterReason::UnknownTenant => "unknown_tenant",
             DeadLetterReason::MaxDeliveriesExceeded => "max_deliveries_exceeded",
+            DeadLetterReason::ReviewRejected => "review_rejected",
+            DeadLetterReason::DecisionRefused => "decision_refused",
             DeadLetterReason::Internal => "internal",
         }
     }

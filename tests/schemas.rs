@@ -40,3 +40,32 @@ fn the_job_schema_and_the_decoder_agree() {
         );
     }
 }
+
+#[test]
+fn the_decision_schema_and_the_decoder_agree() {
+    let s = common::schemas();
+    let id = "rv-0123456789abcdef0123456789abcdef";
+    let cases = [
+        json!({"review_id": id, "decision": "approve", "reviewer": "ana"}),
+        json!({"review_id": id, "decision": "approve", "reviewer": "ana", "reason": "fine", "tenant": "acme"}),
+        json!({"review_id": id, "decision": "edit", "reviewer": "ana", "output": {"answer": 1}}),
+        json!({"review_id": id, "decision": "edit", "reviewer": "ana"}),
+        json!({"review_id": id, "decision": "reject", "reviewer": "ana", "reason": "wrong"}),
+        json!({"review_id": id, "decision": "reject", "reviewer": "ana"}),
+        json!({"review_id": id, "decision": "approve", "reviewer": "ana", "output": "x"}),
+        json!({"review_id": id, "decision": "maybe", "reviewer": "ana"}),
+        json!({"review_id": "rv-1", "decision": "approve", "reviewer": "ana"}),
+        json!({"review_id": id, "decision": "approve", "reviewer": ""}),
+        json!({"review_id": id, "decision": "approve"}),
+        json!({"review_id": id, "decision": "approve", "reviewer": "ana", "extra": 1}),
+    ];
+    for case in cases {
+        let schema_ok = s.decision.is_valid(&case);
+        let decoded = switchyard::review::decode_decision(case.to_string().as_bytes());
+        assert_eq!(
+            schema_ok,
+            decoded.is_ok(),
+            "schema says {schema_ok}, decoder says {decoded:?} for {case}"
+        );
+    }
+}

@@ -1,11 +1,12 @@
-//! The operator commands around the service: `demo`, `publish`, `tail`, `bench` and
-//! `experiments report`. They live
+//! The operator commands around the service: `demo`, `publish`, `tail`, `bench`,
+//! `experiments report` and `reviews`. They live
 //! in the binary, not the library: the service never depends on them.
 
 pub mod bench;
 pub mod demo;
 pub mod experiments;
 pub mod publish;
+pub mod reviews;
 pub mod tail;
 
 use std::path::Path;

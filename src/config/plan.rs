@@ -26,8 +26,20 @@ pub struct Plan {
     pub tenants: TenantsPlan,
     /// The response cache; `None` when disabled.
     pub cache: Option<CachePlan>,
+    /// The review round trip.
+    pub reviews: ReviewsPlan,
     /// Things that work but deserve a look (e.g. a model without a price).
     pub warnings: Vec<String>,
+}
+
+/// Where review decisions come back (`reviews:`).
+#[derive(Debug, Clone)]
+pub struct ReviewsPlan {
+    /// The decisions topic (Kafka) or subject (NATS).
+    pub decisions: String,
+    /// Whether this service consumes decisions and expires reviews.
+    pub consume: bool,
+    pub expire_every: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -443,6 +455,21 @@ pub struct PipelinePlan {
     pub review: ReviewPlan,
 }
 
+impl PipelinePlan {
+    /// Whether any result of this pipeline can go to review.
+    pub fn can_review(&self) -> bool {
+        let review = &self.review;
+        review.when.is_some()
+            || review.cost_above_usd.is_some()
+            || self.guardrails.as_ref().is_some_and(|g| {
+                g.on_block == GuardAction::Review || g.on_error == GuardAction::Review
+            })
+            || self.steps.iter().any(|s| {
+                matches!(&s.kind, StepKindPlan::Route(r) if r.review_below_confidence.is_some())
+            })
+    }
+}
+
 /// What sends a pipeline's result to review besides a route's low confidence, and how long a
 /// review request is given.
 #[derive(Debug, Clone)]
@@ -452,6 +479,8 @@ pub struct ReviewPlan {
     pub cost_above_usd: Option<f64>,
     /// A review request is due this long after the job was received.
     pub timeout: Duration,
+    /// What a review that times out becomes.
+    pub on_timeout: crate::review::OnTimeout,
 }
 
 impl Default for ReviewPlan {
@@ -460,6 +489,7 @@ impl Default for ReviewPlan {
             when: None,
             cost_above_usd: None,
             timeout: Duration::from_secs(24 * 3600),
+            on_timeout: crate::review::OnTimeout::Reject,
         }
     }
 }

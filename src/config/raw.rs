@@ -42,6 +42,33 @@ pub struct RawConfig {
     pub tenants: BTreeMap<String, Value>,
     #[serde(default)]
     pub cache: RawCache,
+    /// Where review decisions come back, and how often due reviews are looked for.
+    #[serde(default)]
+    pub reviews: RawReviews,
+}
+
+/// The review round trip (`reviews:`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawReviews {
+    /// The decisions topic (Kafka) or subject (NATS; `<subject>.<tenant>` vouches for the
+    /// tenant, like a job's subject).
+    pub decisions: String,
+    /// Consume decisions: `true`, `false`, or unset for "when any pipeline can send a result
+    /// to review".
+    pub consume: Option<bool>,
+    /// How often each replica looks for reviews past their deadline.
+    pub expire_every_ms: u64,
+}
+
+impl Default for RawReviews {
+    fn default() -> Self {
+        Self {
+            decisions: "switchyard.decisions".into(),
+            consume: None,
+            expire_every_ms: 1000,
+        }
+    }
 }
 
 /// Exact-match response cache in the state store.
@@ -681,6 +708,12 @@ pub struct RawReview {
     /// A review request is due this long after the job was received (default a day).
     #[serde(default)]
     pub timeout_s: Option<u64>,
+    /// What a review that times out becomes: `reject` (default), `approve`, or `rerun`.
+    #[serde(default)]
+    pub on_timeout: Option<String>,
+    /// The model a timed-out review's job runs again on (`on_timeout: rerun`).
+    #[serde(default)]
+    pub rerun_model: Option<String>,
 }
 
 /// `output:` of a pipeline: a step's name or an assembled value.

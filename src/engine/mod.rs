@@ -10,6 +10,7 @@
 
 mod claim;
 mod outcome;
+mod review;
 #[cfg(test)]
 mod tests;
 mod write;
@@ -65,9 +66,19 @@ enum Stopped {
     Deferred(Duration),
 }
 
+/// What a delivery carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A job (`schemas/job.v1.json`).
+    Job,
+    /// A review decision (`schemas/decision.v1.json`).
+    Decision,
+}
+
 /// One delivery as the engine sees it: what every stage of its path needs.
 #[derive(Clone, Copy)]
 struct Incoming<'a> {
+    kind: Kind,
     payload: &'a [u8],
     source: &'a SourceInfo,
     received_at: DateTime<Utc>,
@@ -103,8 +114,13 @@ impl<K: OutputSink> Engine<K> {
         &self.sink
     }
 
-    /// Processes one delivery to its end; `stop` hands unfinished work back.
+    /// Processes one job delivery to its end; `stop` hands unfinished work back.
     pub async fn handle(&self, delivery: Delivery, stop: &CancellationToken) {
+        self.handle_as(delivery, Kind::Job, stop).await;
+    }
+
+    /// Processes one delivery of `kind` to its end; `stop` hands unfinished work back.
+    pub async fn handle_as(&self, delivery: Delivery, kind: Kind, stop: &CancellationToken) {
         let Delivery {
             payload,
             traceparent,
@@ -114,6 +130,7 @@ impl<K: OutputSink> Engine<K> {
             ack,
         } = delivery;
         let incoming = Incoming {
+            kind,
             payload: &payload,
             source: &source,
             received_at,
@@ -214,11 +231,15 @@ impl<K: OutputSink> Engine<K> {
         incoming: &Incoming<'_>,
         stop: &CancellationToken,
     ) -> Result<bool, Stopped> {
+        if incoming.kind == Kind::Decision {
+            return self.process_decision(incoming, stop).await;
+        }
         let Decision {
             outcome,
             claim,
             pipeline,
             output_key,
+            review,
         } = self.decide(incoming, stop).await?;
         let poison = matches!(&outcome, Outcome::DeadLetter(dl) if dl.reason == DeadLetterReason::InvalidJob);
         let Some(held) = claim else {
@@ -232,6 +253,14 @@ impl<K: OutputSink> Engine<K> {
         // for most of a lease waits here until the store confirms it, or hands the job back if
         // another worker took it meanwhile.
         self.confirm_lease(&held, stop).await?;
+        if let Some(review) = &review {
+            // Kept before its request is out, so a decision can never arrive for a review
+            // the store does not know.
+            if let Err(stopped) = self.open_review(review, stop).await {
+                self.release(&held).await;
+                return Err(stopped);
+            }
+        }
         let written = tokio::select! {
             written = self.write(outcome, incoming, &output_key, Some(&held), stop) => written,
             LeaseLost = self.hold_claim(&held) => {

@@ -33,6 +33,8 @@ pub(super) struct Decision {
     /// The identity its outputs' ids derive from: tenant + idempotency key for a decoded job,
     /// the source position for a payload that did not decode.
     pub output_key: String,
+    /// The review to keep pending before a review request is written.
+    pub review: Option<crate::review::PendingReview>,
 }
 
 /// A job's budget reservation, settled to what its calls cost when the job is done with it
@@ -133,6 +135,7 @@ impl Incoming<'_> {
             claim: None,
             pipeline,
             output_key,
+            review: None,
         }
     }
 
@@ -232,6 +235,7 @@ impl<K: OutputSink> Engine<K> {
                     // Each repeated publication gets its own answer; a redelivery of the same
                     // message does not.
                     output_key: incoming.position(),
+                    review: None,
                 });
             }
         };
@@ -250,6 +254,7 @@ impl<K: OutputSink> Engine<K> {
                 claim: Some(held),
                 pipeline: Some(pipeline.name.clone()),
                 output_key: key,
+                review: None,
             });
         }
         let started = Instant::now();
@@ -294,6 +299,7 @@ impl<K: OutputSink> Engine<K> {
                             input: out.review_input.unwrap_or_default(),
                         }
                     }),
+                    reviewed: None,
                     route: out.route,
                     steps: out.steps,
                     usage,
@@ -316,11 +322,32 @@ impl<K: OutputSink> Engine<K> {
                 Outcome::DeadLetter(incoming.dead_letter(reason, error, Who::Job(&job), attempts))
             }
         };
+        let review = match &outcome {
+            Outcome::Result(r) => r
+                .review
+                .as_ref()
+                .map(|request| crate::review::PendingReview {
+                    id: request.id.clone(),
+                    tenant: r.tenant.clone(),
+                    pipeline: pipeline.name.clone(),
+                    job_id: job.id.clone(),
+                    job_key: key.clone(),
+                    deadline: request.deadline,
+                    on_timeout: pipeline.review.on_timeout.clone(),
+                    proposed: r.clone(),
+                    payload: String::from_utf8_lossy(payload).into_owned(),
+                    source: incoming.source.clone(),
+                    traceparent: incoming.trace.map(str::to_owned),
+                    created_at: Utc::now(),
+                }),
+            Outcome::DeadLetter(_) => None,
+        };
         Ok(Decision {
             outcome,
             claim: Some(held),
             pipeline: Some(pipeline.name.clone()),
             output_key: key,
+            review,
         })
     }
 

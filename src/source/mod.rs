@@ -145,6 +145,32 @@ pub enum Source {
     Nats(Box<nats::NatsSource>),
 }
 
+/// Where review decisions are read: the job source's broker and credentials, on the decisions
+/// topic (Kafka, group `<group>.decisions`) or subject (NATS: `<subject>` and
+/// `<subject>.<tenant>` in stream `<stream>_DECISIONS`, consumer `<consumer>-decisions`).
+pub fn decisions_plan(
+    source: &crate::config::SourcePlan,
+    decisions: &str,
+) -> crate::config::SourcePlan {
+    use crate::config::SourcePlan;
+    match source {
+        SourcePlan::Kafka(k) => {
+            let mut k = k.clone();
+            k.topic = decisions.to_owned();
+            k.group = format!("{}.decisions", k.group);
+            k.delay_topic = None;
+            SourcePlan::Kafka(k)
+        }
+        SourcePlan::Nats(n) => {
+            let mut n = n.clone();
+            n.stream = format!("{}_DECISIONS", n.stream);
+            n.subjects = vec![decisions.to_owned(), format!("{decisions}.>")];
+            n.consumer = format!("{}-decisions", n.consumer);
+            SourcePlan::Nats(n)
+        }
+    }
+}
+
 impl Source {
     pub async fn open(plan: &crate::config::SourcePlan) -> anyhow::Result<Self> {
         use anyhow::Context as _;

@@ -12,6 +12,7 @@
 pub mod counters;
 mod memory;
 mod redis;
+mod reviews;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,6 +22,9 @@ pub use self::counters::{Booking, BudgetKeys, Rate, Spend};
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;
 use crate::config::{RedisUrl, StateKind, StatePlan};
+
+/// Pending reviews an in-process store made from a bare [`MemoryStore`] holds at most.
+const MEMORY_REVIEWS: usize = 100_000;
 
 /// Proof of holding a claim; completing or releasing a key needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,7 +68,7 @@ pub enum StateError {
 
 #[derive(Clone)]
 enum Backend {
-    Memory(MemoryStore),
+    Memory(MemoryStore, reviews::MemoryReviews),
     Redis(Box<RedisStore>),
 }
 
@@ -77,7 +81,7 @@ pub struct StateStore {
 impl From<MemoryStore> for StateStore {
     fn from(store: MemoryStore) -> Self {
         Self {
-            backend: Backend::Memory(store),
+            backend: Backend::Memory(store, reviews::MemoryReviews::new(MEMORY_REVIEWS)),
             available: Arc::new(AtomicBool::new(true)),
         }
     }
@@ -115,7 +119,10 @@ impl StateStore {
     /// Opens the configured store. Redis must be reachable at start-up; the error says how.
     pub async fn open(plan: &StatePlan) -> anyhow::Result<Self> {
         let backend = match &plan.kind {
-            StateKind::Memory { max_entries } => Backend::Memory(MemoryStore::new(*max_entries)),
+            StateKind::Memory { max_entries } => Backend::Memory(
+                MemoryStore::new(*max_entries),
+                reviews::MemoryReviews::new(*max_entries),
+            ),
             StateKind::Redis {
                 url,
                 key_prefix,
@@ -164,7 +171,7 @@ impl StateStore {
 
     pub async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StateError> {
         let result = match &self.backend {
-            Backend::Memory(m) => Ok(m.claim(key, lease)),
+            Backend::Memory(m, _) => Ok(m.claim(key, lease)),
             Backend::Redis(r) => r.claim(key, lease).await,
         };
         self.track(result)
@@ -179,7 +186,7 @@ impl StateStore {
         lease: Duration,
     ) -> Result<Renewal, StateError> {
         let result = match &self.backend {
-            Backend::Memory(m) => Ok(m.renew(key, token, lease)),
+            Backend::Memory(m, _) => Ok(m.renew(key, token, lease)),
             Backend::Redis(r) => r.renew(key, token, lease).await,
         };
         self.track(result)
@@ -196,7 +203,7 @@ impl StateStore {
         ttl: Duration,
     ) -> Result<bool, StateError> {
         let result = match &self.backend {
-            Backend::Memory(m) => Ok(m.complete(key, token, outcome, ttl)),
+            Backend::Memory(m, _) => Ok(m.complete(key, token, outcome, ttl)),
             Backend::Redis(r) => r.complete(key, token, outcome, ttl).await,
         };
         self.track(result)
@@ -205,7 +212,7 @@ impl StateStore {
     /// Gives a claim up without an outcome, so a redelivery processes the job again.
     pub async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StateError> {
         let result = match &self.backend {
-            Backend::Memory(m) => {
+            Backend::Memory(m, _) => {
                 m.release(key, token);
                 Ok(())
             }
@@ -223,7 +230,7 @@ impl StateStore {
         rate: Rate,
     ) -> Result<Option<Duration>, StateError> {
         let result = match &self.backend {
-            Backend::Memory(m) => Ok(m.counters().throttle(key, cost, rate)),
+            Backend::Memory(m, _) => Ok(m.counters().throttle(key, cost, rate)),
             Backend::Redis(r) => r.gcra(key, cost, rate, true).await,
         };
         self.track(result)
@@ -239,7 +246,7 @@ impl StateStore {
         rate: Rate,
     ) -> Result<Vec<Booking>, StateError> {
         let result = match &self.backend {
-            Backend::Memory(m) => Ok(jobs
+            Backend::Memory(m, _) => Ok(jobs
                 .iter()
                 .map(|(ticket, park_after)| m.counters().book(key, ticket, rate, *park_after))
                 .collect()),
@@ -251,7 +258,7 @@ impl StateStore {
     /// Reconciles a rate limiter with what was really used (`delta` units, may be negative).
     pub async fn adjust(&self, key: &str, delta: f64, rate: Rate) -> Result<(), StateError> {
         let result = match &self.backend {
-            Backend::Memory(m) => {
+            Backend::Memory(m, _) => {
                 m.counters().adjust(key, delta, rate);
                 Ok(())
             }
@@ -268,7 +275,7 @@ impl StateStore {
         check: bool,
     ) -> Result<Spend, StateError> {
         let result = match &self.backend {
-            Backend::Memory(m) => Ok(m.counters().spend(keys, amount, check)),
+            Backend::Memory(m, _) => Ok(m.counters().spend(keys, amount, check)),
             Backend::Redis(r) => r.spend(keys, amount, check).await,
         };
         self.track(result)
@@ -277,7 +284,7 @@ impl StateStore {
     /// A cached provider response, if one is stored under `key`.
     pub async fn cache_get(&self, key: &str) -> Result<Option<bytes::Bytes>, StateError> {
         let result = match &self.backend {
-            Backend::Memory(m) => Ok(m.cache_get(key)),
+            Backend::Memory(m, _) => Ok(m.cache_get(key)),
             Backend::Redis(r) => r.cache_get(key).await,
         };
         self.track(result)
@@ -290,7 +297,7 @@ impl StateStore {
         ttl: Duration,
     ) -> Result<(), StateError> {
         let result = match &self.backend {
-            Backend::Memory(m) => {
+            Backend::Memory(m, _) => {
                 m.cache_put(key, value, ttl);
                 Ok(())
             }
@@ -299,10 +306,70 @@ impl StateStore {
         self.track(result)
     }
 
+    /// Keeps a pending review (`record`) under `id` until it is decided or expires; `Ok(false)`
+    /// when it is already kept (a redelivery of the same job).
+    pub async fn review_open(
+        &self,
+        id: &str,
+        tenant: &str,
+        deadline_ms: i64,
+        record: bytes::Bytes,
+    ) -> Result<bool, StateError> {
+        let result = match &self.backend {
+            Backend::Memory(_, r) => r.open(id, tenant, deadline_ms, record),
+            Backend::Redis(r) => r.review_open(id, tenant, deadline_ms, record).await,
+        };
+        self.track(result)
+    }
+
+    /// The pending review `id`, if it is still pending.
+    pub async fn review_get(&self, id: &str) -> Result<Option<bytes::Bytes>, StateError> {
+        let result = match &self.backend {
+            Backend::Memory(_, r) => Ok(r.get(id)),
+            Backend::Redis(r) => r.review_get(id).await,
+        };
+        self.track(result)
+    }
+
+    /// Drops a review from the pending ones (it was decided or expired).
+    pub async fn review_forget(&self, id: &str, tenant: &str) -> Result<(), StateError> {
+        let result = match &self.backend {
+            Backend::Memory(_, r) => {
+                r.forget(id);
+                Ok(())
+            }
+            Backend::Redis(r) => r.review_forget(id, tenant).await,
+        };
+        self.track(result)
+    }
+
+    /// Up to `limit` pending review ids, earliest deadline first; only those due by
+    /// `until_ms` (milliseconds since the epoch) when given.
+    pub async fn reviews_by_deadline(
+        &self,
+        until_ms: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<String>, StateError> {
+        let result = match &self.backend {
+            Backend::Memory(_, r) => Ok(r.by_deadline(until_ms, limit)),
+            Backend::Redis(r) => r.reviews_by_deadline(until_ms, limit).await,
+        };
+        self.track(result)
+    }
+
+    /// Pending reviews by tenant.
+    pub async fn review_counts(&self) -> Result<Vec<(String, u64)>, StateError> {
+        let result = match &self.backend {
+            Backend::Memory(_, r) => Ok(r.counts()),
+            Backend::Redis(r) => r.review_counts().await,
+        };
+        self.track(result)
+    }
+
     /// Checks reachability (updates [`Self::is_available`]).
     pub async fn ping(&self) -> Result<(), StateError> {
         let result = match &self.backend {
-            Backend::Memory(_) => Ok(()),
+            Backend::Memory(..) => Ok(()),
             Backend::Redis(r) => r.ping().await,
         };
         self.track(result)

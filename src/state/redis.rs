@@ -596,3 +596,115 @@ impl RedisStore {
             .map_err(unavailable)
     }
 }
+
+// Pending reviews: the record, the deadline index and the per-tenant count, under one hash tag
+// so each script's keys share a Redis Cluster slot. Opening is idempotent (a redelivered job
+// opens the same review once); forgetting removes all three.
+const REVIEW_OPEN: &str = r"
+if redis.call('SET', KEYS[1], ARGV[2], 'NX') then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+  redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
+  return 1
+end
+return 0
+";
+
+const REVIEW_FORGET: &str = r"
+if redis.call('DEL', KEYS[1]) == 1 then
+  if redis.call('HINCRBY', KEYS[3], ARGV[2], -1) <= 0 then
+    redis.call('HDEL', KEYS[3], ARGV[2])
+  end
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+";
+
+impl RedisStore {
+    fn review_keys(&self, id: &str) -> [String; 3] {
+        let p = &self.prefix;
+        [
+            format!("{p}{{reviews}}:rec:{id}"),
+            format!("{p}{{reviews}}:due"),
+            format!("{p}{{reviews}}:pending"),
+        ]
+    }
+
+    pub async fn review_open(
+        &self,
+        id: &str,
+        tenant: &str,
+        deadline_ms: i64,
+        record: Bytes,
+    ) -> Result<bool, StateError> {
+        let mut conn = self.conn.clone();
+        let opened: i64 = Script::new(REVIEW_OPEN)
+            .key(self.review_keys(id).as_slice())
+            .arg(id)
+            .arg(record.as_ref())
+            .arg(deadline_ms)
+            .arg(tenant)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(opened == 1)
+    }
+
+    pub async fn review_get(&self, id: &str) -> Result<Option<Bytes>, StateError> {
+        let mut conn = self.conn.clone();
+        let [record, ..] = self.review_keys(id);
+        let value: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(record)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(value.map(Bytes::from))
+    }
+
+    pub async fn review_forget(&self, id: &str, tenant: &str) -> Result<(), StateError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = Script::new(REVIEW_FORGET)
+            .key(self.review_keys(id).as_slice())
+            .arg(id)
+            .arg(tenant)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Up to `limit` review ids ordered by deadline, only those due by `until_ms` if given.
+    pub async fn reviews_by_deadline(
+        &self,
+        until_ms: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<String>, StateError> {
+        let mut conn = self.conn.clone();
+        let [_, due, _] = self.review_keys("");
+        let until = until_ms.map_or_else(|| "+inf".to_owned(), |t| t.to_string());
+        redis::cmd("ZRANGEBYSCORE")
+            .arg(due)
+            .arg("-inf")
+            .arg(until)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Pending reviews by tenant.
+    pub async fn review_counts(&self) -> Result<Vec<(String, u64)>, StateError> {
+        let mut conn = self.conn.clone();
+        let [_, _, pending] = self.review_keys("");
+        let counts: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
+            .arg(pending)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(counts
+            .into_iter()
+            .map(|(t, n)| (t, u64::try_from(n).unwrap_or(0)))
+            .collect())
+    }
+}

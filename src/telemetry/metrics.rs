@@ -45,6 +45,8 @@ pub struct Metrics {
     pub cache_requests: IntCounterVec,
     pub guardrail_verdicts: IntCounterVec,
     pub experiment_assignments: IntCounterVec,
+    pub reviews_pending: IntGaugeVec,
+    pub review_decisions: IntCounterVec,
     pub pii_redacted: IntCounterVec,
     pub tenant_tokens: IntCounterVec,
     pub tenant_cost: CounterVec,
@@ -138,6 +140,14 @@ impl Metrics {
                 opts("experiment_assignments_total", "Jobs run in an experiment's variant, by pipeline, experiment and variant (units outside the rollout are not counted)."),
                 &["pipeline", "experiment", "variant"],
             )?,
+            reviews_pending: IntGaugeVec::new(
+                opts("reviews_pending", "Reviews waiting for a decision, by tenant (read from the state store, so every replica reports the same: aggregate with max())."),
+                &["tenant"],
+            )?,
+            review_decisions: IntCounterVec::new(
+                opts("review_decisions_total", "Review decisions applied, by decision (approve, edit, reject; expired_approve, expired_reject, expired_rerun for timed-out reviews; duplicate: the same decision again; refused: dead-lettered as decision_refused)."),
+                &["decision"],
+            )?,
             guardrail_verdicts: IntCounterVec::new(
                 opts("guardrail_verdicts_total", "Guardrail checks by pipeline, side (input, output) and verdict (pass; blocked: a limit or pattern matched; error: the check could not run, so the job was not passed)."),
                 &["pipeline", "side", "verdict"],
@@ -187,6 +197,8 @@ impl Metrics {
         m.registry.register(Box::new(m.pii_redacted.clone()))?;
         m.registry
             .register(Box::new(m.experiment_assignments.clone()))?;
+        m.registry.register(Box::new(m.reviews_pending.clone()))?;
+        m.registry.register(Box::new(m.review_decisions.clone()))?;
         m.registry.register(Box::new(m.tenant_tokens.clone()))?;
         m.registry.register(Box::new(m.tenant_cost.clone()))?;
         Ok(Arc::new(m))

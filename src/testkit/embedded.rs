@@ -27,6 +27,8 @@ impl EmbeddedKafka {
         for topic in [&topics.results, &topics.review, &topics.dlq] {
             cluster.create_topic(topic, partitions.min(3), 1)?;
         }
+        // Review decisions come back here (`reviews.decisions`' default).
+        cluster.create_topic("switchyard.decisions", partitions.min(3), 1)?;
         Ok(Self { cluster })
     }
 

@@ -88,6 +88,7 @@ impl TestConfig {
                 redis_url()
             ),
         )
+        .set("reviews", format!("{{decisions: {p}.decisions}}"))
     }
 
     /// Provider `llm`: an OpenAI-compatible server at `addr` (a test-owned mock), default

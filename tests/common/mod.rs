@@ -72,6 +72,11 @@ impl NatsNames {
         }
     }
 
+    /// Where decisions for `tenant`'s reviews are published.
+    pub fn decision_subject(&self, tenant: &str) -> String {
+        format!("{}.decisions.{tenant}", self.prefix)
+    }
+
     pub fn job_subject(&self, tenant: &str) -> String {
         format!("{}.jobs.{tenant}", self.prefix)
     }
@@ -94,6 +99,9 @@ impl NatsNames {
         let js = async_nats::jetstream::new(client);
         let _ = js.delete_stream(&self.jobs_stream).await;
         let _ = js.delete_stream(&self.outputs_stream).await;
+        let _ = js
+            .delete_stream(format!("{}_DECISIONS", self.jobs_stream))
+            .await;
     }
 }
 
@@ -288,6 +296,7 @@ pub struct Schemas {
     pub job: jsonschema::Validator,
     pub result: jsonschema::Validator,
     pub dead_letter: jsonschema::Validator,
+    pub decision: jsonschema::Validator,
 }
 
 pub fn schemas() -> Schemas {
@@ -305,6 +314,7 @@ pub fn schemas() -> Schemas {
         job: load("job.v1.json"),
         result: load("result.v1.json"),
         dead_letter: load("dead_letter.v1.json"),
+        decision: load("decision.v1.json"),
     }
 }
 

@@ -233,6 +233,62 @@ pub(super) fn sink_plan(p: &mut Problems, sink: RawSink, source: &SourcePlan) ->
     }
 }
 
+/// The review round trip: the decisions topic must be apart from jobs and outputs.
+pub(super) fn reviews_plan(
+    p: &mut Problems,
+    raw: crate::config::raw::RawReviews,
+    source: &SourcePlan,
+    sink: &SinkPlan,
+    pipelines: &std::collections::BTreeMap<String, std::sync::Arc<crate::config::PipelinePlan>>,
+) -> crate::config::ReviewsPlan {
+    let decisions = raw.decisions;
+    if decisions.is_empty() || decisions.contains(['*', '>', ' ']) {
+        p.add(
+            "reviews.decisions",
+            "a topic / subject prefix cannot be empty or contain wildcards or spaces",
+        );
+    }
+    let jobs: String = match source {
+        SourcePlan::Kafka(k) => k.topic.clone(),
+        SourcePlan::Nats(n) => n.subjects.first().cloned().unwrap_or_default(),
+    };
+    let jobs_prefix = jobs.trim_end_matches(".>").trim_end_matches(".*");
+    if decisions == jobs
+        || decisions == jobs_prefix
+        || decisions.starts_with(&format!("{jobs_prefix}."))
+    {
+        p.add(
+            "reviews.decisions",
+            format!(
+                "`{decisions}` overlaps the jobs topic `{jobs}`: decisions would be read as jobs"
+            ),
+        );
+    }
+    let outputs = sink.topics();
+    for (field, topic) in [
+        ("results", &outputs.results),
+        ("review", &outputs.review),
+        ("dlq", &outputs.dlq),
+    ] {
+        if *topic == decisions || topic.starts_with(&format!("{decisions}.")) {
+            p.add(
+                "reviews.decisions",
+                format!("`{decisions}` is also sink.topics.{field}: outputs would be read back as decisions"),
+            );
+        }
+    }
+    if raw.expire_every_ms < 10 {
+        p.add("reviews.expire_every_ms", "must be at least 10");
+    }
+    crate::config::ReviewsPlan {
+        decisions,
+        consume: raw
+            .consume
+            .unwrap_or_else(|| pipelines.values().any(|p| p.can_review())),
+        expire_every: Duration::from_millis(raw.expire_every_ms),
+    }
+}
+
 /// Outputs written where jobs are read would come back as jobs.
 pub(super) fn outputs_apart_from_jobs(p: &mut Problems, source: &SourcePlan, sink: &SinkPlan) {
     let jobs_topic: String = match source {

@@ -98,6 +98,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Plan, Vec<String>> {
         }
     }
     let cache = service::cache_plan(p, raw.cache);
+    let reviews = io::reviews_plan(p, raw.reviews, &source, &sink, &pipelines);
     if !p.0.is_empty() {
         return Err(std::mem::take(&mut p.0));
     }
@@ -115,6 +116,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Plan, Vec<String>> {
         pools,
         http_listen,
         log,
+        reviews,
         warnings: std::mem::take(&mut p.1),
     })
 }

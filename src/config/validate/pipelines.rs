@@ -404,7 +404,42 @@ pub(super) fn pipeline_plan(
         if r.timeout_s == Some(0) {
             p.add(format!("{field}.timeout_s"), "must be at least 1");
         }
+        let on_timeout = match (r.on_timeout.as_deref(), r.rerun_model) {
+            (None | Some("reject"), None) => crate::review::OnTimeout::Reject,
+            (Some("approve"), None) => crate::review::OnTimeout::Approve,
+            (Some("rerun"), Some(model)) => {
+                if !models.contains_key(&model) {
+                    p.add(
+                        format!("{field}.rerun_model"),
+                        format!("`{model}` is not a model under `models`"),
+                    );
+                }
+                crate::review::OnTimeout::Rerun { model }
+            }
+            (Some("rerun"), None) => {
+                p.add(
+                    format!("{field}.rerun_model"),
+                    "required with `on_timeout: rerun`: the model the job runs again on",
+                );
+                crate::review::OnTimeout::Reject
+            }
+            (Some("approve" | "reject") | None, Some(_)) => {
+                p.add(
+                    format!("{field}.rerun_model"),
+                    "only used with `on_timeout: rerun`",
+                );
+                crate::review::OnTimeout::Reject
+            }
+            (Some(other), _) => {
+                p.add(
+                    format!("{field}.on_timeout"),
+                    format!("`{other}` is not one of approve, reject, rerun"),
+                );
+                crate::review::OnTimeout::Reject
+            }
+        };
         ReviewPlan {
+            on_timeout,
             when,
             cost_above_usd: r.cost_above_usd,
             timeout: r.timeout_s.map_or(

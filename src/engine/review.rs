@@ -1,0 +1,603 @@
+//! The review round trip: a pending review is kept before its request is written; a decision
+//! (or the deadline) settles it into the job's final result or a `review_rejected` dead letter.
+//!
+//! Settling a review holds the claim of its decision key (`review/<id>`) like a job holds its
+//! idempotency key: one worker at a time, fenced, and the decision remembered once its output
+//! is confirmed. So the same decision twice gives one result, a different decision for a
+//! decided review is refused with what was decided, and a review expiring on one replica while
+//! a decision arrives on another ends once.
+
+use bytes::Bytes;
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
+use super::outcome::Who;
+use super::{Engine, Incoming, Kind, LeaseLost, Stopped, RETRY_MAX, RETRY_MIN};
+use crate::config::{ModelChoice, PipelinePlan, ReviewPlan, StepKindPlan};
+use crate::review::{
+    decision_key, decode_decision, fingerprint, DecidedReview, DecisionMessage, OnTimeout,
+    PendingReview, Reviewed, Verdict,
+};
+use crate::sink::OutputSink;
+use crate::wire::{
+    decode_job, DeadLetter, DeadLetterReason, JobResult, Outcome, ResultStatus, SourceInfo,
+    TenantId,
+};
+
+/// Reviews one expiry pass settles at most.
+const EXPIRE_BATCH: usize = 32;
+
+/// How a review is being settled.
+enum Settle<'a> {
+    Decision(&'a DecisionMessage),
+    /// Its deadline passed.
+    Expired,
+}
+
+impl<K: OutputSink> Engine<K> {
+    /// Keeps `review` pending in the state store, waiting through an outage.
+    pub(super) async fn open_review(
+        &self,
+        review: &PendingReview,
+        stop: &CancellationToken,
+    ) -> Result<(), Stopped> {
+        let record = serde_json::to_vec(review).map_err(|e| {
+            tracing::error!(error = %e, "could not encode a pending review");
+            Stopped::Now
+        })?;
+        let record = Bytes::from(record);
+        let deadline_ms = review.deadline.timestamp_millis();
+        let mut delay = RETRY_MIN;
+        loop {
+            match self
+                .state
+                .review_open(&review.id, &review.tenant, deadline_ms, record.clone())
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(review_id = %review.id, error = %e, "could not keep the pending review; retrying")
+                }
+            }
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return Err(Stopped::Now),
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// A decision delivery: applied to its pending review, or refused with a dead letter that
+    /// says why. `Ok(poison)` once its outputs are confirmed.
+    pub(super) async fn process_decision(
+        &self,
+        incoming: &Incoming<'_>,
+        stop: &CancellationToken,
+    ) -> Result<bool, Stopped> {
+        let decision = match decode_decision(incoming.payload) {
+            Ok(decision) => decision,
+            Err(error) => {
+                let error = format!("{error}; fix the decision and publish it again");
+                self.refuse(incoming, error, None, stop).await?;
+                return Ok(true);
+            }
+        };
+        let claimed = decision
+            .tenant
+            .as_deref()
+            .and_then(|t| TenantId::parse(t).ok());
+        if let (Some(vouched), Some(claimed)) = (incoming.vouched_tenant, &claimed) {
+            if vouched != claimed.as_str() {
+                let error = format!("the decision says tenant `{claimed}` but its subject or key names `{vouched}`; a reviewer may only decide reviews of the tenant it publishes for");
+                self.refuse(incoming, error, None, stop).await?;
+                return Ok(false);
+            }
+        }
+        self.settle(
+            &decision.review_id,
+            Settle::Decision(&decision),
+            incoming,
+            stop,
+        )
+        .await
+        .map(|()| false)
+    }
+
+    /// Settles the reviews whose deadline has passed with their `on_timeout` default; how many
+    /// it settled.
+    pub async fn expire_due_reviews(&self, stop: &CancellationToken) -> usize {
+        let due = match self
+            .state
+            .reviews_by_deadline(Some(Utc::now().timestamp_millis()), EXPIRE_BATCH)
+            .await
+        {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot look for expired reviews");
+                return 0;
+            }
+        };
+        let source = SourceInfo {
+            transport: "switchyard".into(),
+            topic: "review-expiry".into(),
+            partition: None,
+            offset: None,
+            stream_seq: None,
+        };
+        let mut settled = 0;
+        for id in due {
+            if stop.is_cancelled() {
+                break;
+            }
+            let incoming = Incoming {
+                kind: Kind::Decision,
+                payload: id.as_bytes(),
+                source: &source,
+                received_at: Utc::now(),
+                trace: None,
+                deferrable: false,
+                vouched_tenant: None,
+            };
+            if self
+                .settle(&id, Settle::Expired, &incoming, stop)
+                .await
+                .is_ok()
+            {
+                settled += 1;
+            }
+        }
+        settled
+    }
+
+    /// Pending reviews by tenant, into `reviews_pending` (tenants not configured by name are
+    /// summed under `other`).
+    pub async fn report_pending_reviews(&self, seen: &mut std::collections::BTreeSet<String>) {
+        let Ok(counts) = self.state.review_counts().await else {
+            return;
+        };
+        let mut by_label: std::collections::BTreeMap<String, i64> =
+            seen.iter().map(|label| (label.clone(), 0)).collect();
+        for (tenant, n) in counts {
+            *by_label
+                .entry(self.plan.tenants.label(&tenant).to_owned())
+                .or_default() += i64::try_from(n).unwrap_or(i64::MAX);
+        }
+        for (label, n) in by_label {
+            self.metrics
+                .reviews_pending
+                .with_label_values(&[label.as_str()])
+                .set(n);
+            seen.insert(label);
+        }
+    }
+
+    /// Applies a decision (or the deadline) to review `id` under its decision claim.
+    async fn settle(
+        &self,
+        id: &str,
+        how: Settle<'_>,
+        incoming: &Incoming<'_>,
+        stop: &CancellationToken,
+    ) -> Result<(), Stopped> {
+        let key = decision_key(id);
+        let held = match self.claim(&key, stop).await? {
+            Ok(held) => held,
+            Err(stored) => return self.decided_before(id, &stored, &how, incoming, stop).await,
+        };
+        let pending = match self.pending(id, stop).await {
+            Ok(Some(pending)) => pending,
+            Ok(None) => {
+                self.release(&held).await;
+                return match how {
+                    // Forgotten meanwhile by the worker that decided it.
+                    Settle::Expired => Ok(()),
+                    Settle::Decision(d) => {
+                        let error = format!("there is no pending review `{id}`{}: it was never sent for review, or it was decided or expired and its decision is no longer remembered (state.result_ttl)", tenant_note(d, incoming));
+                        self.refuse(incoming, error, d.tenant.clone(), stop).await
+                    }
+                };
+            }
+            Err(stopped) => {
+                self.release(&held).await;
+                return Err(stopped);
+            }
+        };
+        if let Settle::Decision(d) = &how {
+            // Another tenant's review is answered exactly like an unknown one: a reviewer
+            // learns nothing of other tenants' reviews.
+            let tenant = incoming.vouched_tenant.or(d.tenant.as_deref());
+            if tenant.is_some_and(|t| t != pending.tenant) {
+                self.release(&held).await;
+                let error = format!("there is no pending review `{id}`{}: it was never sent for review, or it was decided or expired and its decision is no longer remembered (state.result_ttl)", tenant_note(d, incoming));
+                return self.refuse(incoming, error, d.tenant.clone(), stop).await;
+            }
+        }
+        if matches!(how, Settle::Expired) && pending.deadline > Utc::now() {
+            self.release(&held).await;
+            return Ok(());
+        }
+        let trace = pending.traceparent.as_deref().or(incoming.trace);
+        let at_write = Incoming { trace, ..*incoming };
+        let (outcome, reviewed, label) = tokio::select! {
+            biased;
+            () = stop.cancelled() => {
+                self.release(&held).await;
+                return Err(Stopped::Now);
+            }
+            settled = self.settled_outcome(&pending, &how) => settled,
+            LeaseLost = self.hold_claim(&held) => return Err(Stopped::Now),
+        };
+        self.confirm_lease(&held, stop).await?;
+        let output_key = format!("{}#reviewed", pending.job_key);
+        let written = tokio::select! {
+            written = self.write(outcome, &at_write, &output_key, Some(&held), stop) => written,
+            LeaseLost = self.hold_claim(&held) => {
+                tracing::warn!(review_id = %id, "decision claim lost before the outcome was written; handing it back");
+                return Err(Stopped::Now);
+            }
+        };
+        let written = match written {
+            Ok(written) => written,
+            Err(stopped) => {
+                self.release(&held).await;
+                return Err(stopped);
+            }
+        };
+        let decided = DecidedReview {
+            reviewed: reviewed.clone(),
+            fingerprint: match &how {
+                Settle::Decision(d) => fingerprint(d),
+                Settle::Expired => String::new(),
+            },
+            tenant: pending.tenant.clone(),
+        };
+        match serde_json::to_vec(&decided) {
+            Ok(bytes) => self.record(&held, Bytes::from(bytes)).await,
+            Err(e) => tracing::error!(review_id = %id, error = %e, "could not encode the decision"),
+        }
+        self.forget_review(id, &pending.tenant).await;
+        self.metrics
+            .review_decisions
+            .with_label_values(&[label])
+            .inc();
+        let (status, reason) = match &written {
+            Outcome::Result(r) => (r.status.as_str(), None),
+            Outcome::DeadLetter(dl) => ("dead_letter", Some(dl.reason.as_str())),
+        };
+        tracing::info!(review_id = %id, job_id = %pending.job_id, tenant = %pending.tenant, pipeline = %pending.pipeline,
+            decision = %reviewed.decision, by = %reviewed.by, expired = reviewed.expired, status, reason, traceparent = trace, "review settled");
+        Ok(())
+    }
+
+    /// The review's decision key holds a decision already.
+    async fn decided_before(
+        &self,
+        id: &str,
+        stored: &[u8],
+        how: &Settle<'_>,
+        incoming: &Incoming<'_>,
+        stop: &CancellationToken,
+    ) -> Result<(), Stopped> {
+        let decided = serde_json::from_slice::<DecidedReview>(stored).ok();
+        if let Some(decided) = &decided {
+            // A worker that stopped between recording the decision and forgetting the review.
+            self.forget_review(id, &decided.tenant).await;
+        }
+        let Settle::Decision(d) = how else {
+            return Ok(());
+        };
+        if let Some(decided) = decided
+            .as_ref()
+            .filter(|decided| decided.fingerprint == fingerprint(d))
+        {
+            self.metrics
+                .review_decisions
+                .with_label_values(&["duplicate"])
+                .inc();
+            tracing::info!(review_id = %id, tenant = %decided.tenant, decision = %decided.reviewed.decision, "the same decision again; its result stands and nothing more is written");
+            return Ok(());
+        }
+        let error = match decided {
+            // Another tenant's decided review is refused like an unknown one.
+            Some(decided)
+                if incoming
+                    .vouched_tenant
+                    .or(d.tenant.as_deref())
+                    .is_some_and(|t| t != decided.tenant) =>
+            {
+                format!("there is no pending review `{id}`{}: it was never sent for review, or it was decided or expired and its decision is no longer remembered (state.result_ttl)", tenant_note(d, incoming))
+            }
+            Some(decided) => {
+                let r = &decided.reviewed;
+                let how = if r.expired {
+                    format!("its deadline passed and it took its default ({})", r.decision)
+                } else {
+                    format!("{} decided `{}`", r.by, r.decision)
+                };
+                format!(
+                    "review `{id}` was already decided: {how} at {}; this different decision (`{}` by {}) is not applied",
+                    r.at.to_rfc3339(),
+                    d.decision.as_str(),
+                    d.reviewer
+                )
+            }
+            None => format!("review `{id}` was already decided, but what was decided cannot be read; this decision is not applied"),
+        };
+        self.refuse(incoming, error, d.tenant.clone(), stop).await
+    }
+
+    /// The pending review `id`, waiting through a store outage; `None` when there is none (or
+    /// its record cannot be read, which is logged).
+    async fn pending(
+        &self,
+        id: &str,
+        stop: &CancellationToken,
+    ) -> Result<Option<PendingReview>, Stopped> {
+        let mut delay = RETRY_MIN;
+        loop {
+            match self.state.review_get(id).await {
+                Ok(None) => return Ok(None),
+                Ok(Some(bytes)) => {
+                    return Ok(match serde_json::from_slice(&bytes) {
+                        Ok(pending) => Some(pending),
+                        Err(e) => {
+                            tracing::error!(review_id = %id, error = %e, "a pending review's record cannot be read");
+                            None
+                        }
+                    })
+                }
+                Err(e) => {
+                    tracing::warn!(review_id = %id, error = %e, "cannot read the pending review; retrying")
+                }
+            }
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return Err(Stopped::Now),
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// Drops the review from the pending ones; a failure leaves it to the expiry pass, which
+    /// finds its decision and drops it then.
+    async fn forget_review(&self, id: &str, tenant: &str) {
+        if let Err(e) = self.state.review_forget(id, tenant).await {
+            tracing::warn!(review_id = %id, error = %e, "could not drop the decided review from the pending ones; the expiry pass will");
+        }
+    }
+
+    /// A `decision_refused` dead letter carrying the decision, for `tenant` (or the one the
+    /// transport vouches for).
+    async fn refuse(
+        &self,
+        incoming: &Incoming<'_>,
+        error: String,
+        tenant: Option<String>,
+        stop: &CancellationToken,
+    ) -> Result<(), Stopped> {
+        let tenant = tenant.and_then(|t| TenantId::parse(&t).ok().map(|t| t.to_string()));
+        let who = Who::Known {
+            job_id: None,
+            tenant,
+        };
+        let dl = incoming.dead_letter(DeadLetterReason::DecisionRefused, error, who, 0);
+        self.write(
+            Outcome::DeadLetter(dl),
+            incoming,
+            &incoming.position(),
+            None,
+            stop,
+        )
+        .await?;
+        self.metrics
+            .review_decisions
+            .with_label_values(&["refused"])
+            .inc();
+        self.metrics
+            .dead_letters
+            .with_label_values(&[DeadLetterReason::DecisionRefused.as_str()])
+            .inc();
+        tracing::warn!(source = ?incoming.source, "review decision refused");
+        Ok(())
+    }
+
+    /// What the review ends as, what the result records of it, and the metrics label.
+    async fn settled_outcome(
+        &self,
+        pending: &PendingReview,
+        how: &Settle<'_>,
+    ) -> (Outcome, Reviewed, &'static str) {
+        let now = Utc::now();
+        let (verdict, output, reviewed, label) = match how {
+            Settle::Decision(d) => {
+                let reviewed = Reviewed {
+                    review_id: pending.id.clone(),
+                    decision: d.decision.as_str().to_owned(),
+                    by: d.reviewer.clone(),
+                    at: now,
+                    reason: d.reason.clone(),
+                    expired: false,
+                };
+                (d.decision, d.output.clone(), reviewed, d.decision.as_str())
+            }
+            Settle::Expired => {
+                let reviewed = Reviewed {
+                    review_id: pending.id.clone(),
+                    decision: pending.on_timeout.as_str().to_owned(),
+                    by: "timeout".into(),
+                    at: now,
+                    reason: Some(format!(
+                        "no decision by the deadline {}",
+                        pending.deadline.to_rfc3339()
+                    )),
+                    expired: true,
+                };
+                match &pending.on_timeout {
+                    OnTimeout::Approve => (Verdict::Approve, None, reviewed, "expired_approve"),
+                    OnTimeout::Reject => (Verdict::Reject, None, reviewed, "expired_reject"),
+                    OnTimeout::Rerun { model } => {
+                        let outcome = self.rerun(pending, model, &reviewed).await;
+                        return (outcome, reviewed, "expired_rerun");
+                    }
+                }
+            }
+        };
+        let outcome = match verdict {
+            Verdict::Approve => Outcome::Result(final_result(pending, None, &reviewed)),
+            Verdict::Edit => Outcome::Result(final_result(pending, output, &reviewed)),
+            Verdict::Reject => {
+                let error = if reviewed.expired {
+                    format!(
+                        "review `{}` got no decision by its deadline {} and the pipeline's review.on_timeout is reject; republish the job to run it again",
+                        pending.id,
+                        pending.deadline.to_rfc3339()
+                    )
+                } else {
+                    format!(
+                        "rejected in review `{}` by {}: {}",
+                        pending.id,
+                        reviewed.by,
+                        reviewed.reason.as_deref().unwrap_or("no reason given")
+                    )
+                };
+                Outcome::DeadLetter(rejected(
+                    pending,
+                    DeadLetterReason::ReviewRejected,
+                    error,
+                    0,
+                ))
+            }
+        };
+        (outcome, reviewed, label)
+    }
+
+    /// The timed-out review's job run again with every model-calling step on `model`, and no
+    /// review trigger (nobody is there to decide); its answer is the result.
+    async fn rerun(&self, pending: &PendingReview, model: &str, reviewed: &Reviewed) -> Outcome {
+        let job = match decode_job(
+            pending.payload.as_bytes(),
+            self.plan.limits.max_job_bytes,
+            pending.proposed.received_at,
+        ) {
+            Ok(job) => job,
+            Err(e) => {
+                let error = format!("review `{}` timed out and its job was to run again on `{model}`, but its payload no longer decodes ({e})", pending.id);
+                return Outcome::DeadLetter(rejected(
+                    pending,
+                    DeadLetterReason::Internal,
+                    error,
+                    0,
+                ));
+            }
+        };
+        let Some(pipeline) = self.plan.pipelines.get(&pending.pipeline) else {
+            let error = format!("review `{}` timed out and its job was to run again on `{model}`, but pipeline `{}` is no longer configured", pending.id, pending.pipeline);
+            return Outcome::DeadLetter(rejected(pending, DeadLetterReason::Internal, error, 0));
+        };
+        let pipeline = on_model(pipeline, model);
+        match self.runner.run(&job, &pipeline, None).await {
+            Ok(out) if out.status == ResultStatus::Review => {
+                let error = format!("review `{}` timed out; the job ran again on `{model}` and that answer needed review too ({}), so it is not published unreviewed", pending.id, out.review_reason.unwrap_or_default());
+                Outcome::DeadLetter(rejected(
+                    pending,
+                    DeadLetterReason::ReviewRejected,
+                    error,
+                    0,
+                ))
+            }
+            Ok(out) => {
+                let mut usage = pending.proposed.usage;
+                out.steps.iter().for_each(|s| usage.add(s));
+                let mut result = final_result(pending, Some(out.output), reviewed);
+                result.status = out.status;
+                result.route = out.route;
+                let mut steps = pending.proposed.steps.clone();
+                steps.extend(out.steps);
+                result.steps = steps;
+                result.usage = usage;
+                Outcome::Result(result)
+            }
+            Err(failure) => {
+                let error = format!(
+                    "review `{}` timed out and the job ran again on `{model}`, which failed: {}",
+                    pending.id, failure.error
+                );
+                Outcome::DeadLetter(rejected(pending, failure.reason, error, failure.attempts))
+            }
+        }
+    }
+}
+
+/// The note on which tenant a refused decision was read for.
+fn tenant_note(d: &DecisionMessage, incoming: &Incoming<'_>) -> String {
+    match incoming.vouched_tenant.or(d.tenant.as_deref()) {
+        Some(t) => format!(" for tenant `{t}`"),
+        None => String::new(),
+    }
+}
+
+/// The reviewed job's final result: the proposal with `output` (or its own), decided.
+fn final_result(
+    pending: &PendingReview,
+    output: Option<serde_json::Value>,
+    reviewed: &Reviewed,
+) -> JobResult {
+    let mut result = pending.proposed.clone();
+    if let Some(output) = output {
+        result.output = output;
+    }
+    let completed_at = Utc::now();
+    result.status = ResultStatus::Ok;
+    result.review = None;
+    result.reviewed = Some(Box::new(reviewed.clone()));
+    result.duplicate = false;
+    result.completed_at = completed_at;
+    result.latency_ms = u64::try_from(
+        (completed_at - result.received_at)
+            .num_milliseconds()
+            .max(0),
+    )
+    .unwrap_or(0);
+    result
+}
+
+/// A dead letter of the reviewed job, carrying its original payload so it can be republished.
+fn rejected(
+    pending: &PendingReview,
+    reason: DeadLetterReason,
+    error: String,
+    attempts: u32,
+) -> DeadLetter {
+    let mut dl = DeadLetter::new(
+        reason,
+        error,
+        pending.payload.as_bytes(),
+        pending.source.clone(),
+    );
+    dl.job_id = Some(pending.job_id.clone());
+    dl.tenant = Some(pending.tenant.clone());
+    dl.attempts = attempts;
+    dl
+}
+
+/// `pipeline` with every model-calling step on `model`, no experiment and no review trigger.
+fn on_model(pipeline: &PipelinePlan, model: &str) -> PipelinePlan {
+    let mut rerun = pipeline.clone();
+    rerun.review = ReviewPlan::default();
+    for step in &mut rerun.steps {
+        match &mut step.kind {
+            StepKindPlan::Generate(g) => {
+                g.model = ModelChoice::Fixed(model.to_owned());
+                g.experiment = None;
+            }
+            StepKindPlan::Map(m) => m.model = model.to_owned(),
+            StepKindPlan::Reduce(r) => r.model = model.to_owned(),
+            StepKindPlan::Refine(r) => r.model = model.to_owned(),
+            StepKindPlan::Route(r) => r.review_below_confidence = None,
+            _ => {}
+        }
+    }
+    rerun
+}
