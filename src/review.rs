@@ -42,7 +42,7 @@ impl OnTimeout {
 }
 
 /// A review waiting for its decision, as the state store keeps it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PendingReview {
     pub id: String,
     pub tenant: String,
@@ -59,6 +59,10 @@ pub struct PendingReview {
     pub source: SourceInfo,
     pub traceparent: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// Held before generation (`review.before_generate`): the step outputs to resume from
+    /// once approved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<Vec<Option<crate::pipeline::StepOutput>>>,
 }
 
 /// What a reviewer decided.

@@ -453,3 +453,89 @@ async fn pending_reviews_survive_a_restart_and_are_listed() {
     collector.stop().await;
     names.delete_streams().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_before_generate_spends_nothing_on_generation_until_approved() {
+    let names = NatsNames::new();
+    let llm = mock_llm(0).await;
+    let plan = config(&names, llm.addr(), "before_generate")
+        .set(
+            "pipelines",
+            "support:
+    steps:
+      - {name: summary, kind: template, template: \"Ticket: {{input.text}}\"}
+      - {name: answer, kind: generate, model: small, prompt: plain}
+    review: before_generate",
+        )
+        .plan();
+    let collector = OutputCollector::start_nats(&nats_url(), &names.topics())
+        .await
+        .unwrap();
+    let service = Service::start(plan.clone(), StateStore::open(&plan.state).await.unwrap());
+    service.wait_ready().await;
+    let ids = ["g-approve", "g-edit", "g-reject"];
+    publish_nats(&nats_url(), ids.iter().map(|id| job(&names, id, "acme")))
+        .await
+        .unwrap();
+    assert_eq!(collector.wait_for(3, STALL, |_| {}).await, 3);
+    let requests = collector.snapshot();
+    for id in ids {
+        let request = request_of(&requests, id);
+        assert!(request
+            .review_reason
+            .as_deref()
+            .unwrap()
+            .contains("before generation"));
+        assert_eq!(request.output, Value::Null, "nothing generated yet");
+        assert!(
+            request.steps.iter().all(|s| s.name != "answer"),
+            "{:#?}",
+            request.steps
+        );
+        assert_eq!(request.usage.cost_usd, 0.0, "nothing spent yet");
+    }
+    let id_of = |id: &str| request_of(&requests, id).review.clone().unwrap().id;
+    publish_nats(
+        &nats_url(),
+        [
+            decision(&names, "acme", json!({"review_id": id_of("g-approve"), "decision": "approve", "reviewer": "ana"})),
+            decision(&names, "acme", json!({"review_id": id_of("g-edit"), "decision": "edit", "reviewer": "ana", "output": "Written by hand"})),
+            decision(&names, "acme", json!({"review_id": id_of("g-reject"), "decision": "reject", "reviewer": "ana", "reason": "not worth a model call"})),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(collector.wait_for(6, STALL, |_| {}).await, 6);
+    let outputs = collector.snapshot();
+    let approved = finals(&outputs, "g-approve");
+    assert_eq!(approved.len(), 1);
+    let answer = step_of(approved[0], "answer");
+    assert!(
+        answer.cost_usd > 0.0 && answer.output.is_some(),
+        "generated once approved: {answer:#?}"
+    );
+    assert!(approved[0].output.as_str().is_some_and(|t| !t.is_empty()));
+    assert_eq!(
+        approved[0]
+            .steps
+            .iter()
+            .filter(|s| s.name == "summary")
+            .count(),
+        1,
+        "the held steps did not run again"
+    );
+    let edited = finals(&outputs, "g-edit");
+    assert_eq!(edited[0].output, json!("Written by hand"));
+    assert!(
+        edited[0].steps.iter().all(|s| s.name != "answer"),
+        "an edit needs no generation"
+    );
+    assert_eq!(
+        dead_letter_of(&outputs, "g-reject").reason.as_str(),
+        "review_rejected"
+    );
+    assert_schema_valid(&outputs);
+    service.stop().await;
+    collector.stop().await;
+    names.delete_streams().await;
+}

@@ -461,6 +461,7 @@ impl PipelinePlan {
         let review = &self.review;
         review.when.is_some()
             || review.cost_above_usd.is_some()
+            || review.before_generate
             || self.guardrails.as_ref().is_some_and(|g| {
                 g.on_block == GuardAction::Review || g.on_error == GuardAction::Review
             })
@@ -481,6 +482,9 @@ pub struct ReviewPlan {
     pub timeout: Duration,
     /// What a review that times out becomes.
     pub on_timeout: crate::review::OnTimeout,
+    /// Review is asked before the first model-calling generation step (generate, map, reduce,
+    /// refine) instead of after the pipeline: nothing is spent on generation until approved.
+    pub before_generate: bool,
 }
 
 impl Default for ReviewPlan {
@@ -490,6 +494,7 @@ impl Default for ReviewPlan {
             cost_above_usd: None,
             timeout: Duration::from_secs(24 * 3600),
             on_timeout: crate::review::OnTimeout::Reject,
+            before_generate: false,
         }
     }
 }
@@ -608,6 +613,17 @@ pub enum StepKindPlan {
 }
 
 impl StepKindPlan {
+    /// Kinds that spend on generation: what `review.before_generate` holds back.
+    pub fn generates(&self) -> bool {
+        matches!(
+            self,
+            StepKindPlan::Generate(_)
+                | StepKindPlan::Map(_)
+                | StepKindPlan::Reduce(_)
+                | StepKindPlan::Refine(_)
+        )
+    }
+
     /// The earlier step whose typed output this kind works on: a route's classify step, a
     /// generate's route (for `{{route.model}}` / `{{route.prompt}}`), a map's split, a
     /// reduce's map.

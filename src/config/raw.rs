@@ -686,7 +686,7 @@ pub struct RawPipeline {
     /// When a result goes to review besides low route confidence: an expression over the
     /// steps' outputs and the input, a cost threshold.
     #[serde(default)]
-    pub review: Option<RawReview>,
+    pub review: Option<RawReviewSpec>,
     /// Each step record carries its output up to this many characters (0: none).
     #[serde(default = "default_record_output_chars")]
     pub record_output_chars: usize,
@@ -696,9 +696,20 @@ fn default_record_output_chars() -> usize {
     2_000
 }
 
+/// `review:` of a pipeline: its settings, or the keyword `before_generate`.
 #[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawReviewSpec {
+    Keyword(String),
+    Settings(RawReview),
+}
+
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawReview {
+    /// Ask review before the first generation step instead of after the pipeline.
+    #[serde(default)]
+    pub before_generate: bool,
     /// E.g. `steps.classify.category == "legal" or steps.rules.confidence < 0.6`.
     #[serde(default)]
     pub when: Option<String>,

@@ -278,8 +278,10 @@ impl<K: OutputSink> Engine<K> {
                 return Err(Stopped::Now);
             }
         };
+        let mut held_steps = None;
         let outcome = match run {
-            Ok(out) => {
+            Ok(mut out) => {
+                held_steps = out.held.take();
                 let mut usage = Usage::default();
                 out.steps.iter().for_each(|s| usage.add(s));
                 let completed_at = Utc::now();
@@ -339,6 +341,7 @@ impl<K: OutputSink> Engine<K> {
                     source: incoming.source.clone(),
                     traceparent: incoming.trace.map(str::to_owned),
                     created_at: Utc::now(),
+                    held: held_steps.take(),
                 }),
             Outcome::DeadLetter(_) => None,
         };

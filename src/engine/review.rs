@@ -445,6 +445,7 @@ impl<K: OutputSink> Engine<K> {
             }
         };
         let outcome = match verdict {
+            Verdict::Approve if pending.held.is_some() => self.resume(pending, &reviewed).await,
             Verdict::Approve => Outcome::Result(final_result(pending, None, &reviewed)),
             Verdict::Edit => Outcome::Result(final_result(pending, output, &reviewed)),
             Verdict::Reject => {
@@ -476,30 +477,60 @@ impl<K: OutputSink> Engine<K> {
     /// The timed-out review's job run again with every model-calling step on `model`, and no
     /// review trigger (nobody is there to decide); its answer is the result.
     async fn rerun(&self, pending: &PendingReview, model: &str, reviewed: &Reviewed) -> Outcome {
-        let job = match decode_job(
+        let (job, pipeline) = match self.job_of(pending, &format!("run it again on `{model}`")) {
+            Ok(found) => found,
+            Err(dl) => return Outcome::DeadLetter(dl),
+        };
+        let pipeline = on_model(&pipeline, model);
+        let run = self.runner.run(&job, &pipeline, None).await;
+        self.ran_again(pending, reviewed, run, &format!("ran again on `{model}`"))
+    }
+
+    /// A job approved before generation (`review.before_generate`), resumed from the steps it
+    /// was held after.
+    async fn resume(&self, pending: &PendingReview, reviewed: &Reviewed) -> Outcome {
+        let (job, pipeline) = match self.job_of(pending, "resume after approval") {
+            Ok(found) => found,
+            Err(dl) => return Outcome::DeadLetter(dl),
+        };
+        let held = pending.held.clone().unwrap_or_default();
+        let run = self.runner.resume(&job, &pipeline, held).await;
+        self.ran_again(pending, reviewed, run, "was approved and generated")
+    }
+
+    /// The reviewed job and its pipeline, for running it again (`what` names why).
+    fn job_of(
+        &self,
+        pending: &PendingReview,
+        what: &str,
+    ) -> Result<(crate::wire::Job, std::sync::Arc<PipelinePlan>), DeadLetter> {
+        let job = decode_job(
             pending.payload.as_bytes(),
             self.plan.limits.max_job_bytes,
             pending.proposed.received_at,
-        ) {
-            Ok(job) => job,
-            Err(e) => {
-                let error = format!("review `{}` timed out and its job was to run again on `{model}`, but its payload no longer decodes ({e})", pending.id);
-                return Outcome::DeadLetter(rejected(
-                    pending,
-                    DeadLetterReason::Internal,
-                    error,
-                    0,
-                ));
-            }
-        };
-        let Some(pipeline) = self.plan.pipelines.get(&pending.pipeline) else {
-            let error = format!("review `{}` timed out and its job was to run again on `{model}`, but pipeline `{}` is no longer configured", pending.id, pending.pipeline);
-            return Outcome::DeadLetter(rejected(pending, DeadLetterReason::Internal, error, 0));
-        };
-        let pipeline = on_model(pipeline, model);
-        match self.runner.run(&job, &pipeline, None).await {
+        )
+        .map_err(|e| {
+            let error = format!("review `{}`: could not {what}: the job's payload no longer decodes ({e}); republish it", pending.id);
+            rejected(pending, DeadLetterReason::Internal, error, 0)
+        })?;
+        let pipeline = self.plan.pipelines.get(&pending.pipeline).cloned().ok_or_else(|| {
+            let error = format!("review `{}`: could not {what}: pipeline `{}` is no longer configured; republish the job", pending.id, pending.pipeline);
+            rejected(pending, DeadLetterReason::Internal, error, 0)
+        })?;
+        Ok((job, pipeline))
+    }
+
+    /// The outcome of running the reviewed job again (`how`: what happened to it).
+    fn ran_again(
+        &self,
+        pending: &PendingReview,
+        reviewed: &Reviewed,
+        run: Result<crate::pipeline::RunOutput, crate::pipeline::RunFailure>,
+        how: &str,
+    ) -> Outcome {
+        match run {
             Ok(out) if out.status == ResultStatus::Review => {
-                let error = format!("review `{}` timed out; the job ran again on `{model}` and that answer needed review too ({}), so it is not published unreviewed", pending.id, out.review_reason.unwrap_or_default());
+                let error = format!("after review `{}` the job {how}, and that answer needed review too ({}), so it is not published unreviewed", pending.id, out.review_reason.unwrap_or_default());
                 Outcome::DeadLetter(rejected(
                     pending,
                     DeadLetterReason::ReviewRejected,
@@ -521,7 +552,7 @@ impl<K: OutputSink> Engine<K> {
             }
             Err(failure) => {
                 let error = format!(
-                    "review `{}` timed out and the job ran again on `{model}`, which failed: {}",
+                    "after review `{}` the job {how}, which failed: {}",
                     pending.id, failure.error
                 );
                 Outcome::DeadLetter(rejected(pending, failure.reason, error, failure.attempts))

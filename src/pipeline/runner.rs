@@ -73,6 +73,9 @@ pub struct RunOutput {
     pub review_reason: Option<String>,
     /// The input as the pipeline saw it (redacted by the guardrails), when it goes to review.
     pub review_input: Option<Map<String, Value>>,
+    /// Held for review before generation (`review.before_generate`): every step's output so
+    /// far, to resume from once approved.
+    pub held: Option<Vec<Option<StepOutput>>>,
 }
 
 pub struct Runner {
@@ -111,6 +114,34 @@ impl Runner {
         pipeline: &PipelinePlan,
         job_budget: Option<&Arc<JobBudget>>,
     ) -> Result<RunOutput, RunFailure> {
+        self.run_from(job, pipeline, job_budget, None).await
+    }
+
+    /// Resumes a job held for review before generation (`review.before_generate`) from the
+    /// step outputs it was held with; no review trigger applies again.
+    pub async fn resume(
+        &self,
+        job: &Job,
+        pipeline: &PipelinePlan,
+        held: Vec<Option<StepOutput>>,
+    ) -> Result<RunOutput, RunFailure> {
+        if held.len() != pipeline.steps.len() {
+            return Err(RunFailure {
+                reason: DeadLetterReason::Internal,
+                error: format!("pipeline `{}` changed while the job waited for review before generation ({} steps then, {} now); republish the job to run it", pipeline.name, held.len(), pipeline.steps.len()),
+                attempts: 0,
+            });
+        }
+        self.run_from(job, pipeline, None, Some(held)).await
+    }
+
+    async fn run_from(
+        &self,
+        job: &Job,
+        pipeline: &PipelinePlan,
+        job_budget: Option<&Arc<JobBudget>>,
+        resumed: Option<Vec<Option<StepOutput>>>,
+    ) -> Result<RunOutput, RunFailure> {
         let guard = pipeline.guardrails.clone();
         let mut guard_record = guard_record();
         let redacted_input;
@@ -144,9 +175,37 @@ impl Runner {
                 &redacted_input
             }
         };
-        let (outputs, mut records, failure) =
-            self.run_steps(job, input, pipeline, job_budget).await;
+        let before_generate = pipeline.review.before_generate;
+        let hold = before_generate && resumed.is_none();
+        let seeded = resumed.unwrap_or_else(|| vec![None; pipeline.steps.len()]);
+        let (mut outputs, mut records, mut failure, held) = self
+            .run_steps(job, input, pipeline, job_budget, seeded, hold)
+            .await;
+        if held && failure.is_none() {
+            let (route, route_review) = route_info(&outputs);
+            if let Some(why) = hold_reason(pipeline, input, &outputs, route_review) {
+                if guard.is_some() {
+                    records.insert(0, guard_record);
+                }
+                return Ok(RunOutput {
+                    status: ResultStatus::Review,
+                    output: Value::Null,
+                    route,
+                    steps: records,
+                    review_reason: Some(why),
+                    review_input: Some(input.clone()),
+                    held: Some(outputs),
+                });
+            }
+            let (rest, more, failed, _) = self
+                .run_steps(job, input, pipeline, job_budget, outputs, false)
+                .await;
+            (outputs, failure) = (rest, failed);
+            records.extend(more);
+        }
         let (route, review) = route_info(&outputs);
+        // Under before_generate, review was asked (or not) before generation: not again.
+        let review = review.filter(|_| !before_generate);
         for output in outputs.iter().flatten() {
             if let StepOutput::Generated {
                 variant: Some((experiment, variant)),
@@ -176,7 +235,7 @@ impl Runner {
             },
         };
         let mut review_reason = review;
-        if status != ResultStatus::Review {
+        if status != ResultStatus::Review && !before_generate {
             review_reason = review_trigger(pipeline, input, &outputs, &records);
             if review_reason.is_some() {
                 status = ResultStatus::Review;
@@ -215,22 +274,34 @@ impl Runner {
             route,
             steps: records,
             review_reason,
+            held: None,
         })
     }
 
-    /// The DAG: each step's output (`None` for steps that never started because an earlier one
-    /// failed), the records of the steps that finished, and the failure that stopped it.
+    /// The DAG from the `seeded` outputs (steps that already ran): each step's output (`None`
+    /// for steps that never started because an earlier one failed, or were held), the records
+    /// of the steps that finished here, the failure that stopped it, and whether a
+    /// model-calling step was held back (`hold`: the steps that spend on generation wait).
     async fn run_steps(
         &self,
         job: &Job,
         input: &Map<String, Value>,
         pipeline: &PipelinePlan,
         job_budget: Option<&Arc<JobBudget>>,
-    ) -> (Vec<Option<StepOutput>>, Vec<StepRecord>, Option<RunFailure>) {
+        seeded: Vec<Option<StepOutput>>,
+        hold: bool,
+    ) -> (
+        Vec<Option<StepOutput>>,
+        Vec<StepRecord>,
+        Option<RunFailure>,
+        bool,
+    ) {
         let n = pipeline.steps.len();
-        let mut outputs: Vec<Option<StepOutput>> = vec![None; n];
+        let mut outputs = seeded;
+        outputs.resize(n, None);
         let mut records: Vec<Option<StepRecord>> = vec![None; n];
-        let mut started = vec![false; n];
+        let mut started: Vec<bool> = outputs.iter().map(Option::is_some).collect();
+        let mut held = false;
         let mut running = FuturesUnordered::new();
         let mut failure = None;
         loop {
@@ -261,6 +332,12 @@ impl Runner {
                         });
                         continue;
                     }
+                }
+                if hold && step.kind.generates() {
+                    // Started only once a reviewer approves (or the review is not asked).
+                    started[i] = false;
+                    held = true;
+                    continue;
                 }
                 let inputs = step
                     .needs
@@ -343,7 +420,12 @@ impl Runner {
             outputs[i] = Some(output);
             records[i] = Some(record);
         }
-        (outputs, records.into_iter().flatten().collect(), failure)
+        (
+            outputs,
+            records.into_iter().flatten().collect(),
+            failure,
+            held,
+        )
     }
 
     /// The job's output: a named step's, an assembled one, or the last step that ran.
@@ -490,6 +572,7 @@ fn guard_stop(
                 steps,
                 review_reason: Some(why),
                 review_input,
+                held: None,
             })
         }
     }
@@ -578,6 +661,25 @@ async fn run_step(ctx: &StepContext<'_>) -> StepResult {
         StepKindPlan::Map(plan) => plan.run(ctx).await,
         StepKindPlan::Reduce(plan) => plan.run(ctx).await,
         StepKindPlan::Refine(plan) => plan.run(ctx).await,
+    }
+}
+
+/// Why a job held before generation (`review.before_generate`) waits for a reviewer: its
+/// route asked for review, or `review.when` holds (every job, without a `when`).
+fn hold_reason(
+    pipeline: &PipelinePlan,
+    input: &Map<String, Value>,
+    outputs: &[Option<StepOutput>],
+    route_review: Option<String>,
+) -> Option<String> {
+    if let Some(why) = route_review {
+        return Some(format!("before generation: {why}"));
+    }
+    match &pipeline.review.when {
+        None => Some("review.before_generate: every job is approved before generation".into()),
+        Some((when, text)) => when
+            .eval(&|path| lookup(pipeline, input, outputs, path))
+            .then(|| format!("before generation: review.when holds: {text}")),
     }
 }
 

@@ -19,8 +19,9 @@ pub(crate) trait StepKind {
     async fn run(&self, ctx: &StepContext<'_>) -> StepResult;
 }
 
-/// What a finished step hands to the steps after it.
-#[derive(Debug, Clone)]
+/// What a finished step hands to the steps after it (kept with a review held before
+/// generation, so the approved job resumes where it stopped).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum StepOutput {
     /// `degraded`: a fallback model classified it.
     Classified {

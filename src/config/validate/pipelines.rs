@@ -362,6 +362,35 @@ pub(super) fn pipeline_plan(
     };
     let review = raw.review.map_or_else(ReviewPlan::default, |r| {
         let field = format!("pipelines.{pipeline}.review");
+        let r = match r {
+            raw::RawReviewSpec::Settings(r) => r,
+            raw::RawReviewSpec::Keyword(word) => {
+                if word != "before_generate" {
+                    p.add(
+                        field.clone(),
+                        format!("`{word}` is not a review keyword: write `before_generate` or the settings {{when, cost_above_usd, timeout_s, on_timeout, rerun_model, before_generate}}"),
+                    );
+                }
+                raw::RawReview {
+                    before_generate: true,
+                    ..raw::RawReview::default()
+                }
+            }
+        };
+        if r.before_generate {
+            if r.cost_above_usd.is_some() {
+                p.add(
+                    format!("{field}.cost_above_usd"),
+                    "the cost is known only after generation; with before_generate, use `when`",
+                );
+            }
+            if !steps.iter().any(|s| s.kind.generates()) {
+                p.add(
+                    format!("{field}.before_generate"),
+                    "the pipeline has no generation step (generate, map, reduce, refine) to hold",
+                );
+            }
+        }
         let scope = StepScope {
             pipeline,
             field: field.clone(),
@@ -439,6 +468,7 @@ pub(super) fn pipeline_plan(
             }
         };
         ReviewPlan {
+            before_generate: r.before_generate,
             on_timeout,
             when,
             cost_above_usd: r.cost_above_usd,
