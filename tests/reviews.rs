@@ -64,7 +64,7 @@ fn finals<'a>(outputs: &'a [(Collected, Value)], id: &str) -> Vec<&'a JobResult>
     outputs
         .iter()
         .filter_map(|(c, _)| match c {
-            Collected::Result(r) if r.job_id == id => Some(r),
+            Collected::Result(r) if r.job_id == id && !r.duplicate => Some(r),
             _ => None,
         })
         .collect()
@@ -167,6 +167,18 @@ async fn decisions_become_results_or_rejections_once_and_bad_ones_are_refused() 
     .await
     .unwrap();
     assert_eq!(collector.wait_for(13, STALL, |_| {}).await, 13);
+    // Another tenant repeating acme's decision word for word learns nothing (not even that
+    // it was decided); the job published again replays its final result.
+    publish_nats(
+        &nats_url(),
+        [
+            decision(&names, "globex", approve("twice", "ana")),
+            job(&names, "approve", "acme"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(collector.wait_for(15, STALL, |_| {}).await, 15);
     // The review globex could not touch is still pending for acme.
     publish_nats(
         &nats_url(),
@@ -174,7 +186,7 @@ async fn decisions_become_results_or_rejections_once_and_bad_ones_are_refused() 
     )
     .await
     .unwrap();
-    assert_eq!(collector.wait_for(14, STALL, |_| {}).await, 14);
+    assert_eq!(collector.wait_for(16, STALL, |_| {}).await, 16);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let outputs = collector.snapshot();
 
@@ -197,6 +209,17 @@ async fn decisions_become_results_or_rejections_once_and_bad_ones_are_refused() 
         ("approve", "ana", false)
     );
     assert_eq!(reviewed.review_id, review("approve").id);
+    let replay = outputs
+        .iter()
+        .find_map(|(c, _)| match c {
+            Collected::Result(r) if r.job_id == "approve" && r.duplicate => Some(r),
+            _ => None,
+        })
+        .expect("the republished job is replayed");
+    assert!(
+        replay.reviewed.is_some(),
+        "the replay is the decided result, not the request"
+    );
 
     let edited = finals(&outputs, "edit");
     assert_eq!(edited.len(), 1);
@@ -228,11 +251,11 @@ async fn decisions_become_results_or_rejections_once_and_bad_ones_are_refused() 
     );
 
     let refused = refusals(&outputs);
-    assert_eq!(refused.len(), 4, "{refused:#?}");
+    assert_eq!(refused.len(), 5, "{refused:#?}");
     let says = |what: &str| refused.iter().filter(|d| d.error.contains(what)).count();
     assert_eq!(
         says("there is no pending review"),
-        2,
+        3,
         "unknown id and another tenant's review: {refused:#?}"
     );
     assert!(refused
@@ -260,7 +283,7 @@ async fn decisions_become_results_or_rejections_once_and_bad_ones_are_refused() 
             count("duplicate"),
             count("refused")
         ),
-        (3, 1, 1, 1, 4)
+        (3, 1, 1, 1, 5)
     );
     eventually(Duration::from_secs(10), "no review pending", || {
         pending(&service, "other") == 0
@@ -538,4 +561,59 @@ async fn review_before_generate_spends_nothing_on_generation_until_approved() {
     service.stop().await;
     collector.stop().await;
     names.delete_streams().await;
+}
+
+/// The same round trip over Kafka: decisions on `switchyard.decisions` name their tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_come_back_over_kafka_too() {
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let llm = mock_llm(0).await;
+    let plan = TestConfig::kafka(&brokers)
+        .llm(llm.addr())
+        .set("prompts", "plain: {user: \"{{input.text}}\"}")
+        .set(
+            "pipelines",
+            "support:
+    steps:
+      - {name: answer, kind: generate, model: small, prompt: plain}
+    review: {when: 'input.review == true'}",
+        )
+        .plan();
+    let outputs = collector(&brokers);
+    let service = Service::start(plan, memory());
+    service.wait_ready().await;
+    let job = |id: &str| {
+        json!({"id": id, "tenant": "acme", "input": {"text": "Refund?", "review": true}})
+            .to_string()
+            .into_bytes()
+    };
+    switchyard::testkit::publish(&brokers, JOBS_TOPIC, [job("k-1"), job("k-2")])
+        .await
+        .unwrap();
+    assert_eq!(outputs.wait_for(2, STALL, |_| {}).await, 2);
+    let requests = outputs.snapshot();
+    let id_of = |id: &str| request_of(&requests, id).review.clone().unwrap().id;
+    let decisions = [
+        json!({"review_id": id_of("k-1"), "decision": "approve", "reviewer": "ana", "tenant": "acme"}),
+        json!({"review_id": id_of("k-2"), "decision": "approve", "reviewer": "ana"}),
+    ];
+    switchyard::testkit::publish(
+        &brokers,
+        "switchyard.decisions",
+        decisions.map(|d| d.to_string().into_bytes()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(outputs.wait_for(4, STALL, |_| {}).await, 4);
+    let all = outputs.snapshot();
+    assert_eq!(finals(&all, "k-1").len(), 1);
+    assert!(finals(&all, "k-2").is_empty());
+    let refused = refusals(&all);
+    assert!(
+        refused.len() == 1 && refused[0].error.contains("names no tenant"),
+        "{refused:#?}"
+    );
+    assert_schema_valid(&all);
+    service.stop().await;
 }

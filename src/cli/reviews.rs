@@ -72,8 +72,15 @@ pub async fn list(
     }
     if !json {
         let counts = state.review_counts().await?;
-        let total: u64 = counts.iter().map(|(_, n)| n).sum();
-        println!("{shown} shown; {total} pending in all");
+        let total: u64 = counts
+            .iter()
+            .filter(|(t, _)| tenant.is_none_or(|only| only == t))
+            .map(|(_, n)| n)
+            .sum();
+        match tenant {
+            Some(t) => println!("{shown} shown; {total} pending for {t}"),
+            None => println!("{shown} shown; {total} pending in all"),
+        }
     }
     Ok(())
 }

@@ -785,7 +785,10 @@ fn with_review(review: &str) -> String {
 
 #[test]
 fn review_settings_load_and_bad_ones_name_their_field() {
-    let plan = load(&with_review("{timeout_s: 60, on_timeout: rerun, rerun_model: small}")).unwrap();
+    let plan = load(&with_review(
+        "{timeout_s: 60, on_timeout: rerun, rerun_model: small}",
+    ))
+    .unwrap();
     let review = &plan.pipelines["support"].review;
     assert_eq!(
         review.on_timeout,
@@ -793,22 +796,47 @@ fn review_settings_load_and_bad_ones_name_their_field() {
             model: "small".into()
         }
     );
-    assert!(plan.reviews.consume, "a pipeline that can review consumes decisions");
+    assert!(
+        plan.reviews.consume,
+        "a pipeline that can review consumes decisions"
+    );
     assert_eq!(plan.reviews.decisions, "switchyard.decisions");
     let gated = load(&with_review("before_generate")).unwrap();
     assert!(gated.pipelines["support"].review.before_generate);
     assert_eq!(
-        load(MINIMAL).unwrap().pipelines["support"].review.on_timeout,
+        load(MINIMAL).unwrap().pipelines["support"]
+            .review
+            .on_timeout,
         crate::review::OnTimeout::Reject,
         "a review nobody decides is rejected by default"
     );
     for (review, field, says) in [
         ("{on_timeout: rerun}", "review.rerun_model", "required"),
-        ("{on_timeout: rerun, rerun_model: huge}", "review.rerun_model", "`huge` is not a model"),
-        ("{on_timeout: maybe}", "review.on_timeout", "not one of approve, reject, rerun"),
-        ("{rerun_model: small}", "review.rerun_model", "only used with"),
-        ("after_generate", "pipelines.support.review", "not a review keyword"),
-        ("{before_generate: true, cost_above_usd: 1}", "review.cost_above_usd", "known only after generation"),
+        (
+            "{on_timeout: rerun, rerun_model: huge}",
+            "review.rerun_model",
+            "`huge` is not a model",
+        ),
+        (
+            "{on_timeout: maybe}",
+            "review.on_timeout",
+            "not one of approve, reject, rerun",
+        ),
+        (
+            "{rerun_model: small}",
+            "review.rerun_model",
+            "only used with",
+        ),
+        (
+            "after_generate",
+            "pipelines.support.review",
+            "not a review keyword",
+        ),
+        (
+            "{before_generate: true, cost_above_usd: 1}",
+            "review.cost_above_usd",
+            "known only after generation",
+        ),
     ] {
         let e = problems(&with_review(review));
         assert!(e.contains(field) && e.contains(says), "{review}: {e}");

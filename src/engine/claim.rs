@@ -86,6 +86,21 @@ impl<K: OutputSink> Engine<K> {
         }
     }
 
+    /// One claim attempt: `None` while another worker holds the key or the store is
+    /// unreachable.
+    pub(super) async fn try_claim(&self, key: &str) -> Option<Result<Held, Bytes>> {
+        let asked = Instant::now();
+        match self.state.claim(key, self.plan.state.claim_lease).await {
+            Ok(Claim::Acquired(token)) => Some(Ok(Held {
+                key: key.to_owned(),
+                token,
+                confirmed: Mutex::new(asked),
+            })),
+            Ok(Claim::Done(stored)) => Some(Err(stored)),
+            Ok(Claim::Busy) | Err(_) => None,
+        }
+    }
+
     pub(super) async fn release(&self, held: &Held) {
         if let Err(e) = self.state.release(&held.key, &held.token).await {
             tracing::warn!(key = %held.key, error = %e, "could not release claim; it lapses with its lease");
@@ -159,17 +174,18 @@ impl<K: OutputSink> Engine<K> {
     /// so this retries through a short state-store outage rather than leave the key claimed (a
     /// redelivery would then wait for the lease and process the job again).
     pub(super) async fn record(&self, held: &Held, outcome: Bytes) {
+        self.record_for(held, outcome, self.plan.state.result_ttl)
+            .await;
+    }
+
+    /// [`Self::record`], remembered for `ttl`.
+    pub(super) async fn record_for(&self, held: &Held, outcome: Bytes, ttl: Duration) {
         let key = &held.key;
         let mut delay = RETRY_MIN;
         for _ in 0..8 {
             match self
                 .state
-                .complete(
-                    key,
-                    &held.token,
-                    outcome.clone(),
-                    self.plan.state.result_ttl,
-                )
+                .complete(key, &held.token, outcome.clone(), ttl)
                 .await
             {
                 Ok(true) => return,

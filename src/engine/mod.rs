@@ -260,6 +260,8 @@ impl<K: OutputSink> Engine<K> {
                 self.release(&held).await;
                 return Err(stopped);
             }
+            // Keeping it may have waited through a store outage: the claim must still be ours.
+            self.confirm_lease(&held, stop).await?;
         }
         let written = tokio::select! {
             written = self.write(outcome, incoming, &output_key, Some(&held), stop) => written,
@@ -276,6 +278,14 @@ impl<K: OutputSink> Engine<K> {
                 return Err(stopped);
             }
         };
+        if let Some(review) = &review {
+            let requested = matches!(&written, Outcome::Result(r) if r.review.is_some());
+            if !requested {
+                // The request could not be written (it became a dead letter): nobody can
+                // decide the review, so it must not settle into a second outcome later.
+                self.forget_review(&review.id, &review.tenant).await;
+            }
+        }
         // The output is out: record it (fenced, so never over another worker's claim) and ack,
         // whatever the lease does meanwhile; handing back now would run the job again.
         match serde_json::to_vec(&written) {

@@ -26,6 +26,8 @@ use crate::wire::{
 
 /// Reviews one expiry pass settles at most.
 const EXPIRE_BATCH: usize = 32;
+/// The shortest time a decision is remembered (to recognize the same decision again).
+const MIN_DECISION_MEMORY: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// How a review is being settled.
 enum Settle<'a> {
@@ -94,6 +96,11 @@ impl<K: OutputSink> Engine<K> {
                 return Ok(false);
             }
         }
+        if incoming.vouched_tenant.is_none() && claimed.is_none() {
+            let error = "the decision names no tenant: publish it on `<reviews.decisions>.<tenant>` (NATS), with the tenant as the message key (Kafka with tenant_from: key), or set `tenant`".to_owned();
+            self.refuse(incoming, error, None, stop).await?;
+            return Ok(true);
+        }
         self.settle(
             &decision.review_id,
             Settle::Decision(&decision),
@@ -107,7 +114,7 @@ impl<K: OutputSink> Engine<K> {
     /// Settles the reviews whose deadline has passed with their `on_timeout` default; how many
     /// it settled.
     pub async fn expire_due_reviews(&self, stop: &CancellationToken) -> usize {
-        let due = match self
+        let mut due = match self
             .state
             .reviews_by_deadline(Some(Utc::now().timestamp_millis()), EXPIRE_BATCH)
             .await
@@ -125,6 +132,12 @@ impl<K: OutputSink> Engine<K> {
             offset: None,
             stream_seq: None,
         };
+        // Replicas take the due reviews in different orders, so they settle different ones
+        // at once instead of queueing on the same claims.
+        {
+            use rand::seq::SliceRandom as _;
+            due.shuffle(&mut rand::rng());
+        }
         let mut settled = 0;
         for id in due {
             if stop.is_cancelled() {
@@ -181,7 +194,15 @@ impl<K: OutputSink> Engine<K> {
         stop: &CancellationToken,
     ) -> Result<(), Stopped> {
         let key = decision_key(id);
-        let held = match self.claim(&key, stop).await? {
+        let claimed = match how {
+            Settle::Decision(_) => self.claim(&key, stop).await?,
+            // Another replica settling it (or a decision being applied) is left to finish.
+            Settle::Expired => match self.try_claim(&key).await {
+                Some(claimed) => claimed,
+                None => return Ok(()),
+            },
+        };
+        let held = match claimed {
             Ok(held) => held,
             Err(stored) => return self.decided_before(id, &stored, &how, incoming, stop).await,
         };
@@ -252,11 +273,30 @@ impl<K: OutputSink> Engine<K> {
             },
             tenant: pending.tenant.clone(),
         };
+        // Remembered as long as the job's own outcome (from when the review was opened), so a
+        // job republished under the same key once that is forgotten opens a fresh review.
+        let remember = (pending.created_at
+            + chrono::Duration::from_std(self.plan.state.result_ttl)
+                .unwrap_or(chrono::Duration::days(1))
+            - Utc::now())
+        .to_std()
+        .unwrap_or_default()
+        .max(MIN_DECISION_MEMORY);
         match serde_json::to_vec(&decided) {
-            Ok(bytes) => self.record(&held, Bytes::from(bytes)).await,
+            Ok(bytes) => self.record_for(&held, Bytes::from(bytes), remember).await,
             Err(e) => tracing::error!(review_id = %id, error = %e, "could not encode the decision"),
         }
         self.forget_review(id, &pending.tenant).await;
+        // A replay of the job (a duplicate publication) now gives its final outcome.
+        if let Ok(bytes) = serde_json::to_vec(&written) {
+            if let Err(e) = self
+                .state
+                .replace_outcome(&pending.job_key, Bytes::from(bytes))
+                .await
+            {
+                tracing::warn!(review_id = %id, error = %e, "could not store the final outcome for the job's replays; they give the review request");
+            }
+        }
         self.metrics
             .review_decisions
             .with_label_values(&[label])
@@ -280,13 +320,28 @@ impl<K: OutputSink> Engine<K> {
         stop: &CancellationToken,
     ) -> Result<(), Stopped> {
         let decided = serde_json::from_slice::<DecidedReview>(stored).ok();
-        if let Some(decided) = &decided {
-            // A worker that stopped between recording the decision and forgetting the review.
-            self.forget_review(id, &decided.tenant).await;
+        // A worker that stopped between recording the decision and forgetting the review.
+        match &decided {
+            Some(decided) => self.forget_review(id, &decided.tenant).await,
+            None => {
+                tracing::error!(review_id = %id, "a review's decision cannot be read");
+                if let Ok(Some(pending)) = self.pending(id, stop).await {
+                    self.forget_review(id, &pending.tenant).await;
+                }
+            }
         }
         let Settle::Decision(d) = how else {
             return Ok(());
         };
+        // Another tenant learns nothing of this review, not even that it was decided.
+        let asking = incoming.vouched_tenant.or(d.tenant.as_deref());
+        if decided
+            .as_ref()
+            .is_some_and(|decided| asking != Some(decided.tenant.as_str()))
+        {
+            let error = format!("there is no pending review `{id}`{}: it was never sent for review, or it was decided or expired and its decision is no longer remembered (state.result_ttl)", tenant_note(d, incoming));
+            return self.refuse(incoming, error, d.tenant.clone(), stop).await;
+        }
         if let Some(decided) = decided
             .as_ref()
             .filter(|decided| decided.fingerprint == fingerprint(d))
@@ -299,15 +354,6 @@ impl<K: OutputSink> Engine<K> {
             return Ok(());
         }
         let error = match decided {
-            // Another tenant's decided review is refused like an unknown one.
-            Some(decided)
-                if incoming
-                    .vouched_tenant
-                    .or(d.tenant.as_deref())
-                    .is_some_and(|t| t != decided.tenant) =>
-            {
-                format!("there is no pending review `{id}`{}: it was never sent for review, or it was decided or expired and its decision is no longer remembered (state.result_ttl)", tenant_note(d, incoming))
-            }
             Some(decided) => {
                 let r = &decided.reviewed;
                 let how = if r.expired {
@@ -342,10 +388,16 @@ impl<K: OutputSink> Engine<K> {
                     return Ok(match serde_json::from_slice(&bytes) {
                         Ok(pending) => Some(pending),
                         Err(e) => {
-                            tracing::error!(review_id = %id, error = %e, "a pending review's record cannot be read");
+                            // Dropped, so it does not block the expiry of the others.
+                            tracing::error!(review_id = %id, error = %e, "a pending review's record cannot be read; dropping it");
+                            let tenant = serde_json::from_slice::<serde_json::Value>(&bytes)
+                                .ok()
+                                .and_then(|v| v.get("tenant")?.as_str().map(str::to_owned))
+                                .unwrap_or_default();
+                            self.forget_review(id, &tenant).await;
                             None
                         }
-                    })
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(review_id = %id, error = %e, "cannot read the pending review; retrying")
@@ -362,7 +414,7 @@ impl<K: OutputSink> Engine<K> {
 
     /// Drops the review from the pending ones; a failure leaves it to the expiry pass, which
     /// finds its decision and drops it then.
-    async fn forget_review(&self, id: &str, tenant: &str) {
+    pub(super) async fn forget_review(&self, id: &str, tenant: &str) {
         if let Err(e) = self.state.review_forget(id, tenant).await {
             tracing::warn!(review_id = %id, error = %e, "could not drop the decided review from the pending ones; the expiry pass will");
         }
@@ -451,7 +503,7 @@ impl<K: OutputSink> Engine<K> {
             Verdict::Reject => {
                 let error = if reviewed.expired {
                     format!(
-                        "review `{}` got no decision by its deadline {} and the pipeline's review.on_timeout is reject; republish the job to run it again",
+                        "review `{}` got no decision by its deadline {} and the pipeline's review.on_timeout is reject; republish the job with a new idempotency_key to run it again",
                         pending.id,
                         pending.deadline.to_rfc3339()
                     )
@@ -479,7 +531,7 @@ impl<K: OutputSink> Engine<K> {
     async fn rerun(&self, pending: &PendingReview, model: &str, reviewed: &Reviewed) -> Outcome {
         let (job, pipeline) = match self.job_of(pending, &format!("run it again on `{model}`")) {
             Ok(found) => found,
-            Err(dl) => return Outcome::DeadLetter(dl),
+            Err(dl) => return Outcome::DeadLetter(*dl),
         };
         let pipeline = on_model(&pipeline, model);
         let run = self.runner.run(&job, &pipeline, None).await;
@@ -491,7 +543,7 @@ impl<K: OutputSink> Engine<K> {
     async fn resume(&self, pending: &PendingReview, reviewed: &Reviewed) -> Outcome {
         let (job, pipeline) = match self.job_of(pending, "resume after approval") {
             Ok(found) => found,
-            Err(dl) => return Outcome::DeadLetter(dl),
+            Err(dl) => return Outcome::DeadLetter(*dl),
         };
         let held = pending.held.clone().unwrap_or_default();
         let run = self.runner.resume(&job, &pipeline, held).await;
@@ -503,7 +555,7 @@ impl<K: OutputSink> Engine<K> {
         &self,
         pending: &PendingReview,
         what: &str,
-    ) -> Result<(crate::wire::Job, std::sync::Arc<PipelinePlan>), DeadLetter> {
+    ) -> Result<(crate::wire::Job, std::sync::Arc<PipelinePlan>), Box<DeadLetter>> {
         let job = decode_job(
             pending.payload.as_bytes(),
             self.plan.limits.max_job_bytes,
@@ -511,11 +563,11 @@ impl<K: OutputSink> Engine<K> {
         )
         .map_err(|e| {
             let error = format!("review `{}`: could not {what}: the job's payload no longer decodes ({e}); republish it", pending.id);
-            rejected(pending, DeadLetterReason::Internal, error, 0)
+            Box::new(rejected(pending, DeadLetterReason::Internal, error, 0))
         })?;
         let pipeline = self.plan.pipelines.get(&pending.pipeline).cloned().ok_or_else(|| {
             let error = format!("review `{}`: could not {what}: pipeline `{}` is no longer configured; republish the job", pending.id, pending.pipeline);
-            rejected(pending, DeadLetterReason::Internal, error, 0)
+            Box::new(rejected(pending, DeadLetterReason::Internal, error, 0))
         })?;
         Ok((job, pipeline))
     }

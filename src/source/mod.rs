@@ -146,8 +146,8 @@ pub enum Source {
 }
 
 /// Where review decisions are read: the job source's broker and credentials, on the decisions
-/// topic (Kafka, group `<group>.decisions`) or subject (NATS: `<subject>` and
-/// `<subject>.<tenant>` in stream `<stream>_DECISIONS`, consumer `<consumer>-decisions`).
+/// topic (Kafka, group `<group>.decisions`) or subject (NATS: `<subject>.<tenant>` in stream
+/// `<stream>_DECISIONS`, consumer `<consumer>-decisions`).
 pub fn decisions_plan(
     source: &crate::config::SourcePlan,
     decisions: &str,
@@ -164,7 +164,8 @@ pub fn decisions_plan(
         SourcePlan::Nats(n) => {
             let mut n = n.clone();
             n.stream = format!("{}_DECISIONS", n.stream);
-            n.subjects = vec![decisions.to_owned(), format!("{decisions}.>")];
+            // Only under a tenant token: the subject vouches for the decision's tenant.
+            n.subjects = vec![format!("{decisions}.>")];
             n.consumer = format!("{}-decisions", n.consumer);
             SourcePlan::Nats(n)
         }

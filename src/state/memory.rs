@@ -148,6 +148,21 @@ impl MemoryStore {
         true
     }
 
+    /// Replaces a finished key's outcome, keeping its expiry; `false` when it holds none.
+    pub fn replace_outcome(&self, key: &str, outcome: Bytes) -> bool {
+        let now = Instant::now();
+        match self.lock().entries.get_mut(key) {
+            Some(Entry::Done {
+                outcome: stored,
+                expires,
+            }) if *expires > now => {
+                *stored = outcome;
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub fn release(&self, key: &str, token: &ClaimToken) {
         let mut inner = self.lock();
         if matches!(inner.entries.get(key), Some(Entry::Claimed { owner, .. }) if owner == token) {

@@ -24,7 +24,7 @@ pub use self::redis::RedisStore;
 use crate::config::{RedisUrl, StateKind, StatePlan};
 
 /// Pending reviews an in-process store made from a bare [`MemoryStore`] holds at most.
-const MEMORY_REVIEWS: usize = 100_000;
+const MEMORY_REVIEWS: usize = 10_000;
 
 /// Proof of holding a claim; completing or releasing a key needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,6 +209,20 @@ impl StateStore {
         self.track(result)
     }
 
+    /// Replaces the outcome a finished key holds (keeping how long it is remembered), so a
+    /// later replay gives the new one; `Ok(false)` when the key holds no outcome.
+    pub async fn replace_outcome(
+        &self,
+        key: &str,
+        outcome: bytes::Bytes,
+    ) -> Result<bool, StateError> {
+        let result = match &self.backend {
+            Backend::Memory(m, _) => Ok(m.replace_outcome(key, outcome)),
+            Backend::Redis(r) => r.replace_outcome(key, outcome).await,
+        };
+        self.track(result)
+    }
+
     /// Gives a claim up without an outcome, so a redelivery processes the job again.
     pub async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StateError> {
         let result = match &self.backend {
@@ -306,8 +320,9 @@ impl StateStore {
         self.track(result)
     }
 
-    /// Keeps a pending review (`record`) under `id` until it is decided or expires; `Ok(false)`
-    /// when it is already kept (a redelivery of the same job).
+    /// Keeps a pending review (`record`) under `id` until it is decided or expires, replacing
+    /// an earlier record of the same review (a job run again after a hand-back: its latest
+    /// request is the one a reviewer answers); `Ok(false)` when it replaced one.
     pub async fn review_open(
         &self,
         id: &str,

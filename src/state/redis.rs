@@ -58,6 +58,16 @@ end
 return 0
 ";
 
+// Replaces a finished key's outcome, keeping its TTL; a claim or a missing key is left alone.
+const REPLACE: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, 2) == 'D:' then
+  redis.call('SET', KEYS[1], 'D:' .. ARGV[1], 'KEEPTTL')
+  return 1
+end
+return 0
+";
+
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) == 'C:' .. ARGV[1] then
   return redis.call('DEL', KEYS[1])
@@ -465,6 +475,17 @@ impl RedisStore {
         Ok(stored == 1)
     }
 
+    pub async fn replace_outcome(&self, key: &str, outcome: Bytes) -> Result<bool, StateError> {
+        let mut conn = self.conn.clone();
+        let replaced: i64 = Script::new(REPLACE)
+            .key(self.key(key))
+            .arg(outcome.as_ref())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(replaced == 1)
+    }
+
     pub async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StateError> {
         let mut conn = self.conn.clone();
         let _: i64 = self
@@ -601,8 +622,10 @@ impl RedisStore {
 // so each script's keys share a Redis Cluster slot. Opening is idempotent (a redelivered job
 // opens the same review once); forgetting removes all three.
 const REVIEW_OPEN: &str = r"
-if redis.call('SET', KEYS[1], ARGV[2], 'NX') then
-  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+local new = redis.call('EXISTS', KEYS[1]) == 0
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+if new then
   redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
   return 1
 end

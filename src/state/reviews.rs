@@ -41,7 +41,12 @@ impl MemoryReviews {
         record: Bytes,
     ) -> Result<bool, StateError> {
         let mut inner = self.lock();
-        if inner.records.contains_key(id) {
+        if let Some((stored, _, deadline)) = inner.records.get_mut(id) {
+            // The latest request for the review is the one a reviewer answers.
+            *stored = record;
+            let old = std::mem::replace(deadline, deadline_ms);
+            inner.by_deadline.remove(&(old, id.to_owned()));
+            inner.by_deadline.insert((deadline_ms, id.to_owned()));
             return Ok(false);
         }
         if inner.records.len() >= self.max {

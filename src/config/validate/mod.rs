@@ -99,6 +99,18 @@ pub(super) fn validate(raw: RawConfig) -> Result<Plan, Vec<String>> {
     }
     let cache = service::cache_plan(p, raw.cache);
     let reviews = io::reviews_plan(p, raw.reviews, &source, &sink, &pipelines);
+    for (name, pipeline) in &pipelines {
+        if pipeline.can_review() && pipeline.review.timeout > state.result_ttl {
+            p.add(
+                format!("pipelines.{name}.review.timeout_s"),
+                format!(
+                    "{} s is longer than state.result_ttl_s ({} s): a review must be settled while its job's outcome is remembered; raise state.result_ttl_s or shorten the timeout",
+                    pipeline.review.timeout.as_secs(),
+                    state.result_ttl.as_secs()
+                ),
+            );
+        }
+    }
     if !p.0.is_empty() {
         return Err(std::mem::take(&mut p.0));
     }
