@@ -15,7 +15,7 @@ use switchyard::wire::{DeadLetterReason, ResultStatus};
 
 use common::*;
 
-const EXAMPLES: [&str; 8] = [
+const EXAMPLES: [&str; 9] = [
     "chain",
     "parallel-merge",
     "conditional-routing",
@@ -24,6 +24,7 @@ const EXAMPLES: [&str; 8] = [
     "evaluator-optimizer",
     "guardrails",
     "low-confidence-review",
+    "human-review",
 ];
 
 fn example_path(name: &str) -> std::path::PathBuf {
@@ -76,6 +77,10 @@ impl Example {
                     "{{kind: nats, stream: {}, topics: {{results: {p}.results, review: {p}.review, dlq: {p}.dlq}}}}",
                     names.outputs_stream
                 ),
+            ),
+            (
+                "SWITCHYARD__REVIEWS".to_owned(),
+                format!("{{decisions: {p}.decisions}}"),
             ),
         ];
         let text = std::fs::read_to_string(example_path(name)).unwrap();
@@ -354,4 +359,86 @@ async fn low_confidence_rules_send_the_job_to_review() {
         (unsure.route.category.as_deref(), unsure.route.confidence),
         (Some("general"), Some(0.5))
     );
+}
+
+#[tokio::test]
+async fn human_review_comes_back_as_a_decision() {
+    let example = Example::start("human-review").await;
+    let (names, collector) = (&example.names, &example.collector);
+    let job = |id: &str, pipeline: &str, input: Value| {
+        let job = json!({"id": id, "tenant": "acme", "pipeline": pipeline, "input": input});
+        (names.job_subject("acme"), job.to_string().into_bytes())
+    };
+    publish_nats(
+        &nats_url(),
+        [
+            job(
+                "h1",
+                "support",
+                json!({"text": "I will talk to my lawyer about this"}),
+            ),
+            job("h2", "support", json!({"text": "Where is my parcel?"})),
+            job("f1", "refunds", json!({"amount": "$20", "order": "A-1"})),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        collector.wait_for(3, Duration::from_secs(60), |_| {}).await,
+        3
+    );
+    let requests = collector.snapshot();
+    let request = |id: &str| {
+        requests
+            .iter()
+            .find_map(|(c, _)| match c {
+                Collected::Review(r) if r.job_id == id => Some(r.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{id} on the review topic: {requests:#?}"))
+    };
+    assert_eq!(result_of(&requests, "h2").status, ResultStatus::Ok);
+    let legal = request("h1");
+    assert!(legal.review_reason.as_deref().unwrap().contains("legal"));
+    let refund = request("f1");
+    assert_eq!(
+        refund.output,
+        Value::Null,
+        "nothing generated before approval"
+    );
+    let decide = |r: &switchyard::wire::JobResult| {
+        let id = r.review.clone().unwrap().id;
+        let decision = json!({"review_id": id, "decision": "approve", "reviewer": "ana"});
+        (
+            names.decision_subject("acme"),
+            decision.to_string().into_bytes(),
+        )
+    };
+    publish_nats(&nats_url(), [decide(&legal), decide(&refund)])
+        .await
+        .unwrap();
+    assert_eq!(
+        collector.wait_for(5, Duration::from_secs(60), |_| {}).await,
+        5
+    );
+    let outputs = collector.snapshot();
+    let finished = |id: &str| {
+        outputs
+            .iter()
+            .find_map(|(c, _)| match c {
+                Collected::Result(r) if r.job_id == id && r.reviewed.is_some() => Some(r.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{id} decided: {outputs:#?}"))
+    };
+    assert_eq!(finished("h1").output, legal.output);
+    let letter = finished("f1");
+    assert!(
+        step_of(&letter, "letter").cost_usd > 0.0,
+        "generated once approved"
+    );
+    assert_schema_valid(&outputs);
+    example.service.stop().await;
+    example.collector.stop().await;
+    example.names.delete_streams().await;
 }
