@@ -63,6 +63,9 @@ pub struct PendingReview {
     /// once approved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held: Option<Vec<Option<crate::pipeline::StepOutput>>>,
+    /// The pipeline's step names when it was held: a resume needs the same steps.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held_steps: Vec<String>,
 }
 
 /// What a reviewer decided.

@@ -837,6 +837,16 @@ fn review_settings_load_and_bad_ones_name_their_field() {
             "review.cost_above_usd",
             "known only after generation",
         ),
+        (
+            "{before_generate: true, on_timeout: rerun, rerun_model: small}",
+            "review.on_timeout",
+            "without approval",
+        ),
+        (
+            "{before_generate: true, when: 'steps.answer.output == \"x\"'}",
+            "review.when",
+            "only after generation",
+        ),
     ] {
         let e = problems(&with_review(review));
         assert!(e.contains(field) && e.contains(says), "{review}: {e}");

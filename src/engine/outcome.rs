@@ -341,6 +341,11 @@ impl<K: OutputSink> Engine<K> {
                     source: incoming.source.clone(),
                     traceparent: incoming.trace.map(str::to_owned),
                     created_at: Utc::now(),
+                    held_steps: if held_steps.is_some() {
+                        pipeline.steps.iter().map(|s| s.name.clone()).collect()
+                    } else {
+                        Vec::new()
+                    },
                     held: held_steps.take(),
                 }),
             Outcome::DeadLetter(_) => None,

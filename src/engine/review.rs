@@ -19,6 +19,7 @@ use crate::review::{
     PendingReview, Reviewed, Verdict,
 };
 use crate::sink::OutputSink;
+use crate::state::Peek;
 use crate::wire::{
     decode_job, DeadLetter, DeadLetterReason, JobResult, Outcome, ResultStatus, SourceInfo,
     TenantId,
@@ -28,6 +29,29 @@ use crate::wire::{
 const EXPIRE_BATCH: usize = 32;
 /// The shortest time a decision is remembered (to recognize the same decision again).
 const MIN_DECISION_MEMORY: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// How long a decision for a job whose review request is not yet recorded waits to come again.
+const JOB_RUNNING_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What the reviewed job's idempotency key says of the review.
+enum JobState {
+    /// Its outcome is this review's request: the review is the job's to settle.
+    Requested,
+    /// Still claimed: the request was written but not yet recorded (or the job runs again).
+    Running,
+    /// Another outcome: the job ended without this review.
+    Other,
+    /// Forgotten or unreadable: the pending review is all there is to go by.
+    Unknown,
+}
+
+/// What a stored decision meant.
+enum Before {
+    /// Handled: a duplicate, a refusal, or nothing to do.
+    Settled,
+    /// It belonged to an earlier review of the same job key and was dropped: claim again.
+    Stale,
+}
 
 /// How a review is being settled.
 enum Settle<'a> {
@@ -194,17 +218,30 @@ impl<K: OutputSink> Engine<K> {
         stop: &CancellationToken,
     ) -> Result<(), Stopped> {
         let key = decision_key(id);
-        let claimed = match how {
-            Settle::Decision(_) => self.claim(&key, stop).await?,
-            // Another replica settling it (or a decision being applied) is left to finish.
-            Settle::Expired => match self.try_claim(&key).await {
-                Some(claimed) => claimed,
-                None => return Ok(()),
-            },
-        };
-        let held = match claimed {
-            Ok(held) => held,
-            Err(stored) => return self.decided_before(id, &stored, &how, incoming, stop).await,
+        let mut stale_decisions = 0;
+        let held = loop {
+            let claimed = match how {
+                Settle::Decision(_) => self.claim(&key, stop).await?,
+                // Another replica settling it (or a decision being applied) is left to finish.
+                Settle::Expired => match self.try_claim(&key).await {
+                    Some(claimed) => claimed,
+                    None => return Ok(()),
+                },
+            };
+            match claimed {
+                Ok(held) => break held,
+                Err(stored) => {
+                    match self
+                        .decided_before(id, &stored, &how, incoming, stop)
+                        .await?
+                    {
+                        Before::Settled => return Ok(()),
+                        // The decision of an earlier review of the same job, forgotten now.
+                        Before::Stale if stale_decisions < 2 => stale_decisions += 1,
+                        Before::Stale => return Err(Stopped::Now),
+                    }
+                }
+            }
         };
         let pending = match self.pending(id, stop).await {
             Ok(Some(pending)) => pending,
@@ -237,6 +274,48 @@ impl<K: OutputSink> Engine<K> {
         if matches!(how, Settle::Expired) && pending.deadline > Utc::now() {
             self.release(&held).await;
             return Ok(());
+        }
+        // The review settles only what it was opened for: the job's recorded outcome must be
+        // this review's request (a job run again after a hand-back may have ended otherwise).
+        let mut state = self.job_state(&pending, stop).await;
+        for _ in 0..5 {
+            if !matches!(state, Ok(JobState::Running)) {
+                break;
+            }
+            // Its request is out but not yet recorded: a moment normally.
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(JOB_RUNNING_RETRY / 5) => {}
+            }
+            state = self.job_state(&pending, stop).await;
+        }
+        match state {
+            Ok(JobState::Requested | JobState::Unknown) => {}
+            Ok(JobState::Running) => {
+                // Its request is not recorded yet: the decision comes again in a moment.
+                self.release(&held).await;
+                return match how {
+                    Settle::Expired => Ok(()),
+                    Settle::Decision(_) => Err(Stopped::Deferred(JOB_RUNNING_RETRY)),
+                };
+            }
+            Ok(JobState::Other) => {
+                tracing::warn!(review_id = %id, job_id = %pending.job_id, "the job ended without this review (it ran again after a hand-back); dropping the review");
+                self.forget_review(id, &pending.tenant).await;
+                self.release(&held).await;
+                return match how {
+                    Settle::Expired => Ok(()),
+                    Settle::Decision(d) => {
+                        let error = format!("there is no pending review `{id}`{}: it was never sent for review, or it was decided or expired and its decision is no longer remembered (state.result_ttl)", tenant_note(d, incoming));
+                        self.refuse(incoming, error, d.tenant.clone(), stop).await
+                    }
+                };
+            }
+            Err(stopped) => {
+                self.release(&held).await;
+                return Err(stopped);
+            }
         }
         let trace = pending.traceparent.as_deref().or(incoming.trace);
         let at_write = Incoming { trace, ..*incoming };
@@ -310,7 +389,45 @@ impl<K: OutputSink> Engine<K> {
         Ok(())
     }
 
-    /// The review's decision key holds a decision already.
+    /// What the reviewed job's idempotency key holds now, waiting through a store outage.
+    async fn job_state(
+        &self,
+        pending: &PendingReview,
+        stop: &CancellationToken,
+    ) -> Result<JobState, Stopped> {
+        let mut delay = RETRY_MIN;
+        loop {
+            match self.state.peek(&pending.job_key).await {
+                Ok(Peek::Absent) => return Ok(JobState::Unknown),
+                Ok(Peek::Claimed) => return Ok(JobState::Running),
+                Ok(Peek::Done(stored)) => {
+                    return Ok(match serde_json::from_slice::<Outcome>(&stored) {
+                        Ok(Outcome::Result(r))
+                            if r.reviewed.is_none()
+                                && r.review.as_ref().is_some_and(|q| q.id == pending.id) =>
+                        {
+                            JobState::Requested
+                        }
+                        Ok(_) => JobState::Other,
+                        Err(_) => JobState::Unknown,
+                    })
+                }
+                Err(e) => {
+                    tracing::warn!(review_id = %pending.id, error = %e, "cannot read the reviewed job's outcome; retrying")
+                }
+            }
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return Err(Stopped::Now),
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// The review's decision key holds a decision already: the same decision again, a
+    /// different one (refused), or the decision of an earlier review of the same job key
+    /// (a job republished once its outcome was forgotten), which is dropped.
     async fn decided_before(
         &self,
         id: &str,
@@ -318,8 +435,19 @@ impl<K: OutputSink> Engine<K> {
         how: &Settle<'_>,
         incoming: &Incoming<'_>,
         stop: &CancellationToken,
-    ) -> Result<(), Stopped> {
+    ) -> Result<Before, Stopped> {
         let decided = serde_json::from_slice::<DecidedReview>(stored).ok();
+        if let Some(decided) = &decided {
+            if let Some(pending) = self.pending(id, stop).await? {
+                if pending.created_at > decided.reviewed.at {
+                    if let Err(e) = self.state.forget_outcome(&decision_key(id), stored).await {
+                        tracing::warn!(review_id = %id, error = %e, "cannot drop an earlier review's decision");
+                        return Err(Stopped::Now);
+                    }
+                    return Ok(Before::Stale);
+                }
+            }
+        }
         // A worker that stopped between recording the decision and forgetting the review.
         match &decided {
             Some(decided) => self.forget_review(id, &decided.tenant).await,
@@ -331,7 +459,7 @@ impl<K: OutputSink> Engine<K> {
             }
         }
         let Settle::Decision(d) = how else {
-            return Ok(());
+            return Ok(Before::Settled);
         };
         // Another tenant learns nothing of this review, not even that it was decided.
         let asking = incoming.vouched_tenant.or(d.tenant.as_deref());
@@ -340,7 +468,8 @@ impl<K: OutputSink> Engine<K> {
             .is_some_and(|decided| asking != Some(decided.tenant.as_str()))
         {
             let error = format!("there is no pending review `{id}`{}: it was never sent for review, or it was decided or expired and its decision is no longer remembered (state.result_ttl)", tenant_note(d, incoming));
-            return self.refuse(incoming, error, d.tenant.clone(), stop).await;
+            self.refuse(incoming, error, d.tenant.clone(), stop).await?;
+            return Ok(Before::Settled);
         }
         if let Some(decided) = decided
             .as_ref()
@@ -351,7 +480,7 @@ impl<K: OutputSink> Engine<K> {
                 .with_label_values(&["duplicate"])
                 .inc();
             tracing::info!(review_id = %id, tenant = %decided.tenant, decision = %decided.reviewed.decision, "the same decision again; its result stands and nothing more is written");
-            return Ok(());
+            return Ok(Before::Settled);
         }
         let error = match decided {
             Some(decided) => {
@@ -370,7 +499,8 @@ impl<K: OutputSink> Engine<K> {
             }
             None => format!("review `{id}` was already decided, but what was decided cannot be read; this decision is not applied"),
         };
-        self.refuse(incoming, error, d.tenant.clone(), stop).await
+        self.refuse(incoming, error, d.tenant.clone(), stop).await?;
+        Ok(Before::Settled)
     }
 
     /// The pending review `id`, waiting through a store outage; `None` when there is none (or
@@ -546,7 +676,10 @@ impl<K: OutputSink> Engine<K> {
             Err(dl) => return Outcome::DeadLetter(*dl),
         };
         let held = pending.held.clone().unwrap_or_default();
-        let run = self.runner.resume(&job, &pipeline, held).await;
+        let run = self
+            .runner
+            .resume(&job, &pipeline, held, &pending.held_steps)
+            .await;
         self.ran_again(pending, reviewed, run, "was approved and generated")
     }
 

@@ -124,11 +124,13 @@ impl Runner {
         job: &Job,
         pipeline: &PipelinePlan,
         held: Vec<Option<StepOutput>>,
+        step_names: &[String],
     ) -> Result<RunOutput, RunFailure> {
-        if held.len() != pipeline.steps.len() {
+        let now: Vec<&str> = pipeline.steps.iter().map(|s| s.name.as_str()).collect();
+        if held.len() != pipeline.steps.len() || now != step_names {
             return Err(RunFailure {
                 reason: DeadLetterReason::Internal,
-                error: format!("pipeline `{}` changed while the job waited for review before generation ({} steps then, {} now); republish the job to run it", pipeline.name, held.len(), pipeline.steps.len()),
+                error: format!("pipeline `{}` changed while the job waited for review before generation (steps {} then, {} now); republish the job to run it", pipeline.name, step_names.join(", "), now.join(", ")),
                 attempts: 0,
             });
         }
@@ -175,16 +177,20 @@ impl Runner {
                 &redacted_input
             }
         };
-        let before_generate = pipeline.review.before_generate;
-        let hold = before_generate && resumed.is_none();
+        let hold = pipeline.review.before_generate && resumed.is_none();
+        // Review was asked (or not) before generation: not again after it. A job that had
+        // nothing to hold (no generation step ran) is reviewed after, like any other.
+        let mut before_generate = resumed.is_some();
         let seeded = resumed.unwrap_or_else(|| vec![None; pipeline.steps.len()]);
         let (mut outputs, mut records, mut failure, held) = self
             .run_steps(job, input, pipeline, job_budget, seeded, hold)
             .await;
         if held && failure.is_none() {
+            before_generate = true;
             let (route, route_review) = route_info(&outputs);
             if let Some(why) = hold_reason(pipeline, input, &outputs, route_review) {
-                if guard.is_some() {
+                if let Some(g) = &guard {
+                    records.iter_mut().for_each(|r| redact_record(&g.set, r));
                     records.insert(0, guard_record);
                 }
                 return Ok(RunOutput {

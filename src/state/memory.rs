@@ -148,6 +148,26 @@ impl MemoryStore {
         true
     }
 
+    pub fn peek(&self, key: &str) -> super::Peek {
+        let now = Instant::now();
+        match self.lock().entries.get(key) {
+            Some(Entry::Done { outcome, expires }) if *expires > now => {
+                super::Peek::Done(outcome.clone())
+            }
+            Some(Entry::Claimed { expires, .. }) if *expires > now => super::Peek::Claimed,
+            _ => super::Peek::Absent,
+        }
+    }
+
+    pub fn forget_outcome(&self, key: &str, outcome: &[u8]) -> bool {
+        let mut inner = self.lock();
+        let same = matches!(inner.entries.get(key), Some(Entry::Done { outcome: o, .. }) if o.as_ref() == outcome);
+        if same {
+            inner.entries.remove(key);
+        }
+        same
+    }
+
     /// Replaces a finished key's outcome, keeping its expiry; `false` when it holds none.
     pub fn replace_outcome(&self, key: &str, outcome: Bytes) -> bool {
         let now = Instant::now();

@@ -47,6 +47,15 @@ pub enum Claim {
     Busy,
 }
 
+/// What a key holds, looked at without claiming it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Peek {
+    Absent,
+    /// A live claim: a worker is processing it.
+    Claimed,
+    Done(bytes::Bytes),
+}
+
 /// What renewing a claim found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Renewal {
@@ -219,6 +228,25 @@ impl StateStore {
         let result = match &self.backend {
             Backend::Memory(m, _) => Ok(m.replace_outcome(key, outcome)),
             Backend::Redis(r) => r.replace_outcome(key, outcome).await,
+        };
+        self.track(result)
+    }
+
+    /// What `key` holds, without claiming it.
+    pub async fn peek(&self, key: &str) -> Result<Peek, StateError> {
+        let result = match &self.backend {
+            Backend::Memory(m, _) => Ok(m.peek(key)),
+            Backend::Redis(r) => r.peek(key).await,
+        };
+        self.track(result)
+    }
+
+    /// Forgets a finished key's outcome if it is still `outcome` (a claim or another outcome
+    /// is left alone); `Ok(true)` when it was forgotten.
+    pub async fn forget_outcome(&self, key: &str, outcome: &[u8]) -> Result<bool, StateError> {
+        let result = match &self.backend {
+            Backend::Memory(m, _) => Ok(m.forget_outcome(key, outcome)),
+            Backend::Redis(r) => r.forget_outcome(key, outcome).await,
         };
         self.track(result)
     }

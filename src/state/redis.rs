@@ -68,6 +68,14 @@ end
 return 0
 ";
 
+// Forgets a finished key only while it still holds the given outcome.
+const FORGET_OUTCOME: &str = r"
+if redis.call('GET', KEYS[1]) == 'D:' .. ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) == 'C:' .. ARGV[1] then
   return redis.call('DEL', KEYS[1])
@@ -473,6 +481,31 @@ impl RedisStore {
             .await
             .map_err(unavailable)?;
         Ok(stored == 1)
+    }
+
+    pub async fn peek(&self, key: &str) -> Result<super::Peek, StateError> {
+        let mut conn = self.conn.clone();
+        let value: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(self.key(key))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(match value {
+            None => super::Peek::Absent,
+            Some(v) if v.starts_with(b"D:") => super::Peek::Done(Bytes::from(v).slice(2..)),
+            Some(_) => super::Peek::Claimed,
+        })
+    }
+
+    pub async fn forget_outcome(&self, key: &str, outcome: &[u8]) -> Result<bool, StateError> {
+        let mut conn = self.conn.clone();
+        let forgotten: i64 = Script::new(FORGET_OUTCOME)
+            .key(self.key(key))
+            .arg(outcome)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(forgotten == 1)
     }
 
     pub async fn replace_outcome(&self, key: &str, outcome: Bytes) -> Result<bool, StateError> {

@@ -390,6 +390,37 @@ pub(super) fn pipeline_plan(
                     "the pipeline has no generation step (generate, map, reduce, refine) to hold",
                 );
             }
+            if r.on_timeout.as_deref() == Some("rerun") {
+                p.add(
+                    format!("{field}.on_timeout"),
+                    "`rerun` would generate without approval; with before_generate use approve (generate) or reject",
+                );
+            }
+            // What `when` reads must be known before generation.
+            let mut before: Vec<bool> = Vec::with_capacity(steps.len());
+            for step in steps.iter() {
+                let ok = !step.kind.generates()
+                    && step.needs.iter().all(|&j| before.get(j).copied().unwrap_or(false));
+                before.push(ok);
+            }
+            if let Some(text) = &r.when {
+                if let Ok(expr) = crate::expr::Expr::parse(text) {
+                    for path in expr.paths() {
+                        if let crate::expr::Root::Step(name) = &path.root {
+                            let known = steps
+                                .iter()
+                                .position(|s| &s.name == name)
+                                .is_some_and(|i| before[i]);
+                            if !known {
+                                p.add(
+                                    format!("{field}.when"),
+                                    format!("reads step `{name}`, which runs only after generation; with before_generate, `when` can read the input and the steps before generation"),
+                                );
+                            }
+                        }
+                    }
+                }
+            }
         }
         let scope = StepScope {
             pipeline,
