@@ -74,6 +74,20 @@ enum Command {
     /// A/B experiments.
     #[command(subcommand)]
     Experiments(ExperimentsCommand),
+    /// Spend by tenant, pipeline, model and variant from results as `tail --json` prints them
+    /// (a file, or `-` for standard input), and what the response cache and routing saved
+    /// against each pipeline's largest model, priced from the config.
+    Cost {
+        #[arg(long, short, env = "SWITCHYARD_CONFIG")]
+        config: PathBuf,
+        file: PathBuf,
+        /// Only results completed at or after this time (RFC 3339).
+        #[arg(long, conflicts_with = "hours")]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Only results completed in the last this many hours.
+        #[arg(long)]
+        hours: Option<u32>,
+    },
     /// The reviews waiting for a decision (from the config's state store), earliest deadline
     /// first. Decisions go to `reviews.decisions` (see docs/architecture.md, "Review").
     Reviews {
@@ -186,6 +200,18 @@ const EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
+        Command::Cost {
+            config,
+            file,
+            since,
+            hours,
+        } => {
+            let since = since.or_else(|| {
+                hours.map(|h| chrono::Utc::now() - chrono::Duration::hours(i64::from(h)))
+            });
+            cli::cost::run(&config, &file, since)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Reviews {
             config,
             tenant,

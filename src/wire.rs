@@ -297,6 +297,18 @@ pub struct StepRecord {
     /// What a guardrail redacted, by kind (`email`, `card`, ...): counts, never the text.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub redacted: std::collections::BTreeMap<String, u32>,
+    /// A response-cache hit (`cached`): the stored answer's tokens and what it would have
+    /// cost on this model, which this job did not spend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_hit: Option<CacheHit>,
+}
+
+/// What a response-cache hit saved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct CacheHit {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub saved_usd: f64,
 }
 
 /// One round of a `refine` step: the evaluator's score and feedback on that round's answer.

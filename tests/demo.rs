@@ -86,4 +86,43 @@ fn the_demo_accounts_for_every_message_and_exits_zero() {
         valid,
         "no result for a job never published"
     );
+
+    // `switchyard cost` over the same outputs: every valid job counted once, and routing the
+    // simple tickets to the small model saved money against the pipeline's largest.
+    let cost = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["cost", "--config"])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config/demo.yaml"))
+        .arg(&saved)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&cost.stdout);
+    assert!(
+        cost.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&cost.stderr)
+    );
+    assert!(
+        table.contains(&format!("savings over {valid} job(s)")),
+        "{table}"
+    );
+    let dollars = |label: &str| -> f64 {
+        let line = table
+            .lines()
+            .find(|l| l.trim_start().starts_with(label))
+            .unwrap();
+        line.split('$')
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(dollars("saved by routing") > 0.0, "{table}");
+    let spent = summary["cost_usd"].as_f64().unwrap();
+    assert!(
+        (dollars("spent") - spent).abs() < 1e-6,
+        "the report's spend is the demo's: {spent}\n{table}"
+    );
 }

@@ -1,8 +1,9 @@
 //! The operator commands around the service: `demo`, `publish`, `tail`, `bench`,
-//! `experiments report` and `reviews`. They live
+//! `experiments report`, `reviews` and `cost`. They live
 //! in the binary, not the library: the service never depends on them.
 
 pub mod bench;
+pub mod cost;
 pub mod demo;
 pub mod experiments;
 pub mod publish;

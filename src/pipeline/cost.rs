@@ -313,6 +313,33 @@ impl Runner {
     }
 }
 
+/// Every model alias a step of `pipeline` may call first (fallbacks not included): classify,
+/// generate (its route's choices and experiment variants), map, reduce and refine (and its
+/// evaluator).
+pub fn pipeline_aliases(pipeline: &PipelinePlan) -> Vec<&str> {
+    let mut aliases = Vec::new();
+    for step in &pipeline.steps {
+        match &step.kind {
+            StepKindPlan::Classify(c) => {
+                if let crate::config::ClassifyMethod::Llm { model, .. } = &c.method {
+                    aliases.push(model.as_str());
+                }
+            }
+            StepKindPlan::Generate(g) => aliases.extend(generate_aliases(pipeline, g)),
+            StepKindPlan::Map(m) => aliases.push(m.model.as_str()),
+            StepKindPlan::Reduce(r) => aliases.push(r.model.as_str()),
+            StepKindPlan::Refine(r) => {
+                aliases.push(r.model.as_str());
+                aliases.push(r.evaluator_model.as_str());
+            }
+            StepKindPlan::Route(_) | StepKindPlan::Template(_) | StepKindPlan::Split(_) => {}
+        }
+    }
+    aliases.sort_unstable();
+    aliases.dedup();
+    aliases
+}
+
 /// Every model alias a generate step may call first: its own (or its route's choices) and its
 /// experiment's variants'.
 fn generate_aliases<'a>(pipeline: &'a PipelinePlan, g: &'a GeneratePlan) -> Vec<&'a str> {

@@ -11,5 +11,6 @@ mod runner;
 mod step;
 mod steps;
 
+pub use cost::pipeline_aliases;
 pub use runner::{Pools, RunOutput, Runner};
 pub use step::{RunFailure, StepOutput};

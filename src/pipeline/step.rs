@@ -313,6 +313,11 @@ impl StepContext<'_> {
                 model.price.response_cost(r)
             },
             throttled_ms: self.throttled_ms.load(Ordering::Relaxed),
+            cache_hit: outcome.cached.then(|| crate::wire::CacheHit {
+                input_tokens: r.input_tokens,
+                output_tokens: r.output_tokens,
+                saved_usd: model.price.response_cost(r),
+            }),
             ..StepRecord::default()
         }
     }
@@ -356,6 +361,12 @@ impl StepContext<'_> {
         record.output_tokens += other.output_tokens;
         record.cost_usd += other.cost_usd;
         record.cached &= other.cached;
+        if let Some(hit) = other.cache_hit {
+            let sum = record.cache_hit.get_or_insert_with(Default::default);
+            sum.input_tokens += hit.input_tokens;
+            sum.output_tokens += hit.output_tokens;
+            sum.saved_usd += hit.saved_usd;
+        }
         if record.provider.is_none() {
             record.provider.clone_from(&other.provider);
             record.model.clone_from(&other.model);
