@@ -7,7 +7,6 @@
 //! Replays (`duplicate`) and dead letters are not spend.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::BufRead;
 use std::path::Path;
 
 use chrono::{DateTime, Utc};
@@ -227,13 +226,7 @@ fn savings(plan: &Plan, step: &StepRecord, largest: Option<&ModelPlan>) -> (f64,
 /// Reads `path` (`-`: standard input) and prints the report.
 pub fn run(config: &Path, path: &Path, since: Option<DateTime<Utc>>) -> anyhow::Result<()> {
     let plan = super::load(config)?;
-    let lines: Box<dyn Iterator<Item = String>> = if path.as_os_str() == "-" {
-        Box::new(std::io::stdin().lock().lines().map_while(Result::ok))
-    } else {
-        let file = std::fs::File::open(path)
-            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-        Box::new(std::io::BufReader::new(file).lines().map_while(Result::ok))
-    };
+    let lines = super::lines(path)?;
     print!("{}", report(&plan, lines, since));
     Ok(())
 }

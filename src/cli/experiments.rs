@@ -3,7 +3,6 @@
 //! were degraded. Lines that are not results with a variant are counted apart, not guessed at.
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
 
 use serde_json::Value;
 
@@ -99,13 +98,7 @@ pub fn report(lines: impl Iterator<Item = String>) -> String {
 
 /// Reads `path` (`-`: standard input) and prints the report.
 pub fn run(path: &std::path::Path) -> anyhow::Result<()> {
-    let lines: Box<dyn Iterator<Item = String>> = if path.as_os_str() == "-" {
-        Box::new(std::io::stdin().lock().lines().map_while(Result::ok))
-    } else {
-        let file = std::fs::File::open(path)
-            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-        Box::new(std::io::BufReader::new(file).lines().map_while(Result::ok))
-    };
+    let lines = super::lines(path)?;
     print!("{}", report(lines));
     Ok(())
 }

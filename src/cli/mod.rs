@@ -25,3 +25,18 @@ fn subject_prefix(subject: &str) -> &str {
         .or_else(|| subject.strip_suffix(".*"))
         .unwrap_or(subject)
 }
+
+/// The lines of `path`, or of standard input for `-`.
+fn lines(path: &Path) -> anyhow::Result<Box<dyn Iterator<Item = String>>> {
+    use std::io::BufRead as _;
+    if path.as_os_str() == "-" {
+        return Ok(Box::new(
+            std::io::stdin().lock().lines().map_while(Result::ok),
+        ));
+    }
+    let file = std::fs::File::open(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    Ok(Box::new(
+        std::io::BufReader::new(file).lines().map_while(Result::ok),
+    ))
+}

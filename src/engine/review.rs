@@ -251,7 +251,7 @@ impl<K: OutputSink> Engine<K> {
                     // Forgotten meanwhile by the worker that decided it.
                     Settle::Expired => Ok(()),
                     Settle::Decision(d) => {
-                        let error = format!("there is no pending review `{id}`{}: it was never sent for review, or it was decided or expired and its decision is no longer remembered (state.result_ttl)", tenant_note(d, incoming));
+                        let error = unknown_review(id, d, incoming);
                         self.refuse(incoming, error, d.tenant.clone(), stop).await
                     }
                 };
@@ -267,7 +267,7 @@ impl<K: OutputSink> Engine<K> {
             let tenant = incoming.vouched_tenant.or(d.tenant.as_deref());
             if tenant.is_some_and(|t| t != pending.tenant) {
                 self.release(&held).await;
-                let error = format!("there is no pending review `{id}`{}: it was never sent for review, or it was decided or expired and its decision is no longer remembered (state.result_ttl)", tenant_note(d, incoming));
+                let error = unknown_review(id, d, incoming);
                 return self.refuse(incoming, error, d.tenant.clone(), stop).await;
             }
         }
@@ -307,7 +307,7 @@ impl<K: OutputSink> Engine<K> {
                 return match how {
                     Settle::Expired => Ok(()),
                     Settle::Decision(d) => {
-                        let error = format!("there is no pending review `{id}`{}: it was never sent for review, or it was decided or expired and its decision is no longer remembered (state.result_ttl)", tenant_note(d, incoming));
+                        let error = unknown_review(id, d, incoming);
                         self.refuse(incoming, error, d.tenant.clone(), stop).await
                     }
                 };
@@ -467,7 +467,7 @@ impl<K: OutputSink> Engine<K> {
             .as_ref()
             .is_some_and(|decided| asking != Some(decided.tenant.as_str()))
         {
-            let error = format!("there is no pending review `{id}`{}: it was never sent for review, or it was decided or expired and its decision is no longer remembered (state.result_ttl)", tenant_note(d, incoming));
+            let error = unknown_review(id, d, incoming);
             self.refuse(incoming, error, d.tenant.clone(), stop).await?;
             return Ok(Before::Settled);
         }
@@ -744,6 +744,12 @@ impl<K: OutputSink> Engine<K> {
             }
         }
     }
+}
+
+/// Why a decision for a review that is unknown (or another tenant's: answered the same) is
+/// refused.
+fn unknown_review(id: &str, d: &DecisionMessage, incoming: &Incoming<'_>) -> String {
+    format!("there is no pending review `{id}`{}: it was never sent for review, or it was decided or expired and its decision is no longer remembered (state.result_ttl)", tenant_note(d, incoming))
 }
 
 /// The note on which tenant a refused decision was read for.
