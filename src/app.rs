@@ -79,6 +79,10 @@ pub async fn run_with(
         if let Some(cache) = plan.cache {
             calls = calls.with_cache(ResponseCache::new(cache, state.clone(), metrics.clone()));
         }
+        calls = calls.with_semantic_cache(crate::calls::semantic::SemanticCache::new(
+            state.clone(),
+            metrics.clone(),
+        ));
         let calls = Arc::new(calls);
         let settling = gate.clone();
         let scheduler = Scheduler::start(

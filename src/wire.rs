@@ -301,6 +301,13 @@ pub struct StepRecord {
     /// cost on this model, which this job did not spend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_hit: Option<CacheHit>,
+    /// A semantic-cache hit: how similar the stored question was (cosine, at or above the
+    /// step's threshold).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub similarity: Option<f64>,
+    /// `flex`: served by OpenAI's flex tier, at the model's flex prices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_tier: Option<String>,
 }
 
 /// What a response-cache hit saved.

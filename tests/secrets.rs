@@ -222,6 +222,7 @@ pipelines:
         max_tokens: 16,
         temperature: 0.0,
         prompt: None,
+        flex: false,
     };
     let answer = providers
         .target("llm")

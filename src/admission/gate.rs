@@ -42,6 +42,8 @@ pub struct CallScope<'a> {
     pub throttled_ms: &'a AtomicU64,
     /// The job's budget reservation, which its calls draw on instead of reserving their own.
     pub job_budget: Option<&'a Arc<JobBudget>>,
+    /// The job can wait (`priority: low`): models with a flex tier serve it there.
+    pub low_priority: bool,
 }
 
 /// A job's budget reservation: its pipeline's worst case, reserved before its first call so

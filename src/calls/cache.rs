@@ -113,6 +113,7 @@ mod tests {
             max_tokens: 10,
             temperature,
             prompt: None,
+            flex: false,
         }
     }
 

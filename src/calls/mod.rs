@@ -11,6 +11,7 @@ pub mod circuit;
 mod observe;
 mod policy;
 pub mod retry_budget;
+pub mod semantic;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -37,6 +38,7 @@ pub struct Calls {
     /// Limits and budgets every call passes first (absent when nothing is limited).
     gate: Option<Arc<Gate>>,
     cache: Option<cache::ResponseCache>,
+    semantic: Option<semantic::SemanticCache>,
     metrics: Arc<Metrics>,
     /// Log prompt and response text with each call (`log.payloads`).
     log_payloads: bool,
@@ -78,10 +80,42 @@ impl Calls {
             retry_budgets,
             gate: None,
             cache: None,
+            semantic: None,
             metrics,
             log_payloads: plan.log.payloads,
             tasks,
         }
+    }
+
+    /// Answers paraphrases from the semantic cache of steps that have one.
+    pub fn with_semantic_cache(mut self, cache: semantic::SemanticCache) -> Self {
+        self.semantic = Some(cache);
+        self
+    }
+
+    pub fn semantic_cache(&self) -> Option<&semantic::SemanticCache> {
+        self.semantic.as_ref()
+    }
+
+    /// The embedding of `text` by the model `alias` and what it cost (one attempt; the
+    /// semantic cache treats any failure as a miss).
+    pub async fn embed(
+        &self,
+        alias: &str,
+        text: &str,
+    ) -> Result<(Vec<f32>, f64), crate::provider::ProviderError> {
+        use crate::provider::ProviderError;
+        let model = self
+            .model(alias)
+            .ok_or_else(|| ProviderError::InvalidResponse(format!("no model `{alias}`")))?;
+        let provider = self.providers.target(&model.provider).ok_or_else(|| {
+            ProviderError::InvalidResponse(format!("no provider `{}`", model.provider))
+        })?;
+        let (vector, tokens) = provider
+            .client
+            .embed(&model.model, text, model.timeout)
+            .await?;
+        Ok((vector, model.price.cost(tokens, 0)))
     }
 
     /// Answers deterministic requests from `cache` when it can.

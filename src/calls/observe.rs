@@ -34,7 +34,7 @@ impl Calls {
         let latency_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
         match result {
             Ok(r) => {
-                let cost_usd = model.price.response_cost(r);
+                let cost_usd = model.response_cost(r);
                 self.metrics.llm_usage(
                     provider,
                     &model.model,

@@ -185,7 +185,12 @@ impl Calls {
                     provider,
                     breaker: self.circuit(&model.provider, &model.model),
                     retry_budget: self.retry_budgets.get(&model.provider),
-                    request: request(model),
+                    request: {
+                        let mut request = request(model);
+                        // Work that can wait goes to the cheaper, slower tier where there is one.
+                        request.flex = scope.low_priority && model.flex.is_some();
+                        request
+                    },
                     degraded: position > 0,
                 })
             })
@@ -320,7 +325,11 @@ impl Calls {
                 Ok(reservation) => reservation,
                 Err(refusal) => return TargetEnd::Stop(refused(refusal, *attempts)),
             };
-            let Some(timeout) = attempt_timeout(scope.deadline, target.model.timeout) else {
+            let model_timeout = match &target.model.flex {
+                Some(flex) if target.request.flex => flex.timeout,
+                _ => target.model.timeout,
+            };
+            let Some(timeout) = attempt_timeout(scope.deadline, model_timeout) else {
                 settle(reservation, 0, 0.0).await;
                 return TargetEnd::Stop(CallFailure::DeadlineExceeded {
                     attempts: *attempts,
@@ -411,10 +420,7 @@ impl Calls {
                 .set(state.gauge());
         }
         let (used, cost) = match &result {
-            Ok(r) => (
-                r.input_tokens + r.output_tokens,
-                model.price.response_cost(r),
-            ),
+            Ok(r) => (r.input_tokens + r.output_tokens, model.response_cost(r)),
             // Sent, then lost: the provider may well have billed it, so it is charged at its
             // reservation (the most it could have cost) rather than at nothing.
             Err(e) if e.may_have_been_billed() => reservation

@@ -20,6 +20,7 @@ struct Sums {
     cost: f64,
     cache: f64,
     routing: f64,
+    flex: f64,
 }
 
 impl Sums {
@@ -28,11 +29,12 @@ impl Sums {
         self.cost += other.cost;
         self.cache += other.cache;
         self.routing += other.routing;
+        self.flex += other.flex;
     }
 
     /// What the same work would have cost on the pipeline's largest model, uncached.
     fn baseline(&self) -> f64 {
-        self.cost + self.cache + self.routing
+        self.cost + self.cache + self.routing + self.flex
     }
 }
 
@@ -88,15 +90,17 @@ pub fn report(
             ..Sums::default()
         };
         for step in result.steps.iter().filter(|s| s.model.is_some()) {
-            let (cache, routing) = savings(plan, step, largest);
+            let (cache, routing, flex) = savings(plan, step, largest);
             job.cache += cache;
             job.routing += routing;
+            job.flex += flex;
             let model = by_model
                 .entry(step.model.clone().unwrap_or_default())
                 .or_default();
             model.cost += step.cost_usd;
             model.cache += cache;
             model.routing += routing;
+            model.flex += flex;
         }
         // A model's job count: the jobs that called it.
         let mut called: Vec<&str> = result
@@ -154,11 +158,12 @@ pub fn report(
         0.0
     };
     out.push_str(&format!(
-        "\nsavings over {} job(s)\n  spent                                  ${:>12.6}\n  saved by the response cache            ${:>12.6}\n  saved by routing to smaller models     ${:>12.6}\n  saved by batch APIs                    ${:>12.6}\n  on each pipeline's largest model,\n    uncached and unbatched, it would be  ${:>12.6}  (saved {share:.1}%)\n",
+        "\nsavings over {} job(s)\n  spent                                  ${:>12.6}\n  saved by the response cache            ${:>12.6}\n  saved by routing to smaller models     ${:>12.6}\n  saved by the flex tier                 ${:>12.6}\n  saved by batch APIs                    ${:>12.6}\n  on each pipeline's largest model,\n    uncached and unbatched, it would be  ${:>12.6}  (saved {share:.1}%)\n",
         total.jobs,
         total.cost,
         total.cache,
         total.routing,
+        total.flex,
         0.0,
         total.baseline(),
     ));
@@ -170,16 +175,17 @@ pub fn report(
 
 fn table(out: &mut String, what: &str, rows: impl Iterator<Item = (String, Sums)>) {
     out.push_str(&format!(
-        "{what:<28} {:>7} {:>12} {:>12} {:>12} {:>12}\n",
-        "jobs", "spent $", "cache $", "routing $", "baseline $"
+        "{what:<28} {:>7} {:>12} {:>12} {:>12} {:>12} {:>12}\n",
+        "jobs", "spent $", "cache $", "routing $", "flex $", "baseline $"
     ));
     for (name, s) in rows {
         out.push_str(&format!(
-            "{name:<28} {:>7} {:>12.6} {:>12.6} {:>12.6} {:>12.6}\n",
+            "{name:<28} {:>7} {:>12.6} {:>12.6} {:>12.6} {:>12.6} {:>12.6}\n",
             s.jobs,
             s.cost,
             s.cache,
             s.routing,
+            s.flex,
             s.baseline()
         ));
     }
@@ -202,9 +208,9 @@ fn weight(price: &Price) -> f64 {
 }
 
 /// What a step's call saved: (by the response cache, by running on its model rather than the
-/// pipeline's largest). Priced from the config; a model the config no longer names saves
-/// nothing by routing.
-fn savings(plan: &Plan, step: &StepRecord, largest: Option<&ModelPlan>) -> (f64, f64) {
+/// pipeline's largest, by the flex tier). Priced from the config; a model the config no longer
+/// names saves nothing by routing or flex.
+fn savings(plan: &Plan, step: &StepRecord, largest: Option<&ModelPlan>) -> (f64, f64, f64) {
     let cache = step.cache_hit.map_or(0.0, |h| h.saved_usd);
     let (input, output) = match step.cache_hit {
         Some(hit) => (hit.input_tokens, hit.output_tokens),
@@ -220,7 +226,13 @@ fn savings(plan: &Plan, step: &StepRecord, largest: Option<&ModelPlan>) -> (f64,
         }
         _ => 0.0,
     };
-    (cache, routing)
+    let flex = match own {
+        Some(own) if step.service_tier.as_deref() == Some("flex") => {
+            (own.price.cost(input, output) - step.cost_usd).max(0.0)
+        }
+        _ => 0.0,
+    };
+    (cache, routing, flex)
 }
 
 /// Reads `path` (`-`: standard input) and prints the report.

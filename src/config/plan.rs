@@ -356,6 +356,25 @@ pub struct ModelPlan {
     pub limits: RateLimits,
     /// Context window in tokens, when known.
     pub context_window: Option<u64>,
+    /// OpenAI's flex tier, which low-priority jobs use.
+    pub flex: Option<FlexTier>,
+}
+
+/// A cheaper, slower synchronous tier for work that can wait (OpenAI `service_tier: "flex"`).
+#[derive(Debug, Clone, Copy)]
+pub struct FlexTier {
+    pub price: Price,
+    pub timeout: Duration,
+}
+
+impl ModelPlan {
+    /// What a response cost: at the flex tier's prices when it was served there.
+    pub fn response_cost(&self, r: &crate::provider::ChatResponse) -> f64 {
+        match (&self.flex, r.flex) {
+            (Some(flex), true) => flex.price.response_cost(r),
+            _ => self.price.response_cost(r),
+        }
+    }
 }
 
 /// Requests and tokens per minute, summed over all replicas; `None` is unlimited.
@@ -775,6 +794,18 @@ pub struct GeneratePlan {
     /// When no model's window fits the prompt, cut the prompt to fit instead of failing.
     pub truncate_to_fit: bool,
     pub experiment: Option<Arc<ExperimentPlan>>,
+    pub semantic_cache: Option<Arc<SemanticCachePlan>>,
+}
+
+/// A generate step's semantic cache: paraphrases of a question answered from its answer.
+#[derive(Debug, Clone)]
+pub struct SemanticCachePlan {
+    pub embedding_model: String,
+    /// The input field holding the question.
+    pub on: String,
+    pub threshold: f64,
+    pub max_entries: usize,
+    pub ttl: Duration,
 }
 
 /// Weighted variants of a generate step, assigned by a stable hash of the experiment and the

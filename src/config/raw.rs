@@ -607,6 +607,25 @@ pub struct RawModel {
     /// a fallback with a larger window) without a call.
     #[serde(default)]
     pub context_window: Option<u64>,
+    /// OpenAI's flex tier (`service_tier: "flex"`): cheaper and slower; jobs with
+    /// `priority: low` use it.
+    #[serde(default)]
+    pub flex: Option<RawFlex>,
+}
+
+/// `models.<m>.flex`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFlex {
+    /// The flex tier's prices (USD per million tokens).
+    pub price: RawPrice,
+    /// Each flex attempt's timeout (flex answers can take minutes; default 10 minutes).
+    #[serde(default = "default_flex_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_flex_timeout_ms() -> u64 {
+    600_000
 }
 
 fn default_timeout_ms() -> u64 {
@@ -694,6 +713,39 @@ pub struct RawPipeline {
 
 fn default_record_output_chars() -> usize {
     2_000
+}
+
+/// `semantic_cache:` of a generate step.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSemanticCache {
+    /// The model (an OpenAI-compatible provider's embeddings) that embeds the question.
+    pub embedding_model: String,
+    /// The question: `input.<field>` (default `input.text`). The rest of the rendered prompt
+    /// must match exactly for an entry to answer.
+    #[serde(default = "default_semantic_on")]
+    pub on: String,
+    /// Cosine similarity at or above which a stored question counts as the same (0.95).
+    #[serde(default = "default_semantic_threshold")]
+    pub threshold: f64,
+    /// Questions kept per tenant and prompt (the oldest go first).
+    #[serde(default = "default_semantic_entries")]
+    pub max_entries: usize,
+    #[serde(default = "default_semantic_ttl_s")]
+    pub ttl_s: u64,
+}
+
+fn default_semantic_on() -> String {
+    "input.text".into()
+}
+fn default_semantic_threshold() -> f64 {
+    0.95
+}
+fn default_semantic_entries() -> usize {
+    2_000
+}
+fn default_semantic_ttl_s() -> u64 {
+    86_400
 }
 
 /// `review:` of a pipeline: its settings, or the keyword `before_generate`.
@@ -853,6 +905,9 @@ pub enum RawStepKind {
         /// Weighted variants of this step (prompt, model, parameters), assigned stickily.
         #[serde(default)]
         experiment: Option<RawExperiment>,
+        /// Answers paraphrases of an earlier question from its answer (opt-in).
+        #[serde(default)]
+        semantic_cache: Option<RawSemanticCache>,
     },
     /// Text or JSON assembled from earlier outputs, without a provider call.
     Template {

@@ -520,6 +520,7 @@ impl<K: OutputSink> Engine<K> {
             deadline: job.deadline,
             throttled_ms: &waited,
             job_budget: None,
+            low_priority: job.priority == crate::wire::Priority::Low,
         };
         let worst = || self.runner.worst_case_cost(job, pipeline);
         match gate.reserve_job(&scope, &pipeline.name, worst).await {

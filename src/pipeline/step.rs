@@ -266,6 +266,7 @@ impl StepContext<'_> {
             deadline: self.job.deadline,
             throttled_ms: &self.throttled_ms,
             job_budget: self.job_budget,
+            low_priority: self.job.priority == crate::wire::Priority::Low,
         };
         // A closed pool (shutdown) leaves the call unbounded rather than failing the job.
         let _permit = match self.call_pool {
@@ -286,7 +287,7 @@ impl StepContext<'_> {
         if !outcome.cached {
             spent.input_tokens += outcome.response.input_tokens;
             spent.output_tokens += outcome.response.output_tokens;
-            spent.cost_usd += outcome.model.price.response_cost(&outcome.response);
+            spent.cost_usd += outcome.model.response_cost(&outcome.response);
         }
         drop(spent);
         Ok(outcome)
@@ -310,13 +311,14 @@ impl StepContext<'_> {
             cost_usd: if outcome.cached {
                 0.0
             } else {
-                model.price.response_cost(r)
+                model.response_cost(r)
             },
             throttled_ms: self.throttled_ms.load(Ordering::Relaxed),
+            service_tier: (!outcome.cached && r.flex).then(|| "flex".to_owned()),
             cache_hit: outcome.cached.then(|| crate::wire::CacheHit {
                 input_tokens: r.input_tokens,
                 output_tokens: r.output_tokens,
-                saved_usd: model.price.response_cost(r),
+                saved_usd: model.response_cost(r),
             }),
             ..StepRecord::default()
         }
@@ -366,6 +368,9 @@ impl StepContext<'_> {
             sum.input_tokens += hit.input_tokens;
             sum.output_tokens += hit.output_tokens;
             sum.saved_usd += hit.saved_usd;
+        }
+        if record.service_tier.is_none() {
+            record.service_tier.clone_from(&other.service_tier);
         }
         if record.provider.is_none() {
             record.provider.clone_from(&other.provider);

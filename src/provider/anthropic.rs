@@ -125,6 +125,7 @@ fn parse_success(bytes: &[u8]) -> Result<ChatResponse, ProviderError> {
         output_tokens: usage("output_tokens"),
         cache_read_tokens: usage("cache_read_input_tokens"),
         cache_write_tokens: usage("cache_creation_input_tokens"),
+        flex: false,
     })
 }
 
@@ -172,6 +173,7 @@ mod tests {
             max_tokens: 64,
             temperature: 0.0,
             prompt: None,
+            flex: false,
         }
     }
 

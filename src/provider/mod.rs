@@ -29,6 +29,8 @@ pub struct ChatRequest {
     pub temperature: f64,
     /// The prompt it was rendered from (`name@version`), for logs and metrics; not sent.
     pub prompt: Option<String>,
+    /// Ask for OpenAI's flex tier (`service_tier: "flex"`).
+    pub flex: bool,
 }
 
 impl ChatRequest {
@@ -41,6 +43,7 @@ impl ChatRequest {
             max_tokens: model.max_tokens,
             temperature: model.temperature,
             prompt: None,
+            flex: false,
         }
     }
 
@@ -61,6 +64,8 @@ pub struct ChatResponse {
     pub cache_read_tokens: u64,
     /// ... and written to it (each priced on its own).
     pub cache_write_tokens: u64,
+    /// Served by OpenAI's flex tier (priced at the model's flex prices).
+    pub flex: bool,
 }
 
 /// Reads a response body, failing once it grows past `max` bytes (`limits.max_response_bytes`).
@@ -123,6 +128,21 @@ impl LlmProvider {
         match self {
             LlmProvider::OpenAi(client) => client.chat(request, timeout).await,
             LlmProvider::Anthropic(client) => client.chat(request, timeout).await,
+        }
+    }
+
+    /// An embedding (OpenAI-compatible providers only) and the tokens it was billed for.
+    pub async fn embed(
+        &self,
+        model: &str,
+        text: &str,
+        timeout: Duration,
+    ) -> Result<(Vec<f32>, u64), ProviderError> {
+        match self {
+            LlmProvider::OpenAi(client) => client.embed(model, text, timeout).await,
+            LlmProvider::Anthropic(_) => Err(ProviderError::InvalidResponse(
+                "Anthropic has no embeddings endpoint".into(),
+            )),
         }
     }
 }

@@ -15,6 +15,8 @@ use super::{ChatRequest, ChatResponse};
 pub struct OpenAiClient {
     http: reqwest::Client,
     endpoint: String,
+    /// `{base_url}/embeddings`.
+    embeddings: String,
     api_key: Option<String>,
     max_response_bytes: usize,
 }
@@ -31,6 +33,8 @@ struct Body<'a> {
     messages: Vec<Message<'a>>,
     max_tokens: u32,
     temperature: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service_tier: Option<&'static str>,
 }
 
 impl OpenAiClient {
@@ -43,6 +47,7 @@ impl OpenAiClient {
         Self {
             http,
             endpoint: format!("{}/chat/completions", base_url.trim_end_matches('/')),
+            embeddings: format!("{}/embeddings", base_url.trim_end_matches('/')),
             api_key,
             max_response_bytes,
         }
@@ -55,6 +60,53 @@ impl OpenAiClient {
         timeout: Duration,
     ) -> Result<ChatResponse, ProviderError> {
         match tokio::time::timeout(timeout, self.attempt(request)).await {
+            Ok(result) => result,
+            Err(_) => Err(ProviderError::Timeout(timeout)),
+        }
+    }
+
+    /// The embedding of `text` by `model` and the tokens it was billed for, bounded by
+    /// `timeout` (`POST {base_url}/embeddings`).
+    pub async fn embed(
+        &self,
+        model: &str,
+        text: &str,
+        timeout: Duration,
+    ) -> Result<(Vec<f32>, u64), ProviderError> {
+        let call = async {
+            let body = serde_json::json!({"model": model, "input": text});
+            let mut builder = self.http.post(&self.embeddings).json(&body);
+            if let Some(key) = &self.api_key {
+                builder = builder.bearer_auth(key);
+            }
+            let mut response = builder.send().await.map_err(super::transport_error)?;
+            let status = response.status().as_u16();
+            let retry_after = retry_after(response.headers());
+            let bytes = super::read_body(&mut response, self.max_response_bytes).await?;
+            if status != 200 {
+                return Err(classify_status(status, retry_after, &bytes));
+            }
+            let body: Value = serde_json::from_slice(&bytes)
+                .map_err(|e| ProviderError::InvalidResponse(format!("body is not JSON: {e}")))?;
+            let vector: Vec<f32> = body
+                .pointer("/data/0/embedding")
+                .and_then(Value::as_array)
+                .ok_or_else(|| {
+                    ProviderError::InvalidResponse("no data[0].embedding in the response".into())
+                })?
+                .iter()
+                .map(|x| x.as_f64().map(|x| x as f32))
+                .collect::<Option<_>>()
+                .ok_or_else(|| {
+                    ProviderError::InvalidResponse("an embedding value is not a number".into())
+                })?;
+            let tokens = body
+                .pointer("/usage/prompt_tokens")
+                .and_then(Value::as_u64)
+                .unwrap_or_else(|| crate::tokens::count(model, text));
+            Ok((vector, tokens))
+        };
+        match tokio::time::timeout(timeout, call).await {
             Ok(result) => result,
             Err(_) => Err(ProviderError::Timeout(timeout)),
         }
@@ -77,6 +129,7 @@ impl OpenAiClient {
             messages,
             max_tokens: request.max_tokens,
             temperature: request.temperature,
+            service_tier: request.flex.then_some("flex"),
         };
         let mut builder = self.http.post(&self.endpoint).json(&body);
         if let Some(key) = &self.api_key {
@@ -136,6 +189,11 @@ fn parse_success(bytes: &[u8], request: &ChatRequest) -> Result<ChatResponse, Pr
             .and_then(Value::as_u64)
             .unwrap_or(0),
         cache_write_tokens: 0,
+        // What the server says served it; a server that does not say served what was asked.
+        flex: body
+            .get("service_tier")
+            .and_then(Value::as_str)
+            .map_or(request.flex, |tier| tier == "flex"),
     })
 }
 
@@ -209,6 +267,7 @@ mod tests {
             max_tokens: 5,
             temperature: 0.0,
             prompt: None,
+            flex: false,
         };
         let r = parse_success(body, &req).unwrap();
         assert_eq!(

@@ -25,11 +25,16 @@ struct Inner {
 #[derive(Clone)]
 pub struct MemoryStore {
     inner: Arc<Mutex<Inner>>,
+    /// Semantic-cache indexes: entries by score, with their expiry.
+    indexes: Arc<Mutex<HashMap<String, IndexEntries>>>,
     max_entries: usize,
     counters: super::counters::MemoryCounters,
     /// Cached provider responses: entries with their expiry, and insertion order for eviction.
     cache: Arc<Mutex<CacheEntries>>,
 }
+
+/// A semantic-cache index: (score, entry, expiry), oldest first.
+type IndexEntries = VecDeque<(i64, Bytes, Instant)>;
 
 /// Cached responses with their expiry, and keys in insertion order for eviction.
 type CacheEntries = (HashMap<String, (Bytes, Instant)>, VecDeque<String>);
@@ -42,6 +47,7 @@ impl MemoryStore {
                 done_order: VecDeque::new(),
             })),
             max_entries: max_entries.max(1),
+            indexes: Default::default(),
             counters: Default::default(),
             cache: Default::default(),
         }
@@ -71,6 +77,46 @@ impl MemoryStore {
                 entries.remove(&oldest);
             }
         }
+    }
+
+    pub fn index_add(
+        &self,
+        index: &str,
+        score_ms: i64,
+        entry: Bytes,
+        max_entries: usize,
+        ttl: Duration,
+    ) {
+        let now = Instant::now();
+        let mut indexes = self.indexes.lock().unwrap_or_else(|e| e.into_inner());
+        let entries = indexes.entry(index.to_owned()).or_default();
+        entries.retain(|(_, _, expires)| *expires > now);
+        entries.push_back((score_ms, entry, now + ttl));
+        while entries.len() > max_entries.max(1) {
+            entries.pop_front();
+        }
+        // Bounded in count of indexes too, like the other entries.
+        if indexes.len() > self.max_entries {
+            if let Some(oldest) = indexes.keys().next().cloned() {
+                indexes.remove(&oldest);
+            }
+        }
+    }
+
+    pub fn index_since(&self, index: &str, from_ms: i64, limit: usize) -> Vec<(Bytes, i64)> {
+        let now = Instant::now();
+        let indexes = self.indexes.lock().unwrap_or_else(|e| e.into_inner());
+        indexes
+            .get(index)
+            .map(|entries| {
+                entries
+                    .iter()
+                    .filter(|(score, _, expires)| *score >= from_ms && *expires > now)
+                    .take(limit)
+                    .map(|(score, entry, _)| (entry.clone(), *score))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     pub fn counters(&self) -> &super::counters::MemoryCounters {

@@ -409,6 +409,41 @@ impl StateStore {
         self.track(result)
     }
 
+    /// Adds `entry` at `score_ms` to the semantic-cache index `index`, keeping its newest
+    /// `max_entries` of the last `ttl`.
+    pub async fn index_add(
+        &self,
+        index: &str,
+        score_ms: i64,
+        entry: bytes::Bytes,
+        max_entries: usize,
+        ttl: Duration,
+    ) -> Result<(), StateError> {
+        let result = match &self.backend {
+            Backend::Memory(m, _) => {
+                m.index_add(index, score_ms, entry, max_entries, ttl);
+                Ok(())
+            }
+            Backend::Redis(r) => r.index_add(index, score_ms, entry, max_entries, ttl).await,
+        };
+        self.track(result)
+    }
+
+    /// Up to `limit` entries of `index` added at or after `from_ms`, oldest first, with their
+    /// scores.
+    pub async fn index_since(
+        &self,
+        index: &str,
+        from_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(bytes::Bytes, i64)>, StateError> {
+        let result = match &self.backend {
+            Backend::Memory(m, _) => Ok(m.index_since(index, from_ms, limit)),
+            Backend::Redis(r) => r.index_since(index, from_ms, limit).await,
+        };
+        self.track(result)
+    }
+
     /// Checks reachability (updates [`Self::is_available`]).
     pub async fn ping(&self) -> Result<(), StateError> {
         let result = match &self.backend {

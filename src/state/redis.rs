@@ -764,3 +764,66 @@ impl RedisStore {
             .collect())
     }
 }
+
+// A semantic-cache index: a sorted set of entries scored by when they were added, trimmed to
+// the last `ttl` and the newest `max_entries`, expiring whole once idle for `ttl`.
+const INDEX_ADD: &str = r"
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[4]) + 1))
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
+";
+
+impl RedisStore {
+    fn index_key(&self, index: &str) -> String {
+        format!("{}sem:{{{index}}}", self.prefix)
+    }
+
+    pub async fn index_add(
+        &self,
+        index: &str,
+        score_ms: i64,
+        entry: Bytes,
+        max_entries: usize,
+        ttl: Duration,
+    ) -> Result<(), StateError> {
+        let mut conn = self.conn.clone();
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let _: i64 = Script::new(INDEX_ADD)
+            .key(self.index_key(index))
+            .arg(score_ms)
+            .arg(entry.as_ref())
+            .arg(score_ms.saturating_sub(ttl_ms))
+            .arg(max_entries.max(1))
+            .arg(millis(ttl))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    pub async fn index_since(
+        &self,
+        index: &str,
+        from_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(Bytes, i64)>, StateError> {
+        let mut conn = self.conn.clone();
+        let found: Vec<(Vec<u8>, f64)> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.index_key(index))
+            .arg(from_ms)
+            .arg("+inf")
+            .arg("WITHSCORES")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(found
+            .into_iter()
+            .map(|(entry, score)| (Bytes::from(entry), score as i64))
+            .collect())
+    }
+}

@@ -46,6 +46,8 @@ pub struct Metrics {
     pub guardrail_verdicts: IntCounterVec,
     pub experiment_assignments: IntCounterVec,
     pub reviews_pending: IntGaugeVec,
+    pub semantic_cache_requests: IntCounterVec,
+    pub semantic_similarity: Histogram,
     pub review_decisions: IntCounterVec,
     pub pii_redacted: IntCounterVec,
     pub tenant_tokens: IntCounterVec,
@@ -140,6 +142,15 @@ impl Metrics {
                 opts("experiment_assignments_total", "Jobs run in an experiment's variant, by pipeline, experiment and variant (units outside the rollout are not counted)."),
                 &["pipeline", "experiment", "variant"],
             )?,
+            semantic_cache_requests: IntCounterVec::new(
+                opts("semantic_cache_requests_total", "Semantic cache lookups by result (hit: a stored question at or above the threshold answered; miss)."),
+                &["result"],
+            )?,
+            semantic_similarity: Histogram::with_opts(
+                HistogramOpts::new("semantic_cache_similarity", "The best cosine similarity of each semantic cache lookup that had entries to compare.")
+                    .namespace(NAMESPACE)
+                    .buckets(vec![0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99, 1.0]),
+            )?,
             reviews_pending: IntGaugeVec::new(
                 opts("reviews_pending", "Reviews waiting for a decision, by tenant (read from the state store, so every replica reports the same: aggregate with max())."),
                 &["tenant"],
@@ -198,6 +209,10 @@ impl Metrics {
         m.registry
             .register(Box::new(m.experiment_assignments.clone()))?;
         m.registry.register(Box::new(m.reviews_pending.clone()))?;
+        m.registry
+            .register(Box::new(m.semantic_cache_requests.clone()))?;
+        m.registry
+            .register(Box::new(m.semantic_similarity.clone()))?;
         m.registry.register(Box::new(m.review_decisions.clone()))?;
         m.registry.register(Box::new(m.tenant_tokens.clone()))?;
         m.registry.register(Box::new(m.tenant_cost.clone()))?;

@@ -277,13 +277,42 @@ pub(super) fn models_plan(
             Some(ProviderKind::Anthropic { .. } | ProviderKind::Mock(_, WireApi::Anthropic))
         );
         let (read, write) = if anthropic { (0.1, 1.25) } else { (0.5, 1.0) };
+        let priced = |price: &raw::RawPrice| Price {
+            input: price.input,
+            output: price.output,
+            cache_read: price.cache_read.unwrap_or(price.input * read),
+            cache_write: price.cache_write.unwrap_or(price.input * write),
+        };
+        let flex = m.flex.as_ref().map(|f| {
+            let price = priced(&f.price);
+            if anthropic {
+                p.add(
+                    format!("{field}.flex"),
+                    "the flex tier is OpenAI's (`service_tier: flex`); Anthropic has none",
+                );
+            }
+            if ![
+                price.input,
+                price.output,
+                price.cache_read,
+                price.cache_write,
+            ]
+            .iter()
+            .all(|v| v.is_finite() && *v >= 0.0)
+            {
+                p.add(
+                    format!("{field}.flex.price"),
+                    "prices must be finite and not negative (USD per million tokens)",
+                );
+            }
+            positive(p, format!("{field}.flex.timeout_ms"), f.timeout_ms);
+            crate::config::FlexTier {
+                price,
+                timeout: std::time::Duration::from_millis(f.timeout_ms),
+            }
+        });
         let price = match &m.price {
-            Some(price) => Price {
-                input: price.input,
-                output: price.output,
-                cache_read: price.cache_read.unwrap_or(price.input * read),
-                cache_write: price.cache_write.unwrap_or(price.input * write),
-            },
+            Some(price) => priced(price),
             None => {
                 p.warn(
                     format!("{field}.price"),
@@ -341,6 +370,7 @@ pub(super) fn models_plan(
         models.insert(
             alias.clone(),
             Arc::new(ModelPlan {
+                flex,
                 alias,
                 provider: m.provider,
                 model: m.model,

@@ -8,8 +8,8 @@ use super::pipelines::{model_ref, output_schema, prompt_ref, StepScope};
 use super::Problems;
 use crate::config::plan::*;
 use crate::config::raw::{
-    RawClassifyMethod, RawExperiment, RawOverflow, RawRouteTarget, RawRule, RawRules, RawSplitBy,
-    RawStepKind, RawStickyBy,
+    self as raw, RawClassifyMethod, RawExperiment, RawOverflow, RawRouteTarget, RawRule, RawRules,
+    RawSplitBy, RawStepKind, RawStickyBy,
 };
 use crate::template::{Template, Var};
 
@@ -60,6 +60,7 @@ pub(super) fn step_kind(p: &mut Problems, s: &StepScope<'_>, kind: RawStepKind) 
             max_repairs,
             on_context_overflow,
             experiment,
+            semantic_cache,
         } => {
             let model = if model.replace(' ', "") == ROUTE_MODEL {
                 match one_route(p, s, "model", ROUTE_MODEL) {
@@ -104,12 +105,15 @@ pub(super) fn step_kind(p: &mut Problems, s: &StepScope<'_>, kind: RawStepKind) 
                 }
             }
             let experiment = experiment.map(|e| Arc::new(experiment_plan(p, s, e, &model)));
+            let semantic_cache =
+                semantic_cache.map(|c| Arc::new(semantic_cache_plan(p, field, c, s.models)));
             StepKindPlan::Generate(GeneratePlan {
                 model,
                 prompt,
                 output,
                 truncate_to_fit,
                 experiment,
+                semantic_cache,
             })
         }
         RawStepKind::Template { template: t, json } => template(p, s, t, json),
@@ -749,5 +753,54 @@ fn json_template(
                 .collect(),
         ),
         other => JsonTemplate::Literal(other),
+    }
+}
+
+/// `semantic_cache:` of a generate step: an embeddings model on an OpenAI-compatible provider,
+/// an `input.<field>` question, a threshold in (0, 1], bounded entries.
+fn semantic_cache_plan(
+    p: &mut Problems,
+    field: &str,
+    raw: raw::RawSemanticCache,
+    models: &BTreeMap<String, Arc<ModelPlan>>,
+) -> SemanticCachePlan {
+    let field = format!("{field}.semantic_cache");
+    if !models.contains_key(&raw.embedding_model) {
+        p.add(
+            format!("{field}.embedding_model"),
+            format!("`{}` is not a model under `models`", raw.embedding_model),
+        );
+    }
+    let on = match raw.on.strip_prefix("input.") {
+        Some(name) if !name.is_empty() && !name.contains('.') => name.to_owned(),
+        _ => {
+            p.add(
+                format!("{field}.on"),
+                format!(
+                    "`{}` is not `input.<field>`: the question is one input field",
+                    raw.on
+                ),
+            );
+            String::new()
+        }
+    };
+    if !(raw.threshold > 0.0 && raw.threshold <= 1.0) {
+        p.add(
+            format!("{field}.threshold"),
+            "a cosine similarity above 0 and at most 1 (0.95 by default: a false hit is worse than a miss)",
+        );
+    }
+    if raw.max_entries == 0 || raw.max_entries > 100_000 {
+        p.add(format!("{field}.max_entries"), "between 1 and 100000");
+    }
+    if raw.ttl_s == 0 {
+        p.add(format!("{field}.ttl_s"), "must be at least 1");
+    }
+    SemanticCachePlan {
+        embedding_model: raw.embedding_model,
+        on,
+        threshold: raw.threshold,
+        max_entries: raw.max_entries,
+        ttl: std::time::Duration::from_secs(raw.ttl_s),
     }
 }

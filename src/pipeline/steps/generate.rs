@@ -92,7 +92,30 @@ async fn run(ctx: &StepContext<'_>, plan: &GeneratePlan) -> StepResult {
             request
         }
     };
-    let mut outcome = match ctx.call_raw(&alias, request(&user)).await {
+    // A paraphrase of a question this step answered before is answered from the cache.
+    let probe = match &plan.semantic_cache {
+        Some(sc) => semantic_probe(ctx, sc, &alias, &prompt.name, system.as_deref(), &user).await,
+        None => None,
+    };
+    let hit = probe.as_ref().and_then(|p| {
+        let (hit, model) = (p.hit.as_ref()?, ctx.calls.model(&alias)?);
+        Some((
+            crate::calls::CallOutcome {
+                response: hit.response.clone(),
+                model: model.clone(),
+                attempts: 0,
+                degraded: false,
+                cached: true,
+            },
+            hit.similarity,
+        ))
+    });
+    let similarity = hit.as_ref().map(|(_, s)| *s);
+    let called = match hit {
+        Some((outcome, _)) => Ok(outcome),
+        None => ctx.call_raw(&alias, request(&user)).await,
+    };
+    let mut outcome = match called {
         Ok(outcome) => outcome,
         Err(failure) if plan.truncate_to_fit && failure.only_context_length() => {
             // No model's window holds the prompt: cut it to the step's model's window.
@@ -107,6 +130,7 @@ async fn run(ctx: &StepContext<'_>, plan: &GeneratePlan) -> StepResult {
     };
     let mut record = ctx.record(started, &outcome);
     record.prompt = Some(prompt.name.clone());
+    record.similarity = similarity;
     let json = match &plan.output {
         None => None,
         Some(schema) => {
@@ -145,6 +169,17 @@ async fn run(ctx: &StepContext<'_>, plan: &GeneratePlan) -> StepResult {
             }
         }
     };
+    if let (Some(p), Some(sc)) = (&probe, &plan.semantic_cache) {
+        // What the question cost to embed is this step's spend.
+        record.cost_usd += p.cost;
+        if p.hit.is_none() && !outcome.cached {
+            if let Some(cache) = ctx.calls.semantic_cache() {
+                cache
+                    .insert(&p.index, &p.vector, &outcome.response, sc)
+                    .await;
+            }
+        }
+    }
     let output = StepOutput::Generated {
         text: outcome.response.content,
         model: outcome.model.alias.clone(),
@@ -188,4 +223,58 @@ fn truncate(
     }
     let cut = bounds.get(lo).copied().unwrap_or(user.len());
     Some(format!("{}{CUT_NOTE}", &user[..cut]))
+}
+
+/// The semantic cache's look at a step's question: its index, its embedding, what the
+/// embedding cost, and the stored answer it matched, if any.
+struct Probe {
+    index: String,
+    vector: Vec<f32>,
+    cost: f64,
+    hit: Option<crate::calls::semantic::Hit>,
+}
+
+/// Embeds the step's question and looks it up; `None` when the job has no question in
+/// `on`, the prompt does not contain it, or the embedding failed (the step then simply asks
+/// its model).
+async fn semantic_probe(
+    ctx: &StepContext<'_>,
+    plan: &crate::config::SemanticCachePlan,
+    alias: &str,
+    prompt: &str,
+    system: Option<&str>,
+    user: &str,
+) -> Option<Probe> {
+    let cache = ctx.calls.semantic_cache()?;
+    let question = ctx.input.get(&plan.on)?.as_str()?.trim();
+    if question.is_empty() || !user.contains(question) {
+        return None;
+    }
+    // Everything but the question must match for an entry to answer.
+    let rest = user.replace(question, "\u{0}");
+    let index = crate::calls::semantic::SemanticCache::index(
+        ctx.job.tenant.as_str(),
+        &[
+            &ctx.pipeline.name,
+            &ctx.step.name,
+            alias,
+            prompt,
+            system.unwrap_or_default(),
+            &rest,
+        ],
+    );
+    let (vector, cost) = match ctx.calls.embed(&plan.embedding_model, question).await {
+        Ok(embedded) => embedded,
+        Err(e) => {
+            tracing::debug!(step = %ctx.step.name, error = %e, "semantic cache: could not embed the question; asking the model");
+            return None;
+        }
+    };
+    let hit = cache.lookup(&index, &vector, plan).await;
+    Some(Probe {
+        index,
+        vector,
+        cost,
+        hit,
+    })
 }

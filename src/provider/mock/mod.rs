@@ -28,6 +28,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 mod answer;
 mod anthropic;
+pub mod embed;
 mod openai;
 
 use crate::config::{Faults, Latency, MockSettings};
@@ -292,6 +293,7 @@ fn router(state: Arc<MockState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/embeddings", post(embed::embeddings))
         .route("/mock/stats", get(stats_handler))
         .route("/mock/log", get(log_handler))
         .route("/mock/faults", axum::routing::put(set_faults_handler))

@@ -49,6 +49,9 @@ fn error(status: StatusCode, kind: &str, code: Option<&str>, message: &str) -> R
 }
 
 /// OpenAI Chat Completions.
+/// How much slower the flex tier answers than the default one.
+const FLEX_SLOWDOWN: u32 = 2;
+
 pub(super) async fn chat_completions(
     State(state): State<Arc<MockState>>,
     headers: HeaderMap,
@@ -124,7 +127,10 @@ pub(super) async fn chat_completions(
             );
         }
     }
+    let flex = request.get("service_tier").and_then(Value::as_str) == Some("flex");
     let latency = match play_fault(&state, &body, &model, &headers, &ERRORS).await {
+        // The flex tier answers more slowly, as OpenAI's does.
+        Ok(latency) if flex => latency * FLEX_SLOWDOWN,
         Ok(latency) => latency,
         Err(response) => return response,
     };
@@ -151,6 +157,7 @@ pub(super) async fn chat_completions(
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens
         },
+        "service_tier": if flex { "flex" } else { "default" },
         "system_fingerprint": "fp_switchyard_mock"
     }))
     .into_response()
