@@ -44,6 +44,9 @@ pub struct CallScope<'a> {
     pub job_budget: Option<&'a Arc<JobBudget>>,
     /// The job can wait (`priority: low`): models with a flex tier serve it there.
     pub low_priority: bool,
+    /// The job runs in a provider batch round: its calls are answered from the round or
+    /// collected for the next batch.
+    pub batch: Option<&'a crate::calls::batch::BatchRound>,
 }
 
 /// A job's budget reservation: its pipeline's worst case, reserved before its first call so
@@ -412,6 +415,27 @@ impl Gate {
             "tenant `{}` has spent ${spent:.4} of its ${limit:.4} budget {period}; {what} may cost up to ${cost:.4}",
             scope.tenant
         )))
+    }
+
+    /// Adds what an answer already paid for (a provider batch's) to the tenant's budget, or to
+    /// the job's reservation when it has one; never refused: the money is spent.
+    pub async fn charge(&self, scope: &CallScope<'_>, cost: f64) {
+        if cost <= 0.0 {
+            return;
+        }
+        if let Some(job) = scope.job_budget {
+            job.charge(cost);
+            return;
+        }
+        let Some(keys) = self.budget_keys(scope.tenant) else {
+            return;
+        };
+        match self.state.spend(&keys, cost, false).await {
+            Ok(spend) => self.publish_remaining(scope.tenant, &keys, spend.day, spend.month),
+            Err(e) => {
+                tracing::warn!(tenant = %scope.tenant, error = %e, "could not add a batch answer's cost to the budget")
+            }
+        }
     }
 
     /// Corrects the reservation with what the call really used (zero when it failed).

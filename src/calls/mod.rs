@@ -6,6 +6,7 @@
 //!
 //! The HTTP clients themselves are in [`crate::provider`]; nothing here speaks a wire format.
 
+pub mod batch;
 pub mod cache;
 pub mod circuit;
 mod observe;
@@ -93,6 +94,11 @@ impl Calls {
         self
     }
 
+    /// Where background work of calls runs (tracked, so shutdown waits for it).
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.tasks
+    }
+
     pub fn semantic_cache(&self) -> Option<&semantic::SemanticCache> {
         self.semantic.as_ref()
     }
@@ -111,10 +117,9 @@ impl Calls {
         let provider = self.providers.target(&model.provider).ok_or_else(|| {
             ProviderError::InvalidResponse(format!("no provider `{}`", model.provider))
         })?;
-        let (vector, tokens) = provider
-            .client
-            .embed(&model.model, text, model.timeout)
-            .await?;
+        // An embedding is quick; a slow one is a miss, not a held-up job.
+        let timeout = model.timeout.min(std::time::Duration::from_secs(10));
+        let (vector, tokens) = provider.client.embed(&model.model, text, timeout).await?;
         Ok((vector, model.price.cost(tokens, 0)))
     }
 

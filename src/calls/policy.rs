@@ -47,6 +47,9 @@ pub enum CallFailure {
     DeadlineExceeded { attempts: u32 },
     #[error("budget exceeded: {detail}")]
     BudgetExceeded { attempts: u32, detail: String },
+    /// The call goes into the job's next provider batch (the job waits for it, parked).
+    #[error("waiting for a provider batch")]
+    Batched,
 }
 
 fn describe(errors: &[(String, ProviderError)]) -> String {
@@ -63,6 +66,7 @@ impl CallFailure {
             CallFailure::AllTargetsFailed { attempts, .. }
             | CallFailure::DeadlineExceeded { attempts }
             | CallFailure::BudgetExceeded { attempts, .. } => *attempts,
+            CallFailure::Batched => 0,
         }
     }
 
@@ -125,6 +129,39 @@ impl Calls {
         scope: &CallScope<'_>,
         budget_fallback: Option<&str>,
     ) -> Result<CallOutcome, CallFailure> {
+        if let (Some(round), Some(model)) = (scope.batch, self.model(alias)) {
+            let request = request(model);
+            let key = super::batch::key(alias, &request);
+            if let Some(answer) = round.answers.get(&key) {
+                // Answered by the batch: charged now, at the batch price.
+                let cost = model.response_cost(answer);
+                if let Some(gate) = &self.gate {
+                    gate.charge(scope, cost).await;
+                }
+                self.metrics.llm_usage(
+                    &model.provider,
+                    &model.model,
+                    answer.input_tokens,
+                    answer.output_tokens,
+                    cost,
+                );
+                return Ok(CallOutcome {
+                    response: answer.clone(),
+                    model: model.clone(),
+                    attempts: 1,
+                    degraded: false,
+                    cached: false,
+                });
+            }
+            if !round.failed.contains(&key) {
+                round.need(super::batch::BatchNeed {
+                    key,
+                    alias: alias.to_owned(),
+                    request,
+                });
+                return Err(CallFailure::Batched);
+            }
+        }
         match self.call_chain(alias, &request, scope).await {
             Err(CallFailure::BudgetExceeded { attempts, detail }) => {
                 let Some(cheaper) = budget_fallback.filter(|f| *f != alias) else {

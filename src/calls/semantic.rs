@@ -28,8 +28,10 @@ use crate::provider::ChatResponse;
 use crate::state::StateStore;
 use crate::telemetry::metrics::Metrics;
 
-/// Indexes one replica mirrors at most (the least recently used go first).
+/// Indexes one replica mirrors at most (the least recently used go first) ...
 const MAX_LOCAL_INDEXES: usize = 1_000;
+/// ... and entries in all of them (with 1,536-dimension vectors, about 1 GiB).
+const MAX_LOCAL_ENTRIES: usize = 100_000;
 /// Entries fetched from the store per round trip while catching up.
 const SYNC_BATCH: usize = 500;
 /// How far back each catch-up looks again, so an entry another replica stamped a little
@@ -245,6 +247,19 @@ impl SemanticCache {
                 indexes.remove(&coldest);
             }
         }
+        // Bounded in total: the coldest other indexes go until the entries fit.
+        let mut total: usize = indexes.values().map(|l| l.entries.len()).sum();
+        while total + fetched.len() > MAX_LOCAL_ENTRIES {
+            let Some(coldest) = indexes
+                .iter()
+                .filter(|(k, _)| k.as_str() != index)
+                .min_by_key(|(_, l)| l.used)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            total -= indexes.remove(&coldest).map_or(0, |l| l.entries.len());
+        }
         let l = indexes.entry(index.to_owned()).or_default();
         for (bytes, score) in fetched {
             l.fetched_ms = l.fetched_ms.max(score);
@@ -301,5 +316,11 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
     if na == 0.0 || nb == 0.0 {
         return 0.0;
     }
-    dot / (na.sqrt() * nb.sqrt())
+    let similarity = dot / (na.sqrt() * nb.sqrt());
+    // A vector with values out of range never matches.
+    if similarity.is_finite() {
+        similarity
+    } else {
+        0.0
+    }
 }

@@ -256,6 +256,26 @@ pub struct MockSettings {
     pub answers: Vec<MockAnswer>,
     /// Context window per model name.
     pub context_windows: BTreeMap<String, u64>,
+    /// How the mock's batch APIs behave.
+    pub batch: MockBatch,
+}
+
+/// The mock's batch APIs (OpenAI files + batches, Anthropic Message Batches): how long a batch
+/// takes, and what share of its requests fail (decided per request id, so the same each time).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MockBatch {
+    pub completion_ms: u64,
+    pub failure_rate: f64,
+}
+
+impl Default for MockBatch {
+    fn default() -> Self {
+        Self {
+            completion_ms: 2_000,
+            failure_rate: 0.0,
+        }
+    }
 }
 
 /// A canned answer of the mock: the first rule whose `match` regex finds the prompt (system
@@ -358,6 +378,8 @@ pub struct ModelPlan {
     pub context_window: Option<u64>,
     /// OpenAI's flex tier, which low-priority jobs use.
     pub flex: Option<FlexTier>,
+    /// Prices of answers through the provider's batch API.
+    pub batch_price: Price,
 }
 
 /// A cheaper, slower synchronous tier for work that can wait (OpenAI `service_tier: "flex"`).
@@ -371,6 +393,7 @@ impl ModelPlan {
     /// What a response cost: at the flex tier's prices when it was served there.
     pub fn response_cost(&self, r: &crate::provider::ChatResponse) -> f64 {
         match (&self.flex, r.flex) {
+            _ if r.batch => self.batch_price.response_cost(r),
             (Some(flex), true) => flex.price.response_cost(r),
             _ => self.price.response_cost(r),
         }
@@ -806,6 +829,7 @@ pub struct SemanticCachePlan {
     pub threshold: f64,
     pub max_entries: usize,
     pub ttl: Duration,
+    pub max_temperature: f64,
 }
 
 /// Weighted variants of a generate step, assigned by a stable hash of the experiment and the

@@ -513,6 +513,9 @@ pub enum RawProvider {
         /// Context window per model name; a longer prompt gets the API's 400 error.
         #[serde(default)]
         context_windows: BTreeMap<String, u64>,
+        /// The batch APIs: `completion_ms` (how long a batch takes), `failure_rate`.
+        #[serde(default)]
+        batch: crate::config::MockBatch,
         #[serde(default)]
         retry: RawRetry,
         #[serde(default)]
@@ -611,6 +614,10 @@ pub struct RawModel {
     /// `priority: low` use it.
     #[serde(default)]
     pub flex: Option<RawFlex>,
+    /// The provider's batch API prices (default half of `price`, as OpenAI and Anthropic
+    /// charge).
+    #[serde(default)]
+    pub batch_price: Option<RawPrice>,
 }
 
 /// `models.<m>.flex`.
@@ -733,6 +740,10 @@ pub struct RawSemanticCache {
     pub max_entries: usize,
     #[serde(default = "default_semantic_ttl_s")]
     pub ttl_s: u64,
+    /// Only steps whose model's temperature is at most this use the cache (deterministic
+    /// ones by default: a sampled answer is one of many).
+    #[serde(default)]
+    pub max_temperature: f64,
 }
 
 fn default_semantic_on() -> String {

@@ -521,6 +521,7 @@ impl<K: OutputSink> Engine<K> {
             throttled_ms: &waited,
             job_budget: None,
             low_priority: job.priority == crate::wire::Priority::Low,
+            batch: None,
         };
         let worst = || self.runner.worst_case_cost(job, pipeline);
         match gate.reserve_job(&scope, &pipeline.name, worst).await {

@@ -11,7 +11,9 @@ use serde_json::{Map, Value};
 use tokio::sync::Semaphore;
 use tracing::Instrument as _;
 
-use super::step::{index, RunFailure, StepContext, StepKind as _, StepOutput, StepResult};
+use super::step::{
+    index, RunFailure, RunShared, StepContext, StepKind as _, StepOutput, StepResult,
+};
 use crate::admission::JobBudget;
 use crate::calls::Calls;
 use crate::config::{
@@ -114,7 +116,20 @@ impl Runner {
         pipeline: &PipelinePlan,
         job_budget: Option<&Arc<JobBudget>>,
     ) -> Result<RunOutput, RunFailure> {
-        self.run_from(job, pipeline, job_budget, None).await
+        self.run_from(job, pipeline, job_budget, None, None).await
+    }
+
+    /// [`Self::run`] in a provider batch round: calls are answered from `round` or collected
+    /// in it for the next batch (the run then fails, and the caller parks the job).
+    pub async fn run_batched(
+        &self,
+        job: &Job,
+        pipeline: &PipelinePlan,
+        job_budget: Option<&Arc<JobBudget>>,
+        round: &crate::calls::batch::BatchRound,
+    ) -> Result<RunOutput, RunFailure> {
+        self.run_from(job, pipeline, job_budget, None, Some(round))
+            .await
     }
 
     /// Resumes a job held for review before generation (`review.before_generate`) from the
@@ -134,7 +149,7 @@ impl Runner {
                 attempts: 0,
             });
         }
-        self.run_from(job, pipeline, None, Some(held)).await
+        self.run_from(job, pipeline, None, Some(held), None).await
     }
 
     async fn run_from(
@@ -143,7 +158,14 @@ impl Runner {
         pipeline: &PipelinePlan,
         job_budget: Option<&Arc<JobBudget>>,
         resumed: Option<Vec<Option<StepOutput>>>,
+        batch: Option<&crate::calls::batch::BatchRound>,
     ) -> Result<RunOutput, RunFailure> {
+        let shared = RunShared {
+            batch,
+            job_budget,
+            ..RunShared::default()
+        };
+        let shared = &shared;
         let guard = pipeline.guardrails.clone();
         let mut guard_record = guard_record();
         let redacted_input;
@@ -183,7 +205,7 @@ impl Runner {
         let mut before_generate = resumed.is_some();
         let seeded = resumed.unwrap_or_else(|| vec![None; pipeline.steps.len()]);
         let (mut outputs, mut records, mut failure, held) = self
-            .run_steps(job, input, pipeline, job_budget, seeded, hold)
+            .run_steps(job, input, pipeline, seeded, hold, shared)
             .await;
         if held && failure.is_none() {
             before_generate = true;
@@ -204,7 +226,7 @@ impl Runner {
                 });
             }
             let (rest, more, failed, _) = self
-                .run_steps(job, input, pipeline, job_budget, outputs, false)
+                .run_steps(job, input, pipeline, outputs, false, shared)
                 .await;
             (outputs, failure) = (rest, failed);
             records.extend(more);
@@ -225,7 +247,7 @@ impl Runner {
             }
         }
         let finished = match failure {
-            None => self.job_output(job, input, pipeline, &outputs).await,
+            None => self.job_output(job, input, pipeline, &outputs, shared).await,
             Some(failure) => Err(failure),
         };
         let (mut output, mut status) = match finished {
@@ -282,6 +304,35 @@ impl Runner {
             review_reason,
             held: None,
         })
+        .inspect(|out| {
+            if out.status == ResultStatus::Ok {
+                // Only a good result's answers: not one a guardrail blocked, a reviewer has to
+                // see, or a fallback gave.
+                self.pending_semantic(shared);
+            }
+        })
+    }
+
+    /// Stores the run's semantic-cache answers, in the background: the result does not wait
+    /// for the cache.
+    fn pending_semantic(&self, shared: &RunShared<'_>) {
+        let inserts = std::mem::take(
+            &mut *shared
+                .semantic_inserts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        if inserts.is_empty() {
+            return;
+        }
+        let calls = self.calls.clone();
+        self.calls.tasks().spawn(async move {
+            if let Some(cache) = calls.semantic_cache() {
+                for i in inserts {
+                    cache.insert(&i.index, &i.vector, &i.response, &i.plan).await;
+                }
+            }
+        });
     }
 
     /// The DAG from the `seeded` outputs (steps that already ran): each step's output (`None`
@@ -293,9 +344,9 @@ impl Runner {
         job: &Job,
         input: &Map<String, Value>,
         pipeline: &PipelinePlan,
-        job_budget: Option<&Arc<JobBudget>>,
         seeded: Vec<Option<StepOutput>>,
         hold: bool,
+        shared: &RunShared<'_>,
     ) -> (
         Vec<Option<StepOutput>>,
         Vec<StepRecord>,
@@ -358,9 +409,10 @@ impl Runner {
                     input,
                     pipeline,
                     throttled_ms: Default::default(),
-                    job_budget,
+                    job_budget: shared.job_budget,
                     call_pool: self.pools.per_call(&step.kind),
                     spent: Default::default(),
+                    shared,
                 };
                 let pool = self.pools.for_kind(&step.kind);
                 let span = tracing::info_span!("step", step = %step.name);
@@ -441,6 +493,7 @@ impl Runner {
         input: &Map<String, Value>,
         pipeline: &PipelinePlan,
         outputs: &[Option<StepOutput>],
+        shared: &RunShared<'_>,
     ) -> Result<Value, RunFailure> {
         match &pipeline.output {
             OutputPlan::LastRun => Ok(outputs
@@ -471,6 +524,7 @@ impl Runner {
                     job_budget: None,
                     call_pool: None,
                     spent: Default::default(),
+                    shared,
                 };
                 match &step.kind {
                     StepKindPlan::Template(assemble) => super::steps::assemble(&ctx, assemble),

@@ -176,6 +176,26 @@ pub(crate) struct StepContext<'a> {
     /// What this step's answered calls spent so far, so a step that fails half-way (a map whose
     /// last chunk fails, a loop whose evaluator breaks) still shows the calls that were paid.
     pub spent: std::sync::Mutex<Spent>,
+    /// What the steps of this run share.
+    pub shared: &'a RunShared<'a>,
+}
+
+/// What the steps of one run share: answers for the semantic cache, stored once the job's
+/// result is known good, and the provider batch round the run is in, when it is.
+#[derive(Default)]
+pub struct RunShared<'a> {
+    pub semantic_inserts: std::sync::Mutex<Vec<SemanticInsert>>,
+    pub batch: Option<&'a crate::calls::batch::BatchRound>,
+    /// The job's budget reservation its calls draw on, when it has one.
+    pub job_budget: Option<&'a Arc<JobBudget>>,
+}
+
+/// An answer to store in a step's semantic cache if the job's result turns out good.
+pub struct SemanticInsert {
+    pub index: String,
+    pub vector: Vec<f32>,
+    pub response: crate::provider::ChatResponse,
+    pub plan: Arc<crate::config::SemanticCachePlan>,
 }
 
 /// Attempts, tokens and cost of a step's answered calls.
@@ -267,6 +287,7 @@ impl StepContext<'_> {
             throttled_ms: &self.throttled_ms,
             job_budget: self.job_budget,
             low_priority: self.job.priority == crate::wire::Priority::Low,
+            batch: self.shared.batch,
         };
         // A closed pool (shutdown) leaves the call unbounded rather than failing the job.
         let _permit = match self.call_pool {
@@ -389,6 +410,8 @@ impl StepContext<'_> {
             }
             CallFailure::AllTargetsFailed { .. } => DeadLetterReason::ProviderFailed,
             CallFailure::BudgetExceeded { .. } => DeadLetterReason::BudgetExceeded,
+            // Never a dead letter: the engine parks the job until its batch answers.
+            CallFailure::Batched => DeadLetterReason::Internal,
         };
         RunFailure {
             reason,

@@ -22,6 +22,8 @@ pub const API_VERSION: &str = "2023-06-01";
 pub struct AnthropicClient {
     http: reqwest::Client,
     endpoint: String,
+    /// `{base_url}/v1/messages/batches`.
+    batches: String,
     api_key: Option<String>,
     max_response_bytes: usize,
     /// System prompts at least this long (characters) are marked for prompt caching.
@@ -39,6 +41,7 @@ impl AnthropicClient {
         Self {
             http,
             endpoint: format!("{}/v1/messages", base_url.trim_end_matches('/')),
+            batches: format!("{}/v1/messages/batches", base_url.trim_end_matches('/')),
             api_key,
             max_response_bytes,
             cache_system_min_chars,
@@ -72,6 +75,92 @@ impl AnthropicClient {
             };
         }
         body
+    }
+
+    async fn send(&self, builder: reqwest::RequestBuilder) -> Result<Vec<u8>, ProviderError> {
+        let mut builder = builder.header("anthropic-version", API_VERSION);
+        if let Some(key) = &self.api_key {
+            builder = builder.header("x-api-key", key);
+        }
+        let mut response = builder.send().await.map_err(super::transport_error)?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
+        let bytes = super::read_body(&mut response, self.max_response_bytes).await?;
+        if status == 200 {
+            return Ok(bytes);
+        }
+        Err(classify_status(status, retry_after, &bytes))
+    }
+
+    /// Creates a Message Batch of the requests (`POST /v1/messages/batches`).
+    pub async fn batch_submit(&self, items: &[super::BatchItem]) -> Result<String, ProviderError> {
+        let requests: Vec<Value> = items
+            .iter()
+            .map(|item| json!({"custom_id": item.custom_id, "params": self.body(&item.request)}))
+            .collect();
+        let bytes = self
+            .send(self.http.post(&self.batches).json(&json!({"requests": requests})))
+            .await?;
+        let batch: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ProviderError::InvalidResponse(format!("body is not JSON: {e}")))?;
+        batch
+            .get("id")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| ProviderError::InvalidResponse("no batch id in the response".into()))
+    }
+
+    /// The batch's answers once its processing ended (from its `results_url`).
+    pub async fn batch_poll(
+        &self,
+        id: &str,
+    ) -> Result<Option<Vec<super::BatchAnswer>>, ProviderError> {
+        let bytes = self
+            .send(self.http.get(format!("{}/{id}", self.batches)))
+            .await?;
+        let batch: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ProviderError::InvalidResponse(format!("body is not JSON: {e}")))?;
+        if batch.get("processing_status").and_then(Value::as_str) != Some("ended") {
+            return Ok(None);
+        }
+        let Some(url) = batch.get("results_url").and_then(Value::as_str) else {
+            return Ok(Some(Vec::new()));
+        };
+        let results = self.send(self.http.get(url)).await?;
+        let mut answers = Vec::new();
+        for line in results.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let Ok(line) = serde_json::from_slice::<Value>(line) else {
+                continue;
+            };
+            let Some(custom_id) = line.get("custom_id").and_then(Value::as_str) else {
+                continue;
+            };
+            let answer = match line.pointer("/result/type").and_then(Value::as_str) {
+                Some("succeeded") => {
+                    let message = line.pointer("/result/message").cloned().unwrap_or_default();
+                    let bytes = serde_json::to_vec(&message).unwrap_or_default();
+                    parse_success(&bytes)
+                        .map(|mut r| {
+                            r.batch = true;
+                            r
+                        })
+                        .map_err(|e| e.to_string())
+                }
+                other => Err(line
+                    .pointer("/result/error/error/message")
+                    .and_then(Value::as_str)
+                    .map_or_else(
+                        || format!("the batch request {}", other.unwrap_or("has no result")),
+                        str::to_owned,
+                    )),
+            };
+            answers.push((custom_id.to_owned(), answer));
+        }
+        Ok(Some(answers))
     }
 
     async fn attempt(&self, request: &ChatRequest) -> Result<ChatResponse, ProviderError> {
@@ -126,6 +215,7 @@ fn parse_success(bytes: &[u8]) -> Result<ChatResponse, ProviderError> {
         cache_read_tokens: usage("cache_read_input_tokens"),
         cache_write_tokens: usage("cache_creation_input_tokens"),
         flex: false,
+        batch: false,
     })
 }
 

@@ -20,7 +20,7 @@ use crate::config::{Plan, ProviderKind, RetryPolicy, WireApi};
 pub use errors::{ErrorAction, ProviderError};
 
 /// One chat request, already rendered from its prompt.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ChatRequest {
     pub model: String,
     pub system: Option<String>,
@@ -66,7 +66,18 @@ pub struct ChatResponse {
     pub cache_write_tokens: u64,
     /// Served by OpenAI's flex tier (priced at the model's flex prices).
     pub flex: bool,
+    /// Answered through the provider's batch API (priced at the model's batch prices).
+    pub batch: bool,
 }
+
+/// One request of a batch, named by an id unique within it.
+pub struct BatchItem {
+    pub custom_id: String,
+    pub request: ChatRequest,
+}
+
+/// What a provider's batch answered for one request: its answer, or why it has none.
+pub type BatchAnswer = (String, Result<ChatResponse, String>);
 
 /// Reads a response body, failing once it grows past `max` bytes (`limits.max_response_bytes`).
 async fn read_body(response: &mut reqwest::Response, max: usize) -> Result<Vec<u8>, ProviderError> {
@@ -129,6 +140,41 @@ impl LlmProvider {
             LlmProvider::OpenAi(client) => client.chat(request, timeout).await,
             LlmProvider::Anthropic(client) => client.chat(request, timeout).await,
         }
+    }
+
+    /// Submits `items` to the provider's batch API; the batch's id.
+    pub async fn batch_submit(
+        &self,
+        items: &[BatchItem],
+        timeout: Duration,
+    ) -> Result<String, ProviderError> {
+        let call = async {
+            match self {
+                LlmProvider::OpenAi(client) => client.batch_submit(items).await,
+                LlmProvider::Anthropic(client) => client.batch_submit(items).await,
+            }
+        };
+        tokio::time::timeout(timeout, call)
+            .await
+            .unwrap_or(Err(ProviderError::Timeout(timeout)))
+    }
+
+    /// A batch's answers once it has ended (`None` while it is still running). A request the
+    /// batch did not answer (errored, expired, cancelled) has the reason instead.
+    pub async fn batch_poll(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<Option<Vec<BatchAnswer>>, ProviderError> {
+        let call = async {
+            match self {
+                LlmProvider::OpenAi(client) => client.batch_poll(id).await,
+                LlmProvider::Anthropic(client) => client.batch_poll(id).await,
+            }
+        };
+        tokio::time::timeout(timeout, call)
+            .await
+            .unwrap_or(Err(ProviderError::Timeout(timeout)))
     }
 
     /// An embedding (OpenAI-compatible providers only) and the tokens it was billed for.

@@ -17,6 +17,8 @@ pub struct OpenAiClient {
     endpoint: String,
     /// `{base_url}/embeddings`.
     embeddings: String,
+    /// `{base_url}` (files and batches live under it).
+    base: String,
     api_key: Option<String>,
     max_response_bytes: usize,
 }
@@ -48,6 +50,7 @@ impl OpenAiClient {
             http,
             endpoint: format!("{}/chat/completions", base_url.trim_end_matches('/')),
             embeddings: format!("{}/embeddings", base_url.trim_end_matches('/')),
+            base: base_url.trim_end_matches('/').to_owned(),
             api_key,
             max_response_bytes,
         }
@@ -110,6 +113,143 @@ impl OpenAiClient {
             Ok(result) => result,
             Err(_) => Err(ProviderError::Timeout(timeout)),
         }
+    }
+
+    fn body<'a>(request: &'a ChatRequest) -> Body<'a> {
+        let mut messages = Vec::with_capacity(2);
+        if let Some(system) = &request.system {
+            messages.push(Message {
+                role: "system",
+                content: system,
+            });
+        }
+        messages.push(Message {
+            role: "user",
+            content: &request.user,
+        });
+        Body {
+            model: &request.model,
+            messages,
+            max_tokens: request.max_tokens,
+            temperature: request.temperature,
+            service_tier: None,
+        }
+    }
+
+    async fn send(
+        &self,
+        builder: reqwest::RequestBuilder,
+    ) -> Result<Vec<u8>, ProviderError> {
+        let builder = match &self.api_key {
+            Some(key) => builder.bearer_auth(key),
+            None => builder,
+        };
+        let mut response = builder.send().await.map_err(super::transport_error)?;
+        let status = response.status().as_u16();
+        let retry_after = retry_after(response.headers());
+        let bytes = super::read_body(&mut response, self.max_response_bytes).await?;
+        if status == 200 {
+            return Ok(bytes);
+        }
+        Err(classify_status(status, retry_after, &bytes))
+    }
+
+    /// Uploads the requests as a JSONL file (`POST /files`, purpose `batch`) and creates a
+    /// batch over it (`POST /batches`, 24 h window).
+    pub async fn batch_submit(&self, items: &[super::BatchItem]) -> Result<String, ProviderError> {
+        let mut jsonl = Vec::new();
+        for item in items {
+            let line = serde_json::json!({
+                "custom_id": item.custom_id,
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": Self::body(&item.request),
+            });
+            serde_json::to_writer(&mut jsonl, &line)
+                .map_err(|e| ProviderError::InvalidResponse(e.to_string()))?;
+            jsonl.push(b'\n');
+        }
+        let boundary = format!("switchyard{:032x}", rand::random::<u128>());
+        let mut form = Vec::with_capacity(jsonl.len() + 512);
+        form.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"batch.jsonl\"\r\nContent-Type: application/jsonl\r\n\r\n").as_bytes(),
+        );
+        form.extend_from_slice(&jsonl);
+        form.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+        let upload = self
+            .http
+            .post(format!("{}/files", self.base))
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                format!("multipart/form-data; boundary={boundary}"),
+            )
+            .body(form);
+        let file: Value = json_of(&self.send(upload).await?)?;
+        let file_id = text(&file, "/id")?;
+        let create = self.http.post(format!("{}/batches", self.base)).json(&serde_json::json!({
+            "input_file_id": file_id,
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+        }));
+        let batch: Value = json_of(&self.send(create).await?)?;
+        text(&batch, "/id")
+    }
+
+    /// The batch's answers once it ended: the output file's answers and the error file's
+    /// reasons; a request in neither (expired, cancelled) gets the batch's status as reason.
+    pub async fn batch_poll(
+        &self,
+        id: &str,
+    ) -> Result<Option<Vec<super::BatchAnswer>>, ProviderError> {
+        let batch: Value =
+            json_of(&self.send(self.http.get(format!("{}/batches/{id}", self.base))).await?)?;
+        let status = text(&batch, "/status")?;
+        if !matches!(
+            status.as_str(),
+            "completed" | "failed" | "expired" | "cancelled"
+        ) {
+            return Ok(None);
+        }
+        let mut answers = Vec::new();
+        for field in ["/output_file_id", "/error_file_id"] {
+            let Some(file) = batch.pointer(field).and_then(Value::as_str) else {
+                continue;
+            };
+            let content = self
+                .send(self.http.get(format!("{}/files/{file}/content", self.base)))
+                .await?;
+            for line in content.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                let Ok(line) = serde_json::from_slice::<Value>(line) else {
+                    continue;
+                };
+                let Some(custom_id) = line.get("custom_id").and_then(Value::as_str) else {
+                    continue;
+                };
+                let status = line.pointer("/response/status_code").and_then(Value::as_u64);
+                let answer = match (status, line.pointer("/response/body")) {
+                    (Some(200), Some(body)) => {
+                        let bytes = serde_json::to_vec(body).unwrap_or_default();
+                        parse_success(&bytes, &ChatRequest::default())
+                            .map(|mut r| {
+                                r.batch = true;
+                                r
+                            })
+                            .map_err(|e| e.to_string())
+                    }
+                    _ => Err(line
+                        .pointer("/response/body/error/message")
+                        .or_else(|| line.pointer("/error/message"))
+                        .and_then(Value::as_str)
+                        .unwrap_or("the batch returned no answer for this request")
+                        .to_owned()),
+                };
+                answers.push((custom_id.to_owned(), answer));
+            }
+        }
+        if status != "completed" && answers.is_empty() {
+            tracing::warn!(batch = %id, status = %status, "batch ended without answers");
+        }
+        Ok(Some(answers))
     }
 
     async fn attempt(&self, request: &ChatRequest) -> Result<ChatResponse, ProviderError> {
@@ -189,6 +329,7 @@ fn parse_success(bytes: &[u8], request: &ChatRequest) -> Result<ChatResponse, Pr
             .and_then(Value::as_u64)
             .unwrap_or(0),
         cache_write_tokens: 0,
+        batch: false,
         // What the server says served it; a server that does not say served what was asked.
         flex: body
             .get("service_tier")
@@ -226,6 +367,19 @@ fn classify_status(status: u16, retry_after: Option<Duration>, bytes: &[u8]) -> 
         },
         _ => ProviderError::BadRequest { status, message },
     }
+}
+
+fn json_of(bytes: &[u8]) -> Result<Value, ProviderError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ProviderError::InvalidResponse(format!("body is not JSON: {e}")))
+}
+
+fn text(value: &Value, pointer: &str) -> Result<String, ProviderError> {
+    value
+        .pointer(pointer)
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| ProviderError::InvalidResponse(format!("no {pointer} in the response")))
 }
 
 #[cfg(test)]
@@ -276,3 +430,4 @@ mod tests {
         );
     }
 }
+

@@ -827,3 +827,207 @@ impl RedisStore {
             .collect())
     }
 }
+
+// Jobs waiting for a provider batch. A job's parking record and its answers share the job's
+// hash tag; the request queues, the submissions under way and the open batches share one.
+const BATCH_TAKE: &str = r"
+local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+if #items == 0 then
+  return items
+end
+redis.call('LTRIM', KEYS[1], #items, -1)
+redis.call('HSET', KEYS[2], ARGV[2], cjson.encode({queue = ARGV[4], at = tonumber(ARGV[3]), items = items}))
+return items
+";
+
+const BATCH_OPENED: &str = r"
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return 1
+";
+
+const BATCH_REQUEUE: &str = r"
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
+  for i = 2, #ARGV do
+    redis.call('RPUSH', KEYS[2], ARGV[i])
+  end
+end
+return 1
+";
+
+const BATCH_ANSWER: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], redis.call('PTTL', KEYS[1]))
+end
+return 1
+";
+
+/// How long a parked job's record lives: longer than any provider's batch window (24 h).
+const PARK_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
+
+impl RedisStore {
+    fn parked_keys(&self, job_key: &str) -> [String; 2] {
+        let p = &self.prefix;
+        [format!("{p}bj:{{{job_key}}}"), format!("{p}bja:{{{job_key}}}")]
+    }
+
+    fn batch_key(&self, what: &str) -> String {
+        format!("{}{{batches}}:{what}", self.prefix)
+    }
+
+    pub async fn batch_park(&self, job_key: &str, record: Bytes) -> Result<(), StateError> {
+        let mut conn = self.conn.clone();
+        let [parked, _] = self.parked_keys(job_key);
+        redis::cmd("SET")
+            .arg(parked)
+            .arg(record.as_ref())
+            .arg("PX")
+            .arg(PARK_TTL_MS)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    pub async fn batch_parked(&self, job_key: &str) -> Result<Option<Bytes>, StateError> {
+        let mut conn = self.conn.clone();
+        let [parked, _] = self.parked_keys(job_key);
+        let value: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(parked)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(value.map(Bytes::from))
+    }
+
+    pub async fn batch_unpark(&self, job_key: &str) -> Result<(), StateError> {
+        let mut conn = self.conn.clone();
+        let keys = self.parked_keys(job_key);
+        redis::cmd("DEL")
+            .arg(keys.as_slice())
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    pub async fn batch_answer(
+        &self,
+        job_key: &str,
+        key: &str,
+        answer: Bytes,
+    ) -> Result<(), StateError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = Script::new(BATCH_ANSWER)
+            .key(self.parked_keys(job_key).as_slice())
+            .arg(key)
+            .arg(answer.as_ref())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    pub async fn batch_answers(&self, job_key: &str) -> Result<Vec<(String, Bytes)>, StateError> {
+        let mut conn = self.conn.clone();
+        let [_, answers] = self.parked_keys(job_key);
+        let found: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
+            .arg(answers)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(found.into_iter().map(|(k, v)| (k, Bytes::from(v))).collect())
+    }
+
+    pub async fn batch_enqueue(&self, queue: &str, items: Vec<Bytes>) -> Result<(), StateError> {
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("RPUSH");
+        cmd.arg(self.batch_key(&format!("q:{queue}")));
+        for item in &items {
+            cmd.arg(item.as_ref());
+        }
+        cmd.query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+
+    pub async fn batch_take(
+        &self,
+        queue: &str,
+        max: usize,
+        submission: &str,
+        at_ms: i64,
+    ) -> Result<Vec<Bytes>, StateError> {
+        let mut conn = self.conn.clone();
+        let taken: Vec<Vec<u8>> = Script::new(BATCH_TAKE)
+            .key(self.batch_key(&format!("q:{queue}")))
+            .key(self.batch_key("submitting"))
+            .arg(max.max(1))
+            .arg(submission)
+            .arg(at_ms)
+            .arg(queue)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(taken.into_iter().map(Bytes::from).collect())
+    }
+
+    pub async fn batch_opened(
+        &self,
+        submission: &str,
+        batch: &str,
+        meta: Bytes,
+    ) -> Result<(), StateError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = Script::new(BATCH_OPENED)
+            .key(self.batch_key("submitting"))
+            .key(self.batch_key("open"))
+            .arg(submission)
+            .arg(batch)
+            .arg(meta.as_ref())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    pub async fn batch_requeue(
+        &self,
+        submission: &str,
+        queue: &str,
+        items: Vec<Bytes>,
+    ) -> Result<(), StateError> {
+        let mut conn = self.conn.clone();
+        let requeue = Script::new(BATCH_REQUEUE);
+        let mut script = requeue.prepare_invoke();
+        script
+            .key(self.batch_key("submitting"))
+            .key(self.batch_key(&format!("q:{queue}")))
+            .arg(submission);
+        for item in &items {
+            script.arg(item.as_ref());
+        }
+        let _: i64 = script
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    pub async fn batch_hash(&self, what: &str) -> Result<Vec<(String, Bytes)>, StateError> {
+        let mut conn = self.conn.clone();
+        let found: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
+            .arg(self.batch_key(what))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(found.into_iter().map(|(k, v)| (k, Bytes::from(v))).collect())
+    }
+
+    pub async fn batch_close(&self, batch: &str) -> Result<(), StateError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("HDEL")
+            .arg(self.batch_key("open"))
+            .arg(batch)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+}

@@ -116,10 +116,14 @@ pub(super) fn provider_plan(p: &mut Problems, field: &str, provider: RawProvider
             seed,
             answers,
             context_windows,
+            batch,
             retry,
             circuit,
             limits,
         } => {
+            if !(0.0..=1.0).contains(&batch.failure_rate) {
+                p.add(format!("{field}.batch.failure_rate"), "a share between 0 and 1");
+            }
             for (i, a) in answers.iter().enumerate() {
                 if let Err(e) = regex::Regex::new(&a.pattern) {
                     p.add(format!("{field}.answers[{i}].match"), format!("{e}"));
@@ -161,6 +165,7 @@ pub(super) fn provider_plan(p: &mut Problems, field: &str, provider: RawProvider
                         seed,
                         answers,
                         context_windows,
+                        batch,
                     },
                     match api {
                         raw::RawApi::Openai => WireApi::OpenAi,
@@ -371,6 +376,15 @@ pub(super) fn models_plan(
             alias.clone(),
             Arc::new(ModelPlan {
                 flex,
+                batch_price: m.batch_price.as_ref().map_or(
+                    Price {
+                        input: price.input / 2.0,
+                        output: price.output / 2.0,
+                        cache_read: price.cache_read / 2.0,
+                        cache_write: price.cache_write / 2.0,
+                    },
+                    priced,
+                ),
                 alias,
                 provider: m.provider,
                 model: m.model,

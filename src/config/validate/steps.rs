@@ -790,8 +790,8 @@ fn semantic_cache_plan(
             "a cosine similarity above 0 and at most 1 (0.95 by default: a false hit is worse than a miss)",
         );
     }
-    if raw.max_entries == 0 || raw.max_entries > 100_000 {
-        p.add(format!("{field}.max_entries"), "between 1 and 100000");
+    if raw.max_entries == 0 || raw.max_entries > 10_000 {
+        p.add(format!("{field}.max_entries"), "between 1 and 10000");
     }
     if raw.ttl_s == 0 {
         p.add(format!("{field}.ttl_s"), "must be at least 1");
@@ -802,5 +802,6 @@ fn semantic_cache_plan(
         threshold: raw.threshold,
         max_entries: raw.max_entries,
         ttl: std::time::Duration::from_secs(raw.ttl_s),
+        max_temperature: raw.max_temperature,
     }
 }

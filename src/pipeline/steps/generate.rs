@@ -80,6 +80,8 @@ async fn run(ctx: &StepContext<'_>, plan: &GeneratePlan) -> StepResult {
         .map(|t| ctx.render(t, &[]))
         .transpose()?;
     let mut user = ctx.render(&prompt.user, &[])?;
+    // The prompt as rendered, before any cut to fit a context window.
+    let asked = user.clone();
     let request = |user: &str| {
         let (system, user) = (system.clone(), user.to_owned());
         let name = prompt.name.clone();
@@ -94,7 +96,23 @@ async fn run(ctx: &StepContext<'_>, plan: &GeneratePlan) -> StepResult {
     };
     // A paraphrase of a question this step answered before is answered from the cache.
     let probe = match &plan.semantic_cache {
-        Some(sc) => semantic_probe(ctx, sc, &alias, &prompt.name, system.as_deref(), &user).await,
+        Some(sc) => {
+            let (temperature, max_tokens) = overrides.unwrap_or_default();
+            // Everything that shapes the answer besides the question is in the index.
+            let shape = format!(
+                "{}\u{0}{temperature:?}\u{0}{max_tokens:?}\u{0}{}",
+                variant.map_or("", |(_, v)| v.name.as_str()),
+                sc.embedding_model,
+            );
+            let key = SemanticKey {
+                alias: &alias,
+                prompt: &prompt.name,
+                system: system.as_deref(),
+                user: &user,
+                shape: &shape,
+            };
+            semantic_probe(ctx, sc, key).await
+        }
         None => None,
     };
     let hit = probe.as_ref().and_then(|p| {
@@ -169,15 +187,23 @@ async fn run(ctx: &StepContext<'_>, plan: &GeneratePlan) -> StepResult {
             }
         }
     };
-    if let (Some(p), Some(sc)) = (&probe, &plan.semantic_cache) {
+    if let (Some(p), Some(sc)) = (probe, &plan.semantic_cache) {
         // What the question cost to embed is this step's spend.
         record.cost_usd += p.cost;
-        if p.hit.is_none() && !outcome.cached {
-            if let Some(cache) = ctx.calls.semantic_cache() {
-                cache
-                    .insert(&p.index, &p.vector, &outcome.response, sc)
-                    .await;
-            }
+        // Stored only if the job's result is good (see the runner), and only the answer the
+        // index stands for: the step's own model, to the whole prompt, uncached.
+        let own = !outcome.degraded && outcome.model.alias == alias && user == asked;
+        if p.hit.is_none() && !outcome.cached && own {
+            ctx.shared
+                .semantic_inserts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(crate::pipeline::step::SemanticInsert {
+                    index: p.index,
+                    vector: p.vector,
+                    response: outcome.response.clone(),
+                    plan: sc.clone(),
+                });
         }
     }
     let output = StepOutput::Generated {
@@ -234,17 +260,38 @@ struct Probe {
     hit: Option<crate::calls::semantic::Hit>,
 }
 
+/// What a semantic-cache index is made of besides the tenant, pipeline and step.
+struct SemanticKey<'a> {
+    alias: &'a str,
+    prompt: &'a str,
+    system: Option<&'a str>,
+    user: &'a str,
+    /// Experiment variant, temperature and answer limit overrides, embedding model.
+    shape: &'a str,
+}
+
 /// Embeds the step's question and looks it up; `None` when the job has no question in
-/// `on`, the prompt does not contain it, or the embedding failed (the step then simply asks
-/// its model).
+/// `on`, the prompt does not contain it, the model's temperature is above the cache's, or the
+/// embedding failed (the step then simply asks its model).
 async fn semantic_probe(
     ctx: &StepContext<'_>,
     plan: &crate::config::SemanticCachePlan,
-    alias: &str,
-    prompt: &str,
-    system: Option<&str>,
-    user: &str,
+    key: SemanticKey<'_>,
 ) -> Option<Probe> {
+    let SemanticKey {
+        alias,
+        prompt,
+        system,
+        user,
+        shape,
+    } = key;
+    if ctx
+        .calls
+        .model(alias)
+        .is_some_and(|m| m.temperature > plan.max_temperature)
+    {
+        return None;
+    }
     let cache = ctx.calls.semantic_cache()?;
     let question = ctx.input.get(&plan.on)?.as_str()?.trim();
     if question.is_empty() || !user.contains(question) {
@@ -261,6 +308,7 @@ async fn semantic_probe(
             prompt,
             system.unwrap_or_default(),
             &rest,
+            shape,
         ],
     );
     let (vector, cost) = match ctx.calls.embed(&plan.embedding_model, question).await {

@@ -28,6 +28,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 mod answer;
 mod anthropic;
+mod batch;
 pub mod embed;
 mod openai;
 
@@ -80,6 +81,9 @@ struct MockState {
     answers: Vec<(regex::Regex, Value)>,
     /// Context window per model name.
     context_windows: std::collections::BTreeMap<String, u64>,
+    /// The batch APIs' settings and the batches and files they hold.
+    batch: crate::config::MockBatch,
+    batches: Mutex<batch::Batches>,
 }
 
 /// Requests the log keeps (the oldest are dropped).
@@ -286,6 +290,8 @@ fn mock_state(settings: MockSettings) -> Arc<MockState> {
             .filter_map(|a| Some((regex::Regex::new(&a.pattern).ok()?, a.answer.clone())))
             .collect(),
         context_windows: settings.context_windows,
+        batch: settings.batch,
+        batches: Mutex::new(batch::Batches::default()),
     })
 }
 
@@ -294,6 +300,13 @@ fn router(state: Arc<MockState>) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/embeddings", post(embed::embeddings))
+        .route("/v1/files", post(batch::upload))
+        .route("/v1/files/{id}/content", get(batch::file_content))
+        .route("/v1/batches", post(batch::create_openai))
+        .route("/v1/batches/{id}", get(batch::get_openai))
+        .route("/v1/messages/batches", post(batch::create_anthropic))
+        .route("/v1/messages/batches/{id}", get(batch::get_anthropic))
+        .route("/v1/messages/batches/{id}/results", get(batch::results_anthropic))
         .route("/mock/stats", get(stats_handler))
         .route("/mock/log", get(log_handler))
         .route("/mock/faults", axum::routing::put(set_faults_handler))
