@@ -143,6 +143,10 @@ pub async fn run_with(
         );
         // Either consumer failing for good stops the other.
         let stopping = shutdown.child_token();
+        if let Some(every) = engine.batch_every() {
+            let (engine, stop) = (engine.clone(), stopping.clone());
+            background.spawn(async move { batch_loop(&engine, every, &stop).await });
+        }
         if plan.reviews.consume {
             let (engine, stop, every) =
                 (engine.clone(), stopping.clone(), plan.reviews.expire_every);
@@ -215,6 +219,20 @@ async fn paused_until(
         source.resume();
     }
     resumed
+}
+
+/// Sends queued provider batch requests and settles ended batches, every `every`, until
+/// `stop`. Every replica runs it (see `engine::batch`).
+async fn batch_loop<K: OutputSink>(engine: &Engine<K>, every: Duration, stop: &CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut polled = std::collections::HashMap::new();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => engine.batch_pass(&mut polled, stop).await,
+        }
+    }
 }
 
 /// Settles reviews past their deadline and reports pending reviews, every `every`, until

@@ -495,6 +495,32 @@ pub struct PipelinePlan {
     /// Characters of each step's output kept in its record (0: none).
     pub record_output_chars: usize,
     pub review: ReviewPlan,
+    /// Jobs that can wait go through the providers' batch APIs.
+    pub batch: Option<BatchPlan>,
+}
+
+/// Which of a pipeline's jobs wait for a provider batch, and how batches are made.
+#[derive(Debug, Clone)]
+pub struct BatchPlan {
+    pub low_priority: bool,
+    pub min_deadline: Option<Duration>,
+    pub collect: Duration,
+    pub max_requests: usize,
+    pub poll: Duration,
+}
+
+impl BatchPlan {
+    /// Whether `job` can wait for a batch.
+    pub fn applies(&self, job: &crate::wire::Job) -> bool {
+        (self.low_priority && job.priority == crate::wire::Priority::Low)
+            || self.min_deadline.is_some_and(|min| {
+                job.deadline.is_some_and(|deadline| {
+                    (deadline - chrono::Utc::now())
+                        .to_std()
+                        .is_ok_and(|left| left >= min)
+                })
+            })
+    }
 }
 
 impl PipelinePlan {

@@ -713,6 +713,9 @@ pub struct RawPipeline {
     /// steps' outputs and the input, a cost threshold.
     #[serde(default)]
     pub review: Option<RawReviewSpec>,
+    /// Jobs that can wait go through the providers' batch APIs, at the batch price.
+    #[serde(default)]
+    pub batch: Option<RawBatch>,
     /// Each step record carries its output up to this many characters (0: none).
     #[serde(default = "default_record_output_chars")]
     pub record_output_chars: usize,
@@ -720,6 +723,40 @@ pub struct RawPipeline {
 
 fn default_record_output_chars() -> usize {
     2_000
+}
+
+/// `batch:` of a pipeline: which jobs wait for a provider batch, and how batches are made.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBatch {
+    /// Jobs with `priority: low` (default true).
+    #[serde(default = "yes")]
+    pub low_priority: bool,
+    /// Jobs whose deadline is at least this far off.
+    #[serde(default)]
+    pub min_deadline_s: Option<u64>,
+    /// How long requests are collected before a batch is sent.
+    #[serde(default = "default_collect_ms")]
+    pub collect_ms: u64,
+    /// Requests per batch at most.
+    #[serde(default = "default_batch_requests")]
+    pub max_requests: usize,
+    /// How often an open batch is asked whether it has ended.
+    #[serde(default = "default_poll_ms")]
+    pub poll_ms: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_collect_ms() -> u64 {
+    10_000
+}
+fn default_batch_requests() -> usize {
+    1_000
+}
+fn default_poll_ms() -> u64 {
+    30_000
 }
 
 /// `semantic_cache:` of a generate step.

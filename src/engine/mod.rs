@@ -8,6 +8,7 @@
 //! [`outcome`] decides what a delivery ends as (and builds every dead letter), [`claim`] holds
 //! the idempotency claim, [`write`] gets the output confirmed by the sink.
 
+mod batch;
 mod claim;
 mod outcome;
 mod review;
@@ -234,13 +235,29 @@ impl<K: OutputSink> Engine<K> {
         if incoming.kind == Kind::Decision {
             return self.process_decision(incoming, stop).await;
         }
+        let decision = self.decide(incoming, stop).await?;
+        self.deliver(decision, incoming, stop).await
+    }
+
+    /// Writes what a job ended as, under its claim when it holds one, records it and says it
+    /// is done; `Ok(poison)` once confirmed. A job parked for a provider batch writes nothing
+    /// (its parking record holds it now).
+    async fn deliver(
+        &self,
+        decision: Decision,
+        incoming: &Incoming<'_>,
+        stop: &CancellationToken,
+    ) -> Result<bool, Stopped> {
         let Decision {
             outcome,
             claim,
             pipeline,
             output_key,
             review,
-        } = self.decide(incoming, stop).await?;
+        } = decision;
+        let Some(outcome) = outcome else {
+            return Ok(false);
+        };
         let poison = matches!(&outcome, Outcome::DeadLetter(dl) if dl.reason == DeadLetterReason::InvalidJob);
         let Some(held) = claim else {
             let written = self

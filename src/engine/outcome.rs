@@ -24,7 +24,9 @@ use crate::wire::{
 
 /// What a decided job needs written and remembered.
 pub(super) struct Decision {
-    pub outcome: Outcome,
+    /// `None`: the job waits for a provider batch, parked in the state store (nothing to
+    /// write; the source message is acknowledged).
+    pub outcome: Option<Outcome>,
     /// The claim to complete once the outcome is written (absent for replays and for payloads
     /// that never got as far as a claim).
     pub claim: Option<Held>,
@@ -131,7 +133,7 @@ impl Incoming<'_> {
         // this message's, not the job key's.
         let output_key = self.position();
         Decision {
-            outcome: Outcome::DeadLetter(self.dead_letter(reason, error, who, 0)),
+            outcome: Some(Outcome::DeadLetter(self.dead_letter(reason, error, who, 0))),
             claim: None,
             pipeline,
             output_key,
@@ -229,7 +231,7 @@ impl<K: OutputSink> Engine<K> {
                 // A duplicate never runs: its booked turn goes back to its tenant.
                 self.scheduler.give_back(job.tenant.as_str(), booked).await;
                 return Ok(Decision {
-                    outcome: incoming.replay(&stored, &job),
+                    outcome: Some(incoming.replay(&stored, &job)),
                     claim: None,
                     pipeline: Some(pipeline.name.clone()),
                     // Each repeated publication gets its own answer; a redelivery of the same
@@ -250,8 +252,26 @@ impl<K: OutputSink> Engine<K> {
             let dl =
                 incoming.dead_letter(DeadLetterReason::DeadlineExceeded, error, Who::Job(&job), 0);
             return Ok(Decision {
-                outcome: Outcome::DeadLetter(dl),
+                outcome: Some(Outcome::DeadLetter(dl)),
                 claim: Some(held),
+                pipeline: Some(pipeline.name.clone()),
+                output_key: key,
+                review: None,
+            });
+        }
+        // A job that can wait runs in a provider batch round; one already waiting for its
+        // batch (a duplicate delivery) is left to it.
+        let round = pipeline
+            .batch
+            .as_ref()
+            .filter(|b| b.applies(&job))
+            .map(|_| crate::calls::batch::BatchRound::default());
+        if round.is_some() && self.is_parked(&key, stop).await? {
+            self.release(&held).await;
+            tracing::info!(key = %key, "the job is already waiting for a provider batch; this delivery is acknowledged and its outcome follows the batch");
+            return Ok(Decision {
+                outcome: None,
+                claim: None,
                 pipeline: Some(pipeline.name.clone()),
                 output_key: key,
                 review: None,
@@ -266,7 +286,7 @@ impl<K: OutputSink> Engine<K> {
                 self.release(&held).await;
                 return Err(Stopped::Now);
             }
-            run = self.admit_and_run(&job, &pipeline, booked, incoming.deferrable).instrument(span) => match run {
+            run = self.admit_and_run(&job, &pipeline, booked, incoming.deferrable, round.as_ref()).instrument(span) => match run {
                 Ok(run) => run,
                 Err(deferred) => {
                     self.release(&held).await;
@@ -278,6 +298,47 @@ impl<K: OutputSink> Engine<K> {
                 return Err(Stopped::Now);
             }
         };
+        if let Some(round) = &round {
+            let needs = round.needed();
+            if !needs.is_empty() {
+                // Its calls wait for a provider batch: the job is parked in the state store
+                // (which holds it from now on) and its message acknowledged.
+                let parked = self
+                    .park(incoming, &job, &pipeline.name, &key, needs, 1, stop)
+                    .await;
+                self.release(&held).await;
+                parked?;
+                return Ok(Decision {
+                    outcome: None,
+                    claim: None,
+                    pipeline: Some(pipeline.name.clone()),
+                    output_key: key,
+                    review: None,
+                });
+            }
+        }
+        let (outcome, review) = self.conclude(incoming, &job, &pipeline, &key, run, started);
+        Ok(Decision {
+            outcome: Some(outcome),
+            claim: Some(held),
+            pipeline: Some(pipeline.name.clone()),
+            output_key: key,
+            review,
+        })
+    }
+
+    /// What a run ends as: the job's result (and the review to keep pending, when it goes to
+    /// review) or its dead letter.
+    pub(super) fn conclude(
+        &self,
+        incoming: &Incoming<'_>,
+        job: &Job,
+        pipeline: &PipelinePlan,
+        key: &str,
+        run: Result<RunOutput, RunFailure>,
+        started: Instant,
+    ) -> (Outcome, Option<crate::review::PendingReview>) {
+        let (payload, received_at) = (incoming.payload, incoming.received_at);
         let mut held_steps = None;
         let outcome = match run {
             Ok(mut out) => {
@@ -294,7 +355,7 @@ impl<K: OutputSink> Engine<K> {
                     review_reason: out.review_reason,
                     review: (out.status == crate::wire::ResultStatus::Review).then(|| {
                         crate::wire::ReviewRequest {
-                            id: crate::wire::ReviewRequest::id_for(&key),
+                            id: crate::wire::ReviewRequest::id_for(key),
                             deadline: received_at
                                 + chrono::Duration::from_std(pipeline.review.timeout)
                                     .unwrap_or(chrono::Duration::days(1)),
@@ -321,7 +382,7 @@ impl<K: OutputSink> Engine<K> {
                 attempts,
             }) => {
                 tracing::debug!(job_id = %job.id, elapsed_ms = started.elapsed().as_millis() as u64, "pipeline failed");
-                Outcome::DeadLetter(incoming.dead_letter(reason, error, Who::Job(&job), attempts))
+                Outcome::DeadLetter(incoming.dead_letter(reason, error, Who::Job(job), attempts))
             }
         };
         let review = match &outcome {
@@ -333,7 +394,7 @@ impl<K: OutputSink> Engine<K> {
                     tenant: r.tenant.clone(),
                     pipeline: pipeline.name.clone(),
                     job_id: job.id.clone(),
-                    job_key: key.clone(),
+                    job_key: key.to_owned(),
                     deadline: request.deadline,
                     on_timeout: pipeline.review.on_timeout.clone(),
                     proposed: r.clone(),
@@ -350,13 +411,7 @@ impl<K: OutputSink> Engine<K> {
                 }),
             Outcome::DeadLetter(_) => None,
         };
-        Ok(Decision {
-            outcome,
-            claim: Some(held),
-            pipeline: Some(pipeline.name.clone()),
-            output_key: key,
-            review,
-        })
+        (outcome, review)
     }
 
     /// Waits for the job's turn under its tenant's limits and the fair scheduler, then runs
@@ -367,6 +422,7 @@ impl<K: OutputSink> Engine<K> {
         pipeline: &PipelinePlan,
         booked: Booked,
         deferrable: bool,
+        round: Option<&crate::calls::batch::BatchRound>,
     ) -> Result<Result<RunOutput, RunFailure>, Stopped> {
         let expired = deadline_passes(job);
         let admitted = async {
@@ -402,7 +458,14 @@ impl<K: OutputSink> Engine<K> {
             Ok(job_budget) => job_budget,
             Err(failure) => return Ok(Err(failure)),
         };
-        let run = self.runner.run(job, pipeline, job_budget.as_deref()).await;
+        let run = match round {
+            Some(round) => {
+                self.runner
+                    .run_batched(job, pipeline, job_budget.as_deref(), round)
+                    .await
+            }
+            None => self.runner.run(job, pipeline, job_budget.as_deref()).await,
+        };
         drop(job_budget);
         let mut out = match run {
             Ok(out) => out,

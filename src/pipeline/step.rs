@@ -335,7 +335,11 @@ impl StepContext<'_> {
                 model.response_cost(r)
             },
             throttled_ms: self.throttled_ms.load(Ordering::Relaxed),
-            service_tier: (!outcome.cached && r.flex).then(|| "flex".to_owned()),
+            service_tier: match (outcome.cached, r.batch, r.flex) {
+                (false, true, _) => Some("batch".to_owned()),
+                (false, false, true) => Some("flex".to_owned()),
+                _ => None,
+            },
             cache_hit: outcome.cached.then(|| crate::wire::CacheHit {
                 input_tokens: r.input_tokens,
                 output_tokens: r.output_tokens,

@@ -20,7 +20,7 @@ use crate::config::{Plan, ProviderKind, RetryPolicy, WireApi};
 pub use errors::{ErrorAction, ProviderError};
 
 /// One chat request, already rendered from its prompt.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ChatRequest {
     pub model: String,
     pub system: Option<String>,

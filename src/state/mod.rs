@@ -12,6 +12,7 @@
 pub mod counters;
 mod memory;
 mod redis;
+mod batches;
 mod reviews;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -77,7 +78,7 @@ pub enum StateError {
 
 #[derive(Clone)]
 enum Backend {
-    Memory(MemoryStore, reviews::MemoryReviews),
+    Memory(MemoryStore, reviews::MemoryReviews, batches::MemoryBatches),
     Redis(Box<RedisStore>),
 }
 
@@ -90,7 +91,11 @@ pub struct StateStore {
 impl From<MemoryStore> for StateStore {
     fn from(store: MemoryStore) -> Self {
         Self {
-            backend: Backend::Memory(store, reviews::MemoryReviews::new(MEMORY_REVIEWS)),
+            backend: Backend::Memory(
+                store,
+                reviews::MemoryReviews::new(MEMORY_REVIEWS),
+                batches::MemoryBatches::new(MEMORY_REVIEWS),
+            ),
             available: Arc::new(AtomicBool::new(true)),
         }
     }
@@ -131,6 +136,7 @@ impl StateStore {
             StateKind::Memory { max_entries } => Backend::Memory(
                 MemoryStore::new(*max_entries),
                 reviews::MemoryReviews::new(*max_entries),
+                batches::MemoryBatches::new(*max_entries),
             ),
             StateKind::Redis {
                 url,
@@ -180,7 +186,7 @@ impl StateStore {
 
     pub async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StateError> {
         let result = match &self.backend {
-            Backend::Memory(m, _) => Ok(m.claim(key, lease)),
+            Backend::Memory(m, _, _) => Ok(m.claim(key, lease)),
             Backend::Redis(r) => r.claim(key, lease).await,
         };
         self.track(result)
@@ -195,7 +201,7 @@ impl StateStore {
         lease: Duration,
     ) -> Result<Renewal, StateError> {
         let result = match &self.backend {
-            Backend::Memory(m, _) => Ok(m.renew(key, token, lease)),
+            Backend::Memory(m, _, _) => Ok(m.renew(key, token, lease)),
             Backend::Redis(r) => r.renew(key, token, lease).await,
         };
         self.track(result)
@@ -212,7 +218,7 @@ impl StateStore {
         ttl: Duration,
     ) -> Result<bool, StateError> {
         let result = match &self.backend {
-            Backend::Memory(m, _) => Ok(m.complete(key, token, outcome, ttl)),
+            Backend::Memory(m, _, _) => Ok(m.complete(key, token, outcome, ttl)),
             Backend::Redis(r) => r.complete(key, token, outcome, ttl).await,
         };
         self.track(result)
@@ -226,7 +232,7 @@ impl StateStore {
         outcome: bytes::Bytes,
     ) -> Result<bool, StateError> {
         let result = match &self.backend {
-            Backend::Memory(m, _) => Ok(m.replace_outcome(key, outcome)),
+            Backend::Memory(m, _, _) => Ok(m.replace_outcome(key, outcome)),
             Backend::Redis(r) => r.replace_outcome(key, outcome).await,
         };
         self.track(result)
@@ -235,7 +241,7 @@ impl StateStore {
     /// What `key` holds, without claiming it.
     pub async fn peek(&self, key: &str) -> Result<Peek, StateError> {
         let result = match &self.backend {
-            Backend::Memory(m, _) => Ok(m.peek(key)),
+            Backend::Memory(m, _, _) => Ok(m.peek(key)),
             Backend::Redis(r) => r.peek(key).await,
         };
         self.track(result)
@@ -245,7 +251,7 @@ impl StateStore {
     /// is left alone); `Ok(true)` when it was forgotten.
     pub async fn forget_outcome(&self, key: &str, outcome: &[u8]) -> Result<bool, StateError> {
         let result = match &self.backend {
-            Backend::Memory(m, _) => Ok(m.forget_outcome(key, outcome)),
+            Backend::Memory(m, _, _) => Ok(m.forget_outcome(key, outcome)),
             Backend::Redis(r) => r.forget_outcome(key, outcome).await,
         };
         self.track(result)
@@ -254,7 +260,7 @@ impl StateStore {
     /// Gives a claim up without an outcome, so a redelivery processes the job again.
     pub async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StateError> {
         let result = match &self.backend {
-            Backend::Memory(m, _) => {
+            Backend::Memory(m, _, _) => {
                 m.release(key, token);
                 Ok(())
             }
@@ -272,7 +278,7 @@ impl StateStore {
         rate: Rate,
     ) -> Result<Option<Duration>, StateError> {
         let result = match &self.backend {
-            Backend::Memory(m, _) => Ok(m.counters().throttle(key, cost, rate)),
+            Backend::Memory(m, _, _) => Ok(m.counters().throttle(key, cost, rate)),
             Backend::Redis(r) => r.gcra(key, cost, rate, true).await,
         };
         self.track(result)
@@ -288,7 +294,7 @@ impl StateStore {
         rate: Rate,
     ) -> Result<Vec<Booking>, StateError> {
         let result = match &self.backend {
-            Backend::Memory(m, _) => Ok(jobs
+            Backend::Memory(m, _, _) => Ok(jobs
                 .iter()
                 .map(|(ticket, park_after)| m.counters().book(key, ticket, rate, *park_after))
                 .collect()),
@@ -300,7 +306,7 @@ impl StateStore {
     /// Reconciles a rate limiter with what was really used (`delta` units, may be negative).
     pub async fn adjust(&self, key: &str, delta: f64, rate: Rate) -> Result<(), StateError> {
         let result = match &self.backend {
-            Backend::Memory(m, _) => {
+            Backend::Memory(m, _, _) => {
                 m.counters().adjust(key, delta, rate);
                 Ok(())
             }
@@ -317,7 +323,7 @@ impl StateStore {
         check: bool,
     ) -> Result<Spend, StateError> {
         let result = match &self.backend {
-            Backend::Memory(m, _) => Ok(m.counters().spend(keys, amount, check)),
+            Backend::Memory(m, _, _) => Ok(m.counters().spend(keys, amount, check)),
             Backend::Redis(r) => r.spend(keys, amount, check).await,
         };
         self.track(result)
@@ -326,7 +332,7 @@ impl StateStore {
     /// A cached provider response, if one is stored under `key`.
     pub async fn cache_get(&self, key: &str) -> Result<Option<bytes::Bytes>, StateError> {
         let result = match &self.backend {
-            Backend::Memory(m, _) => Ok(m.cache_get(key)),
+            Backend::Memory(m, _, _) => Ok(m.cache_get(key)),
             Backend::Redis(r) => r.cache_get(key).await,
         };
         self.track(result)
@@ -339,7 +345,7 @@ impl StateStore {
         ttl: Duration,
     ) -> Result<(), StateError> {
         let result = match &self.backend {
-            Backend::Memory(m, _) => {
+            Backend::Memory(m, _, _) => {
                 m.cache_put(key, value, ttl);
                 Ok(())
             }
@@ -359,7 +365,7 @@ impl StateStore {
         record: bytes::Bytes,
     ) -> Result<bool, StateError> {
         let result = match &self.backend {
-            Backend::Memory(_, r) => r.open(id, tenant, deadline_ms, record),
+            Backend::Memory(_, r, _) => r.open(id, tenant, deadline_ms, record),
             Backend::Redis(r) => r.review_open(id, tenant, deadline_ms, record).await,
         };
         self.track(result)
@@ -368,7 +374,7 @@ impl StateStore {
     /// The pending review `id`, if it is still pending.
     pub async fn review_get(&self, id: &str) -> Result<Option<bytes::Bytes>, StateError> {
         let result = match &self.backend {
-            Backend::Memory(_, r) => Ok(r.get(id)),
+            Backend::Memory(_, r, _) => Ok(r.get(id)),
             Backend::Redis(r) => r.review_get(id).await,
         };
         self.track(result)
@@ -377,7 +383,7 @@ impl StateStore {
     /// Drops a review from the pending ones (it was decided or expired).
     pub async fn review_forget(&self, id: &str, tenant: &str) -> Result<(), StateError> {
         let result = match &self.backend {
-            Backend::Memory(_, r) => {
+            Backend::Memory(_, r, _) => {
                 r.forget(id);
                 Ok(())
             }
@@ -394,7 +400,7 @@ impl StateStore {
         limit: usize,
     ) -> Result<Vec<String>, StateError> {
         let result = match &self.backend {
-            Backend::Memory(_, r) => Ok(r.by_deadline(until_ms, limit)),
+            Backend::Memory(_, r, _) => Ok(r.by_deadline(until_ms, limit)),
             Backend::Redis(r) => r.reviews_by_deadline(until_ms, limit).await,
         };
         self.track(result)
@@ -403,7 +409,7 @@ impl StateStore {
     /// Pending reviews by tenant.
     pub async fn review_counts(&self) -> Result<Vec<(String, u64)>, StateError> {
         let result = match &self.backend {
-            Backend::Memory(_, r) => Ok(r.counts()),
+            Backend::Memory(_, r, _) => Ok(r.counts()),
             Backend::Redis(r) => r.review_counts().await,
         };
         self.track(result)
@@ -420,7 +426,7 @@ impl StateStore {
         ttl: Duration,
     ) -> Result<(), StateError> {
         let result = match &self.backend {
-            Backend::Memory(m, _) => {
+            Backend::Memory(m, _, _) => {
                 m.index_add(index, score_ms, entry, max_entries, ttl);
                 Ok(())
             }
@@ -438,8 +444,169 @@ impl StateStore {
         limit: usize,
     ) -> Result<Vec<(bytes::Bytes, i64)>, StateError> {
         let result = match &self.backend {
-            Backend::Memory(m, _) => Ok(m.index_since(index, from_ms, limit)),
+            Backend::Memory(m, _, _) => Ok(m.index_since(index, from_ms, limit)),
             Backend::Redis(r) => r.index_since(index, from_ms, limit).await,
+        };
+        self.track(result)
+    }
+
+    /// Keeps a job waiting for a provider batch (its parking record), replacing an earlier one.
+    pub async fn batch_park(&self, job_key: &str, record: bytes::Bytes) -> Result<(), StateError> {
+        let result = match &self.backend {
+            Backend::Memory(_, _, b) => {
+                if b.park(job_key, record) {
+                    Ok(())
+                } else {
+                    Err(StateError::Unavailable(
+                        "the in-process store holds its most jobs waiting for batches; use Redis"
+                            .into(),
+                    ))
+                }
+            }
+            Backend::Redis(r) => r.batch_park(job_key, record).await,
+        };
+        self.track(result)
+    }
+
+    pub async fn batch_parked(&self, job_key: &str) -> Result<Option<bytes::Bytes>, StateError> {
+        let result = match &self.backend {
+            Backend::Memory(_, _, b) => Ok(b.parked(job_key)),
+            Backend::Redis(r) => r.batch_parked(job_key).await,
+        };
+        self.track(result)
+    }
+
+    /// Forgets a parked job and its answers.
+    pub async fn batch_unpark(&self, job_key: &str) -> Result<(), StateError> {
+        let result = match &self.backend {
+            Backend::Memory(_, _, b) => {
+                b.unpark(job_key);
+                Ok(())
+            }
+            Backend::Redis(r) => r.batch_unpark(job_key).await,
+        };
+        self.track(result)
+    }
+
+    /// Stores a batch's answer to a parked job's request `key` (only while it is parked).
+    pub async fn batch_answer(
+        &self,
+        job_key: &str,
+        key: &str,
+        answer: bytes::Bytes,
+    ) -> Result<(), StateError> {
+        let result = match &self.backend {
+            Backend::Memory(_, _, b) => {
+                b.answer(job_key, key, answer);
+                Ok(())
+            }
+            Backend::Redis(r) => r.batch_answer(job_key, key, answer).await,
+        };
+        self.track(result)
+    }
+
+    pub async fn batch_answers(
+        &self,
+        job_key: &str,
+    ) -> Result<Vec<(String, bytes::Bytes)>, StateError> {
+        let result = match &self.backend {
+            Backend::Memory(_, _, b) => Ok(b.answers(job_key)),
+            Backend::Redis(r) => r.batch_answers(job_key).await,
+        };
+        self.track(result)
+    }
+
+    /// Queues requests for the next batch of `queue` (a model alias).
+    pub async fn batch_enqueue(
+        &self,
+        queue: &str,
+        items: Vec<bytes::Bytes>,
+    ) -> Result<(), StateError> {
+        let result = match &self.backend {
+            Backend::Memory(_, _, b) => {
+                b.enqueue(queue, items);
+                Ok(())
+            }
+            Backend::Redis(r) => r.batch_enqueue(queue, items).await,
+        };
+        self.track(result)
+    }
+
+    /// Takes up to `max` queued requests as the submission `submission` (remembered, with
+    /// them, until [`Self::batch_opened`] or [`Self::batch_requeue`]).
+    pub async fn batch_take(
+        &self,
+        queue: &str,
+        max: usize,
+        submission: &str,
+        at_ms: i64,
+    ) -> Result<Vec<bytes::Bytes>, StateError> {
+        let result = match &self.backend {
+            Backend::Memory(_, _, b) => Ok(b.take(queue, max, submission, at_ms)),
+            Backend::Redis(r) => r.batch_take(queue, max, submission, at_ms).await,
+        };
+        self.track(result)
+    }
+
+    /// The submission became the open batch `batch`, described by `meta`.
+    pub async fn batch_opened(
+        &self,
+        submission: &str,
+        batch: &str,
+        meta: bytes::Bytes,
+    ) -> Result<(), StateError> {
+        let result = match &self.backend {
+            Backend::Memory(_, _, b) => {
+                b.opened(submission, batch, meta);
+                Ok(())
+            }
+            Backend::Redis(r) => r.batch_opened(submission, batch, meta).await,
+        };
+        self.track(result)
+    }
+
+    /// The submission failed: its requests go back to the queue.
+    pub async fn batch_requeue(
+        &self,
+        submission: &str,
+        queue: &str,
+        items: Vec<bytes::Bytes>,
+    ) -> Result<(), StateError> {
+        let result = match &self.backend {
+            Backend::Memory(_, _, b) => {
+                b.requeue(submission, queue, items);
+                Ok(())
+            }
+            Backend::Redis(r) => r.batch_requeue(submission, queue, items).await,
+        };
+        self.track(result)
+    }
+
+    /// Submissions under way (`{queue, at, items}` each).
+    pub async fn batch_submissions(&self) -> Result<Vec<(String, bytes::Bytes)>, StateError> {
+        let result = match &self.backend {
+            Backend::Memory(_, _, b) => Ok(b.submissions()),
+            Backend::Redis(r) => r.batch_hash("submitting").await,
+        };
+        self.track(result)
+    }
+
+    /// Open batches and their descriptions.
+    pub async fn batch_open(&self) -> Result<Vec<(String, bytes::Bytes)>, StateError> {
+        let result = match &self.backend {
+            Backend::Memory(_, _, b) => Ok(b.open()),
+            Backend::Redis(r) => r.batch_hash("open").await,
+        };
+        self.track(result)
+    }
+
+    pub async fn batch_close(&self, batch: &str) -> Result<(), StateError> {
+        let result = match &self.backend {
+            Backend::Memory(_, _, b) => {
+                b.close(batch);
+                Ok(())
+            }
+            Backend::Redis(r) => r.batch_close(batch).await,
         };
         self.track(result)
     }

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub experiment_assignments: IntCounterVec,
     pub reviews_pending: IntGaugeVec,
     pub semantic_cache_requests: IntCounterVec,
+    pub batch_jobs: IntCounterVec,
+    pub batch_requests: IntCounterVec,
     pub semantic_similarity: Histogram,
     pub review_decisions: IntCounterVec,
     pub pii_redacted: IntCounterVec,
@@ -142,6 +144,14 @@ impl Metrics {
                 opts("experiment_assignments_total", "Jobs run in an experiment's variant, by pipeline, experiment and variant (units outside the rollout are not counted)."),
                 &["pipeline", "experiment", "variant"],
             )?,
+            batch_jobs: IntCounterVec::new(
+                opts("batch_jobs_total", "Jobs that waited for a provider batch, by event (parked: for a batch round; finished: their outcome written after it)."),
+                &["event"],
+            )?,
+            batch_requests: IntCounterVec::new(
+                opts("batch_requests_total", "Provider batch requests by event (submitted; answered; failed: the batch did not answer it, so it was called directly)."),
+                &["event"],
+            )?,
             semantic_cache_requests: IntCounterVec::new(
                 opts("semantic_cache_requests_total", "Semantic cache lookups by result (hit: a stored question at or above the threshold answered; miss)."),
                 &["result"],
@@ -211,6 +221,8 @@ impl Metrics {
         m.registry.register(Box::new(m.reviews_pending.clone()))?;
         m.registry
             .register(Box::new(m.semantic_cache_requests.clone()))?;
+        m.registry.register(Box::new(m.batch_jobs.clone()))?;
+        m.registry.register(Box::new(m.batch_requests.clone()))?;
         m.registry
             .register(Box::new(m.semantic_similarity.clone()))?;
         m.registry.register(Box::new(m.review_decisions.clone()))?;

@@ -515,7 +515,36 @@ pub(super) fn pipeline_plan(
             "at most 1000000 (step outputs travel in every result)",
         );
     }
+    let batch = raw.batch.map(|b| {
+        let field = format!("pipelines.{pipeline}.batch");
+        if b.collect_ms == 0 {
+            p.add(format!("{field}.collect_ms"), "must be at least 1");
+        }
+        if b.poll_ms < 100 {
+            p.add(format!("{field}.poll_ms"), "must be at least 100");
+        }
+        if b.max_requests == 0 || b.max_requests > 50_000 {
+            p.add(
+                format!("{field}.max_requests"),
+                "between 1 and 50000 (the providers' batch limit)",
+            );
+        }
+        if !b.low_priority && b.min_deadline_s.is_none() {
+            p.add(
+                field.clone(),
+                "selects no job: set low_priority: true and/or min_deadline_s",
+            );
+        }
+        BatchPlan {
+            low_priority: b.low_priority,
+            min_deadline: b.min_deadline_s.map(std::time::Duration::from_secs),
+            collect: std::time::Duration::from_millis(b.collect_ms.max(1)),
+            max_requests: b.max_requests.clamp(1, 50_000),
+            poll: std::time::Duration::from_millis(b.poll_ms.max(100)),
+        }
+    });
     PipelinePlan {
+        batch,
         name: pipeline.to_owned(),
         budget_fallback: None,
         steps,

@@ -1,0 +1,149 @@
+//! Provider batch APIs for jobs that can wait, through NATS JetStream and Redis: 1,000
+//! low-priority jobs are parked, sent through the mock's OpenAI batch API (files + batches) and
+//! answered at the batch price; a replica is replaced while the batches run and 5% of the batch
+//! requests fail (called directly instead): nothing is lost, nothing answered twice, jobs that
+//! cannot wait are not batched. Anthropic's Message Batches answer a two-call pipeline in two
+//! rounds.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::json;
+use switchyard::config::{Latency, MockBatch, MockSettings};
+use switchyard::provider::mock::MockServer;
+use switchyard::state::StateStore;
+use switchyard::testkit::{publish_nats, Collected, OutputCollector};
+
+use common::*;
+
+const STALL: Duration = Duration::from_secs(90);
+
+async fn batch_mock(completion_ms: u64, failure_rate: f64) -> MockServer {
+    let settings = MockSettings {
+        latency: Latency::Fixed { ms: 0 },
+        seed: Some(3),
+        batch: MockBatch {
+            completion_ms,
+            failure_rate,
+        },
+        ..MockSettings::default()
+    };
+    MockServer::start("127.0.0.1:0", settings).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_low_priority_jobs_go_through_batches_across_a_replica_restart() {
+    let names = NatsNames::new();
+    let llm = batch_mock(3_000, 0.05).await;
+    let plan = TestConfig::nats(&names)
+        .llm(llm.addr())
+        .set(
+            "limits",
+            "{max_inflight_jobs: 512, max_job_bytes: 4096, drain_timeout_ms: 5000}",
+        )
+        .set(
+            "models",
+            "small: {provider: llm, model: gpt-4o-mini, price: {input: 1.0, output: 2.0}}",
+        )
+        .set("prompts", "plain: {user: \"Summarise: {{input.text}}\"}")
+        .set(
+            "pipelines",
+            "digest:\n    steps:\n      - {name: answer, kind: generate, model: small, prompt: plain}\n    \
+             batch: {collect_ms: 300, poll_ms: 300, max_requests: 400}",
+        )
+        .plan();
+    let collector = OutputCollector::start_nats(&nats_url(), &names.topics())
+        .await
+        .unwrap();
+    let first = Service::start(plan.clone(), StateStore::open(&plan.state).await.unwrap());
+    first.wait_ready().await;
+    let (low, normal) = (1_000, 20);
+    let job = |id: String, priority: &str| {
+        let job = json!({"id": id, "tenant": "acme", "priority": priority,
+                         "input": {"text": format!("Report {id}: sales were flat.")}});
+        (names.job_subject("acme"), job.to_string().into_bytes())
+    };
+    publish_nats(
+        &nats_url(),
+        (0..low)
+            .map(|i| job(format!("b-{i}"), "low"))
+            .chain((0..normal).map(|i| job(format!("n-{i}"), "normal"))),
+    )
+    .await
+    .unwrap();
+    // Every low-priority job parked and its request sent, then the replica goes while the
+    // batches are still running.
+    let submitted = || {
+        first
+            .metrics
+            .batch_requests
+            .with_label_values(&["submitted"])
+            .get()
+    };
+    eventually(STALL, "every batch request is submitted", || {
+        submitted() >= low as u64
+    })
+    .await;
+    assert_eq!(
+        collector.snapshot().len(),
+        normal,
+        "only the jobs that cannot wait are answered before the batches end"
+    );
+    first.stop().await;
+    let second = Service::start(plan.clone(), StateStore::open(&plan.state).await.unwrap());
+    second.wait_ready().await;
+    assert_eq!(
+        collector.wait_for(low + normal, STALL, |_| {}).await,
+        low + normal
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let all = collector.snapshot();
+    let failed = second
+        .metrics
+        .batch_requests
+        .with_label_values(&["failed"])
+        .get();
+    second.stop().await;
+    collector.stop().await;
+    names.delete_streams().await;
+
+    assert_schema_valid(&all);
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let (mut batched, mut direct) = (0, 0);
+    for (c, _) in &all {
+        let Collected::Result(r) = c else {
+            panic!("no dead letters: {c:?}")
+        };
+        assert!(!r.duplicate);
+        *seen.entry(r.job_id.clone()).or_default() += 1;
+        let step = step_of(r, "answer");
+        let standard = (step.input_tokens as f64 * 1.0 + step.output_tokens as f64 * 2.0) / 1e6;
+        match step.service_tier.as_deref() {
+            Some("batch") => {
+                assert!(r.job_id.starts_with("b-"), "{} is not batched", r.job_id);
+                assert!(
+                    (step.cost_usd - standard / 2.0).abs() < 1e-12,
+                    "batch price: {step:#?}"
+                );
+                batched += 1;
+            }
+            None => {
+                assert!((step.cost_usd - standard).abs() < 1e-12, "{step:#?}");
+                direct += 1;
+            }
+            other => panic!("unexpected tier {other:?}"),
+        }
+    }
+    assert_eq!(seen.len(), low + normal, "0 lost");
+    assert!(seen.values().all(|n| *n == 1), "0 answered twice");
+    assert!(failed > 0, "some batch requests failed");
+    assert_eq!(batched + direct, low + normal);
+    assert_eq!(
+        direct as u64,
+        normal as u64 + failed,
+        "the failed batch requests, and only they (and the normal jobs), were called directly"
+    );
+}
