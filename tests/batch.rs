@@ -38,7 +38,7 @@ async fn batch_mock(completion_ms: u64, failure_rate: f64) -> MockServer {
 async fn a_thousand_low_priority_jobs_go_through_batches_across_a_replica_restart() {
     let names = NatsNames::new();
     let llm = batch_mock(3_000, 0.05).await;
-    let plan = TestConfig::nats(&names)
+    let config = TestConfig::nats(&names)
         .llm(llm.addr())
         .set(
             "limits",
@@ -53,8 +53,8 @@ async fn a_thousand_low_priority_jobs_go_through_batches_across_a_replica_restar
             "pipelines",
             "digest:\n    steps:\n      - {name: answer, kind: generate, model: small, prompt: plain}\n    \
              batch: {collect_ms: 300, poll_ms: 300, max_requests: 400}",
-        )
-        .plan();
+        );
+    let plan = config.plan();
     let collector = OutputCollector::start_nats(&nats_url(), &names.topics())
         .await
         .unwrap();
@@ -146,4 +146,84 @@ async fn a_thousand_low_priority_jobs_go_through_batches_across_a_replica_restar
         normal as u64 + failed,
         "the failed batch requests, and only they (and the normal jobs), were called directly"
     );
+
+    // `switchyard cost` over the results prices what the batch saved.
+    let dir = tempfile::tempdir().unwrap();
+    let saved = dir.path().join("results.jsonl");
+    let lines: Vec<String> = all.iter().map(|(_, raw)| raw.to_string()).collect();
+    std::fs::write(&saved, lines.join("\n")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["cost", "--config"])
+        .arg(config.write(dir.path(), "batch.yaml"))
+        .arg(&saved)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = table
+        .lines()
+        .find(|l| l.trim_start().starts_with("saved by batch APIs"))
+        .unwrap();
+    let saved_usd: f64 = line.split('$').nth(1).unwrap().trim().parse().unwrap();
+    assert!(saved_usd > 0.0, "{table}");
+}
+
+/// Classify, route and answer over Anthropic's Message Batches (Kafka in and out): each job
+/// needs two batch rounds (its classification, then its answer), both at the batch price.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_call_pipeline_takes_two_anthropic_batch_rounds() {
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let llm = batch_mock(500, 0.0).await;
+    let plan = TestConfig::kafka(&brokers)
+        .set(
+            "providers",
+            format!("llm: {{kind: anthropic, base_url: \"http://{}\"}}", llm.addr()),
+        )
+        .set(
+            "pipelines",
+            "support:
+    steps:
+      - {name: classify, kind: classify, model: small, prompt: triage, categories: [billing, technical, account]}
+      - {name: route, kind: route, on: classify, routes: {technical: large, default: small}}
+      - {name: answer, kind: generate, model: \"{{route.model}}\", prompt: answer}
+    batch: {collect_ms: 200, poll_ms: 200}",
+        )
+        .plan();
+    let outputs = collector(&brokers);
+    let service = Service::start(plan, memory());
+    service.wait_ready().await;
+    let n = 30;
+    let jobs = (0..n).map(|i| {
+        json!({"id": format!("a-{i}"), "tenant": "acme", "priority": "low",
+               "input": {"text": format!("My invoice {i} was charged twice")}})
+        .to_string()
+        .into_bytes()
+    });
+    switchyard::testkit::publish(&brokers, JOBS_TOPIC, jobs)
+        .await
+        .unwrap();
+    assert_eq!(outputs.wait_for(n, STALL, |_| {}).await, n);
+    let all = outputs.snapshot();
+    let parked = service
+        .metrics
+        .batch_jobs
+        .with_label_values(&["parked"])
+        .get();
+    service.stop().await;
+    assert_schema_valid(&all);
+    assert_eq!(parked, 2 * n as u64, "each job parked for two rounds");
+    for i in 0..n {
+        let r = result_of(&all, &format!("a-{i}"));
+        assert_eq!(r.status.as_str(), "ok");
+        for step in ["classify", "answer"] {
+            let s = step_of(r, step);
+            assert_eq!(s.service_tier.as_deref(), Some("batch"), "{step}: {s:#?}");
+            assert!(s.cost_usd > 0.0);
+        }
+    }
 }

@@ -21,6 +21,7 @@ struct Sums {
     cache: f64,
     routing: f64,
     flex: f64,
+    batch: f64,
 }
 
 impl Sums {
@@ -30,11 +31,12 @@ impl Sums {
         self.cache += other.cache;
         self.routing += other.routing;
         self.flex += other.flex;
+        self.batch += other.batch;
     }
 
     /// What the same work would have cost on the pipeline's largest model, uncached.
     fn baseline(&self) -> f64 {
-        self.cost + self.cache + self.routing + self.flex
+        self.cost + self.cache + self.routing + self.flex + self.batch
     }
 }
 
@@ -90,10 +92,11 @@ pub fn report(
             ..Sums::default()
         };
         for step in result.steps.iter().filter(|s| s.model.is_some()) {
-            let (cache, routing, flex) = savings(plan, step, largest);
+            let (cache, routing, flex, batch) = savings(plan, step, largest);
             job.cache += cache;
             job.routing += routing;
             job.flex += flex;
+            job.batch += batch;
             let model = by_model
                 .entry(step.model.clone().unwrap_or_default())
                 .or_default();
@@ -101,6 +104,7 @@ pub fn report(
             model.cache += cache;
             model.routing += routing;
             model.flex += flex;
+            model.batch += batch;
         }
         // A model's job count: the jobs that called it.
         let mut called: Vec<&str> = result
@@ -164,7 +168,7 @@ pub fn report(
         total.cache,
         total.routing,
         total.flex,
-        0.0,
+        total.batch,
         total.baseline(),
     ));
     out.push_str(&format!(
@@ -175,17 +179,18 @@ pub fn report(
 
 fn table(out: &mut String, what: &str, rows: impl Iterator<Item = (String, Sums)>) {
     out.push_str(&format!(
-        "{what:<28} {:>7} {:>12} {:>12} {:>12} {:>12} {:>12}\n",
-        "jobs", "spent $", "cache $", "routing $", "flex $", "baseline $"
+        "{what:<28} {:>7} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}\n",
+        "jobs", "spent $", "cache $", "routing $", "flex $", "batch $", "baseline $"
     ));
     for (name, s) in rows {
         out.push_str(&format!(
-            "{name:<28} {:>7} {:>12.6} {:>12.6} {:>12.6} {:>12.6} {:>12.6}\n",
+            "{name:<28} {:>7} {:>12.6} {:>12.6} {:>12.6} {:>12.6} {:>12.6} {:>12.6}\n",
             s.jobs,
             s.cost,
             s.cache,
             s.routing,
             s.flex,
+            s.batch,
             s.baseline()
         ));
     }
@@ -208,9 +213,9 @@ fn weight(price: &Price) -> f64 {
 }
 
 /// What a step's call saved: (by the response cache, by running on its model rather than the
-/// pipeline's largest, by the flex tier). Priced from the config; a model the config no longer
-/// names saves nothing by routing or flex.
-fn savings(plan: &Plan, step: &StepRecord, largest: Option<&ModelPlan>) -> (f64, f64, f64) {
+/// pipeline's largest, by the flex tier, by the batch API). Priced from the config; a model
+/// the config no longer names saves nothing by routing, flex or batch.
+fn savings(plan: &Plan, step: &StepRecord, largest: Option<&ModelPlan>) -> (f64, f64, f64, f64) {
     let cache = step.cache_hit.map_or(0.0, |h| h.saved_usd);
     let (input, output) = match step.cache_hit {
         Some(hit) => (hit.input_tokens, hit.output_tokens),
@@ -226,13 +231,14 @@ fn savings(plan: &Plan, step: &StepRecord, largest: Option<&ModelPlan>) -> (f64,
         }
         _ => 0.0,
     };
-    let flex = match own {
-        Some(own) if step.service_tier.as_deref() == Some("flex") => {
+    // What the tier saved against the standard price of the same tokens.
+    let tier = |name: &str| match own {
+        Some(own) if step.service_tier.as_deref() == Some(name) => {
             (own.price.cost(input, output) - step.cost_usd).max(0.0)
         }
         _ => 0.0,
     };
-    (cache, routing, flex)
+    (cache, routing, tier("flex"), tier("batch"))
 }
 
 /// Reads `path` (`-`: standard input) and prints the report.

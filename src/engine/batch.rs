@@ -167,10 +167,7 @@ impl<K: OutputSink> Engine<K> {
             })
             .await?;
         }
-        self.metrics
-            .batch_jobs
-            .with_label_values(&["parked"])
-            .inc();
+        self.metrics.batch_jobs.with_label_values(&["parked"]).inc();
         tracing::info!(key, round, "job parked until its provider batch answers");
         Ok(())
     }
@@ -320,7 +317,11 @@ impl<K: OutputSink> Engine<K> {
             let _ = self.state.batch_requeue(&submission, alias, taken).await;
             return;
         };
-        match provider.client.batch_submit(&items, BATCH_CALL_TIMEOUT).await {
+        match provider
+            .client
+            .batch_submit(&items, BATCH_CALL_TIMEOUT)
+            .await
+        {
             Ok(remote) => {
                 let meta = OpenBatch {
                     provider: model.provider.clone(),
@@ -528,7 +529,10 @@ impl<K: OutputSink> Engine<K> {
         let (outcome, review) = match (job, pipeline) {
             (Ok(job), Some(pipeline)) => {
                 if let Some(deadline) = job.deadline.filter(|d| *d <= Utc::now()) {
-                    let error = format!("the job's deadline {} passed while it waited for its provider batch", deadline.to_rfc3339());
+                    let error = format!(
+                        "the job's deadline {} passed while it waited for its provider batch",
+                        deadline.to_rfc3339()
+                    );
                     let dl = incoming.dead_letter(
                         DeadLetterReason::DeadlineExceeded,
                         error,

@@ -247,7 +247,10 @@ impl Runner {
             }
         }
         let finished = match failure {
-            None => self.job_output(job, input, pipeline, &outputs, shared).await,
+            None => {
+                self.job_output(job, input, pipeline, &outputs, shared)
+                    .await
+            }
             Some(failure) => Err(failure),
         };
         let (mut output, mut status) = match finished {
@@ -329,7 +332,9 @@ impl Runner {
         self.calls.tasks().spawn(async move {
             if let Some(cache) = calls.semantic_cache() {
                 for i in inserts {
-                    cache.insert(&i.index, &i.vector, &i.response, &i.plan).await;
+                    cache
+                        .insert(&i.index, &i.vector, &i.response, &i.plan)
+                        .await;
                 }
             }
         });

@@ -103,7 +103,11 @@ impl AnthropicClient {
             .map(|item| json!({"custom_id": item.custom_id, "params": self.body(&item.request)}))
             .collect();
         let bytes = self
-            .send(self.http.post(&self.batches).json(&json!({"requests": requests})))
+            .send(
+                self.http
+                    .post(&self.batches)
+                    .json(&json!({"requests": requests})),
+            )
             .await?;
         let batch: Value = serde_json::from_slice(&bytes)
             .map_err(|e| ProviderError::InvalidResponse(format!("body is not JSON: {e}")))?;

@@ -136,10 +136,7 @@ impl OpenAiClient {
         }
     }
 
-    async fn send(
-        &self,
-        builder: reqwest::RequestBuilder,
-    ) -> Result<Vec<u8>, ProviderError> {
+    async fn send(&self, builder: reqwest::RequestBuilder) -> Result<Vec<u8>, ProviderError> {
         let builder = match &self.api_key {
             Some(key) => builder.bearer_auth(key),
             None => builder,
@@ -186,11 +183,14 @@ impl OpenAiClient {
             .body(form);
         let file: Value = json_of(&self.send(upload).await?)?;
         let file_id = text(&file, "/id")?;
-        let create = self.http.post(format!("{}/batches", self.base)).json(&serde_json::json!({
-            "input_file_id": file_id,
-            "endpoint": "/v1/chat/completions",
-            "completion_window": "24h",
-        }));
+        let create = self
+            .http
+            .post(format!("{}/batches", self.base))
+            .json(&serde_json::json!({
+                "input_file_id": file_id,
+                "endpoint": "/v1/chat/completions",
+                "completion_window": "24h",
+            }));
         let batch: Value = json_of(&self.send(create).await?)?;
         text(&batch, "/id")
     }
@@ -201,8 +201,11 @@ impl OpenAiClient {
         &self,
         id: &str,
     ) -> Result<Option<Vec<super::BatchAnswer>>, ProviderError> {
-        let batch: Value =
-            json_of(&self.send(self.http.get(format!("{}/batches/{id}", self.base))).await?)?;
+        let batch: Value = json_of(
+            &self
+                .send(self.http.get(format!("{}/batches/{id}", self.base)))
+                .await?,
+        )?;
         let status = text(&batch, "/status")?;
         if !matches!(
             status.as_str(),
@@ -225,7 +228,9 @@ impl OpenAiClient {
                 let Some(custom_id) = line.get("custom_id").and_then(Value::as_str) else {
                     continue;
                 };
-                let status = line.pointer("/response/status_code").and_then(Value::as_u64);
+                let status = line
+                    .pointer("/response/status_code")
+                    .and_then(Value::as_u64);
                 let answer = match (status, line.pointer("/response/body")) {
                     (Some(200), Some(body)) => {
                         let bytes = serde_json::to_vec(body).unwrap_or_default();
@@ -430,4 +435,3 @@ mod tests {
         );
     }
 }
-

@@ -9,10 +9,10 @@
 //! next success marks it available again. The consume loop pauses while it is unavailable and
 //! readiness reports it; no job is ever processed without its claim.
 
+mod batches;
 pub mod counters;
 mod memory;
 mod redis;
-mod batches;
 mod reviews;
 
 use std::sync::atomic::{AtomicBool, Ordering};

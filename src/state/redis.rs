@@ -869,7 +869,10 @@ const PARK_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
 impl RedisStore {
     fn parked_keys(&self, job_key: &str) -> [String; 2] {
         let p = &self.prefix;
-        [format!("{p}bj:{{{job_key}}}"), format!("{p}bja:{{{job_key}}}")]
+        [
+            format!("{p}bj:{{{job_key}}}"),
+            format!("{p}bja:{{{job_key}}}"),
+        ]
     }
 
     fn batch_key(&self, what: &str) -> String {
@@ -935,7 +938,10 @@ impl RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        Ok(found.into_iter().map(|(k, v)| (k, Bytes::from(v))).collect())
+        Ok(found
+            .into_iter()
+            .map(|(k, v)| (k, Bytes::from(v)))
+            .collect())
     }
 
     pub async fn batch_enqueue(&self, queue: &str, items: Vec<Bytes>) -> Result<(), StateError> {
@@ -1004,10 +1010,7 @@ impl RedisStore {
         for item in &items {
             script.arg(item.as_ref());
         }
-        let _: i64 = script
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        let _: i64 = script.invoke_async(&mut conn).await.map_err(unavailable)?;
         Ok(())
     }
 
@@ -1018,7 +1021,10 @@ impl RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        Ok(found.into_iter().map(|(k, v)| (k, Bytes::from(v))).collect())
+        Ok(found
+            .into_iter()
+            .map(|(k, v)| (k, Bytes::from(v)))
+            .collect())
     }
 
     pub async fn batch_close(&self, batch: &str) -> Result<(), StateError> {

@@ -122,7 +122,10 @@ pub(super) fn provider_plan(p: &mut Problems, field: &str, provider: RawProvider
             limits,
         } => {
             if !(0.0..=1.0).contains(&batch.failure_rate) {
-                p.add(format!("{field}.batch.failure_rate"), "a share between 0 and 1");
+                p.add(
+                    format!("{field}.batch.failure_rate"),
+                    "a share between 0 and 1",
+                );
             }
             for (i, a) in answers.iter().enumerate() {
                 if let Err(e) = regex::Regex::new(&a.pattern) {

@@ -77,7 +77,11 @@ fn error(status: StatusCode, kind: &str, message: &str) -> Response {
 }
 
 fn not_found(what: &str) -> Response {
-    error(StatusCode::NOT_FOUND, "invalid_request_error", &format!("No such {what}"))
+    error(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        &format!("No such {what}"),
+    )
 }
 
 /// The part named `file` of a multipart body.
@@ -115,7 +119,11 @@ pub(super) async fn upload(
     body: Bytes,
 ) -> Response {
     let Some(file) = multipart_file(&headers, &body) else {
-        return error(StatusCode::BAD_REQUEST, "invalid_request_error", "expected a multipart body with a `file` part");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "expected a multipart body with a `file` part",
+        );
     };
     let mut batches = state.batches.lock().unwrap_or_else(|e| e.into_inner());
     let id = batches.id("file-");
@@ -130,10 +138,18 @@ pub(super) async fn upload(
 /// `POST /v1/batches`.
 pub(super) async fn create_openai(State(state): State<Arc<MockState>>, body: Bytes) -> Response {
     let Ok(request) = serde_json::from_slice::<Value>(&body) else {
-        return error(StatusCode::BAD_REQUEST, "invalid_request_error", "We could not parse the JSON body of your request.");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "We could not parse the JSON body of your request.",
+        );
     };
     let Some(file_id) = request.get("input_file_id").and_then(Value::as_str) else {
-        return error(StatusCode::BAD_REQUEST, "invalid_request_error", "input_file_id is required");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "input_file_id is required",
+        );
     };
     let mut batches = state.batches.lock().unwrap_or_else(|e| e.into_inner());
     let Some(file) = batches.files.get(file_id) else {
@@ -142,15 +158,30 @@ pub(super) async fn create_openai(State(state): State<Arc<MockState>>, body: Byt
     let mut requests = Vec::new();
     for line in file.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
         let Ok(line) = serde_json::from_slice::<Value>(line) else {
-            return error(StatusCode::BAD_REQUEST, "invalid_request_error", "a line of the input file is not JSON");
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "a line of the input file is not JSON",
+            );
         };
-        let (Some(id), Some(body)) = (line.get("custom_id").and_then(Value::as_str), line.get("body")) else {
-            return error(StatusCode::BAD_REQUEST, "invalid_request_error", "each line needs custom_id and body");
+        let (Some(id), Some(body)) = (
+            line.get("custom_id").and_then(Value::as_str),
+            line.get("body"),
+        ) else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "each line needs custom_id and body",
+            );
         };
         requests.push((id.to_owned(), body.clone()));
     }
     if requests.is_empty() || requests.len() > MAX_REQUESTS {
-        return error(StatusCode::BAD_REQUEST, "invalid_request_error", "a batch holds 1 to 50000 requests");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "a batch holds 1 to 50000 requests",
+        );
     }
     let id = batches.id("batch_");
     let batch = Batch {
@@ -170,7 +201,11 @@ pub(super) async fn create_openai(State(state): State<Arc<MockState>>, body: Byt
 /// `POST /v1/messages/batches`.
 pub(super) async fn create_anthropic(State(state): State<Arc<MockState>>, body: Bytes) -> Response {
     let Ok(request) = serde_json::from_slice::<Value>(&body) else {
-        return error(StatusCode::BAD_REQUEST, "invalid_request_error", "We could not parse the JSON body of your request.");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "We could not parse the JSON body of your request.",
+        );
     };
     let requests: Vec<(String, Value)> = request
         .get("requests")
@@ -178,12 +213,21 @@ pub(super) async fn create_anthropic(State(state): State<Arc<MockState>>, body: 
         .map(|items| {
             items
                 .iter()
-                .filter_map(|r| Some((r.get("custom_id")?.as_str()?.to_owned(), r.get("params")?.clone())))
+                .filter_map(|r| {
+                    Some((
+                        r.get("custom_id")?.as_str()?.to_owned(),
+                        r.get("params")?.clone(),
+                    ))
+                })
                 .collect()
         })
         .unwrap_or_default();
     if requests.is_empty() || requests.len() > MAX_REQUESTS {
-        return error(StatusCode::BAD_REQUEST, "invalid_request_error", "a batch holds 1 to 50000 requests with custom_id and params");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "a batch holds 1 to 50000 requests with custom_id and params",
+        );
     }
     let mut batches = state.batches.lock().unwrap_or_else(|e| e.into_inner());
     let id = batches.id("msgbatch_");
@@ -201,8 +245,17 @@ pub(super) async fn create_anthropic(State(state): State<Arc<MockState>>, body: 
     Json(view).into_response()
 }
 
-fn openai_view(id: &str, b: &Batch, status: &str, output: Option<&str>, errors: Option<&str>) -> Value {
-    let failed = b.results.as_ref().map_or(0, |r| r.iter().filter(|(_, a)| a.is_err()).count());
+fn openai_view(
+    id: &str,
+    b: &Batch,
+    status: &str,
+    output: Option<&str>,
+    errors: Option<&str>,
+) -> Value {
+    let failed = b
+        .results
+        .as_ref()
+        .map_or(0, |r| r.iter().filter(|(_, a)| a.is_err()).count());
     let completed = b.results.as_ref().map_or(0, |r| r.len() - failed);
     json!({"id": id, "object": "batch", "endpoint": "/v1/chat/completions", "errors": null,
            "input_file_id": b.input_file_id, "completion_window": "24h", "status": status,
@@ -212,7 +265,10 @@ fn openai_view(id: &str, b: &Batch, status: &str, output: Option<&str>, errors: 
 
 fn anthropic_view(id: &str, b: &Batch, results_url: Option<String>) -> Value {
     let ended = b.results.is_some();
-    let errored = b.results.as_ref().map_or(0, |r| r.iter().filter(|(_, a)| a.is_err()).count());
+    let errored = b
+        .results
+        .as_ref()
+        .map_or(0, |r| r.iter().filter(|(_, a)| a.is_err()).count());
     let succeeded = b.results.as_ref().map_or(0, |r| r.len() - errored);
     json!({"id": id, "type": "message_batch",
            "processing_status": if ended { "ended" } else { "in_progress" },
@@ -248,20 +304,39 @@ async fn settle(state: &Arc<MockState>, id: &str) -> Option<bool> {
             let state = state.clone();
             async move {
                 if fails(&custom_id, rate) {
-                    return (custom_id, Err("The server had an error processing this request.".to_owned()));
+                    return (
+                        custom_id,
+                        Err("The server had an error processing this request.".to_owned()),
+                    );
                 }
                 let bytes = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
                 let response = match api {
-                    Api::OpenAi => super::openai::chat_completions(State(state), HeaderMap::new(), bytes).await,
-                    Api::Anthropic => super::anthropic::messages(State(state), HeaderMap::new(), bytes).await,
+                    Api::OpenAi => {
+                        super::openai::chat_completions(State(state), HeaderMap::new(), bytes).await
+                    }
+                    Api::Anthropic => {
+                        // The batch request carries what the API's own request needs.
+                        let mut headers = HeaderMap::new();
+                        headers.insert(
+                            "anthropic-version",
+                            axum::http::HeaderValue::from_static("2023-06-01"),
+                        );
+                        super::anthropic::messages(State(state), headers, bytes).await
+                    }
                 };
                 let status = response.status();
-                let body = axum::body::to_bytes(response.into_body(), 16 << 20).await.unwrap_or_default();
+                let body = axum::body::to_bytes(response.into_body(), 16 << 20)
+                    .await
+                    .unwrap_or_default();
                 let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                 if status == StatusCode::OK {
                     (custom_id, Ok(value))
                 } else {
-                    let message = value.pointer("/error/message").and_then(Value::as_str).unwrap_or("failed").to_owned();
+                    let message = value
+                        .pointer("/error/message")
+                        .and_then(Value::as_str)
+                        .unwrap_or("failed")
+                        .to_owned();
                     (custom_id, Err(message))
                 }
             }
@@ -276,7 +351,10 @@ async fn settle(state: &Arc<MockState>, id: &str) -> Option<bool> {
 }
 
 /// `GET /v1/batches/{id}`.
-pub(super) async fn get_openai(State(state): State<Arc<MockState>>, Path(id): Path<String>) -> Response {
+pub(super) async fn get_openai(
+    State(state): State<Arc<MockState>>,
+    Path(id): Path<String>,
+) -> Response {
     let Some(ended) = settle(&state, &id).await else {
         return not_found("batch");
     };
@@ -302,7 +380,11 @@ pub(super) async fn get_openai(State(state): State<Arc<MockState>>, Path(id): Pa
                                    "response": {"status_code": 500, "request_id": format!("req_{n}"),
                                                 "body": {"error": {"message": message, "type": "server_error"}}}, "error": null}),
         };
-        let target = if result.is_ok() { &mut output } else { &mut errors };
+        let target = if result.is_ok() {
+            &mut output
+        } else {
+            &mut errors
+        };
         target.extend_from_slice(line.to_string().as_bytes());
         target.push(b'\n');
     }
@@ -319,7 +401,10 @@ pub(super) async fn get_openai(State(state): State<Arc<MockState>>, Path(id): Pa
 }
 
 /// `GET /v1/files/{id}/content`.
-pub(super) async fn file_content(State(state): State<Arc<MockState>>, Path(id): Path<String>) -> Response {
+pub(super) async fn file_content(
+    State(state): State<Arc<MockState>>,
+    Path(id): Path<String>,
+) -> Response {
     let batches = state.batches.lock().unwrap_or_else(|e| e.into_inner());
     match batches.files.get(&id) {
         Some(bytes) => (StatusCode::OK, bytes.clone()).into_response(),
@@ -336,7 +421,10 @@ pub(super) async fn get_anthropic(
     let Some(ended) = settle(&state, &id).await else {
         return not_found("batch");
     };
-    let host = headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("127.0.0.1");
+    let host = headers
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("127.0.0.1");
     let batches = state.batches.lock().unwrap_or_else(|e| e.into_inner());
     let Some(b) = batches.batches.get(&id) else {
         return not_found("batch");
@@ -346,7 +434,10 @@ pub(super) async fn get_anthropic(
 }
 
 /// `GET /v1/messages/batches/{id}/results`.
-pub(super) async fn results_anthropic(State(state): State<Arc<MockState>>, Path(id): Path<String>) -> Response {
+pub(super) async fn results_anthropic(
+    State(state): State<Arc<MockState>>,
+    Path(id): Path<String>,
+) -> Response {
     let batches = state.batches.lock().unwrap_or_else(|e| e.into_inner());
     let Some(results) = batches.batches.get(&id).and_then(|b| b.results.as_ref()) else {
         return not_found("batch results");
@@ -354,7 +445,9 @@ pub(super) async fn results_anthropic(State(state): State<Arc<MockState>>, Path(
     let mut out = Vec::new();
     for (custom_id, result) in results {
         let line = match result {
-            Ok(message) => json!({"custom_id": custom_id, "result": {"type": "succeeded", "message": message}}),
+            Ok(message) => {
+                json!({"custom_id": custom_id, "result": {"type": "succeeded", "message": message}})
+            }
             Err(message) => json!({"custom_id": custom_id, "result": {"type": "errored",
                                    "error": {"type": "error", "error": {"type": "api_error", "message": message}}}}),
         };

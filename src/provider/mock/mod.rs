@@ -306,7 +306,10 @@ fn router(state: Arc<MockState>) -> Router {
         .route("/v1/batches/{id}", get(batch::get_openai))
         .route("/v1/messages/batches", post(batch::create_anthropic))
         .route("/v1/messages/batches/{id}", get(batch::get_anthropic))
-        .route("/v1/messages/batches/{id}/results", get(batch::results_anthropic))
+        .route(
+            "/v1/messages/batches/{id}/results",
+            get(batch::results_anthropic),
+        )
         .route("/mock/stats", get(stats_handler))
         .route("/mock/log", get(log_handler))
         .route("/mock/faults", axum::routing::put(set_faults_handler))
