@@ -143,8 +143,9 @@ pub async fn run_with(
         );
         // Either consumer failing for good stops the other.
         let stopping = shutdown.child_token();
-        if let Some(every) = engine.batch_every() {
-            let (engine, stop) = (engine.clone(), stopping.clone());
+        {
+            // Always: jobs parked under an earlier config still finish.
+            let (engine, stop, every) = (engine.clone(), stopping.clone(), engine.batch_every());
             background.spawn(async move { batch_loop(&engine, every, &stop).await });
         }
         if plan.reviews.consume {

@@ -227,3 +227,68 @@ async fn a_two_call_pipeline_takes_two_anthropic_batch_rounds() {
         }
     }
 }
+
+/// A duplicate of a job that waits for its batch waits too, then replays the job's result:
+/// one answer, one replay, one batch request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_of_a_parked_job_replays_its_result_once_the_batch_answers() {
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let llm = batch_mock(1_500, 0.0).await;
+    let plan = TestConfig::kafka(&brokers)
+        .llm(llm.addr())
+        .set("prompts", "plain: {user: \"{{input.text}}\"}")
+        .set(
+            "pipelines",
+            "digest:\n    steps:\n      - {name: answer, kind: generate, model: small, prompt: plain}\n    \
+             batch: {collect_ms: 200, poll_ms: 200}",
+        )
+        .plan();
+    let outputs = collector(&brokers);
+    let service = Service::start(plan, memory());
+    service.wait_ready().await;
+    let job = json!({"id": "d-1", "tenant": "acme", "priority": "low", "input": {"text": "Summarise Q3"}})
+        .to_string()
+        .into_bytes();
+    switchyard::testkit::publish(&brokers, JOBS_TOPIC, [job.clone()])
+        .await
+        .unwrap();
+    eventually(STALL, "the job is parked", || {
+        service
+            .metrics
+            .batch_jobs
+            .with_label_values(&["parked"])
+            .get()
+            == 1
+    })
+    .await;
+    switchyard::testkit::publish(&brokers, JOBS_TOPIC, [job])
+        .await
+        .unwrap();
+    assert_eq!(outputs.wait_for(2, STALL, |_| {}).await, 2);
+    let all = outputs.snapshot();
+    let submitted = service
+        .metrics
+        .batch_requests
+        .with_label_values(&["submitted"])
+        .get();
+    service.stop().await;
+    let results: Vec<_> = all
+        .iter()
+        .filter_map(|(c, _)| match c {
+            Collected::Result(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(results.len(), 2, "{all:#?}");
+    assert_eq!(
+        results.iter().filter(|r| r.duplicate).count(),
+        1,
+        "one replay"
+    );
+    assert_eq!(results[0].output, results[1].output);
+    assert_eq!(
+        submitted, 1,
+        "one batch request for the job and its duplicate"
+    );
+}

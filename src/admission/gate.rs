@@ -33,6 +33,7 @@ const EXHAUSTED_MAX: usize = 4096;
 const STORE_RETRY: Duration = Duration::from_millis(250);
 
 /// Who a provider call is for, and what its waits are charged to.
+#[derive(Clone, Copy)]
 pub struct CallScope<'a> {
     pub tenant: &'a str,
     /// The job's `user`, held to its tenant's `per_user` limits.
@@ -417,23 +418,49 @@ impl Gate {
         )))
     }
 
-    /// Adds what an answer already paid for (a provider batch's) to the tenant's budget, or to
-    /// the job's reservation when it has one; never refused: the money is spent.
-    pub async fn charge(&self, scope: &CallScope<'_>, cost: f64) {
-        if cost <= 0.0 {
-            return;
-        }
-        if let Some(job) = scope.job_budget {
-            job.charge(cost);
-            return;
-        }
+    /// Reserves a provider batch call's worst case (at the batch price) on the tenant's budget,
+    /// which it holds until the batch ends and [`Self::settle_batch`] prices it; what was
+    /// reserved (0 without a budget). Not the job's own reservation: the job is parked, and
+    /// that one ends with this run. Rate limits do not apply: batches have their own quotas.
+    pub async fn reserve_batch(
+        &self,
+        scope: &CallScope<'_>,
+        model: &ModelPlan,
+        request: &crate::provider::ChatRequest,
+    ) -> Result<f64, Refusal> {
         let Some(keys) = self.budget_keys(scope.tenant) else {
+            return Ok(0.0);
+        };
+        let prompt = crate::tokens::prompt(&model.model, request.system.as_deref(), &request.user);
+        let cost = model
+            .batch_price
+            .worst_case()
+            .cost(prompt, u64::from(request.max_tokens));
+        if cost <= 0.0 {
+            return Ok(0.0);
+        }
+        let own = CallScope {
+            job_budget: None,
+            ..*scope
+        };
+        let what = format!("a batch call to `{}`", model.alias);
+        self.reserve_budget(&own, &what, &keys, cost).await?;
+        Ok(cost)
+    }
+
+    /// Corrects a batch call's reservation by `delta` (its price less what was reserved; minus
+    /// the reservation when the batch did not answer it).
+    pub async fn settle_batch(&self, tenant: &str, delta: f64) {
+        if delta == 0.0 {
+            return;
+        }
+        let Some(keys) = self.budget_keys(tenant) else {
             return;
         };
-        match self.state.spend(&keys, cost, false).await {
-            Ok(spend) => self.publish_remaining(scope.tenant, &keys, spend.day, spend.month),
+        match self.state.spend(&keys, delta, false).await {
+            Ok(spend) => self.publish_remaining(tenant, &keys, spend.day, spend.month),
             Err(e) => {
-                tracing::warn!(tenant = %scope.tenant, error = %e, "could not add a batch answer's cost to the budget")
+                tracing::warn!(tenant, error = %e, "could not settle a batch call's budget reservation")
             }
         }
     }

@@ -20,6 +20,9 @@ pub struct BatchNeed {
     pub key: String,
     pub alias: String,
     pub request: ChatRequest,
+    pub tenant: String,
+    /// What the tenant's budget holds for it until its answer is priced (USD).
+    pub reserved: f64,
 }
 
 #[derive(Debug, Default)]

@@ -133,18 +133,7 @@ impl Calls {
             let request = request(model);
             let key = super::batch::key(alias, &request);
             if let Some(answer) = round.answers.get(&key) {
-                // Answered by the batch: charged now, at the batch price.
-                let cost = model.response_cost(answer);
-                if let Some(gate) = &self.gate {
-                    gate.charge(scope, cost).await;
-                }
-                self.metrics.llm_usage(
-                    &model.provider,
-                    &model.model,
-                    answer.input_tokens,
-                    answer.output_tokens,
-                    cost,
-                );
+                // Answered by the batch (priced and charged when the batch ended).
                 return Ok(CallOutcome {
                     response: answer.clone(),
                     model: model.clone(),
@@ -154,10 +143,20 @@ impl Calls {
                 });
             }
             if !round.failed.contains(&key) {
+                // The budget holds the batch call's worst case until its answer is priced.
+                let reserved = match &self.gate {
+                    Some(gate) => gate
+                        .reserve_batch(scope, model, &request)
+                        .await
+                        .map_err(|refusal| refused(refusal, 0))?,
+                    None => 0.0,
+                };
                 round.need(super::batch::BatchNeed {
                     key,
                     alias: alias.to_owned(),
                     request,
+                    tenant: scope.tenant.to_owned(),
+                    reserved,
                 });
                 return Err(CallFailure::Batched);
             }

@@ -38,6 +38,11 @@ use crate::wire::{decode_job, DeadLetterReason, Job, Outcome, SourceInfo};
 const STALE_SUBMISSION: Duration = Duration::from_secs(600);
 /// How long a provider's batch calls may take.
 const BATCH_CALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often a duplicate of a parked job looks whether it has its outcome.
+const UNPARK_POLL: Duration = Duration::from_secs(1);
+/// How often the batch loop runs when no pipeline batches (jobs parked under an earlier
+/// config still finish).
+const IDLE_EVERY: Duration = Duration::from_secs(5);
 
 /// What a parked job's record holds.
 #[derive(Debug, Serialize, Deserialize)]
@@ -63,6 +68,19 @@ struct Queued {
     key: String,
     alias: String,
     request: ChatRequest,
+    tenant: String,
+    /// What the tenant's budget holds for it.
+    reserved: f64,
+}
+
+/// One request of an open batch: whose it is and what its budget holds.
+#[derive(Debug, Serialize, Deserialize)]
+struct Item {
+    custom_id: String,
+    job_key: String,
+    key: String,
+    tenant: String,
+    reserved: f64,
 }
 
 /// An open batch, as the store keeps it.
@@ -70,8 +88,7 @@ struct Queued {
 struct OpenBatch {
     provider: String,
     alias: String,
-    /// (custom id, job key, request key).
-    items: Vec<(String, String, String)>,
+    items: Vec<Item>,
     submitted_at: DateTime<Utc>,
 }
 
@@ -97,6 +114,27 @@ enum Answer {
 }
 
 impl<K: OutputSink> Engine<K> {
+    /// Waits while the job under `key` is parked (its batch has not answered it yet).
+    pub(super) async fn wait_unparked(
+        &self,
+        key: &str,
+        stop: &CancellationToken,
+    ) -> Result<(), Stopped> {
+        let mut logged = false;
+        while self.is_parked(key, stop).await? {
+            if !logged {
+                tracing::info!(key, "the job waits for its provider batch; this delivery replays its outcome once it has one");
+                logged = true;
+            }
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return Err(Stopped::Now),
+                () = tokio::time::sleep(UNPARK_POLL) => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Whether `key` is parked, waiting through a store outage.
     pub(super) async fn is_parked(
         &self,
@@ -143,11 +181,6 @@ impl<K: OutputSink> Engine<K> {
             round,
         };
         let record = Bytes::from(serde_json::to_vec(&record).map_err(|_| Stopped::Now)?);
-        // The record first: a queued request always has its job to go back to.
-        self.retry_store("park a job for its batch", stop, || {
-            self.state.batch_park(key, record.clone())
-        })
-        .await?;
         let mut by_alias: std::collections::BTreeMap<String, Vec<Bytes>> = Default::default();
         for need in needs {
             let custom_id = custom_id(key, &need.key);
@@ -157,16 +190,25 @@ impl<K: OutputSink> Engine<K> {
                 key: need.key,
                 alias: need.alias.clone(),
                 request: need.request,
+                tenant: need.tenant,
+                reserved: need.reserved,
             };
             let bytes = Bytes::from(serde_json::to_vec(&queued).map_err(|_| Stopped::Now)?);
             by_alias.entry(need.alias).or_default().push(bytes);
         }
+        // The requests first, then the record that acknowledges the job: a job whose record
+        // exists always has its requests queued. (Requests queued for a job whose record then
+        // could not be written are answered for nothing; the job is redelivered.)
         for (alias, items) in by_alias {
             self.retry_store("queue a batch request", stop, || {
                 self.state.batch_enqueue(&alias, items.clone())
             })
             .await?;
         }
+        self.retry_store("park a job for its batch", stop, || {
+            self.state.batch_park(key, record.clone())
+        })
+        .await?;
         self.metrics.batch_jobs.with_label_values(&["parked"]).inc();
         tracing::info!(key, round, "job parked until its provider batch answers");
         Ok(())
@@ -204,9 +246,7 @@ impl<K: OutputSink> Engine<K> {
         polled: &mut std::collections::HashMap<String, Instant>,
         stop: &CancellationToken,
     ) {
-        let Some((max_requests, poll)) = self.batch_settings() else {
-            return;
-        };
+        let (max_requests, poll) = self.batch_settings();
         self.requeue_stale().await;
         for alias in self.plan.models.keys() {
             if stop.is_cancelled() {
@@ -240,26 +280,28 @@ impl<K: OutputSink> Engine<K> {
     }
 
     /// The most requests per batch and the shortest poll interval of the pipelines that
-    /// batch; `None` when none does.
-    fn batch_settings(&self) -> Option<(usize, Duration)> {
+    /// batch (defaults when none does, for jobs parked under an earlier config).
+    fn batch_settings(&self) -> (usize, Duration) {
         let plans: Vec<_> = self
             .plan
             .pipelines
             .values()
             .filter_map(|p| p.batch.as_ref())
             .collect();
-        let max = plans.iter().map(|b| b.max_requests).max()?;
-        let poll = plans.iter().map(|b| b.poll).min()?;
-        Some((max, poll))
+        let max = plans.iter().map(|b| b.max_requests).max().unwrap_or(1_000);
+        let poll = plans.iter().map(|b| b.poll).min().unwrap_or(IDLE_EVERY);
+        (max, poll)
     }
 
-    /// How often the batch loop runs: the shortest `collect_ms` of the pipelines that batch.
-    pub fn batch_every(&self) -> Option<Duration> {
+    /// How often the batch loop runs: the shortest `collect_ms` or `poll_ms` of the pipelines
+    /// that batch, or every few seconds when none does.
+    pub fn batch_every(&self) -> Duration {
         self.plan
             .pipelines
             .values()
             .filter_map(|p| p.batch.as_ref().map(|b| b.collect.min(b.poll)))
             .min()
+            .unwrap_or(IDLE_EVERY)
     }
 
     async fn requeue_stale(&self) {
@@ -301,9 +343,12 @@ impl<K: OutputSink> Engine<K> {
                 return;
             }
         };
+        // A request queued twice (a job parked again by a second pass) is sent once.
+        let mut ids = std::collections::HashSet::new();
         let queued: Vec<Queued> = taken
             .iter()
-            .filter_map(|b| serde_json::from_slice(b).ok())
+            .filter_map(|b| serde_json::from_slice::<Queued>(b).ok())
+            .filter(|q| ids.insert(q.custom_id.clone()))
             .collect();
         let items: Vec<BatchItem> = queued
             .iter()
@@ -328,7 +373,13 @@ impl<K: OutputSink> Engine<K> {
                     alias: alias.to_owned(),
                     items: queued
                         .into_iter()
-                        .map(|q| (q.custom_id, q.job_key, q.key))
+                        .map(|q| Item {
+                            custom_id: q.custom_id,
+                            job_key: q.job_key,
+                            key: q.key,
+                            tenant: q.tenant,
+                            reserved: q.reserved,
+                        })
                         .collect(),
                     submitted_at: Utc::now(),
                 };
@@ -350,6 +401,40 @@ impl<K: OutputSink> Engine<K> {
                     .with_label_values(&["submitted"])
                     .inc_by(items.len() as u64);
                 tracing::info!(model = alias, batch = %remote, requests = items.len(), "batch submitted");
+            }
+            Err(e) if matches!(e.action(), crate::provider::ErrorAction::NextTarget) => {
+                // The provider will not take this batch (no batch API, a refused request):
+                // its requests are called directly instead, through the normal path.
+                tracing::warn!(model = alias, requests = items.len(), error = %e, "the provider refused the batch; its requests are called directly");
+                let items = queued
+                    .into_iter()
+                    .map(|q| Item {
+                        custom_id: q.custom_id,
+                        job_key: q.job_key,
+                        key: q.key,
+                        tenant: q.tenant,
+                        reserved: q.reserved,
+                    })
+                    .collect();
+                let failed = OpenBatch {
+                    provider: model.provider.clone(),
+                    alias: alias.to_owned(),
+                    items,
+                    submitted_at: Utc::now(),
+                };
+                let reason = format!("the provider refused the batch: {e}");
+                let _ = self
+                    .settle_items(
+                        &failed,
+                        std::collections::HashMap::new(),
+                        &reason,
+                        &CancellationToken::new(),
+                    )
+                    .await;
+                let _ = self
+                    .state
+                    .batch_requeue(&submission, alias, Vec::new())
+                    .await;
             }
             Err(e) => {
                 tracing::warn!(model = alias, requests = items.len(), error = %e, "batch submission failed; its requests go back to the queue");
@@ -390,14 +475,55 @@ impl<K: OutputSink> Engine<K> {
                 return;
             }
         };
-        let mut by_id: std::collections::HashMap<String, Result<ChatResponse, String>> =
+        let by_id: std::collections::HashMap<String, Result<ChatResponse, String>> =
             answers.into_iter().collect();
+        tracing::info!(batch = %id, model = %meta.alias, requests = meta.items.len(), "batch ended");
+        // The claim is renewed while the jobs run: one that lapsed would let another replica
+        // settle the same batch at once.
+        let settled = tokio::select! {
+            settled = self.settle_items(&meta, by_id, "the batch ended without an answer to this request", stop) => settled,
+            LeaseLost = self.hold_claim(&held) => return,
+        };
+        if settled {
+            let _ = self.state.batch_close(id).await;
+            self.record(&held, Bytes::from_static(b"closed")).await;
+        } else {
+            // Some job could not be brought to its outcome now: the batch stays open and is
+            // settled again (stored answers are kept; finished jobs are skipped).
+            self.release(&held).await;
+        }
+    }
+
+    /// Stores a batch's answers with the jobs that wait for them (a request without one:
+    /// `missing`), prices them on the tenants' budgets, and runs each job whose answers are
+    /// all in. `true` when every job was brought as far as its answers allow.
+    async fn settle_items(
+        &self,
+        meta: &OpenBatch,
+        mut by_id: std::collections::HashMap<String, Result<ChatResponse, String>>,
+        missing: &str,
+        stop: &CancellationToken,
+    ) -> bool {
+        let model = self.plan.models.get(&meta.alias);
+        let gate = self.scheduler.gate();
         let mut jobs = BTreeSet::new();
         let (mut answered, mut failed) = (0u64, 0u64);
-        for (custom_id, job_key, request_key) in &meta.items {
-            let answer = match by_id.remove(custom_id) {
-                Some(Ok(r)) => {
+        for item in &meta.items {
+            let answer = match by_id.remove(&item.custom_id) {
+                Some(Ok(mut r)) => {
                     answered += 1;
+                    r.batch = true;
+                    let cost = model.map_or(0.0, |m| m.response_cost(&r));
+                    if let Some(m) = model {
+                        self.metrics.llm_usage(
+                            &m.provider,
+                            &m.model,
+                            r.input_tokens,
+                            r.output_tokens,
+                            cost,
+                        );
+                    }
+                    gate.settle_batch(&item.tenant, cost - item.reserved).await;
                     Answer::Answered {
                         content: r.content,
                         input_tokens: r.input_tokens,
@@ -406,13 +532,13 @@ impl<K: OutputSink> Engine<K> {
                         cache_write_tokens: r.cache_write_tokens,
                     }
                 }
-                Some(Err(reason)) => {
+                other => {
                     failed += 1;
-                    Answer::Failed(reason)
-                }
-                None => {
-                    failed += 1;
-                    Answer::Failed("the batch ended without an answer to this request".into())
+                    gate.settle_batch(&item.tenant, -item.reserved).await;
+                    Answer::Failed(match other {
+                        Some(Err(reason)) => reason,
+                        _ => missing.to_owned(),
+                    })
                 }
             };
             let Ok(bytes) = serde_json::to_vec(&answer) else {
@@ -421,15 +547,14 @@ impl<K: OutputSink> Engine<K> {
             if self
                 .retry_store("store a batch answer", stop, || {
                     self.state
-                        .batch_answer(job_key, request_key, Bytes::from(bytes.clone()))
+                        .batch_answer(&item.job_key, &item.key, Bytes::from(bytes.clone()))
                 })
                 .await
                 .is_err()
             {
-                self.release(&held).await;
-                return;
+                return false;
             }
-            jobs.insert(job_key.clone());
+            jobs.insert(item.job_key.clone());
         }
         self.metrics
             .batch_requests
@@ -439,31 +564,35 @@ impl<K: OutputSink> Engine<K> {
             .batch_requests
             .with_label_values(&["failed"])
             .inc_by(failed);
-        tracing::info!(batch = %id, model = %meta.alias, answered, failed, "batch ended");
+        let mut all = true;
         for job_key in jobs {
             if stop.is_cancelled() {
-                // The claim lapses; the next replica goes through the jobs again (those done
-                // already are unparked and skipped).
-                return;
+                return false;
             }
-            self.resume_parked(&job_key, stop).await;
+            all &= self.resume_parked(&job_key, stop).await;
         }
-        let _ = self.state.batch_close(id).await;
-        self.record(&held, Bytes::from_static(b"closed")).await;
+        all
     }
 
     /// Runs a parked job again once every answer it waits for is in: its outcome, or the next
-    /// round of its batch.
-    async fn resume_parked(&self, job_key: &str, stop: &CancellationToken) {
-        let Ok(Some(record)) = self.state.batch_parked(job_key).await else {
-            return;
+    /// round of its batch. `false` when it could not be done now (the store, a stop).
+    async fn resume_parked(&self, job_key: &str, stop: &CancellationToken) -> bool {
+        let record = match self.state.batch_parked(job_key).await {
+            Ok(Some(record)) => record,
+            // Finished and unparked already.
+            Ok(None) => return true,
+            Err(_) => return false,
         };
         let Ok(parked) = serde_json::from_slice::<Parked>(&record) else {
-            tracing::error!(key = job_key, "a parked job's record cannot be read");
-            return;
+            tracing::error!(
+                key = job_key,
+                "a parked job's record cannot be read; dropping it"
+            );
+            let _ = self.state.batch_unpark(job_key).await;
+            return true;
         };
         let Ok(stored) = self.state.batch_answers(job_key).await else {
-            return;
+            return false;
         };
         let mut round = BatchRound::default();
         for (key, bytes) in stored {
@@ -499,7 +628,7 @@ impl<K: OutputSink> Engine<K> {
             .all(|k| round.answers.contains_key(k) || round.failed.contains(k))
         {
             // Another batch still holds some of its requests; that one resumes it.
-            return;
+            return true;
         }
         let incoming = Incoming {
             kind: Kind::Job,
@@ -515,9 +644,9 @@ impl<K: OutputSink> Engine<K> {
             Ok(Err(_)) => {
                 // Finished already (an earlier pass wrote its outcome).
                 let _ = self.state.batch_unpark(job_key).await;
-                return;
+                return true;
             }
-            Err(_) => return,
+            Err(_) => return false,
         };
         let started = Instant::now();
         let job = decode_job(
@@ -545,10 +674,10 @@ impl<K: OutputSink> Engine<K> {
                         biased;
                         () = stop.cancelled() => {
                             self.release(&held).await;
-                            return;
+                            return false;
                         }
                         run = self.runner.run_batched(&job, &pipeline, None, &round) => run,
-                        LeaseLost = self.hold_claim(&held) => return,
+                        LeaseLost = self.hold_claim(&held) => return false,
                     };
                     let needs = round.needed();
                     if !needs.is_empty() {
@@ -567,7 +696,7 @@ impl<K: OutputSink> Engine<K> {
                         if parked.is_err() {
                             tracing::warn!(key = job_key, "could not park the job for its next batch round; the open batch resumes it again");
                         }
-                        return;
+                        return parked.is_ok();
                     }
                     self.conclude(&incoming, &job, &pipeline, job_key, run, started)
                 }
@@ -593,15 +722,17 @@ impl<K: OutputSink> Engine<K> {
             output_key: job_key.to_owned(),
             review,
         };
-        if self.deliver(decision, &incoming, stop).await.is_ok() {
-            if let Err(e) = self.state.batch_unpark(job_key).await {
-                tracing::warn!(key = job_key, error = %e, "could not unpark a finished job; it is skipped when seen again");
-            }
-            self.metrics
-                .batch_jobs
-                .with_label_values(&["finished"])
-                .inc();
+        if self.deliver(decision, &incoming, stop).await.is_err() {
+            return false;
         }
+        if let Err(e) = self.state.batch_unpark(job_key).await {
+            tracing::warn!(key = job_key, error = %e, "could not unpark a finished job; it is skipped when seen again");
+        }
+        self.metrics
+            .batch_jobs
+            .with_label_values(&["finished"])
+            .inc();
+        true
     }
 }
 

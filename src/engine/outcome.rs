@@ -225,7 +225,24 @@ impl<K: OutputSink> Engine<K> {
         } else {
             self.book(&job, &key, incoming.deferrable, stop).await?
         };
-        let held = match self.claim(&key, stop).await? {
+        // A job of a pipeline that batches may be waiting for its batch already (this is a
+        // duplicate or a redelivery): this delivery waits until that one has its outcome, then
+        // replays it like any duplicate.
+        let batching = pipeline.batch.is_some();
+        let claimed = loop {
+            if batching {
+                self.wait_unparked(&key, stop).await?;
+            }
+            let claimed = self.claim(&key, stop).await?;
+            match &claimed {
+                Ok(held) if batching && self.is_parked(&key, stop).await? => {
+                    // Parked between the look and the claim.
+                    self.release(held).await;
+                }
+                _ => break claimed,
+            }
+        };
+        let held = match claimed {
             Ok(held) => held,
             Err(stored) => {
                 // A duplicate never runs: its booked turn goes back to its tenant.
@@ -259,24 +276,12 @@ impl<K: OutputSink> Engine<K> {
                 review: None,
             });
         }
-        // A job that can wait runs in a provider batch round; one already waiting for its
-        // batch (a duplicate delivery) is left to it.
+        // A job that can wait runs in a provider batch round.
         let round = pipeline
             .batch
             .as_ref()
             .filter(|b| b.applies(&job))
             .map(|_| crate::calls::batch::BatchRound::default());
-        if round.is_some() && self.is_parked(&key, stop).await? {
-            self.release(&held).await;
-            tracing::info!(key = %key, "the job is already waiting for a provider batch; this delivery is acknowledged and its outcome follows the batch");
-            return Ok(Decision {
-                outcome: None,
-                claim: None,
-                pipeline: Some(pipeline.name.clone()),
-                output_key: key,
-                review: None,
-            });
-        }
         let started = Instant::now();
         self.metrics.queue_wait.observe(seconds_since(received_at));
         let span = tracing::info_span!("job", job_id = %job.id, tenant = %job.tenant, pipeline = %pipeline.name, traceparent = incoming.trace);

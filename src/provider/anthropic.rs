@@ -89,7 +89,9 @@ impl AnthropicClient {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
-        let bytes = super::read_body(&mut response, self.max_response_bytes).await?;
+        // A batch's results hold every answer of the batch.
+        let max = self.max_response_bytes.max(super::BATCH_RESULTS_MAX);
+        let bytes = super::read_body(&mut response, max).await?;
         if status == 200 {
             return Ok(bytes);
         }

@@ -70,6 +70,10 @@ pub struct ChatResponse {
     pub batch: bool,
 }
 
+/// The most bytes of a batch call's response (its results file holds every answer): room for
+/// the largest batch a pipeline may send (`batch.max_requests`, at most 10,000) of long answers.
+pub const BATCH_RESULTS_MAX: usize = 256 * 1024 * 1024;
+
 /// One request of a batch, named by an id unique within it.
 pub struct BatchItem {
     pub custom_id: String,

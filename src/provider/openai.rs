@@ -144,7 +144,9 @@ impl OpenAiClient {
         let mut response = builder.send().await.map_err(super::transport_error)?;
         let status = response.status().as_u16();
         let retry_after = retry_after(response.headers());
-        let bytes = super::read_body(&mut response, self.max_response_bytes).await?;
+        // A batch's results hold every answer of the batch.
+        let max = self.max_response_bytes.max(super::BATCH_RESULTS_MAX);
+        let bytes = super::read_body(&mut response, max).await?;
         if status == 200 {
             return Ok(bytes);
         }

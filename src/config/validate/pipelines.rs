@@ -523,10 +523,16 @@ pub(super) fn pipeline_plan(
         if b.poll_ms < 100 {
             p.add(format!("{field}.poll_ms"), "must be at least 100");
         }
-        if b.max_requests == 0 || b.max_requests > 50_000 {
+        if b.max_requests == 0 || b.max_requests > 10_000 {
             p.add(
                 format!("{field}.max_requests"),
-                "between 1 and 50000 (the providers' batch limit)",
+                "between 1 and 10000 (a batch's results are read whole)",
+            );
+        }
+        if b.min_deadline_s.is_some_and(|s| s < 86_400) {
+            p.warn(
+                format!("{field}.min_deadline_s"),
+                "below 24 h: a provider may take up to 24 h to end a batch, and a job whose deadline passes first is dead-lettered after its batch was paid for",
             );
         }
         if !b.low_priority && b.min_deadline_s.is_none() {
@@ -539,7 +545,7 @@ pub(super) fn pipeline_plan(
             low_priority: b.low_priority,
             min_deadline: b.min_deadline_s.map(std::time::Duration::from_secs),
             collect: std::time::Duration::from_millis(b.collect_ms.max(1)),
-            max_requests: b.max_requests.clamp(1, 50_000),
+            max_requests: b.max_requests.clamp(1, 10_000),
             poll: std::time::Duration::from_millis(b.poll_ms.max(100)),
         }
     });

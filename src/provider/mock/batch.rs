@@ -395,8 +395,12 @@ pub(super) async fn get_openai(
         (!output.is_empty()).then_some(output_id.as_str()),
         (!errors.is_empty()).then_some(error_id.as_str()),
     );
-    batches.files.entry(output_id).or_insert(output);
-    batches.files.entry(error_id).or_insert(errors);
+    if !batches.files.contains_key(&output_id) {
+        batches.files.insert(output_id.clone(), output);
+        batches.files.insert(error_id.clone(), errors);
+        batches.keep(output_id);
+        batches.keep(error_id);
+    }
     Json(view).into_response()
 }
 
