@@ -326,3 +326,70 @@ async fn turns_are_booked_in_order_across_replicas_and_a_parked_job_runs_on_its_
         .unwrap();
     assert_eq!(other[0], Booking::Now);
 }
+
+/// The semantic cache's index in Redis: entries come back in the order they were added, from a
+/// given time on, trimmed to the newest `max_entries`.
+#[tokio::test]
+async fn a_semantic_index_keeps_its_newest_entries_and_returns_those_added_since() {
+    let s = switchyard::state::StateStore::from(store(&prefix()).await);
+    let ttl = Duration::from_secs(60);
+    for (i, at) in [(0u8, 1_000i64), (1, 2_000), (2, 3_000)] {
+        s.index_add("acme:idx", at, bytes::Bytes::from(vec![i]), 2, ttl)
+            .await
+            .unwrap();
+    }
+    let all = s.index_since("acme:idx", 0, 10).await.unwrap();
+    assert_eq!(
+        all.iter().map(|(b, at)| (b[0], *at)).collect::<Vec<_>>(),
+        [(1, 2_000), (2, 3_000)],
+        "the oldest beyond max_entries is gone"
+    );
+    let since = s.index_since("acme:idx", 3_000, 10).await.unwrap();
+    assert_eq!(since.len(), 1);
+    assert!(s.index_since("globex:idx", 0, 10).await.unwrap().is_empty());
+}
+
+/// Provider batch queues in Redis: a take moves requests into a submission (another take
+/// does not see them), a requeue gives them back once, and an opened batch is listed until
+/// closed; a parked job's answers are kept only while it is parked.
+#[tokio::test]
+async fn batch_queues_move_requests_through_submissions_to_open_batches() {
+    let s = switchyard::state::StateStore::from(store(&prefix()).await);
+    let item = |n: u8| bytes::Bytes::from(format!("{{\"n\":{n}}}"));
+    s.batch_enqueue("small", vec![item(1), item(2), item(3)])
+        .await
+        .unwrap();
+    let taken = s.batch_take("small", 2, "sub-1", 1_000).await.unwrap();
+    assert_eq!(taken, [item(1), item(2)]);
+    let other = s.batch_take("small", 10, "sub-2", 1_000).await.unwrap();
+    assert_eq!(other, [item(3)], "taken requests are not taken twice");
+    let submissions = s.batch_submissions().await.unwrap();
+    assert_eq!(submissions.len(), 2);
+    s.batch_requeue("sub-1", "small", taken.clone())
+        .await
+        .unwrap();
+    s.batch_requeue("sub-1", "small", taken.clone())
+        .await
+        .unwrap();
+    let again = s.batch_take("small", 10, "sub-3", 2_000).await.unwrap();
+    assert_eq!(again, [item(1), item(2)], "a requeue gives them back once");
+    s.batch_opened("sub-3", "batch-1", bytes::Bytes::from_static(b"{}"))
+        .await
+        .unwrap();
+    let open = s.batch_open().await.unwrap();
+    assert_eq!(open.len(), 1);
+    s.batch_close("batch-1").await.unwrap();
+    assert!(s.batch_open().await.unwrap().is_empty());
+
+    s.batch_answer("acme/k", "r1", item(9)).await.unwrap();
+    assert!(
+        s.batch_answers("acme/k").await.unwrap().is_empty(),
+        "no record, no answer"
+    );
+    s.batch_park("acme/k", item(0)).await.unwrap();
+    s.batch_answer("acme/k", "r1", item(9)).await.unwrap();
+    assert_eq!(s.batch_answers("acme/k").await.unwrap().len(), 1);
+    s.batch_unpark("acme/k").await.unwrap();
+    assert!(s.batch_parked("acme/k").await.unwrap().is_none());
+    assert!(s.batch_answers("acme/k").await.unwrap().is_empty());
+}

@@ -117,14 +117,17 @@ impl MemoryBatches {
             .collect()
     }
 
+    /// Gives a submission's requests back to the queue, once (a submission already opened or
+    /// given back is left alone).
     pub fn requeue(&self, submission: &str, queue: &str, items: Vec<Bytes>) {
         let mut inner = self.lock();
-        inner.submitting.remove(submission);
-        inner
-            .queues
-            .entry(queue.to_owned())
-            .or_default()
-            .extend(items);
+        if inner.submitting.remove(submission).is_some() {
+            inner
+                .queues
+                .entry(queue.to_owned())
+                .or_default()
+                .extend(items);
+        }
     }
 
     pub fn open(&self) -> Vec<(String, Bytes)> {
