@@ -227,11 +227,11 @@ async fn paused_until(
 async fn batch_loop<K: OutputSink>(engine: &Engine<K>, every: Duration, stop: &CancellationToken) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut polled = std::collections::HashMap::new();
+    let mut clock = crate::engine::BatchClock::default();
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
-            _ = tick.tick() => engine.batch_pass(&mut polled, stop).await,
+            _ = tick.tick() => engine.batch_pass(&mut clock, stop).await,
         }
     }
 }

@@ -292,3 +292,52 @@ async fn a_duplicate_of_a_parked_job_replays_its_result_once_the_batch_answers()
         "one batch request for the job and its duplicate"
     );
 }
+
+/// Parked jobs are bounded by their model's batch queue: with `max_queued: 1`, a job that could
+/// wait runs at once while the queue holds a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_batch_queue_runs_jobs_at_once_instead_of_parking_them() {
+    let kafka = kafka();
+    let brokers = kafka.bootstrap_servers();
+    let llm = batch_mock(500, 0.0).await;
+    let plan = TestConfig::kafka(&brokers)
+        .llm(llm.addr())
+        .set("prompts", "plain: {user: \"{{input.text}}\"}")
+        .set(
+            "pipelines",
+            "digest:\n    steps:\n      - {name: answer, kind: generate, model: small, prompt: plain}\n    \
+             batch: {collect_ms: 3000, poll_ms: 200, max_queued: 1}",
+        )
+        .plan();
+    let outputs = collector(&brokers);
+    let service = Service::start(plan, memory());
+    service.wait_ready().await;
+    let job = |id: &str| {
+        json!({"id": id, "tenant": "acme", "priority": "low", "input": {"text": format!("Summarise {id}")}})
+            .to_string()
+            .into_bytes()
+    };
+    switchyard::testkit::publish(&brokers, JOBS_TOPIC, [job("q-0")])
+        .await
+        .unwrap();
+    eventually(STALL, "the first job is parked", || {
+        service
+            .metrics
+            .batch_jobs
+            .with_label_values(&["parked"])
+            .get()
+            == 1
+    })
+    .await;
+    switchyard::testkit::publish(&brokers, JOBS_TOPIC, (1..4).map(|i| job(&format!("q-{i}"))))
+        .await
+        .unwrap();
+    assert_eq!(outputs.wait_for(4, STALL, |_| {}).await, 4);
+    let all = outputs.snapshot();
+    service.stop().await;
+    let tier = |id: &str| step_of(result_of(&all, id), "answer").service_tier.clone();
+    assert_eq!(tier("q-0").as_deref(), Some("batch"));
+    for i in 1..4 {
+        assert_eq!(tier(&format!("q-{i}")), None, "q-{i} ran at once");
+    }
+}

@@ -507,6 +507,7 @@ pub struct BatchPlan {
     pub collect: Duration,
     pub max_requests: usize,
     pub poll: Duration,
+    pub max_queued: u64,
 }
 
 impl BatchPlan {

@@ -744,6 +744,14 @@ pub struct RawBatch {
     /// How often an open batch is asked whether it has ended.
     #[serde(default = "default_poll_ms")]
     pub poll_ms: u64,
+    /// Requests waiting to be sent per model at most: beyond it, jobs run at once instead of
+    /// parking (the state store holds every parked job).
+    #[serde(default = "default_max_queued")]
+    pub max_queued: u64,
+}
+
+fn default_max_queued() -> u64 {
+    100_000
 }
 
 fn yes() -> bool {

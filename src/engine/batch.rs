@@ -44,6 +44,13 @@ const UNPARK_POLL: Duration = Duration::from_secs(1);
 /// config still finish).
 const IDLE_EVERY: Duration = Duration::from_secs(5);
 
+/// When the batch loop last sent each model's queue and asked each open batch.
+#[derive(Default)]
+pub struct BatchClock {
+    sent: std::collections::HashMap<String, Instant>,
+    polled: std::collections::HashMap<String, Instant>,
+}
+
 /// What a parked job's record holds.
 #[derive(Debug, Serialize, Deserialize)]
 struct Parked {
@@ -114,6 +121,31 @@ enum Answer {
 }
 
 impl<K: OutputSink> Engine<K> {
+    /// Whether every batch queue `pipeline` may use has room (fewer than `max` waiting); a
+    /// store that cannot say means no.
+    pub(super) async fn batch_room(
+        &self,
+        pipeline: &crate::config::PipelinePlan,
+        max: u64,
+    ) -> bool {
+        for alias in crate::pipeline::pipeline_aliases(pipeline) {
+            match self.state.batch_queued(alias).await {
+                Ok(n) if n < max => {}
+                Ok(n) => {
+                    tracing::warn!(
+                        model = alias,
+                        queued = n,
+                        max,
+                        "the batch queue is full; jobs that could wait run at once"
+                    );
+                    return false;
+                }
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
     /// Waits while the job under `key` is parked (its batch has not answered it yet).
     pub(super) async fn wait_unparked(
         &self,
@@ -239,21 +271,28 @@ impl<K: OutputSink> Engine<K> {
         }
     }
 
-    /// One pass of the batch loop: puts back stale submissions, sends what is queued, and
-    /// settles open batches that have ended (`polled` remembers when each was last asked).
-    pub async fn batch_pass(
-        &self,
-        polled: &mut std::collections::HashMap<String, Instant>,
-        stop: &CancellationToken,
-    ) {
-        let (max_requests, poll) = self.batch_settings();
+    /// One pass of the batch loop: puts back stale submissions, sends what was collected for
+    /// `collect_ms` (or a full batch at once), and settles open batches that have ended.
+    pub async fn batch_pass(&self, at: &mut BatchClock, stop: &CancellationToken) {
+        let (max_requests, poll, collect) = self.batch_settings();
         self.requeue_stale().await;
         for alias in self.plan.models.keys() {
             if stop.is_cancelled() {
                 return;
             }
-            self.submit(alias, max_requests).await;
+            let due = at.sent.get(alias).is_none_or(|t| t.elapsed() >= collect);
+            let full = !due
+                && self
+                    .state
+                    .batch_queued(alias)
+                    .await
+                    .is_ok_and(|n| n >= max_requests as u64);
+            if due || full {
+                at.sent.insert(alias.clone(), Instant::now());
+                self.submit(alias, max_requests).await;
+            }
         }
+        let polled = &mut at.polled;
         let open = match self.state.batch_open().await {
             Ok(open) => open,
             Err(e) => {
@@ -279,9 +318,9 @@ impl<K: OutputSink> Engine<K> {
         }
     }
 
-    /// The most requests per batch and the shortest poll interval of the pipelines that
-    /// batch (defaults when none does, for jobs parked under an earlier config).
-    fn batch_settings(&self) -> (usize, Duration) {
+    /// The most requests per batch, and the shortest poll interval and collection time of the
+    /// pipelines that batch (defaults when none does, for jobs parked under an earlier config).
+    fn batch_settings(&self) -> (usize, Duration, Duration) {
         let plans: Vec<_> = self
             .plan
             .pipelines
@@ -290,7 +329,8 @@ impl<K: OutputSink> Engine<K> {
             .collect();
         let max = plans.iter().map(|b| b.max_requests).max().unwrap_or(1_000);
         let poll = plans.iter().map(|b| b.poll).min().unwrap_or(IDLE_EVERY);
-        (max, poll)
+        let collect = plans.iter().map(|b| b.collect).min().unwrap_or(IDLE_EVERY);
+        (max, poll, collect)
     }
 
     /// How often the batch loop runs: the shortest `collect_ms` or `poll_ms` of the pipelines

@@ -35,6 +35,7 @@ use crate::telemetry::health::Health;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::Telemetry;
 use crate::wire::{decode_job, DeadLetterReason, Outcome, SourceInfo};
+pub use batch::BatchClock;
 use claim::LeaseLost;
 use outcome::{Decision, Who};
 

@@ -276,12 +276,14 @@ impl<K: OutputSink> Engine<K> {
                 review: None,
             });
         }
-        // A job that can wait runs in a provider batch round.
-        let round = pipeline
-            .batch
-            .as_ref()
-            .filter(|b| b.applies(&job))
-            .map(|_| crate::calls::batch::BatchRound::default());
+        // A job that can wait runs in a provider batch round, unless its models' batch queues
+        // are full (then it runs at once: parked jobs are bounded by the queues).
+        let round = match pipeline.batch.as_ref().filter(|b| b.applies(&job)) {
+            Some(b) if self.batch_room(&pipeline, b.max_queued).await => {
+                Some(crate::calls::batch::BatchRound::default())
+            }
+            _ => None,
+        };
         let started = Instant::now();
         self.metrics.queue_wait.observe(seconds_since(received_at));
         let span = tracing::info_span!("job", job_id = %job.id, tenant = %job.tenant, pipeline = %pipeline.name, traceparent = incoming.trace);

@@ -73,6 +73,10 @@ impl MemoryBatches {
             .unwrap_or_default()
     }
 
+    pub fn queued(&self, queue: &str) -> u64 {
+        self.lock().queues.get(queue).map_or(0, |q| q.len() as u64)
+    }
+
     pub fn enqueue(&self, queue: &str, items: Vec<Bytes>) {
         self.lock()
             .queues

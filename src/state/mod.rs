@@ -516,6 +516,15 @@ impl StateStore {
         self.track(result)
     }
 
+    /// Requests waiting in the batch queue of `queue` (a model alias).
+    pub async fn batch_queued(&self, queue: &str) -> Result<u64, StateError> {
+        let result = match &self.backend {
+            Backend::Memory(_, _, b) => Ok(b.queued(queue)),
+            Backend::Redis(r) => r.batch_queued(queue).await,
+        };
+        self.track(result)
+    }
+
     /// Queues requests for the next batch of `queue` (a model alias).
     pub async fn batch_enqueue(
         &self,

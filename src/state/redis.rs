@@ -944,6 +944,15 @@ impl RedisStore {
             .collect())
     }
 
+    pub async fn batch_queued(&self, queue: &str) -> Result<u64, StateError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("LLEN")
+            .arg(self.batch_key(&format!("q:{queue}")))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
     pub async fn batch_enqueue(&self, queue: &str, items: Vec<Bytes>) -> Result<(), StateError> {
         let mut conn = self.conn.clone();
         let mut cmd = redis::cmd("RPUSH");

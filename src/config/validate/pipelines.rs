@@ -547,6 +547,7 @@ pub(super) fn pipeline_plan(
             collect: std::time::Duration::from_millis(b.collect_ms.max(1)),
             max_requests: b.max_requests.clamp(1, 10_000),
             poll: std::time::Duration::from_millis(b.poll_ms.max(100)),
+            max_queued: b.max_queued.max(1),
         }
     });
     PipelinePlan {
