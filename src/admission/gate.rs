@@ -427,9 +427,9 @@ impl Gate {
         scope: &CallScope<'_>,
         model: &ModelPlan,
         request: &crate::provider::ChatRequest,
-    ) -> Result<f64, Refusal> {
+    ) -> Result<(f64, Option<(String, String)>), Refusal> {
         let Some(keys) = self.budget_keys(scope.tenant) else {
-            return Ok(0.0);
+            return Ok((0.0, None));
         };
         let prompt = crate::tokens::prompt(&model.model, request.system.as_deref(), &request.user);
         let cost = model
@@ -437,7 +437,7 @@ impl Gate {
             .worst_case()
             .cost(prompt, u64::from(request.max_tokens));
         if cost <= 0.0 {
-            return Ok(0.0);
+            return Ok((0.0, None));
         }
         let own = CallScope {
             job_budget: None,
@@ -445,18 +445,26 @@ impl Gate {
         };
         let what = format!("a batch call to `{}`", model.alias);
         self.reserve_budget(&own, &what, &keys, cost).await?;
-        Ok(cost)
+        Ok((cost, Some((keys.day, keys.month))))
     }
 
     /// Corrects a batch call's reservation by `delta` (its price less what was reserved; minus
-    /// the reservation when the batch did not answer it).
-    pub async fn settle_batch(&self, tenant: &str, delta: f64) {
+    /// the reservation when the batch did not answer it), on the day and month it was reserved
+    /// in (`reserved_in`).
+    pub async fn settle_batch(
+        &self,
+        tenant: &str,
+        reserved_in: Option<&(String, String)>,
+        delta: f64,
+    ) {
         if delta == 0.0 {
             return;
         }
-        let Some(keys) = self.budget_keys(tenant) else {
+        let (Some(mut keys), Some((day, month))) = (self.budget_keys(tenant), reserved_in) else {
             return;
         };
+        keys.day.clone_from(day);
+        keys.month.clone_from(month);
         match self.state.spend(&keys, delta, false).await {
             Ok(spend) => self.publish_remaining(tenant, &keys, spend.day, spend.month),
             Err(e) => {

@@ -21,8 +21,10 @@ pub struct BatchNeed {
     pub alias: String,
     pub request: ChatRequest,
     pub tenant: String,
-    /// What the tenant's budget holds for it until its answer is priced (USD).
+    /// What the tenant's budget holds for it until its answer is priced (USD), and the day
+    /// and month budget keys it is held on.
     pub reserved: f64,
+    pub reserved_in: Option<(String, String)>,
 }
 
 #[derive(Debug, Default)]

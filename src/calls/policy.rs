@@ -144,12 +144,12 @@ impl Calls {
             }
             if !round.failed.contains(&key) {
                 // The budget holds the batch call's worst case until its answer is priced.
-                let reserved = match &self.gate {
+                let (reserved, reserved_in) = match &self.gate {
                     Some(gate) => gate
                         .reserve_batch(scope, model, &request)
                         .await
                         .map_err(|refusal| refused(refusal, 0))?,
-                    None => 0.0,
+                    None => (0.0, None),
                 };
                 round.need(super::batch::BatchNeed {
                     key,
@@ -157,6 +157,7 @@ impl Calls {
                     request,
                     tenant: scope.tenant.to_owned(),
                     reserved,
+                    reserved_in,
                 });
                 return Err(CallFailure::Batched);
             }

@@ -38,6 +38,8 @@ use crate::wire::{decode_job, DeadLetterReason, Job, Outcome, SourceInfo};
 const STALE_SUBMISSION: Duration = Duration::from_secs(600);
 /// How long a provider's batch calls may take.
 const BATCH_CALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a batch is remembered as priced (longer than it can stay open).
+const PRICED_MEMORY: Duration = Duration::from_secs(8 * 24 * 3600);
 /// How often a duplicate of a parked job looks whether it has its outcome.
 const UNPARK_POLL: Duration = Duration::from_secs(1);
 /// How often the batch loop runs when no pipeline batches (jobs parked under an earlier
@@ -76,8 +78,10 @@ struct Queued {
     alias: String,
     request: ChatRequest,
     tenant: String,
-    /// What the tenant's budget holds for it.
+    /// What the tenant's budget holds for it, and on which day and month keys.
     reserved: f64,
+    #[serde(default)]
+    reserved_in: Option<(String, String)>,
 }
 
 /// One request of an open batch: whose it is and what its budget holds.
@@ -88,6 +92,8 @@ struct Item {
     key: String,
     tenant: String,
     reserved: f64,
+    #[serde(default)]
+    reserved_in: Option<(String, String)>,
 }
 
 /// An open batch, as the store keeps it.
@@ -154,6 +160,11 @@ impl<K: OutputSink> Engine<K> {
     ) -> Result<(), Stopped> {
         let mut logged = false;
         while self.is_parked(key, stop).await? {
+            // A record that outlived its job (its unparking failed) does not hold anyone up.
+            if let Ok(crate::state::Peek::Done(_)) = self.state.peek(key).await {
+                let _ = self.state.batch_unpark(key).await;
+                return Ok(());
+            }
             if !logged {
                 tracing::info!(key, "the job waits for its provider batch; this delivery replays its outcome once it has one");
                 logged = true;
@@ -199,7 +210,8 @@ impl<K: OutputSink> Engine<K> {
         needs: Vec<BatchNeed>,
         round: u32,
         stop: &CancellationToken,
-    ) -> Result<(), Stopped> {
+    ) -> Result<bool, Stopped> {
+        let pending: Vec<String> = needs.iter().map(|n| n.key.clone()).collect();
         let record = Parked {
             job_key: key.to_owned(),
             job_id: job.id.clone(),
@@ -224,6 +236,7 @@ impl<K: OutputSink> Engine<K> {
                 request: need.request,
                 tenant: need.tenant,
                 reserved: need.reserved,
+                reserved_in: need.reserved_in,
             };
             let bytes = Bytes::from(serde_json::to_vec(&queued).map_err(|_| Stopped::Now)?);
             by_alias.entry(need.alias).or_default().push(bytes);
@@ -241,9 +254,15 @@ impl<K: OutputSink> Engine<K> {
             self.state.batch_park(key, record.clone())
         })
         .await?;
+        // A batch so quick it answered before the record was written: the caller resumes it.
+        let answered = self
+            .state
+            .batch_answers(key)
+            .await
+            .is_ok_and(|a| pending.iter().all(|p| a.iter().any(|(k, _)| k == p)));
         self.metrics.batch_jobs.with_label_values(&["parked"]).inc();
         tracing::info!(key, round, "job parked until its provider batch answers");
-        Ok(())
+        Ok(answered)
     }
 
     /// Runs `op` until the store answers or the process stops.
@@ -289,7 +308,7 @@ impl<K: OutputSink> Engine<K> {
                     .is_ok_and(|n| n >= max_requests as u64);
             if due || full {
                 at.sent.insert(alias.clone(), Instant::now());
-                self.submit(alias, max_requests).await;
+                self.submit(alias, max_requests, stop).await;
             }
         }
         let polled = &mut at.polled;
@@ -366,7 +385,7 @@ impl<K: OutputSink> Engine<K> {
     }
 
     /// Sends up to `max` queued requests of model `alias` as one batch.
-    async fn submit(&self, alias: &str, max: usize) {
+    async fn submit(&self, alias: &str, max: usize, stop: &CancellationToken) {
         let Some(model) = self.plan.models.get(alias) else {
             return;
         };
@@ -419,6 +438,7 @@ impl<K: OutputSink> Engine<K> {
                             key: q.key,
                             tenant: q.tenant,
                             reserved: q.reserved,
+                            reserved_in: q.reserved_in.clone(),
                         })
                         .collect(),
                     submitted_at: Utc::now(),
@@ -454,6 +474,7 @@ impl<K: OutputSink> Engine<K> {
                         key: q.key,
                         tenant: q.tenant,
                         reserved: q.reserved,
+                        reserved_in: q.reserved_in.clone(),
                     })
                     .collect();
                 let failed = OpenBatch {
@@ -463,18 +484,23 @@ impl<K: OutputSink> Engine<K> {
                     submitted_at: Utc::now(),
                 };
                 let reason = format!("the provider refused the batch: {e}");
-                let _ = self
+                let settled = self
                     .settle_items(
+                        &submission,
                         &failed,
                         std::collections::HashMap::new(),
                         &reason,
-                        &CancellationToken::new(),
+                        stop,
                     )
                     .await;
-                let _ = self
-                    .state
-                    .batch_requeue(&submission, alias, Vec::new())
-                    .await;
+                if settled {
+                    // Done with: the submission goes (nothing is put back).
+                    let _ = self
+                        .state
+                        .batch_requeue(&submission, alias, Vec::new())
+                        .await;
+                }
+                // Otherwise it stays, and is sent again once stale (priced only once).
             }
             Err(e) => {
                 tracing::warn!(model = alias, requests = items.len(), error = %e, "batch submission failed; its requests go back to the queue");
@@ -520,10 +546,32 @@ impl<K: OutputSink> Engine<K> {
         tracing::info!(batch = %id, model = %meta.alias, requests = meta.items.len(), "batch ended");
         // The claim is renewed while the jobs run: one that lapsed would let another replica
         // settle the same batch at once.
-        let settled = tokio::select! {
-            settled = self.settle_items(&meta, by_id, "the batch ended without an answer to this request", stop) => settled,
-            LeaseLost = self.hold_claim(&held) => return,
+        // The claim is renewed while the jobs run, without cutting a job off half-way (its
+        // output may be out and not yet recorded): were it lost, another replica settling the
+        // batch too meets each job's own claim.
+        let done = CancellationToken::new();
+        let renew = async {
+            tokio::select! {
+                () = done.cancelled() => {}
+                LeaseLost = self.hold_claim(&held) => {
+                    tracing::warn!(batch = %id, "batch claim lost while settling; the jobs' own claims keep their outcomes single");
+                }
+            }
         };
+        let work = async {
+            let settled = self
+                .settle_items(
+                    id,
+                    &meta,
+                    by_id,
+                    "the batch ended without an answer to this request",
+                    stop,
+                )
+                .await;
+            done.cancel();
+            settled
+        };
+        let (settled, ()) = tokio::join!(work, renew);
         if settled {
             let _ = self.state.batch_close(id).await;
             self.record(&held, Bytes::from_static(b"closed")).await;
@@ -539,6 +587,7 @@ impl<K: OutputSink> Engine<K> {
     /// all in. `true` when every job was brought as far as its answers allow.
     async fn settle_items(
         &self,
+        batch: &str,
         meta: &OpenBatch,
         mut by_id: std::collections::HashMap<String, Result<ChatResponse, String>>,
         missing: &str,
@@ -546,6 +595,10 @@ impl<K: OutputSink> Engine<K> {
     ) -> bool {
         let model = self.plan.models.get(&meta.alias);
         let gate = self.scheduler.gate();
+        // Priced once, however often the batch is settled again (a job that could not be
+        // brought to its outcome, a replica that stopped half-way).
+        let priced_key = format!("batch-priced:{batch}");
+        let priced = matches!(self.state.cache_get(&priced_key).await, Ok(Some(_)));
         let mut jobs = BTreeSet::new();
         let (mut answered, mut failed) = (0u64, 0u64);
         for item in &meta.items {
@@ -553,17 +606,24 @@ impl<K: OutputSink> Engine<K> {
                 Some(Ok(mut r)) => {
                     answered += 1;
                     r.batch = true;
-                    let cost = model.map_or(0.0, |m| m.response_cost(&r));
-                    if let Some(m) = model {
-                        self.metrics.llm_usage(
-                            &m.provider,
-                            &m.model,
-                            r.input_tokens,
-                            r.output_tokens,
-                            cost,
-                        );
+                    let cost = model.map_or(item.reserved, |m| m.response_cost(&r));
+                    if !priced {
+                        if let Some(m) = model {
+                            self.metrics.llm_usage(
+                                &m.provider,
+                                &m.model,
+                                r.input_tokens,
+                                r.output_tokens,
+                                cost,
+                            );
+                        }
+                        gate.settle_batch(
+                            &item.tenant,
+                            item.reserved_in.as_ref(),
+                            cost - item.reserved,
+                        )
+                        .await;
                     }
-                    gate.settle_batch(&item.tenant, cost - item.reserved).await;
                     Answer::Answered {
                         content: r.content,
                         input_tokens: r.input_tokens,
@@ -574,7 +634,10 @@ impl<K: OutputSink> Engine<K> {
                 }
                 other => {
                     failed += 1;
-                    gate.settle_batch(&item.tenant, -item.reserved).await;
+                    if !priced {
+                        gate.settle_batch(&item.tenant, item.reserved_in.as_ref(), -item.reserved)
+                            .await;
+                    }
                     Answer::Failed(match other {
                         Some(Err(reason)) => reason,
                         _ => missing.to_owned(),
@@ -596,14 +659,20 @@ impl<K: OutputSink> Engine<K> {
             }
             jobs.insert(item.job_key.clone());
         }
-        self.metrics
-            .batch_requests
-            .with_label_values(&["answered"])
-            .inc_by(answered);
-        self.metrics
-            .batch_requests
-            .with_label_values(&["failed"])
-            .inc_by(failed);
+        if !priced {
+            let _ = self
+                .state
+                .cache_put(&priced_key, Bytes::from_static(b"1"), PRICED_MEMORY)
+                .await;
+            self.metrics
+                .batch_requests
+                .with_label_values(&["answered"])
+                .inc_by(answered);
+            self.metrics
+                .batch_requests
+                .with_label_values(&["failed"])
+                .inc_by(failed);
+        }
         let mut all = true;
         for job_key in jobs {
             if stop.is_cancelled() {
@@ -612,6 +681,16 @@ impl<K: OutputSink> Engine<K> {
             all &= self.resume_parked(&job_key, stop).await;
         }
         all
+    }
+
+    /// Goes on with a job whose batch answered before it was parked.
+    pub(super) async fn resume_now(&self, key: &str, stop: &CancellationToken) {
+        if !self.resume_parked(key, stop).await {
+            tracing::warn!(
+                key,
+                "could not go on with a job its batch answered early; its batch settles it again"
+            );
+        }
     }
 
     /// Runs a parked job again once every answer it waits for is in: its outcome, or the next
@@ -733,10 +812,14 @@ impl<K: OutputSink> Engine<K> {
                             )
                             .await;
                         self.release(&held).await;
-                        if parked.is_err() {
-                            tracing::warn!(key = job_key, "could not park the job for its next batch round; the open batch resumes it again");
-                        }
-                        return parked.is_ok();
+                        return match parked {
+                            Ok(true) => Box::pin(self.resume_parked(job_key, stop)).await,
+                            Ok(false) => true,
+                            Err(_) => {
+                                tracing::warn!(key = job_key, "could not park the job for its next batch round; the open batch resumes it again");
+                                false
+                            }
+                        };
                     }
                     self.conclude(&incoming, &job, &pipeline, job_key, run, started)
                 }

@@ -314,7 +314,10 @@ impl<K: OutputSink> Engine<K> {
                     .park(incoming, &job, &pipeline.name, &key, needs, 1, stop)
                     .await;
                 self.release(&held).await;
-                parked?;
+                if parked? {
+                    // Its batch answered before it was parked: it goes on at once.
+                    self.resume_now(&key, stop).await;
+                }
                 return Ok(Decision {
                     outcome: None,
                     claim: None,

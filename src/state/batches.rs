@@ -54,15 +54,17 @@ impl MemoryBatches {
         inner.answers.remove(job_key);
     }
 
+    /// Kept even before the job's record is written (a batch quicker than its parking).
     pub fn answer(&self, job_key: &str, key: &str, answer: Bytes) {
         let mut inner = self.lock();
-        if inner.parked.contains_key(job_key) {
-            inner
-                .answers
-                .entry(job_key.to_owned())
-                .or_default()
-                .insert(key.to_owned(), answer);
+        if inner.answers.len() >= self.max && !inner.answers.contains_key(job_key) {
+            return;
         }
+        inner
+            .answers
+            .entry(job_key.to_owned())
+            .or_default()
+            .insert(key.to_owned(), answer);
     }
 
     pub fn answers(&self, job_key: &str) -> Vec<(String, Bytes)> {

@@ -855,11 +855,10 @@ end
 return 1
 ";
 
+// Kept even before the job's record is written (a batch quicker than its parking).
 const BATCH_ANSWER: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-  redis.call('PEXPIRE', KEYS[2], redis.call('PTTL', KEYS[1]))
-end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return 1
 ";
 
@@ -924,6 +923,7 @@ impl RedisStore {
             .key(self.parked_keys(job_key).as_slice())
             .arg(key)
             .arg(answer.as_ref())
+            .arg(PARK_TTL_MS)
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
