@@ -27,6 +27,8 @@ async fn the_api_key_is_sent_but_never_logged_or_echoed() {
     )
     .await;
     let dir = tempfile::tempdir().unwrap();
+    // The failures are there to put provider errors in the logs; the breaker stays closed, as
+    // an open one (a run of failures early on) would only make the jobs wait past the test.
     let config = format!(
         r#"
 source: {{kind: kafka, brokers: "{brokers}", group: "secrets-{g:x}", topic: {JOBS_TOPIC}}}
@@ -34,7 +36,8 @@ http: {{listen: "off"}}
 log: {{format: json, filter: "debug,librdkafka=warn,rdkafka=warn"}}
 providers:
   llm: {{kind: openai, base_url: "http://{llm}/v1", api_key_env: SY_TEST_API_KEY,
-        retry: {{max_attempts: 2, base_delay_ms: 1, max_delay_ms: 5}}}}
+        retry: {{max_attempts: 2, base_delay_ms: 1, max_delay_ms: 5}},
+        circuit: {{consecutive_failures: 1000, failure_rate: 1.0}}}}
 models:
   small: {{provider: llm, model: gpt-4o-mini, price: {{input: 0.15, output: 0.6}}}}
 prompts:
