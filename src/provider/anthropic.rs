@@ -77,7 +77,13 @@ impl AnthropicClient {
         body
     }
 
-    async fn send(&self, builder: reqwest::RequestBuilder) -> Result<Vec<u8>, ProviderError> {
+    /// Sends with the API version and key, reads a body of at most `max` bytes; a non-200 is
+    /// classified.
+    async fn send(
+        &self,
+        builder: reqwest::RequestBuilder,
+        max: usize,
+    ) -> Result<Vec<u8>, ProviderError> {
         let mut builder = builder.header("anthropic-version", API_VERSION);
         if let Some(key) = &self.api_key {
             builder = builder.header("x-api-key", key);
@@ -89,8 +95,6 @@ impl AnthropicClient {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
-        // A batch's results hold every answer of the batch.
-        let max = self.max_response_bytes.max(super::BATCH_RESULTS_MAX);
         let bytes = super::read_body(&mut response, max).await?;
         if status == 200 {
             return Ok(bytes);
@@ -109,6 +113,7 @@ impl AnthropicClient {
                 self.http
                     .post(&self.batches)
                     .json(&json!({"requests": requests})),
+                self.max_response_bytes,
             )
             .await?;
         let batch: Value = serde_json::from_slice(&bytes)
@@ -126,7 +131,10 @@ impl AnthropicClient {
         id: &str,
     ) -> Result<Option<Vec<super::BatchAnswer>>, ProviderError> {
         let bytes = self
-            .send(self.http.get(format!("{}/{id}", self.batches)))
+            .send(
+                self.http.get(format!("{}/{id}", self.batches)),
+                self.max_response_bytes,
+            )
             .await?;
         let batch: Value = serde_json::from_slice(&bytes)
             .map_err(|e| ProviderError::InvalidResponse(format!("body is not JSON: {e}")))?;
@@ -136,7 +144,9 @@ impl AnthropicClient {
         let Some(url) = batch.get("results_url").and_then(Value::as_str) else {
             return Ok(Some(Vec::new()));
         };
-        let results = self.send(self.http.get(url)).await?;
+        // A batch's results hold every answer of the batch.
+        let max = self.max_response_bytes.max(super::BATCH_RESULTS_MAX);
+        let results = self.send(self.http.get(url), max).await?;
         let mut answers = Vec::new();
         for line in results.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
             let Ok(line) = serde_json::from_slice::<Value>(line) else {
@@ -170,26 +180,8 @@ impl AnthropicClient {
     }
 
     async fn attempt(&self, request: &ChatRequest) -> Result<ChatResponse, ProviderError> {
-        let mut builder = self
-            .http
-            .post(&self.endpoint)
-            .header("anthropic-version", API_VERSION)
-            .json(&self.body(request));
-        if let Some(key) = &self.api_key {
-            builder = builder.header("x-api-key", key);
-        }
-        let mut response = builder.send().await.map_err(super::transport_error)?;
-        let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
-        let bytes = super::read_body(&mut response, self.max_response_bytes).await?;
-        if status == 200 {
-            return parse_success(&bytes);
-        }
-        Err(classify_status(status, retry_after, &bytes))
+        let builder = self.http.post(&self.endpoint).json(&self.body(request));
+        parse_success(&self.send(builder, self.max_response_bytes).await?)
     }
 }
 

@@ -78,19 +78,8 @@ impl OpenAiClient {
     ) -> Result<(Vec<f32>, u64), ProviderError> {
         let call = async {
             let body = serde_json::json!({"model": model, "input": text});
-            let mut builder = self.http.post(&self.embeddings).json(&body);
-            if let Some(key) = &self.api_key {
-                builder = builder.bearer_auth(key);
-            }
-            let mut response = builder.send().await.map_err(super::transport_error)?;
-            let status = response.status().as_u16();
-            let retry_after = retry_after(response.headers());
-            let bytes = super::read_body(&mut response, self.max_response_bytes).await?;
-            if status != 200 {
-                return Err(classify_status(status, retry_after, &bytes));
-            }
-            let body: Value = serde_json::from_slice(&bytes)
-                .map_err(|e| ProviderError::InvalidResponse(format!("body is not JSON: {e}")))?;
+            let builder = self.http.post(&self.embeddings).json(&body);
+            let body = json_of(&self.send(builder, self.max_response_bytes).await?)?;
             let vector: Vec<f32> = body
                 .pointer("/data/0/embedding")
                 .and_then(Value::as_array)
@@ -132,11 +121,16 @@ impl OpenAiClient {
             messages,
             max_tokens: request.max_tokens,
             temperature: request.temperature,
-            service_tier: None,
+            service_tier: request.flex.then_some("flex"),
         }
     }
 
-    async fn send(&self, builder: reqwest::RequestBuilder) -> Result<Vec<u8>, ProviderError> {
+    /// Sends with the API key, reads a body of at most `max` bytes; a non-200 is classified.
+    async fn send(
+        &self,
+        builder: reqwest::RequestBuilder,
+        max: usize,
+    ) -> Result<Vec<u8>, ProviderError> {
         let builder = match &self.api_key {
             Some(key) => builder.bearer_auth(key),
             None => builder,
@@ -144,8 +138,6 @@ impl OpenAiClient {
         let mut response = builder.send().await.map_err(super::transport_error)?;
         let status = response.status().as_u16();
         let retry_after = retry_after(response.headers());
-        // A batch's results hold every answer of the batch.
-        let max = self.max_response_bytes.max(super::BATCH_RESULTS_MAX);
         let bytes = super::read_body(&mut response, max).await?;
         if status == 200 {
             return Ok(bytes);
@@ -183,7 +175,7 @@ impl OpenAiClient {
                 format!("multipart/form-data; boundary={boundary}"),
             )
             .body(form);
-        let file: Value = json_of(&self.send(upload).await?)?;
+        let file: Value = json_of(&self.send(upload, self.max_response_bytes).await?)?;
         let file_id = text(&file, "/id")?;
         let create = self
             .http
@@ -193,7 +185,7 @@ impl OpenAiClient {
                 "endpoint": "/v1/chat/completions",
                 "completion_window": "24h",
             }));
-        let batch: Value = json_of(&self.send(create).await?)?;
+        let batch: Value = json_of(&self.send(create, self.max_response_bytes).await?)?;
         text(&batch, "/id")
     }
 
@@ -205,7 +197,10 @@ impl OpenAiClient {
     ) -> Result<Option<Vec<super::BatchAnswer>>, ProviderError> {
         let batch: Value = json_of(
             &self
-                .send(self.http.get(format!("{}/batches/{id}", self.base)))
+                .send(
+                    self.http.get(format!("{}/batches/{id}", self.base)),
+                    self.max_response_bytes,
+                )
                 .await?,
         )?;
         let status = text(&batch, "/status")?;
@@ -221,7 +216,11 @@ impl OpenAiClient {
                 continue;
             };
             let content = self
-                .send(self.http.get(format!("{}/files/{file}/content", self.base)))
+                // A batch's results hold every answer of the batch.
+                .send(
+                    self.http.get(format!("{}/files/{file}/content", self.base)),
+                    self.max_response_bytes.max(super::BATCH_RESULTS_MAX),
+                )
                 .await?;
             for line in content.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
                 let Ok(line) = serde_json::from_slice::<Value>(line) else {
@@ -260,36 +259,9 @@ impl OpenAiClient {
     }
 
     async fn attempt(&self, request: &ChatRequest) -> Result<ChatResponse, ProviderError> {
-        let mut messages = Vec::with_capacity(2);
-        if let Some(system) = &request.system {
-            messages.push(Message {
-                role: "system",
-                content: system,
-            });
-        }
-        messages.push(Message {
-            role: "user",
-            content: &request.user,
-        });
-        let body = Body {
-            model: &request.model,
-            messages,
-            max_tokens: request.max_tokens,
-            temperature: request.temperature,
-            service_tier: request.flex.then_some("flex"),
-        };
-        let mut builder = self.http.post(&self.endpoint).json(&body);
-        if let Some(key) = &self.api_key {
-            builder = builder.bearer_auth(key);
-        }
-        let mut response = builder.send().await.map_err(super::transport_error)?;
-        let status = response.status().as_u16();
-        let retry_after = retry_after(response.headers());
-        let bytes = super::read_body(&mut response, self.max_response_bytes).await?;
-        if status == 200 {
-            return parse_success(&bytes, request);
-        }
-        Err(classify_status(status, retry_after, &bytes))
+        let builder = self.http.post(&self.endpoint).json(&Self::body(request));
+        let bytes = self.send(builder, self.max_response_bytes).await?;
+        parse_success(&bytes, request)
     }
 }
 
