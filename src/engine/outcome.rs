@@ -230,14 +230,11 @@ impl<K: OutputSink> Engine<K> {
         // replays it like any duplicate.
         let batching = pipeline.batch.is_some();
         let claimed = loop {
-            if batching {
-                self.wait_unparked(&key, stop).await?;
-            }
             let claimed = self.claim(&key, stop).await?;
             match &claimed {
                 Ok(held) if batching && self.is_parked(&key, stop).await? => {
-                    // Parked between the look and the claim.
                     self.release(held).await;
+                    self.wait_unparked(&key, stop).await?;
                 }
                 _ => break claimed,
             }
