@@ -23,13 +23,38 @@ pub async fn nats(
     if retry == Retry::InBackground {
         options = options.retry_on_initial_connect();
     }
-    options.connect(url).await.map_err(|e| {
+    let client = options.connect(url).await.map_err(|e| {
         anyhow::anyhow!(
             "{field}.url: cannot connect to NATS at {}: {}",
             redact_url(url),
             redact_in(&e.to_string(), url)
         )
-    })
+    })?;
+    remember_counters(&client);
+    Ok(client)
+}
+
+/// The message counters of the NATS clients this process opened that are still alive, so the
+/// benchmark can report broker messages per job. Dead clients are dropped from the list on each
+/// connect, so it holds at most as many entries as there are live clients.
+static NATS_COUNTERS: std::sync::Mutex<Vec<std::sync::Weak<async_nats::Statistics>>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn remember_counters(client: &async_nats::Client) {
+    let mut counters = NATS_COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
+    counters.retain(|c| c.strong_count() > 0);
+    counters.push(std::sync::Arc::downgrade(&client.statistics()));
+}
+
+/// Messages sent plus messages received by the live NATS clients this process opened.
+pub fn nats_messages() -> u64 {
+    use std::sync::atomic::Ordering::Relaxed;
+    let counters = NATS_COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
+    counters
+        .iter()
+        .filter_map(std::sync::Weak::upgrade)
+        .map(|s| s.in_messages.load(Relaxed) + s.out_messages.load(Relaxed))
+        .sum()
 }
 
 /// Opens JetStream stream `config.name`, creating it when missing. Replicas starting together

@@ -212,47 +212,32 @@ impl Gate {
             .get(&model.provider)
             .copied()
             .unwrap_or_default();
-        let limiters = [
-            (
-                "user_tokens",
-                user_key(scope.tenant, scope.user.unwrap_or_default(), "tpm"),
-                tokens,
-                user_tpm,
-            ),
-            (
-                "tenant_tokens",
-                format!("t:{}:tpm", scope.tenant),
-                tokens,
-                tenant.tokens_per_min,
-            ),
-            (
-                "provider_requests",
-                format!("p:{}:rpm", model.provider),
-                1.0,
-                provider.rpm,
-            ),
-            (
-                "provider_tokens",
-                format!("p:{}:tpm", model.provider),
-                tokens,
-                provider.tpm,
-            ),
-            (
-                "model_requests",
-                format!("m:{}:{}:rpm", model.provider, model.model),
-                1.0,
-                model.limits.rpm,
-            ),
-            (
-                "model_tokens",
-                format!("m:{}:{}:tpm", model.provider, model.model),
-                tokens,
-                model.limits.tpm,
-            ),
+        // Keys are built only for the limits that apply: most calls have none.
+        let (t, p, m) = (scope.tenant, &model.provider, &model.model);
+        let limiters: [(&str, Option<_>, f64, &(dyn Fn() -> String + Sync)); 6] = [
+            ("user_tokens", user_tpm, tokens, &|| {
+                user_key(t, scope.user.unwrap_or_default(), "tpm")
+            }),
+            ("tenant_tokens", tenant.tokens_per_min, tokens, &|| {
+                format!("t:{t}:tpm")
+            }),
+            ("provider_requests", provider.rpm, 1.0, &|| {
+                format!("p:{p}:rpm")
+            }),
+            ("provider_tokens", provider.tpm, tokens, &|| {
+                format!("p:{p}:tpm")
+            }),
+            ("model_requests", model.limits.rpm, 1.0, &|| {
+                format!("m:{p}:{m}:rpm")
+            }),
+            ("model_tokens", model.limits.tpm, tokens, &|| {
+                format!("m:{p}:{m}:tpm")
+            }),
         ];
         let mut charged: Vec<(String, f64, Rate)> = Vec::new();
-        for (scope_name, key, units, limit) in limiters {
+        for (scope_name, limit, units, key) in limiters {
             let Some(limit) = limit else { continue };
+            let key = key();
             let rate = per_minute(limit);
             if let Err(refusal) = self.wait(scope, scope_name, &key, units, rate).await {
                 // Give back what this call already took: it will not be made.
@@ -291,7 +276,8 @@ impl Gate {
             || plan.per_user.tokens_per_min.is_some()
             || provider_tpm
             || model.limits.tpm.is_some()
-            || self.budget_keys(tenant).is_some()
+            || plan.budget_usd_per_day.is_some()
+            || plan.budget_usd_per_month.is_some()
     }
 
     /// Reserves `worst()` (the job's pipeline at its worst: every LLM step on its costliest
@@ -496,17 +482,20 @@ impl Gate {
             .user_key
             .clone()
             .map(|key| (key, tenant.per_user.tokens_per_min));
-        for (key, limit) in user.into_iter().chain([
-            (
-                format!("t:{}:tpm", reservation.tenant),
-                tenant.tokens_per_min,
-            ),
-            (format!("p:{}:tpm", reservation.provider), provider.tpm),
-            (
-                format!("m:{}:{}:tpm", reservation.provider, reservation.model),
-                model.limits.tpm,
-            ),
-        ]) {
+        let (t, p, m) = (
+            &reservation.tenant,
+            &reservation.provider,
+            &reservation.model,
+        );
+        let limits: [(Option<_>, &(dyn Fn() -> String + Sync)); 3] = [
+            (tenant.tokens_per_min, &|| format!("t:{t}:tpm")),
+            (provider.tpm, &|| format!("p:{p}:tpm")),
+            (model.limits.tpm, &|| format!("m:{p}:{m}:tpm")),
+        ];
+        let keyed = limits
+            .into_iter()
+            .filter_map(|(limit, key)| limit.map(|l| (key(), Some(l))));
+        for (key, limit) in user.into_iter().chain(keyed) {
             if let Some(limit) = limit {
                 if let Err(e) = self.state.adjust(&key, delta, per_minute(limit)).await {
                     tracing::debug!(key, error = %e, "could not reconcile a token reservation");

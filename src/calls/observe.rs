@@ -50,7 +50,10 @@ impl Calls {
                         prompt = %scrub(&request.user), system = %scrub(request.system.as_deref().unwrap_or_default()),
                         response = %scrub(&r.content), "provider call");
                 } else {
-                    tracing::info!(target: "switchyard::llm", provider, model = %model.model, prompt_version = prompt, attempt, outcome, latency_ms,
+                    // Per call, so DEBUG: at INFO the job's one "job finished" line carries its
+                    // totals, and metrics count every call (a line per call cost a tenth of a
+                    // busy replica's CPU).
+                    tracing::debug!(target: "switchyard::llm", provider, model = %model.model, prompt_version = prompt, attempt, outcome, latency_ms,
                         input_tokens = r.input_tokens, output_tokens = r.output_tokens, cost_usd, "provider call");
                 }
             }

@@ -13,6 +13,8 @@ mod batches;
 pub mod counters;
 mod memory;
 mod redis;
+
+pub use redis::round_trips as redis_round_trips;
 mod reviews;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -26,16 +26,25 @@ impl Telemetry {
     }
 }
 
-/// Installs the global subscriber. `RUST_LOG` overrides `default_filter`.
+/// Installs the global subscriber, writing to stderr. `RUST_LOG` overrides `default_filter`.
 pub fn init_tracing(default_filter: &str, json: bool) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     // Colour only on a terminal: a file or pipe gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    init_tracing_to(default_filter, json, ansi, std::io::stderr);
+}
+
+/// [`init_tracing`] with another writer: the benchmark formats every line the service would
+/// log and throws it away, so logging costs what it costs in production.
+pub fn init_tracing_to<W>(default_filter: &str, json: bool, ansi: bool, writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     // A second init (tests) is harmless: the first subscriber stays. JSON records put the event's
     // fields at the top level and list the enclosing spans (job: job_id, tenant, pipeline;
     // step: step) under `spans`.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use serde::Serialize;
 
-use super::{bench_job, BenchArgs};
+use super::{BenchArgs, Workload};
 use switchyard::config::{self, Topics};
 use switchyard::testkit::{publish, EmbeddedKafka, OutputCollector, DEMO_CONFIG};
 
@@ -54,10 +54,15 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         args.jobs >= 10,
         "--jobs must be at least 10 in backlog mode"
     );
-    let mock = super::start_mock(args.provider_latency_ms).await?;
-    let llm = format!("http://{}/v1", mock.addr());
-    let baseline = one_run(args, args.jobs / 10, &llm).await?;
-    let full = one_run(args, args.jobs, &llm).await?;
+    let mock = super::MockProcess::start(args.provider_latency_ms).await?;
+    let runs = async {
+        let baseline = one_run(args, args.jobs / 10, &mock.base_url).await?;
+        let full = one_run(args, args.jobs, &mock.base_url).await?;
+        anyhow::Ok((baseline, full))
+    }
+    .await;
+    mock.stop().await;
+    let (baseline, full) = runs?;
     let ratio = full.growth_mb / baseline.growth_mb.max(1.0);
     let report = BacklogReport {
         mode: "backlog",
@@ -97,7 +102,13 @@ async fn one_run(args: &BenchArgs, backlog: usize, llm: &str) -> anyhow::Result<
     };
     let kafka = EmbeddedKafka::start("backlog.jobs", &topics, 6)?;
     let brokers = kafka.bootstrap_servers();
-    publish(&brokers, "backlog.jobs", (0..backlog).map(bench_job)).await?;
+    let mut workload = Workload::new();
+    publish(
+        &brokers,
+        "backlog.jobs",
+        (0..backlog).map(|i| workload.job(i).payload),
+    )
+    .await?;
     let overrides = [
         ("SWITCHYARD__SOURCE__BROKERS", brokers.clone()),
         ("SWITCHYARD__SOURCE__TOPIC", "backlog.jobs".to_owned()),

@@ -1,41 +1,43 @@
-//! `switchyard bench`: the service under load through the real Kafka protocol (librdkafka's
-//! in-process cluster) and the mock provider at a fixed latency, so every figure is switchyard's
-//! own cost.
+//! `switchyard bench`: the service under load against a bare loop that does only the unavoidable
+//! I/O of a job, over the same services in the same invocation, one after the other. The mock
+//! provider runs in a child process, so the CPU this process uses is the service's (or the bare
+//! loop's) own.
 //!
-//! * `drain`: a backlog of `--jobs` is drained; throughput is compared with a bare loop measured
-//!   in the same run (consume, two provider POSTs, produce, store offset: the unavoidable I/O of
-//!   a job, nothing else), as a ratio.
-//! * `rate`: jobs are published at `--rate` per second; end-to-end latency (publish to result
-//!   completed) and orchestration overhead (end-to-end minus the provider's own latency for the
-//!   calls the job made) from HDR histograms.
+//! Shapes (`--shape`):
+//! * `kafka`: librdkafka's in-process cluster in and out, in-memory state (the embedded default;
+//!   the in-process broker's CPU is counted for both sides alike).
+//! * `nats`: NATS JetStream in and out and Redis state, the multi-replica deployment
+//!   (`config/nats-redis.yaml`); needs the servers at `--nats-url` and `--redis-url`.
+//!
+//! Modes (`--mode`):
+//! * `drain`: a backlog of `--jobs` (10 tenants, 2% duplicates, 1% invalid) is drained by each
+//!   side in turn: throughput, CPU per job (from this process's rusage), Redis commands and broker
+//!   messages per job, and the ratios. `--provider-latency-ms 0` makes it CPU-bound.
+//! * `rate`: jobs are offered at `--rate` per second to each side in turn: the sustained rate,
+//!   end-to-end latency and overhead (end-to-end minus the provider's own latency).
 //! * `backlog`: resident memory while a deep backlog waits behind a slow provider, against a
 //!   run with a tenth of the backlog (see [`backlog`]).
+//!
+//! `--plot FILE.svg` draws throughput over time and the latency distribution of both sides.
 
 mod backlog;
+mod kafka;
+mod nats;
+mod plot;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use hdrhistogram::Histogram;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::util::Timeout;
-use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use serde_json::{json, Value};
-use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio::io::AsyncBufReadExt as _;
 
-use switchyard::config::{self, Faults, Latency, MockSettings, Topics};
-use switchyard::provider::mock::MockServer;
-use switchyard::testkit::{publish, Collected, EmbeddedKafka, OutputCollector, DEMO_CONFIG};
+use switchyard::testkit::Collected;
 
-#[derive(Debug, Clone, Copy, clap::ValueEnum, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     Drain,
@@ -44,17 +46,28 @@ pub enum Mode {
     Backlog,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Shape {
+    /// The in-process Kafka cluster and in-memory state (no external services).
+    Kafka,
+    /// NATS JetStream in and out, Redis state: the multi-replica shape.
+    Nats,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "drain")]
     pub mode: Mode,
-    /// Jobs to run.
+    #[arg(long, value_enum, default_value = "kafka")]
+    pub shape: Shape,
+    /// Jobs to run (each side).
     #[arg(long, default_value_t = 2000)]
     pub jobs: usize,
-    /// Jobs per second in rate mode.
+    /// Jobs per second offered in rate mode.
     #[arg(long, default_value_t = 200.0)]
     pub rate: f64,
-    /// The mock provider's fixed latency per call.
+    /// The mock provider's fixed latency per call; 0 makes the drain CPU-bound.
     #[arg(long, default_value_t = 200)]
     pub provider_latency_ms: u64,
     /// Jobs in flight (switchyard's limits.max_inflight_jobs and max_running_jobs, and the bare
@@ -64,6 +77,19 @@ pub struct BenchArgs {
     /// Backlog mode: how long each run works through its backlog.
     #[arg(long, default_value_t = 20)]
     pub duration_s: u64,
+    /// NATS server for `--shape nats`.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Redis server for `--shape nats`.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Format the service's log lines as JSON (they are formatted at the default level, as in
+    /// production, and discarded).
+    #[arg(long)]
+    pub log_json: bool,
+    /// Draw throughput over time and the latency distribution of both sides to this SVG file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -89,58 +115,234 @@ impl Percentiles {
     }
 }
 
+/// What one side (switchyard or the bare loop) measured.
+#[derive(Debug, Serialize)]
+struct Side {
+    jobs_per_s: f64,
+    cpu_ms_per_job: f64,
+    /// Requests sent to Redis (a command, a script or a pipeline each).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis_round_trips_per_job: Option<f64>,
+    /// Commands Redis executed, those run inside scripts included.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis_commands_per_job: Option<f64>,
+    /// Messages sent and received by the side's NATS clients (pulls, deliveries, publishes,
+    /// publish acks, job acks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    broker_messages_per_job: Option<f64>,
+    latency_ms: Percentiles,
+    overhead_ms: Percentiles,
+    #[serde(skip)]
+    timeline: Timeline,
+}
+
+/// Per finished job: when it finished and its end-to-end and overhead latency (microseconds).
+#[derive(Debug, Default)]
+struct Timeline {
+    done_us: Vec<u64>,
+    latency_us: Vec<u64>,
+    overhead_us: Vec<u64>,
+}
+
+impl Timeline {
+    fn push(&mut self, done_us: u64, latency_us: u64, overhead_us: u64) {
+        self.done_us.push(done_us);
+        self.latency_us.push(latency_us.max(1));
+        self.overhead_us.push(overhead_us.max(1));
+    }
+}
+
+/// Raw figures of one side's window, turned into a [`Side`] by [`measure`].
+struct Window {
+    jobs: usize,
+    elapsed: Duration,
+    cpu: Duration,
+    redis_round_trips: Option<u64>,
+    redis_commands: Option<u64>,
+    broker_messages: Option<u64>,
+    timeline: Timeline,
+}
+
+fn measure(w: Window) -> anyhow::Result<Side> {
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let mut overhead = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    for (l, o) in w.timeline.latency_us.iter().zip(&w.timeline.overhead_us) {
+        latency.saturating_record(*l);
+        overhead.saturating_record(*o);
+    }
+    let jobs = w.jobs.max(1) as f64;
+    let per_job = |n: u64| (n as f64 / jobs * 100.0).round() / 100.0;
+    Ok(Side {
+        jobs_per_s: (w.jobs as f64 / w.elapsed.as_secs_f64().max(1e-3) * 10.0).round() / 10.0,
+        cpu_ms_per_job: (w.cpu.as_secs_f64() * 1000.0 / jobs * 1000.0).round() / 1000.0,
+        redis_round_trips_per_job: w.redis_round_trips.map(per_job),
+        redis_commands_per_job: w.redis_commands.map(per_job),
+        broker_messages_per_job: w.broker_messages.map(per_job),
+        latency_ms: Percentiles::of(&latency),
+        overhead_ms: Percentiles::of(&overhead),
+        timeline: w.timeline,
+    })
+}
+
+#[derive(Debug, Serialize)]
+struct Ratios {
+    throughput: f64,
+    cpu_per_job: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis_round_trips_per_job: Option<f64>,
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     mode: Mode,
+    shape: Shape,
     jobs: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offered_jobs_per_s: Option<f64>,
     provider_latency_ms: u64,
     inflight: usize,
-    throughput_jobs_per_s: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    baseline_jobs_per_s: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ratio_vs_baseline: Option<f64>,
-    latency_ms: Percentiles,
-    overhead_ms: Percentiles,
-    process_cpu_ms_per_job: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    baseline_process_cpu_ms_per_job: Option<f64>,
+    switchyard: Side,
+    bare_loop: Side,
+    /// switchyard / bare loop.
+    ratio: Ratios,
+    /// Commands Redis executed for switchyard per job, by command, those inside its scripts
+    /// included (NATS shape).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    redis_commands: Vec<(String, f64)>,
     lost: usize,
     duplicated: usize,
+    dead_letters: usize,
 }
 
-/// CPU time (user + system) this process has used, from /proc (Linux); zero elsewhere.
+/// CPU time (user + system) this process has used, from getrusage.
 fn process_cpu() -> Duration {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return Duration::ZERO;
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a rusage into the pointer it is given; RUSAGE_SELF is valid.
+    let usage = unsafe {
+        if libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) != 0 {
+            return Duration::ZERO;
+        }
+        usage.assume_init()
     };
-    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+            + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
     };
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 fn micros_now() -> u64 {
     u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or(0)
 }
 
-fn bench_job(i: usize) -> Vec<u8> {
-    let tenants = ["acme", "globex", "initech"];
-    json!({"id": format!("b-{i:07}"), "tenant": tenants[i % 3], "pipeline": "support",
+/// The tenants jobs are spread over.
+const TENANTS: usize = 10;
+
+/// One job of the bench workload.
+pub struct BenchJob {
+    pub tenant: String,
+    pub payload: Vec<u8>,
+}
+
+/// The workload: jobs spread over ten tenants; every 50th repeats an earlier job (2%
+/// duplicates, byte for byte), every 100th is not valid JSON (1%, a dead letter).
+pub struct Workload {
+    originals: Vec<Vec<u8>>,
+}
+
+impl Workload {
+    pub fn new() -> Self {
+        Self {
+            originals: Vec::new(),
+        }
+    }
+
+    /// Job `i`, stamped with the current time (end-to-end latency starts there).
+    pub fn job(&mut self, i: usize) -> BenchJob {
+        let tenant = format!("t{}", i % TENANTS);
+        let payload = if i % 100 == 98 {
+            format!("{{\"id\": \"b-{i:07}\", \"tenant\": \"{tenant}\", \"input\": {{\"te")
+                .into_bytes()
+        } else if i % 50 == 49 && self.originals.len() > 7 {
+            let k = self.originals.len() - 7;
+            let original = self.originals.get(k).cloned().unwrap_or_default();
+            // Keep the original's tenant: the duplicate is the same job.
+            return BenchJob {
+                tenant: format!("t{}", (k_index(&original)) % TENANTS),
+                payload: original,
+            };
+        } else {
+            let payload = bench_job(i, &tenant);
+            self.originals.push(payload.clone());
+            payload
+        };
+        BenchJob { tenant, payload }
+    }
+}
+
+/// The job index encoded in a bench job's id (`b-0000042` is 42).
+fn k_index(payload: &[u8]) -> usize {
+    serde_json::from_slice::<Value>(payload)
+        .ok()
+        .and_then(|v| v["id"].as_str().map(str::to_owned))
+        .and_then(|id| id.trim_start_matches("b-").parse().ok())
+        .unwrap_or(0)
+}
+
+fn bench_job(i: usize, tenant: &str) -> Vec<u8> {
+    json!({"id": format!("b-{i:07}"), "tenant": tenant, "pipeline": "support",
            "input": {"text": format!("My invoice {i} lists a plan I cancelled; please check the charge.")},
            "metadata": {"sent_us": micros_now()}})
     .to_string()
     .into_bytes()
 }
 
+/// The mock provider in a child process (`switchyard mock-llm`): fixed latency, no faults.
+pub struct MockProcess {
+    child: tokio::process::Child,
+    pub base_url: String,
+}
+
+impl MockProcess {
+    pub async fn start(latency_ms: u64) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("finding this executable")?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut child = tokio::process::Command::new(exe)
+            .args(["mock-llm", "--port", &port.to_string()])
+            .args(["--latency-ms", &latency_ms.to_string(), "--seed", "7"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the mock provider process")?;
+        let stdout = child.stdout.take().context("mock provider stdout")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let first = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .context("the mock provider did not start within 20 s")??;
+        anyhow::ensure!(
+            first.is_some_and(|l| l.contains("listening")),
+            "the mock provider process did not start"
+        );
+        Ok(Self {
+            child,
+            base_url: format!("http://127.0.0.1:{port}/v1"),
+        })
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.jobs > 0, "--jobs must be at least 1");
+    anyhow::ensure!(args.inflight > 0, "--inflight must be at least 1");
+    // Everything the service logs at its default level is formatted, as in production, and
+    // discarded.
+    switchyard::telemetry::init_tracing_to("info", args.log_json, false, std::io::sink);
     if let Mode::Backlog = args.mode {
         backlog::run(&args).await?;
         return Ok(ExitCode::SUCCESS);
@@ -149,47 +351,47 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         args.rate.is_finite() && args.rate > 0.0,
         "--rate must be positive"
     );
-    let mock = start_mock(args.provider_latency_ms).await?;
-    let topics = Topics {
-        results: "bench.results".into(),
-        review: "bench.review".into(),
-        dlq: "bench.dlq".into(),
+    let mock = MockProcess::start(args.provider_latency_ms).await?;
+    let outcome = match args.shape {
+        Shape::Kafka => kafka::run(&args, &mock.base_url).await,
+        Shape::Nats => nats::run(&args, &mock.base_url).await,
     };
-    let kafka = EmbeddedKafka::start("bench.jobs", &topics, 6)?;
-    let brokers = kafka.bootstrap_servers();
-    let llm = format!("http://{}/v1", mock.addr());
-
-    let (throughput, latency, overhead, cpu, outputs) =
-        run_switchyard(&args, &brokers, &topics, &llm).await?;
-    let (lost, duplicated) = account(&outputs, args.jobs);
-    let (baseline, baseline_cpu) = match args.mode {
-        Mode::Drain => {
-            let (jobs_per_s, cpu) =
-                bare_loop(&kafka, &brokers, &llm, args.jobs, args.inflight).await?;
-            (Some(jobs_per_s), Some(cpu))
-        }
-        Mode::Rate | Mode::Backlog => (None, None),
-    };
-    let round = |x: f64| (x * 10.0).round() / 10.0;
+    mock.stop().await;
+    let (switchyard, bare, outputs, redis_commands) = outcome?;
+    let (lost, duplicated, dead_letters) = account(&outputs, args.jobs);
+    let ratio = |a: f64, b: f64| (a / b.max(1e-9) * 1000.0).round() / 1000.0;
     let report = Report {
         mode: args.mode,
+        shape: args.shape,
         jobs: args.jobs,
+        offered_jobs_per_s: (args.mode == Mode::Rate).then_some(args.rate),
         provider_latency_ms: args.provider_latency_ms,
         inflight: args.inflight,
-        throughput_jobs_per_s: round(throughput),
-        baseline_jobs_per_s: baseline.map(round),
-        ratio_vs_baseline: baseline.map(|b| (throughput / b * 1000.0).round() / 1000.0),
-        latency_ms: Percentiles::of(&latency),
-        overhead_ms: Percentiles::of(&overhead),
-        process_cpu_ms_per_job: (cpu * 1000.0).round() / 1000.0,
-        baseline_process_cpu_ms_per_job: baseline_cpu.map(|c| (c * 1000.0).round() / 1000.0),
+        ratio: Ratios {
+            throughput: ratio(switchyard.jobs_per_s, bare.jobs_per_s),
+            cpu_per_job: ratio(switchyard.cpu_ms_per_job, bare.cpu_ms_per_job),
+            redis_round_trips_per_job: switchyard
+                .redis_round_trips_per_job
+                .zip(bare.redis_round_trips_per_job)
+                .map(|(a, b)| ratio(a, b)),
+        },
+        switchyard,
+        bare_loop: bare,
+        redis_commands,
         lost,
         duplicated,
+        dead_letters,
     };
+    if let Some(path) = &args.plot {
+        plot::write(path, &report)?;
+    }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         print_report(&report);
+        if let Some(path) = &args.plot {
+            println!("  plot written to {}", path.display());
+        }
     }
     Ok(if lost == 0 && duplicated == 0 {
         ExitCode::SUCCESS
@@ -198,37 +400,198 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-type Measured = (
-    f64,
-    Histogram<u64>,
-    Histogram<u64>,
-    f64,
-    Vec<(Collected, Value)>,
-);
+/// What a shape returns: switchyard's side, the bare loop's, switchyard's outputs and its Redis
+/// commands per job by command.
+type Measured = (Side, Side, Vec<(Collected, Value)>, Vec<(String, f64)>);
 
-async fn run_switchyard(
-    args: &BenchArgs,
-    brokers: &str,
-    topics: &Topics,
-    llm: &str,
-) -> anyhow::Result<Measured> {
-    let overrides = [
-        ("SWITCHYARD__SOURCE__BROKERS", brokers.to_owned()),
-        ("SWITCHYARD__SOURCE__TOPIC", "bench.jobs".to_owned()),
+/// Switchyard's side from its outputs: results' completion times and latency (from the job's
+/// `sent_us` stamp), overhead = latency minus the provider's latency for the calls made.
+/// Duplicates (replayed results) are not jobs of their own and are left out.
+fn switchyard_timeline(outputs: &[(Collected, Value)], provider_latency_ms: u64) -> Timeline {
+    let mut timeline = Timeline::default();
+    for (c, _) in outputs {
+        let (Collected::Result(r) | Collected::Review(r)) = c else {
+            continue;
+        };
+        if r.duplicate {
+            continue;
+        }
+        let Some(sent) = r
+            .metadata
+            .as_ref()
+            .and_then(|m| m.get("sent_us"))
+            .and_then(Value::as_u64)
+        else {
+            continue;
+        };
+        let done = u64::try_from(r.completed_at.timestamp_micros()).unwrap_or(0);
+        let e2e = done.saturating_sub(sent);
+        let calls: u64 = r
+            .steps
+            .iter()
+            .filter(|s| s.provider.is_some())
+            .map(|s| u64::from(s.attempts))
+            .sum();
+        timeline.push(
+            done,
+            e2e,
+            e2e.saturating_sub(calls * provider_latency_ms * 1000),
+        );
+    }
+    timeline
+}
+
+/// (lost, duplicated, dead letters): distinct jobs without an original output, original
+/// outputs beyond one per job, and dead letters.
+fn account(outputs: &[(Collected, Value)], jobs: usize) -> (usize, usize, usize) {
+    let mut workload = Workload::new();
+    let mut expected: Vec<String> = (0..jobs)
+        .map(|i| workload.job(i))
+        .filter_map(|j| serde_json::from_slice::<Value>(&j.payload).ok())
+        .filter_map(|v| v["id"].as_str().map(str::to_owned))
+        .collect();
+    expected.sort_unstable();
+    expected.dedup();
+    let mut ids: Vec<&str> = Vec::new();
+    let mut dead = 0;
+    for (c, _) in outputs {
+        match c {
+            Collected::Result(r) | Collected::Review(r) if !r.duplicate => ids.push(&r.job_id),
+            Collected::DeadLetter(_) => dead += 1,
+            _ => {}
+        }
+    }
+    let total = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    let lost = expected
+        .iter()
+        .filter(|id| ids.binary_search(&id.as_str()).is_err())
+        .count();
+    (lost, total - ids.len(), dead)
+}
+
+/// Waits until `drained` says so, checking every 20 ms; gives up after `stall` without
+/// progress (`progress` returns a count that should keep rising).
+async fn wait_until<F, Fut>(stall: Duration, mut drained: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = (bool, u64)>,
+{
+    let mut last = (u64::MAX, std::time::Instant::now());
+    loop {
+        let (done, progress) = drained().await;
+        if done {
+            return Ok(());
+        }
+        if progress != last.0 {
+            last = (progress, std::time::Instant::now());
+        }
+        anyhow::ensure!(
+            last.1.elapsed() < stall,
+            "no progress for {} s (at {progress})",
+            stall.as_secs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn print_report(r: &Report) {
+    println!(
+        "switchyard bench ({:?}, {:?} shape): {} jobs over {TENANTS} tenants (2% duplicates, 1% invalid), provider latency {} ms, {} in flight{}",
+        r.mode,
+        r.shape,
+        r.jobs,
+        r.provider_latency_ms,
+        r.inflight,
+        r.offered_jobs_per_s
+            .map_or(String::new(), |o| format!(", {o} jobs/s offered"))
+    );
+    let (s, b) = (&r.switchyard, &r.bare_loop);
+    println!(
+        "  {:<28} {:>12} {:>12} {:>8}",
+        "", "switchyard", "bare loop", "ratio"
+    );
+    println!(
+        "  {:<28} {:>12.1} {:>12.1} {:>8.3}",
+        "throughput (jobs/s)", s.jobs_per_s, b.jobs_per_s, r.ratio.throughput
+    );
+    println!(
+        "  {:<28} {:>12.3} {:>12.3} {:>8.3}",
+        "CPU per job (ms)", s.cpu_ms_per_job, b.cpu_ms_per_job, r.ratio.cpu_per_job
+    );
+    if let (Some(a), Some(c)) = (s.redis_round_trips_per_job, b.redis_round_trips_per_job) {
+        println!("  {:<28} {a:>12.2} {c:>12.2}", "Redis round trips per job");
+    }
+    if let (Some(a), Some(c)) = (s.redis_commands_per_job, b.redis_commands_per_job) {
+        println!("  {:<28} {a:>12.2} {c:>12.2}", "Redis commands per job");
+    }
+    if let (Some(a), Some(c)) = (s.broker_messages_per_job, b.broker_messages_per_job) {
+        println!("  {:<28} {a:>12.2} {c:>12.2}", "NATS messages per job");
+    }
+    for (name, p, q) in [
+        ("end-to-end p50 (ms)", s.latency_ms.p50, b.latency_ms.p50),
+        ("end-to-end p99 (ms)", s.latency_ms.p99, b.latency_ms.p99),
+        ("overhead p50 (ms)", s.overhead_ms.p50, b.overhead_ms.p50),
+        ("overhead p99 (ms)", s.overhead_ms.p99, b.overhead_ms.p99),
+    ] {
+        println!("  {name:<28} {p:>12.1} {q:>12.1}");
+    }
+    if !r.redis_commands.is_empty() {
+        let parts: Vec<String> = r
+            .redis_commands
+            .iter()
+            .map(|(c, n)| format!("{c} {n:.2}"))
+            .collect();
+        println!(
+            "  Redis commands per switchyard job (inside scripts included): {}",
+            parts.join(", ")
+        );
+    }
+    println!(
+        "  overhead = end-to-end minus the provider's own latency; CPU from this process's rusage (the mock provider runs in a child process{})",
+        if r.shape == Shape::Kafka {
+            "; the in-process Kafka cluster is counted for both sides"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "  lost {}, answered twice {}, dead letters {}",
+        r.lost, r.duplicated, r.dead_letters
+    );
+}
+
+/// The bare loop's two provider calls for `job` (a classification, then the answer); the
+/// answer's JSON, or `None` when a call failed.
+async fn bare_calls(job: &Value, http: &reqwest::Client, endpoint: &str) -> Option<Value> {
+    let text = job
+        .pointer("/input/text")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let mut answer = Value::Null;
+    for prompt in [
+        format!("Categories: billing, technical\n\n{text}"),
+        text.to_owned(),
+    ] {
+        let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt}], "max_tokens": 512});
+        let response = http.post(endpoint).json(&body).send().await.ok()?;
+        answer = response.json::<Value>().await.ok()?;
+    }
+    Some(answer)
+}
+
+/// The overrides both shapes make to their config: the provider `name` pointed at the mock, and
+/// every in-flight bound at `--inflight`.
+fn service_overrides(args: &BenchArgs, provider: &str, llm: &str) -> Vec<(&'static str, String)> {
+    let provider_key = if provider == "local" {
+        "SWITCHYARD__PROVIDERS__LOCAL"
+    } else {
+        "SWITCHYARD__PROVIDERS__OPENAI"
+    };
+    vec![
         (
-            "SWITCHYARD__SOURCE__GROUP",
-            format!("bench-{:x}", rand::random::<u32>()),
-        ),
-        ("SWITCHYARD__SINK__BROKERS", brokers.to_owned()),
-        (
-            "SWITCHYARD__SINK__TOPICS",
-            format!(
-                "{{results: {}, review: {}, dlq: {}}}",
-                topics.results, topics.review, topics.dlq
-            ),
-        ),
-        (
-            "SWITCHYARD__PROVIDERS__LOCAL",
+            provider_key,
             format!("{{kind: openai, base_url: \"{llm}\"}}"),
         ),
         (
@@ -246,134 +609,32 @@ async fn run_switchyard(
                 args.inflight
             ),
         ),
-    ];
-    let env = overrides.iter().map(|(k, v)| ((*k).to_owned(), v.clone()));
-    let plan = config::load_str(DEMO_CONFIG, "embedded config/demo.yaml (bench)", env)?;
-    let collector = OutputCollector::start(brokers, topics)?;
-    let (service, health, shutdown) = start_service(plan).await?;
+    ]
+}
 
-    let stall = Duration::from_secs(60);
-    let cpu_before;
-    let started;
-    match args.mode {
-        // Backlog mode has its own runner; treat it as a drain if it ever gets here.
-        Mode::Drain | Mode::Backlog => {
-            publish(brokers, "bench.jobs", (0..args.jobs).map(bench_job)).await?;
-            cpu_before = process_cpu();
-            started = Instant::now();
-        }
-        Mode::Rate => {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !health.is_ready() {
-                anyhow::ensure!(
-                    Instant::now() < deadline,
-                    "the service did not become ready"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            // Readiness comes with the group join; give the assignment a moment to settle.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            cpu_before = process_cpu();
-            started = Instant::now();
-            let producer: FutureProducer = ClientConfig::new()
-                .set("bootstrap.servers", brokers)
-                .set("linger.ms", "0")
-                .create()?;
-            let every = Duration::from_secs_f64(1.0 / args.rate);
-            let sends = TaskTracker::new();
-            for i in 0..args.jobs {
-                tokio::time::sleep_until((started + every.mul_f64(i as f64)).into()).await;
-                let producer = producer.clone();
-                sends.spawn(async move {
-                    let payload = bench_job(i);
-                    let key = i.to_string();
-                    let record = FutureRecord::to("bench.jobs").key(&key).payload(&payload);
-                    let _ = producer
-                        .send(record, Timeout::After(Duration::from_secs(30)))
-                        .await;
-                });
-            }
-            sends.close();
-            sends.wait().await;
-        }
-    }
-    collector.wait_for(args.jobs, stall, |_| {}).await;
-    let cpu = process_cpu().saturating_sub(cpu_before);
-    shutdown.cancel();
-    service.await.context("bench service task")??;
-    let outputs = collector.snapshot();
-    collector.stop().await;
-
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
-    let mut overhead = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
-    let (mut first, mut last) = (None, None);
-    for (c, _) in &outputs {
-        let (Collected::Result(r) | Collected::Review(r)) = c else {
-            continue;
-        };
-        first = Some(
-            first.map_or(r.received_at, |f: chrono::DateTime<chrono::Utc>| {
-                f.min(r.received_at)
-            }),
+/// Waits (up to 30 s) for the service to report ready.
+async fn wait_ready(health: &switchyard::telemetry::health::Health) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !health.is_ready() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the service did not become ready"
         );
-        last = Some(
-            last.map_or(r.completed_at, |l: chrono::DateTime<chrono::Utc>| {
-                l.max(r.completed_at)
-            }),
-        );
-        let Some(sent) = r
-            .metadata
-            .as_ref()
-            .and_then(|m| m.get("sent_us"))
-            .and_then(Value::as_u64)
-        else {
-            continue;
-        };
-        let done = u64::try_from(r.completed_at.timestamp_micros()).unwrap_or(0);
-        let e2e = done.saturating_sub(sent).max(1);
-        let calls: u64 = r
-            .steps
-            .iter()
-            .filter(|s| s.provider.is_some())
-            .map(|s| u64::from(s.attempts))
-            .sum();
-        let provider = calls * args.provider_latency_ms * 1000;
-        latency.record(e2e)?;
-        overhead.record(e2e.saturating_sub(provider).max(1))?;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let span = match (first, last) {
-        (Some(a), Some(b)) => (b - a).to_std().unwrap_or(Duration::ZERO),
-        _ => started.elapsed(),
-    };
-    let throughput = outputs.len() as f64 / span.as_secs_f64().max(1e-3);
-    let cpu_per_job = cpu.as_secs_f64() * 1000.0 / args.jobs as f64;
-    Ok((throughput, latency, overhead, cpu_per_job, outputs))
+    Ok(())
 }
 
 /// The service on `plan` in the background: its task, its health and the token that stops it.
-/// The mock provider every bench mode calls: a fixed latency, no faults, a fixed seed.
-async fn start_mock(latency_ms: u64) -> anyhow::Result<MockServer> {
-    Ok(MockServer::start(
-        "127.0.0.1:0",
-        MockSettings {
-            latency: Latency::Fixed { ms: latency_ms },
-            faults: Faults::default(),
-            seed: Some(7),
-            ..MockSettings::default()
-        },
-    )
-    .await?)
-}
-
 async fn start_service(
-    plan: config::Plan,
+    plan: switchyard::config::Plan,
 ) -> anyhow::Result<(
     tokio::task::JoinHandle<anyhow::Result<()>>,
     std::sync::Arc<switchyard::telemetry::health::Health>,
-    CancellationToken,
+    tokio_util::sync::CancellationToken,
 )> {
-    let shutdown = CancellationToken::new();
-    let tasks = TaskTracker::new();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let tasks = tokio_util::task::TaskTracker::new();
     let telemetry = switchyard::telemetry::Telemetry::new().context("metrics")?;
     let health = telemetry.health.clone();
     let state = switchyard::state::StateStore::open(&plan.state).await?;
@@ -385,133 +646,4 @@ async fn start_service(
     ));
     tasks.close();
     Ok((service, health, shutdown))
-}
-
-/// (lost, duplicated): jobs without a result, and results beyond one per job.
-fn account(outputs: &[(Collected, Value)], jobs: usize) -> (usize, usize) {
-    let mut ids: Vec<&str> = outputs
-        .iter()
-        .filter_map(|(c, _)| match c {
-            Collected::Result(r) | Collected::Review(r) => Some(r.job_id.as_str()),
-            _ => None,
-        })
-        .collect();
-    let total = ids.len();
-    ids.sort_unstable();
-    ids.dedup();
-    (jobs.saturating_sub(ids.len()), total - ids.len())
-}
-
-/// The baseline: consume, two provider POSTs, produce, store the offset. Nothing else.
-async fn bare_loop(
-    kafka: &EmbeddedKafka,
-    brokers: &str,
-    llm: &str,
-    jobs: usize,
-    inflight: usize,
-) -> anyhow::Result<(f64, f64)> {
-    kafka.cluster().create_topic("bare.jobs", 6, 1)?;
-    kafka.cluster().create_topic("bare.results", 3, 1)?;
-    publish(brokers, "bare.jobs", (0..jobs).map(bench_job)).await?;
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("bare-{:x}", rand::random::<u32>()))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.offset.store", "false")
-        .create()?;
-    consumer.subscribe(&["bare.jobs"])?;
-    let consumer = Arc::new(consumer);
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("linger.ms", "5")
-        .set("acks", "all")
-        .create()?;
-    let http = reqwest::Client::new();
-    let endpoint = format!("{llm}/chat/completions");
-    let permits = Arc::new(Semaphore::new(inflight));
-    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let tasks = TaskTracker::new();
-    let mut started = None;
-    let mut cpu_before = Duration::ZERO;
-    for _ in 0..jobs {
-        let permit = permits.clone().acquire_owned().await?;
-        let message = consumer.recv().await?;
-        if started.is_none() {
-            started = Some(Instant::now());
-            cpu_before = process_cpu();
-        }
-        let (payload, partition, offset) = (
-            message.payload().unwrap_or_default().to_vec(),
-            message.partition(),
-            message.offset(),
-        );
-        let (http, endpoint, producer, consumer, done) = (
-            http.clone(),
-            endpoint.clone(),
-            producer.clone(),
-            consumer.clone(),
-            done.clone(),
-        );
-        tasks.spawn(async move {
-            let job: Value = serde_json::from_slice(&payload).unwrap_or(Value::Null);
-            let text = job.pointer("/input/text").and_then(Value::as_str).unwrap_or_default().to_owned();
-            let mut answers = Vec::new();
-            for prompt in [format!("Categories: billing, technical\n\n{text}"), text] {
-                let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt}], "max_tokens": 512});
-                let Ok(response) = http.post(&endpoint).json(&body).send().await else { return };
-                let Ok(value) = response.json::<Value>().await else { return };
-                answers.push(value);
-            }
-            let result = json!({"job_id": job["id"], "output": answers.last().and_then(|a| a.pointer("/choices/0/message/content")).cloned()});
-            let bytes = result.to_string();
-            if producer.send(FutureRecord::<(), _>::to("bare.results").payload(&bytes), Timeout::After(Duration::from_secs(30))).await.is_ok() {
-                let mut tpl = TopicPartitionList::new();
-                if tpl.add_partition_offset("bare.jobs", partition, Offset::Offset(offset + 1)).is_ok() {
-                    let _ = consumer.store_offsets(&tpl);
-                }
-                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            drop(permit);
-        });
-    }
-    tasks.close();
-    tasks.wait().await;
-    let elapsed = started.map_or(Duration::ZERO, |s| s.elapsed());
-    let cpu = process_cpu().saturating_sub(cpu_before);
-    let finished = done.load(std::sync::atomic::Ordering::Relaxed);
-    anyhow::ensure!(
-        finished == jobs,
-        "the bare loop finished {finished} of {jobs} jobs"
-    );
-    Ok((
-        jobs as f64 / elapsed.as_secs_f64().max(1e-3),
-        cpu.as_secs_f64() * 1000.0 / jobs as f64,
-    ))
-}
-
-fn print_report(r: &Report) {
-    println!(
-        "switchyard bench ({:?}): {} jobs, provider latency {} ms, {} in flight",
-        r.mode, r.jobs, r.provider_latency_ms, r.inflight
-    );
-    println!("  throughput        {:.1} jobs/s", r.throughput_jobs_per_s);
-    if let (Some(b), Some(ratio)) = (r.baseline_jobs_per_s, r.ratio_vs_baseline) {
-        println!("  bare loop         {b:.1} jobs/s   (switchyard / bare loop = {ratio:.3})");
-    }
-    let p = |x: &Percentiles| {
-        format!(
-            "p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1} ms",
-            x.p50, x.p90, x.p99, x.max
-        )
-    };
-    println!("  end-to-end        {}", p(&r.latency_ms));
-    println!(
-        "  overhead          {}   (end-to-end minus the provider's own latency)",
-        p(&r.overhead_ms)
-    );
-    match r.baseline_process_cpu_ms_per_job {
-        Some(b) => println!("  process CPU/job   {:.3} ms (bare loop {b:.3} ms; both include the in-process broker and mock)", r.process_cpu_ms_per_job),
-        None => println!("  process CPU/job   {:.3} ms (includes the in-process broker and mock)", r.process_cpu_ms_per_job),
-    }
-    println!("  lost {}, duplicated {}", r.lost, r.duplicated);
 }
