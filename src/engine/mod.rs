@@ -143,7 +143,8 @@ impl<K: OutputSink> Engine<K> {
         // The panic path runs under the same keep-alive, so the broker does not redeliver the
         // job while its dead letter is being written.
         let work = async {
-            match AssertUnwindSafe(self.process(&incoming, stop))
+            // Boxed: the job's future is large, and every wrapper would otherwise copy it.
+            match AssertUnwindSafe(Box::pin(self.process(&incoming, stop)))
                 .catch_unwind()
                 .await
             {

@@ -21,7 +21,8 @@ pub const API_VERSION: &str = "2023-06-01";
 #[derive(Clone)]
 pub struct AnthropicClient {
     http: reqwest::Client,
-    endpoint: String,
+    /// Parsed once: parsing the URL on every request showed in profiles.
+    endpoint: reqwest::Url,
     /// `{base_url}/v1/messages/batches`.
     batches: String,
     api_key: Option<String>,
@@ -37,15 +38,18 @@ impl AnthropicClient {
         api_key: Option<String>,
         max_response_bytes: usize,
         cache_system_min_chars: usize,
-    ) -> Self {
-        Self {
+    ) -> anyhow::Result<Self> {
+        let url = format!("{}/v1/messages", base_url.trim_end_matches('/'));
+        let endpoint = reqwest::Url::parse(&url)
+            .map_err(|e| anyhow::anyhow!("`{url}` is not a valid URL: {e}"))?;
+        Ok(Self {
             http,
-            endpoint: format!("{}/v1/messages", base_url.trim_end_matches('/')),
+            endpoint,
             batches: format!("{}/v1/messages/batches", base_url.trim_end_matches('/')),
             api_key,
             max_response_bytes,
             cache_system_min_chars,
-        }
+        })
     }
 
     /// One attempt, bounded by `timeout` from send to the last body byte.
@@ -180,7 +184,10 @@ impl AnthropicClient {
     }
 
     async fn attempt(&self, request: &ChatRequest) -> Result<ChatResponse, ProviderError> {
-        let builder = self.http.post(&self.endpoint).json(&self.body(request));
+        let builder = self
+            .http
+            .post(self.endpoint.clone())
+            .json(&self.body(request));
         parse_success(&self.send(builder, self.max_response_bytes).await?)
     }
 }
@@ -266,7 +273,9 @@ mod tests {
     }
 
     fn client(cache_min: usize) -> AnthropicClient {
-        AnthropicClient::new(reqwest::Client::new(), "http://x", None, 1024, cache_min)
+        let client =
+            AnthropicClient::new(reqwest::Client::new(), "http://x", None, 1024, cache_min);
+        client.unwrap_or_else(|e| unreachable!("a valid URL: {e}"))
     }
 
     #[test]

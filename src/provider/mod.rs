@@ -237,23 +237,29 @@ impl Providers {
                 ProviderKind::OpenAi {
                     base_url,
                     api_key_env,
-                } => LlmProvider::OpenAi(openai::OpenAiClient::new(
-                    http.clone(),
-                    base_url,
-                    key_of(api_key_env)?,
-                    max_body,
-                )),
+                } => LlmProvider::OpenAi(
+                    openai::OpenAiClient::new(
+                        http.clone(),
+                        base_url,
+                        key_of(api_key_env)?,
+                        max_body,
+                    )
+                    .with_context(|| format!("providers.{name}.base_url"))?,
+                ),
                 ProviderKind::Anthropic {
                     base_url,
                     api_key_env,
                     cache_system_min_chars,
-                } => LlmProvider::Anthropic(anthropic::AnthropicClient::new(
-                    http.clone(),
-                    base_url,
-                    key_of(api_key_env)?,
-                    max_body,
-                    *cache_system_min_chars,
-                )),
+                } => LlmProvider::Anthropic(
+                    anthropic::AnthropicClient::new(
+                        http.clone(),
+                        base_url,
+                        key_of(api_key_env)?,
+                        max_body,
+                        *cache_system_min_chars,
+                    )
+                    .with_context(|| format!("providers.{name}.base_url"))?,
+                ),
                 ProviderKind::Mock(settings, api) => {
                     let server = mock::MockServer::start("127.0.0.1:0", settings.clone())
                         .await
@@ -268,7 +274,7 @@ impl Providers {
                             &format!("http://{addr}/v1"),
                             None,
                             max_body,
-                        )),
+                        )?),
                         WireApi::Anthropic => {
                             LlmProvider::Anthropic(anthropic::AnthropicClient::new(
                                 http.clone(),
@@ -276,7 +282,7 @@ impl Providers {
                                 None,
                                 max_body,
                                 4096,
-                            ))
+                            )?)
                         }
                     }
                 }

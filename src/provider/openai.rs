@@ -14,7 +14,8 @@ use super::{ChatRequest, ChatResponse};
 #[derive(Clone)]
 pub struct OpenAiClient {
     http: reqwest::Client,
-    endpoint: String,
+    /// Parsed once: parsing the URL on every request showed in profiles.
+    endpoint: reqwest::Url,
     /// `{base_url}/embeddings`.
     embeddings: String,
     /// `{base_url}` (files and batches live under it).
@@ -45,15 +46,18 @@ impl OpenAiClient {
         base_url: &str,
         api_key: Option<String>,
         max_response_bytes: usize,
-    ) -> Self {
-        Self {
+    ) -> anyhow::Result<Self> {
+        let url = format!("{}/chat/completions", base_url.trim_end_matches('/'));
+        let endpoint = reqwest::Url::parse(&url)
+            .map_err(|e| anyhow::anyhow!("`{url}` is not a valid URL: {e}"))?;
+        Ok(Self {
             http,
-            endpoint: format!("{}/chat/completions", base_url.trim_end_matches('/')),
+            endpoint,
             embeddings: format!("{}/embeddings", base_url.trim_end_matches('/')),
             base: base_url.trim_end_matches('/').to_owned(),
             api_key,
             max_response_bytes,
-        }
+        })
     }
 
     /// One attempt, bounded by `timeout` from send to the last body byte.
@@ -259,7 +263,10 @@ impl OpenAiClient {
     }
 
     async fn attempt(&self, request: &ChatRequest) -> Result<ChatResponse, ProviderError> {
-        let builder = self.http.post(&self.endpoint).json(&Self::body(request));
+        let builder = self
+            .http
+            .post(self.endpoint.clone())
+            .json(&Self::body(request));
         let bytes = self.send(builder, self.max_response_bytes).await?;
         parse_success(&bytes, request)
     }

@@ -24,9 +24,23 @@ pub struct BacklogRun {
     finished_in_window: usize,
 }
 
+impl BacklogRun {
+    fn new(backlog: usize, rss_after_publish: f64, peak: f64, finished: usize) -> Self {
+        let round = |x: f64| (x * 10.0).round() / 10.0;
+        Self {
+            backlog,
+            rss_after_publish_mb: round(rss_after_publish),
+            rss_peak_mb: round(peak),
+            growth_mb: round((peak - rss_after_publish).max(0.0)),
+            finished_in_window: finished,
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 struct BacklogReport {
     mode: &'static str,
+    shape: super::Shape,
     inflight: usize,
     provider_latency_ms: u64,
     duration_s: u64,
@@ -56,8 +70,8 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     );
     let mock = super::MockProcess::start(args.provider_latency_ms).await?;
     let runs = async {
-        let baseline = one_run(args, args.jobs / 10, &mock.base_url).await?;
-        let full = one_run(args, args.jobs, &mock.base_url).await?;
+        let baseline = run_for(args, args.jobs / 10, &mock.base_url).await?;
+        let full = run_for(args, args.jobs, &mock.base_url).await?;
         anyhow::Ok((baseline, full))
     }
     .await;
@@ -66,6 +80,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let ratio = full.growth_mb / baseline.growth_mb.max(1.0);
     let report = BacklogReport {
         mode: "backlog",
+        shape: args.shape,
         inflight: args.inflight,
         provider_latency_ms: args.provider_latency_ms,
         duration_s: args.duration_s,
@@ -77,7 +92,8 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "switchyard bench (backlog): {} in flight, provider latency {} ms, {} s per run",
+            "switchyard bench (backlog, {:?} shape): {} in flight, provider latency {} ms, {} s per run",
+            report.shape,
             report.inflight, report.provider_latency_ms, report.duration_s
         );
         for run in [&report.baseline, &report.full] {
@@ -92,6 +108,16 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+async fn run_for(args: &BenchArgs, backlog: usize, llm: &str) -> anyhow::Result<BacklogRun> {
+    match args.shape {
+        super::Shape::Kafka => one_run(args, backlog, llm).await,
+        super::Shape::Nats => {
+            let (rss, peak, finished) = super::nats::backlog_run(args, backlog, llm).await?;
+            Ok(BacklogRun::new(backlog, rss, peak, finished))
+        }
+    }
 }
 
 async fn one_run(args: &BenchArgs, backlog: usize, llm: &str) -> anyhow::Result<BacklogRun> {
@@ -133,7 +159,19 @@ async fn one_run(args: &BenchArgs, backlog: usize, llm: &str) -> anyhow::Result<
     let env = overrides.iter().map(|(k, v)| ((*k).to_owned(), v.clone()));
     let plan = config::load_str(DEMO_CONFIG, "embedded config/demo.yaml (bench)", env)?;
     let collector = OutputCollector::start(&brokers, &topics)?;
-    let rss_after_publish = rss_mb();
+    let (rss_after_publish, peak) = work_window(args, plan).await?;
+    let finished = collector.len();
+    collector.stop().await;
+    Ok(BacklogRun::new(backlog, rss_after_publish, peak, finished))
+}
+
+/// Runs the service on `plan` for `--duration-s` once it is ready, sampling resident memory:
+/// (RSS before it started, peak RSS while it worked).
+pub(super) async fn work_window(
+    args: &BenchArgs,
+    plan: switchyard::config::Plan,
+) -> anyhow::Result<(f64, f64)> {
+    let rss_before = rss_mb();
     let (service, health, shutdown) = super::start_service(plan).await?;
     // The window starts once the consumer has joined its group.
     let joined = Instant::now() + Duration::from_secs(30);
@@ -141,21 +179,12 @@ async fn one_run(args: &BenchArgs, backlog: usize, llm: &str) -> anyhow::Result<
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let window = Instant::now() + Duration::from_secs(args.duration_s);
-    let mut peak = rss_after_publish;
+    let mut peak = rss_before;
     while Instant::now() < window {
         peak = peak.max(rss_mb());
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let finished = collector.len();
     shutdown.cancel();
     service.await.context("bench service task")??;
-    collector.stop().await;
-    let round = |x: f64| (x * 10.0).round() / 10.0;
-    Ok(BacklogRun {
-        backlog,
-        rss_after_publish_mb: round(rss_after_publish),
-        rss_peak_mb: round(peak),
-        growth_mb: round((peak - rss_after_publish).max(0.0)),
-        finished_in_window: finished,
-    })
+    Ok((rss_before, peak))
 }

@@ -26,7 +26,7 @@ use switchyard::testkit::{parse_output, Collected, OutputKind};
 const NATS_REDIS_CONFIG: &str = include_str!("../../../config/nats-redis.yaml");
 
 /// Names private to one bench run.
-struct Names {
+pub(super) struct Names {
     prefix: String,
     jobs: String,
     outputs: String,
@@ -36,7 +36,7 @@ struct Names {
 }
 
 impl Names {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         let id = format!("{:08x}", rand::random::<u32>());
         Self {
             prefix: format!("bench{id}"),
@@ -75,6 +75,16 @@ pub async fn run(args: &BenchArgs, llm: &str) -> anyhow::Result<Measured> {
         anyhow::Ok((switchyard, bare, outputs, commands))
     }
     .await;
+    cleanup(&js, &names, &mut info).await;
+    outcome
+}
+
+/// Removes the run's streams and Redis keys (best effort).
+async fn cleanup(
+    js: &jetstream::Context,
+    names: &Names,
+    redis: &mut redis::aio::MultiplexedConnection,
+) {
     for stream in [
         &names.jobs,
         &names.outputs,
@@ -84,15 +94,45 @@ pub async fn run(args: &BenchArgs, llm: &str) -> anyhow::Result<Measured> {
     ] {
         let _ = js.delete_stream(stream).await;
     }
-    forget_keys(&mut info, &names.key_prefix).await;
+    forget_keys(redis, &names.key_prefix).await;
+}
+
+/// A deep backlog on NATS for `bench --mode backlog`: `backlog` jobs wait in the stream (held by
+/// the NATS server, not this process) while the service works through them for `--duration-s`.
+/// (RSS after publishing, peak RSS while working, jobs finished.)
+pub(super) async fn backlog_run(
+    args: &BenchArgs,
+    backlog: usize,
+    llm: &str,
+) -> anyhow::Result<(f64, f64, usize)> {
+    let names = Names::new();
+    let js = jetstream::new(async_nats::connect(&args.nats_url).await?);
+    let mut redis = redis::Client::open(args.redis_url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let outcome = async {
+        let jobs_prefix = format!("{}.jobs", names.prefix);
+        create_stream(&js, &names.jobs, format!("{jobs_prefix}.>")).await?;
+        publish_jobs(args, &jobs_prefix, backlog).await?;
+        let (plan, consumer) = plan(args, llm, &names)?;
+        let (rss_after_publish, peak) = super::backlog::work_window(args, plan).await?;
+        let (_, acked) = drained(&js, &names.jobs, &consumer, backlog).await;
+        anyhow::Ok((rss_after_publish, peak, usize::try_from(acked).unwrap_or(0)))
+    }
+    .await;
+    cleanup(&js, &names, &mut redis).await;
     outcome
 }
 
 /// Publishes the whole workload on `<prefix>.<tenant>` and waits for the stream's acks (drain
 /// mode: before the window opens).
 async fn publish_backlog(args: &BenchArgs, prefix: &str) -> anyhow::Result<()> {
+    publish_jobs(args, prefix, args.jobs).await
+}
+
+async fn publish_jobs(args: &BenchArgs, prefix: &str, count: usize) -> anyhow::Result<()> {
     let mut workload = Workload::new();
-    let jobs: Vec<(String, Vec<u8>)> = (0..args.jobs)
+    let jobs: Vec<(String, Vec<u8>)> = (0..count)
         .map(|i| {
             let job = workload.job(i);
             (format!("{prefix}.{}", job.tenant), job.payload)
@@ -142,20 +182,14 @@ async fn create_stream(
     Ok(())
 }
 
-/// Switchyard's run: its window opens when the service is ready and closes when its consumer
-/// has nothing pending and nothing unacknowledged.
-async fn switchyard_side(
+/// The service's config: `config/nats-redis.yaml` pointed at the run's streams, subjects and
+/// key prefix, the mock provider and `--inflight`; with its durable consumer's name.
+pub(super) fn plan(
     args: &BenchArgs,
     llm: &str,
     names: &Names,
-    js: &jetstream::Context,
-    info: &mut redis::aio::MultiplexedConnection,
-) -> anyhow::Result<(super::Side, Vec<(Collected, Value)>, Vec<(String, f64)>)> {
+) -> anyhow::Result<(config::Plan, String)> {
     let jobs_prefix = format!("{}.jobs", names.prefix);
-    create_stream(js, &names.jobs, format!("{jobs_prefix}.>")).await?;
-    if args.mode == Mode::Drain {
-        publish_backlog(args, &jobs_prefix).await?;
-    }
     let topics = names.topics();
     let overrides = [
         ("SWITCHYARD__SOURCE__URL", args.nats_url.clone()),
@@ -192,6 +226,25 @@ async fn switchyard_side(
         config::SourcePlan::Nats(n) => n.consumer.clone(),
         config::SourcePlan::Kafka(_) => anyhow::bail!("config/nats-redis.yaml reads from NATS"),
     };
+    Ok((plan, consumer_name))
+}
+
+/// Switchyard's run: its window opens when the service is ready and closes when its consumer
+/// has nothing pending and nothing unacknowledged.
+async fn switchyard_side(
+    args: &BenchArgs,
+    llm: &str,
+    names: &Names,
+    js: &jetstream::Context,
+    info: &mut redis::aio::MultiplexedConnection,
+) -> anyhow::Result<(super::Side, Vec<(Collected, Value)>, Vec<(String, f64)>)> {
+    let jobs_prefix = format!("{}.jobs", names.prefix);
+    create_stream(js, &names.jobs, format!("{jobs_prefix}.>")).await?;
+    if args.mode == Mode::Drain {
+        publish_backlog(args, &jobs_prefix).await?;
+    }
+    let topics = names.topics();
+    let (plan, consumer_name) = plan(args, llm, names)?;
     let (service, health, shutdown) = super::start_service(plan).await?;
     super::wait_ready(&health).await?;
     let (cpu0, redis0, trips0, nats0, started) = (

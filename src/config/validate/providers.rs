@@ -40,6 +40,11 @@ pub(super) fn http_endpoint(
             format!("{field}.base_url"),
             format!("`{base_url}` is not an http(s) URL"),
         );
+    } else if let Err(e) = reqwest::Url::parse(base_url) {
+        p.add(
+            format!("{field}.base_url"),
+            format!("`{base_url}` is not a valid URL: {e}"),
+        );
     }
     if let Some(var) = api_key_env {
         non_empty(p, format!("{field}.api_key_env"), var);
