@@ -24,7 +24,9 @@ use super::{
     Side, Timeline, Window, Workload,
 };
 use switchyard::config::{self, Topics};
-use switchyard::testkit::{publish, Collected, EmbeddedKafka, OutputCollector, DEMO_CONFIG};
+use switchyard::testkit::{
+    parse_output, publish, Collected, EmbeddedKafka, OutputKind, DEMO_CONFIG,
+};
 
 pub async fn run(args: &BenchArgs, llm: &str) -> anyhow::Result<Measured> {
     let topics = Topics {
@@ -131,6 +133,18 @@ async fn switchyard_side(
         .set("bootstrap.servers", brokers)
         .create()?;
     let watcher = Arc::new(watcher);
+    let readers = TaskTracker::new();
+    let reader = readers.spawn(read_outputs(
+        brokers.to_owned(),
+        topics.clone(),
+        vec![
+            topics.results.clone(),
+            topics.review.clone(),
+            topics.dlq.clone(),
+        ],
+        args.jobs,
+    ));
+    readers.close();
     let (service, health, shutdown) = super::start_service(plan).await?;
     super::wait_ready(&health).await?;
     let publisher = if args.mode == Mode::Rate {
@@ -161,12 +175,7 @@ async fn switchyard_side(
         p.wait().await;
     }
     drained.context("switchyard did not produce an output for every job")?;
-    let collector = OutputCollector::start(brokers, topics)?;
-    collector
-        .wait_for(args.jobs, Duration::from_secs(10), |_| {})
-        .await;
-    let outputs = collector.snapshot();
-    collector.stop().await;
+    let outputs = reader.await.context("bench output reader")??;
     let side = measure(Window {
         jobs: args.jobs,
         elapsed,
@@ -177,6 +186,52 @@ async fn switchyard_side(
         timeline: switchyard_timeline(&outputs, args.provider_latency_ms),
     })?;
     Ok((side, outputs))
+}
+
+/// Every output in `read` (topics of `topics`), read from the start of each partition
+/// (assigned, no group), until `expected` arrived or none came for 10 s. It runs alongside the
+/// side it reads for (the in-process broker keeps only the latest messages of a partition),
+/// for both sides alike.
+async fn read_outputs(
+    brokers: String,
+    topics: Topics,
+    read: Vec<String>,
+    expected: usize,
+) -> anyhow::Result<Vec<(Collected, Value)>> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set(
+            "group.id",
+            format!("bench-reader-{:x}", rand::random::<u32>()),
+        )
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut assignment = TopicPartitionList::new();
+    for topic in &read {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                assignment.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+            }
+        }
+    }
+    consumer.assign(&assignment)?;
+    let mut outputs = Vec::with_capacity(expected);
+    while outputs.len() < expected {
+        let Ok(received) = tokio::time::timeout(Duration::from_secs(10), consumer.recv()).await
+        else {
+            break;
+        };
+        // A transient consumer error (a fetch that failed) is retried by librdkafka.
+        let Ok(message) = received else { continue };
+        let topic = message.topic();
+        outputs.push(parse_output(
+            OutputKind::of(&topics, topic),
+            topic,
+            message.payload().unwrap_or_default(),
+        ));
+    }
+    Ok(outputs)
 }
 
 /// The baseline: consume, two provider POSTs, produce, store the offset. Nothing else.
@@ -211,6 +266,19 @@ async fn bare_side(
     let claimed = Arc::new(Mutex::new(HashSet::new()));
     let timeline = Arc::new(Mutex::new(Timeline::default()));
     let tasks = TaskTracker::new();
+    // The same output reader as switchyard's side has, so both pay for it alike.
+    let readers = TaskTracker::new();
+    let reader = readers.spawn(read_outputs(
+        brokers.to_owned(),
+        Topics {
+            results: "bare.results".into(),
+            review: "bare.review".into(),
+            dlq: "bare.dlq".into(),
+        },
+        vec!["bare.results".into()],
+        args.jobs,
+    ));
+    readers.close();
     let publisher = if args.mode == Mode::Rate {
         Some(offer_at_rate(args, brokers, "bare.jobs")?)
     } else {
@@ -267,6 +335,7 @@ async fn bare_side(
     tasks.wait().await;
     let elapsed = started.map_or(Duration::ZERO, |s| s.elapsed());
     let cpu = process_cpu().saturating_sub(cpu0);
+    reader.abort();
     if let Some(p) = publisher {
         p.close();
         p.wait().await;
