@@ -40,8 +40,12 @@ impl AnthropicClient {
         cache_system_min_chars: usize,
     ) -> anyhow::Result<Self> {
         let url = format!("{}/v1/messages", base_url.trim_end_matches('/'));
-        let endpoint = reqwest::Url::parse(&url)
-            .map_err(|e| anyhow::anyhow!("`{url}` is not a valid URL: {e}"))?;
+        let endpoint = reqwest::Url::parse(&url).map_err(|e| {
+            anyhow::anyhow!(
+                "`{}` is not a valid URL: {e}",
+                crate::config::redact_url(&url)
+            )
+        })?;
         Ok(Self {
             http,
             endpoint,

@@ -48,8 +48,12 @@ impl OpenAiClient {
         max_response_bytes: usize,
     ) -> anyhow::Result<Self> {
         let url = format!("{}/chat/completions", base_url.trim_end_matches('/'));
-        let endpoint = reqwest::Url::parse(&url)
-            .map_err(|e| anyhow::anyhow!("`{url}` is not a valid URL: {e}"))?;
+        let endpoint = reqwest::Url::parse(&url).map_err(|e| {
+            anyhow::anyhow!(
+                "`{}` is not a valid URL: {e}",
+                crate::config::redact_url(&url)
+            )
+        })?;
         Ok(Self {
             http,
             endpoint,

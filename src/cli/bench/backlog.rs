@@ -1,7 +1,8 @@
 //! `switchyard bench --mode backlog`: resident memory against a deep backlog.
 //!
-//! A backlog of `--jobs` waits in the in-process Kafka cluster while the service works through
-//! it against a slow mock provider for `--duration-s`. Resident memory is sampled throughout;
+//! A backlog of `--jobs` waits in the broker (the in-process Kafka cluster, or the NATS server
+//! with `--shape nats`) while the service works through it against a slow mock provider for
+//! `--duration-s`. Resident memory is sampled throughout;
 //! the figure that matters is how much it grows once the backlog is in place. The same run is
 //! repeated first with a tenth of the backlog, as the baseline: if memory were proportional to
 //! the backlog, the full run would grow ten times as much.

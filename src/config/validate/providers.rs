@@ -43,7 +43,10 @@ pub(super) fn http_endpoint(
     } else if let Err(e) = reqwest::Url::parse(base_url) {
         p.add(
             format!("{field}.base_url"),
-            format!("`{base_url}` is not a valid URL: {e}"),
+            format!(
+                "`{}` is not a valid URL: {e}",
+                crate::config::redact_url(base_url)
+            ),
         );
     }
     if let Some(var) = api_key_env {
