@@ -39,13 +39,7 @@ impl AnthropicClient {
         max_response_bytes: usize,
         cache_system_min_chars: usize,
     ) -> anyhow::Result<Self> {
-        let url = format!("{}/v1/messages", base_url.trim_end_matches('/'));
-        let endpoint = reqwest::Url::parse(&url).map_err(|e| {
-            anyhow::anyhow!(
-                "`{}` is not a valid URL: {e}",
-                crate::config::redact_url(&url)
-            )
-        })?;
+        let endpoint = super::endpoint(base_url, "/v1/messages")?;
         Ok(Self {
             http,
             endpoint,

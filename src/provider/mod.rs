@@ -311,3 +311,14 @@ impl Providers {
         self.mock_servers.iter()
     }
 }
+
+/// `base_url` (without its trailing `/`) joined with `path`, parsed once for every request.
+fn endpoint(base_url: &str, path: &str) -> anyhow::Result<reqwest::Url> {
+    let url = format!("{}{path}", base_url.trim_end_matches('/'));
+    reqwest::Url::parse(&url).map_err(|e| {
+        anyhow::anyhow!(
+            "`{}` is not a valid URL: {e}",
+            crate::config::redact_url(&url)
+        )
+    })
+}

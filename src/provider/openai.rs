@@ -47,13 +47,7 @@ impl OpenAiClient {
         api_key: Option<String>,
         max_response_bytes: usize,
     ) -> anyhow::Result<Self> {
-        let url = format!("{}/chat/completions", base_url.trim_end_matches('/'));
-        let endpoint = reqwest::Url::parse(&url).map_err(|e| {
-            anyhow::anyhow!(
-                "`{}` is not a valid URL: {e}",
-                crate::config::redact_url(&url)
-            )
-        })?;
+        let endpoint = super::endpoint(base_url, "/chat/completions")?;
         Ok(Self {
             http,
             endpoint,

@@ -126,7 +126,11 @@ async fn switchyard_side(
     ];
     let env = overrides
         .into_iter()
-        .chain(super::service_overrides(args, "local", llm))
+        .chain(super::service_overrides(
+            args,
+            "SWITCHYARD__PROVIDERS__LOCAL",
+            llm,
+        ))
         .map(|(k, v)| (k.to_owned(), v));
     let plan = config::load_str(DEMO_CONFIG, "embedded config/demo.yaml (bench)", env)?;
     let watcher: BaseConsumer = ClientConfig::new()
@@ -189,7 +193,7 @@ async fn switchyard_side(
 }
 
 /// Every output in `read` (topics of `topics`), read from the start of each partition
-/// (assigned, no group), until `expected` arrived or none came for 10 s. It runs alongside the
+/// (assigned, no group), until `expected` arrived or none came for 10 s (60 s for the first). It runs alongside the
 /// side it reads for (the in-process broker keeps only the latest messages of a partition),
 /// for both sides alike.
 async fn read_outputs(
@@ -218,7 +222,10 @@ async fn read_outputs(
     consumer.assign(&assignment)?;
     let mut outputs = Vec::with_capacity(expected);
     while outputs.len() < expected {
-        let Ok(received) = tokio::time::timeout(Duration::from_secs(10), consumer.recv()).await
+        // The side it reads for may take a while to start (group join, slow provider); after
+        // that, 10 s without an output ends the read.
+        let idle = if outputs.is_empty() { 60 } else { 10 };
+        let Ok(received) = tokio::time::timeout(Duration::from_secs(idle), consumer.recv()).await
         else {
             break;
         };

@@ -239,6 +239,7 @@ fn micros_now() -> u64 {
 const TENANTS: usize = 10;
 
 /// One job of the bench workload.
+#[derive(Clone)]
 pub struct BenchJob {
     pub tenant: String,
     pub payload: Vec<u8>,
@@ -247,7 +248,8 @@ pub struct BenchJob {
 /// The workload: jobs spread over ten tenants; every 50th repeats an earlier job (2%
 /// duplicates, byte for byte), every 100th is not valid JSON (1%, a dead letter).
 pub struct Workload {
-    originals: Vec<Vec<u8>>,
+    /// Valid jobs so far, with their tenant: the duplicates repeat them.
+    originals: Vec<BenchJob>,
 }
 
 impl Workload {
@@ -260,33 +262,27 @@ impl Workload {
     /// Job `i`, stamped with the current time (end-to-end latency starts there).
     pub fn job(&mut self, i: usize) -> BenchJob {
         let tenant = format!("t{}", i % TENANTS);
-        let payload = if i % 100 == 98 {
-            format!("{{\"id\": \"b-{i:07}\", \"tenant\": \"{tenant}\", \"input\": {{\"te")
-                .into_bytes()
-        } else if i % 50 == 49 && self.originals.len() > 7 {
-            let k = self.originals.len() - 7;
-            let original = self.originals.get(k).cloned().unwrap_or_default();
-            // Keep the original's tenant: the duplicate is the same job.
+        if i % 100 == 98 {
+            let payload =
+                format!("{{\"id\": \"b-{i:07}\", \"tenant\": \"{tenant}\", \"input\": {{\"te");
             return BenchJob {
-                tenant: format!("t{}", (k_index(&original)) % TENANTS),
-                payload: original,
+                tenant,
+                payload: payload.into_bytes(),
             };
-        } else {
-            let payload = bench_job(i, &tenant);
-            self.originals.push(payload.clone());
-            payload
+        }
+        if i % 50 == 49 {
+            // An earlier job again, byte for byte, under its own tenant.
+            if let Some(original) = self.originals.iter().rev().nth(6) {
+                return original.clone();
+            }
+        }
+        let job = BenchJob {
+            payload: bench_job(i, &tenant),
+            tenant,
         };
-        BenchJob { tenant, payload }
+        self.originals.push(job.clone());
+        job
     }
-}
-
-/// The job index encoded in a bench job's id (`b-0000042` is 42).
-fn k_index(payload: &[u8]) -> usize {
-    serde_json::from_slice::<Value>(payload)
-        .ok()
-        .and_then(|v| v["id"].as_str().map(str::to_owned))
-        .and_then(|id| id.trim_start_matches("b-").parse().ok())
-        .unwrap_or(0)
 }
 
 fn bench_job(i: usize, tenant: &str) -> Vec<u8> {
@@ -581,14 +577,13 @@ async fn bare_calls(job: &Value, http: &reqwest::Client, endpoint: &str) -> Opti
     Some(answer)
 }
 
-/// The overrides both shapes make to their config: the provider `name` pointed at the mock, and
-/// every in-flight bound at `--inflight`.
-fn service_overrides(args: &BenchArgs, provider: &str, llm: &str) -> Vec<(&'static str, String)> {
-    let provider_key = if provider == "local" {
-        "SWITCHYARD__PROVIDERS__LOCAL"
-    } else {
-        "SWITCHYARD__PROVIDERS__OPENAI"
-    };
+/// The overrides both shapes make to their config: the provider at `provider_key` pointed at
+/// the mock, and every in-flight bound at `--inflight`.
+fn service_overrides(
+    args: &BenchArgs,
+    provider_key: &'static str,
+    llm: &str,
+) -> Vec<(&'static str, String)> {
     vec![
         (
             provider_key,

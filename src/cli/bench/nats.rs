@@ -219,7 +219,11 @@ pub(super) fn plan(
     ];
     let env = overrides
         .into_iter()
-        .chain(super::service_overrides(args, "openai", llm))
+        .chain(super::service_overrides(
+            args,
+            "SWITCHYARD__PROVIDERS__OPENAI",
+            llm,
+        ))
         .map(|(k, v)| (k.to_owned(), v));
     let plan = config::load_str(NATS_REDIS_CONFIG, "config/nats-redis.yaml (bench)", env)?;
     let consumer_name = match &plan.source {
