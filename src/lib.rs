@@ -17,6 +17,7 @@ pub mod app;
 pub mod calls;
 pub mod config;
 pub mod connect;
+pub mod digest;
 pub mod engine;
 pub mod expr;
 pub mod guardrails;

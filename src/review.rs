@@ -183,27 +183,19 @@ pub struct DecidedReview {
 /// A stable digest of what a decision says: redelivered or republished, the same decision has
 /// the same fingerprint.
 pub fn fingerprint(decision: &DecisionMessage) -> String {
-    use sha2::{Digest as _, Sha256};
-    let mut hash = Sha256::new();
     let output = decision
         .output
         .as_ref()
         .map(Value::to_string)
         .unwrap_or_default();
-    for part in [
+    let parts = [
         decision.review_id.as_str(),
         decision.decision.as_str(),
         output.as_str(),
         decision.reason.as_deref().unwrap_or(""),
         decision.reviewer.as_str(),
-    ] {
-        hash.update((part.len() as u64).to_be_bytes());
-        hash.update(part.as_bytes());
-    }
-    hash.finalize()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    ];
+    crate::digest::of_parts(&parts, 16)
 }
 
 /// The state key under which a review's decision is claimed and remembered.

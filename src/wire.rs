@@ -389,10 +389,7 @@ pub struct ReviewRequest {
 impl ReviewRequest {
     /// The review id of the job whose idempotency state key is `state_key`.
     pub fn id_for(state_key: &str) -> String {
-        use sha2::{Digest, Sha256};
-        let digest = Sha256::digest(state_key.as_bytes());
-        let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
-        format!("rv-{hex}")
+        format!("rv-{}", crate::digest::of(state_key.as_bytes(), 16))
     }
 }
 

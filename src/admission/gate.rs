@@ -679,9 +679,7 @@ pub enum UserWait {
 /// A user's limiter key: the user hashed, so any user string makes a short key of its own.
 /// (In braces: a Redis Cluster hash tag, so a user's limiter and its tickets share a slot.)
 fn user_key(tenant: &str, user: &str, what: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(user.as_bytes());
-    let short: String = digest.iter().take(12).map(|b| format!("{b:02x}")).collect();
+    let short = crate::digest::of(user.as_bytes(), 12);
     format!("u:{{{tenant}:{short}}}:{what}")
 }
 

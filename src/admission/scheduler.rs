@@ -10,7 +10,9 @@
 //! Waiting jobs sit in their tenant's bounded queue (one lane per priority) with the slot times
 //! the tenant booked; a dispatcher hands free run slots (`limits.max_running_jobs`) out by
 //! weighted deficit round robin over the tenants whose next booked slot has come, high before
-//! normal before low within a tenant (the earliest slot goes to the most urgent job). A
+//! normal before low within a tenant (the earliest slot goes to the most urgent job). A job
+//! whose turn has come while no job waits and a run slot is free takes that slot itself, as
+//! the dispatcher would have given it, without the hop through the dispatcher. A
 //! tenant's queue bound defaults to a fair share of `limits.max_inflight_jobs`: the bound over
 //! the tenants with jobs queued, plus one, so a newcomer always finds room.
 
@@ -130,6 +132,8 @@ struct Queues {
 
 struct Shared {
     queues: Mutex<Queues>,
+    /// Run slots (`limits.max_running_jobs`).
+    slots: Arc<Semaphore>,
     wake: Notify,
     gate: Arc<Gate>,
     max_inflight: usize,
@@ -162,13 +166,13 @@ impl Scheduler {
     ) -> Self {
         let shared = Arc::new(Shared {
             queues: Mutex::new(Queues::default()),
+            slots: Arc::new(Semaphore::new(limits.max_running)),
             wake: Notify::new(),
             gate,
             max_inflight: limits.max_inflight,
             park_after: limits.park_after,
         });
-        let slots = Arc::new(Semaphore::new(limits.max_running));
-        tasks.spawn(dispatch(shared.clone(), slots, stop));
+        tasks.spawn(dispatch(shared.clone(), stop));
         Self { shared }
     }
 
@@ -237,9 +241,20 @@ impl Scheduler {
             slot_at, parked, ..
         } = booked;
         let enqueued = Instant::now();
-        let (tx, rx) = oneshot::channel();
-        {
+        let rx = {
             let mut q = self.shared.lock();
+            // Its turn has come, nobody is waiting and a run slot is free: the dispatcher would
+            // hand it that slot at once, so it takes it here without the round trip through
+            // the dispatcher. With anyone waiting it queues, so the order stays fair.
+            if slot_at <= enqueued && q.nobody_waiting() {
+                if let Ok(permit) = self.shared.slots.clone().try_acquire_owned() {
+                    drop(q);
+                    return Ok(Some(
+                        self.shared.run_slot(permit, enqueued, slot_at, parked),
+                    ));
+                }
+            }
+            let (tx, rx) = oneshot::channel();
             let queues = &mut *q;
             let queue = queues.tenants.entry(tenant.to_owned()).or_default();
             if !queues.ring.iter().any(|t| t == tenant) {
@@ -251,7 +266,8 @@ impl Scheduler {
                 enqueued,
                 parked,
             });
-        }
+            rx
+        };
         self.shared.wake.notify_one();
         let queued = &self.shared.gate.metrics().tenant_queued;
         queued.inc();
@@ -320,9 +336,52 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, Queues> {
         self.queues.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// The run slot of a job queued at `enqueued` (after `parked` outside the process) whose
+    /// booked turn was `slot_at`, given now; its waits are observed.
+    fn run_slot(
+        &self,
+        permit: OwnedSemaphorePermit,
+        enqueued: Instant,
+        slot_at: Instant,
+        parked: Duration,
+    ) -> RunSlot {
+        let now = Instant::now();
+        let turn = slot_at.max(enqueued);
+        let waited = Waited {
+            rate: turn.saturating_duration_since(enqueued),
+            run_slot: now.saturating_duration_since(turn),
+            parked,
+        };
+        let metrics = self.gate.metrics();
+        for (reason, wait) in [
+            ("tenant_rate", waited.rate),
+            ("run_slot", waited.run_slot),
+            ("parked", waited.parked),
+        ] {
+            if !wait.is_zero() {
+                metrics
+                    .job_wait
+                    .with_label_values(&[reason])
+                    .observe(wait.as_secs_f64());
+            }
+        }
+        RunSlot {
+            _permit: permit,
+            queued: now.duration_since(enqueued) + parked,
+            // Held back by its tenant's limit: a booked slot it had to wait for (beyond a
+            // millisecond of scheduling), or parked.
+            throttled: waited.rate > Duration::from_millis(1) || !parked.is_zero(),
+        }
+    }
 }
 
 impl Queues {
+    /// No job waits in any tenant's queue.
+    fn nobody_waiting(&self) -> bool {
+        self.tenants.values().all(|queue| queue.len() == 0)
+    }
+
     /// The next waiter by weighted deficit round robin over the tenants whose earliest booked
     /// slot has come, with that slot's time; otherwise the earliest time a slot comes.
     fn next(
@@ -370,10 +429,10 @@ impl Queues {
     }
 }
 
-async fn dispatch(shared: Arc<Shared>, slots: Arc<Semaphore>, stop: CancellationToken) {
+async fn dispatch(shared: Arc<Shared>, stop: CancellationToken) {
     let tenants = shared.gate.tenants().clone();
     let weight = |name: &str| tenants.get(name).weight;
-    let metrics = shared.gate.metrics();
+    let slots = shared.slots.clone();
     loop {
         let permit = tokio::select! {
             () = stop.cancelled() => return,
@@ -404,32 +463,7 @@ async fn dispatch(shared: Arc<Shared>, slots: Arc<Semaphore>, stop: Cancellation
                 permit = Some(slot_permit);
                 continue;
             }
-            let now = Instant::now();
-            let turn = slot_at.max(waiter.enqueued);
-            let waited = Waited {
-                rate: turn.saturating_duration_since(waiter.enqueued),
-                run_slot: now.saturating_duration_since(turn),
-                parked: waiter.parked,
-            };
-            for (reason, wait) in [
-                ("tenant_rate", waited.rate),
-                ("run_slot", waited.run_slot),
-                ("parked", waited.parked),
-            ] {
-                if !wait.is_zero() {
-                    metrics
-                        .job_wait
-                        .with_label_values(&[reason])
-                        .observe(wait.as_secs_f64());
-                }
-            }
-            let slot = RunSlot {
-                _permit: slot_permit,
-                queued: now.duration_since(waiter.enqueued) + waiter.parked,
-                // Held back by its tenant's limit: a booked slot it had to wait for (beyond a
-                // millisecond of scheduling), or parked.
-                throttled: waited.rate > Duration::from_millis(1) || !waited.parked.is_zero(),
-            };
+            let slot = shared.run_slot(slot_permit, waiter.enqueued, slot_at, waiter.parked);
             if let Err(slot) = waiter.tx.send(slot) {
                 permit = Some(slot._permit);
             }

@@ -9,8 +9,6 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
-use sha2::{Digest as _, Sha256};
-
 use crate::provider::{ChatRequest, ChatResponse};
 
 /// A call this run needs answered by a batch.
@@ -54,20 +52,13 @@ impl BatchRound {
 
 /// The key of a call to `alias` with `request`.
 pub fn key(alias: &str, request: &ChatRequest) -> String {
-    let mut hash = Sha256::new();
-    for part in [
+    let parts = [
         alias,
         &request.model,
         request.system.as_deref().unwrap_or_default(),
         &request.user,
         &request.max_tokens.to_string(),
         &request.temperature.to_string(),
-    ] {
-        hash.update((part.len() as u64).to_be_bytes());
-        hash.update(part.as_bytes());
-    }
-    hash.finalize()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    ];
+    crate::digest::of_parts(&parts, 16)
 }

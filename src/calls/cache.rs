@@ -10,7 +10,6 @@
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::config::CachePlan;
 use crate::provider::{ChatRequest, ChatResponse};
@@ -46,8 +45,7 @@ impl ResponseCache {
         if request.temperature > self.plan.max_temperature {
             return None;
         }
-        let mut hash = Sha256::new();
-        for part in [
+        let parts = [
             if self.plan.global { "" } else { tenant },
             provider,
             &request.model,
@@ -55,13 +53,8 @@ impl ResponseCache {
             &request.user,
             &request.max_tokens.to_string(),
             &request.temperature.to_string(),
-        ] {
-            // Length-prefixed, so ("ab", "c") and ("a", "bc") differ.
-            hash.update((part.len() as u64).to_be_bytes());
-            hash.update(part.as_bytes());
-        }
-        let digest = hash.finalize();
-        Some(digest.iter().map(|b| format!("{b:02x}")).collect())
+        ];
+        Some(crate::digest::of_parts(&parts, 32))
     }
 
     pub async fn get(&self, key: &str) -> Option<ChatResponse> {

@@ -21,7 +21,6 @@ use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::config::SemanticCachePlan;
 use crate::provider::ChatResponse;
@@ -89,16 +88,7 @@ impl SemanticCache {
 
     /// The index of a tenant's step: everything but the question must be equal to share it.
     pub fn index(tenant: &str, parts: &[&str]) -> String {
-        let mut hash = Sha256::new();
-        for part in parts {
-            hash.update((part.len() as u64).to_be_bytes());
-            hash.update(part.as_bytes());
-        }
-        let digest: String = hash.finalize()[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        format!("{tenant}:{digest}")
+        format!("{tenant}:{}", crate::digest::of_parts(parts, 16))
     }
 
     /// The most similar stored answer at or above the threshold, if any. Store errors are a

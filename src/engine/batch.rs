@@ -862,14 +862,5 @@ impl<K: OutputSink> Engine<K> {
 /// The id of a job's request within a batch: unique per job and request, and within the
 /// providers' limits (Anthropic: 1 to 64 of `[a-zA-Z0-9_-]`).
 fn custom_id(job_key: &str, request_key: &str) -> String {
-    use sha2::{Digest as _, Sha256};
-    let mut hash = Sha256::new();
-    for part in [job_key, request_key] {
-        hash.update((part.len() as u64).to_be_bytes());
-        hash.update(part.as_bytes());
-    }
-    hash.finalize()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::digest::of_parts(&[job_key, request_key], 16)
 }

@@ -20,7 +20,6 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::FutureExt as _;
 use tokio_util::sync::CancellationToken;
@@ -283,14 +282,14 @@ impl<K: OutputSink> Engine<K> {
             self.confirm_lease(&held, stop).await?;
         }
         let written = tokio::select! {
-            written = self.write(outcome, incoming, &output_key, Some(&held), stop) => written,
+            written = self.write_stored(outcome, incoming, &output_key, Some(&held), stop) => written,
             LeaseLost = self.hold_claim(&held) => {
                 // Another worker owns the key now: writing too would duplicate its output.
                 tracing::warn!(key = %held.key, "claim lease lost before the output was written; handing the job back");
                 return Err(Stopped::Now);
             }
         };
-        let written = match written {
+        let (written, stored) = match written {
             Ok(written) => written,
             Err(stopped) => {
                 self.release(&held).await;
@@ -307,12 +306,7 @@ impl<K: OutputSink> Engine<K> {
         }
         // The output is out: record it (fenced, so never over another worker's claim) and ack,
         // whatever the lease does meanwhile; handing back now would run the job again.
-        match serde_json::to_vec(&written) {
-            Ok(bytes) => self.record(&held, Bytes::from(bytes)).await,
-            Err(e) => {
-                tracing::error!(key = %held.key, error = %e, "could not encode the outcome for the state store")
-            }
-        }
+        self.record(&held, stored).await;
         self.finished(&written, pipeline.as_deref(), incoming);
         Ok(poison)
     }

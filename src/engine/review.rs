@@ -331,13 +331,13 @@ impl<K: OutputSink> Engine<K> {
         self.confirm_lease(&held, stop).await?;
         let output_key = format!("{}#reviewed", pending.job_key);
         let written = tokio::select! {
-            written = self.write(outcome, &at_write, &output_key, Some(&held), stop) => written,
+            written = self.write_stored(outcome, &at_write, &output_key, Some(&held), stop) => written,
             LeaseLost = self.hold_claim(&held) => {
                 tracing::warn!(review_id = %id, "decision claim lost before the outcome was written; handing it back");
                 return Err(Stopped::Now);
             }
         };
-        let written = match written {
+        let (written, stored) = match written {
             Ok(written) => written,
             Err(stopped) => {
                 self.release(&held).await;
@@ -367,14 +367,8 @@ impl<K: OutputSink> Engine<K> {
         }
         self.forget_review(id, &pending.tenant).await;
         // A replay of the job (a duplicate publication) now gives its final outcome.
-        if let Ok(bytes) = serde_json::to_vec(&written) {
-            if let Err(e) = self
-                .state
-                .replace_outcome(&pending.job_key, Bytes::from(bytes))
-                .await
-            {
-                tracing::warn!(review_id = %id, error = %e, "could not store the final outcome for the job's replays; they give the review request");
-            }
+        if let Err(e) = self.state.replace_outcome(&pending.job_key, stored).await {
+            tracing::warn!(review_id = %id, error = %e, "could not store the final outcome for the job's replays; they give the review request");
         }
         self.metrics
             .review_decisions

@@ -1,6 +1,7 @@
 //! Getting an outcome confirmed by the sink: retried until confirmed or the process stops; a
 //! result the sink can never take becomes an `internal` dead letter.
 
+use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use super::claim::Held;
@@ -23,6 +24,20 @@ impl<K: OutputSink> Engine<K> {
         held: Option<&Held>,
         stop: &CancellationToken,
     ) -> Result<Outcome, Stopped> {
+        let written = self.write_stored(outcome, incoming, output_key, held, stop);
+        written.await.map(|(outcome, _)| outcome)
+    }
+
+    /// [`Self::write`], also returning the written outcome as the state store keeps it (see
+    /// [`stored_form`]): encoded once, for the sink and the store.
+    pub(super) async fn write_stored(
+        &self,
+        outcome: Outcome,
+        incoming: &Incoming<'_>,
+        output_key: &str,
+        held: Option<&Held>,
+        stop: &CancellationToken,
+    ) -> Result<(Outcome, Bytes), Stopped> {
         let trace = incoming.trace;
         let mut outcome = outcome;
         let mut output = output_for(&outcome, trace, output_key)?;
@@ -37,7 +52,10 @@ impl<K: OutputSink> Engine<K> {
             }
             retry = true;
             match self.sink.send(&output).await {
-                Ok(()) => return Ok(outcome),
+                Ok(()) => {
+                    let stored = stored_form(&outcome, &output.payload);
+                    return Ok((outcome, stored));
+                }
                 Err(SinkError::Transient(e)) => {
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "output write failed; retrying");
                 }
@@ -124,29 +142,80 @@ fn output_for(outcome: &Outcome, trace: Option<&str>, output_key: &str) -> Resul
     })
 }
 
+/// The outcome as the state store keeps it (`serde_json::to_vec(&outcome)`, the adjacently
+/// tagged `{"kind": ..., "body": ...}`), built around the sink payload already encoded from it.
+fn stored_form(outcome: &Outcome, payload: &[u8]) -> Bytes {
+    let kind: &[u8] = match outcome {
+        Outcome::Result(_) => br#"{"kind":"result","body":"#,
+        Outcome::DeadLetter(_) => br#"{"kind":"dead_letter","body":"#,
+    };
+    let mut stored = Vec::with_capacity(kind.len() + payload.len() + 1);
+    stored.extend_from_slice(kind);
+    stored.extend_from_slice(payload);
+    stored.push(b'}');
+    Bytes::from(stored)
+}
+
 /// 32 hex characters of SHA-256 over the job's identity, the output kind and its variant (a
 /// dead letter's reason, or whether a result is a replay).
 fn output_id(output_key: &str, destination: Destination, variant: &str) -> String {
-    use sha2::{Digest as _, Sha256};
     let kind = match destination {
         Destination::Results => "result",
         Destination::Review => "review",
         Destination::DeadLetters => "dead_letter",
     };
-    let mut hash = Sha256::new();
-    for part in [output_key, kind, variant] {
-        hash.update((part.len() as u64).to_be_bytes());
-        hash.update(part.as_bytes());
-    }
-    hash.finalize()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::digest::of_parts(&[output_key, kind, variant], 16)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stored_form_is_the_outcome_as_serde_encodes_it() {
+        let now = chrono::Utc::now();
+        let result = crate::wire::JobResult {
+            job_id: "j-1".into(),
+            tenant: "acme".into(),
+            pipeline: "support".into(),
+            status: ResultStatus::Ok,
+            output: serde_json::json!({"answer": "hi \"there\"\n"}),
+            route: Default::default(),
+            steps: Vec::new(),
+            usage: Default::default(),
+            duplicate: false,
+            metadata: None,
+            received_at: now,
+            completed_at: now,
+            latency_ms: 3,
+            review_reason: None,
+            review: None,
+            reviewed: None,
+        };
+        let source = crate::wire::SourceInfo {
+            transport: "nats".into(),
+            topic: "jobs.acme".into(),
+            partition: None,
+            offset: None,
+            stream_seq: Some(7),
+        };
+        let dead = crate::wire::DeadLetter::new(
+            DeadLetterReason::InvalidJob,
+            "bad".into(),
+            b"{not json",
+            source,
+        );
+        for outcome in [Outcome::Result(result), Outcome::DeadLetter(dead)] {
+            let output = output_for(&outcome, None, "acme/k").expect("encodes");
+            let stored = stored_form(&outcome, &output.payload);
+            assert_eq!(
+                &stored[..],
+                &serde_json::to_vec(&outcome).expect("encodes")[..]
+            );
+            let back: Outcome = serde_json::from_slice(&stored).expect("decodes");
+            assert_eq!(back, outcome);
+        }
+    }
 
     #[test]
     fn the_same_job_and_output_kind_always_get_the_same_id() {

@@ -10,6 +10,7 @@
 
 use std::time::Duration;
 
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::errors::{parse_retry_after, ProviderError};
@@ -190,33 +191,57 @@ impl AnthropicClient {
     }
 }
 
+/// The parts of a Messages API answer switchyard reads, deserialized without a `Value` tree of
+/// the whole response. Every field is lenient: one missing, null or of an unexpected type
+/// reads as absent.
+#[derive(Deserialize, Default)]
+struct Answer {
+    #[serde(default, deserialize_with = "super::lenient_objects")]
+    content: Option<Vec<Option<Block>>>,
+    #[serde(default, deserialize_with = "super::lenient_object")]
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct Block {
+    #[serde(default, rename = "type", deserialize_with = "super::lenient")]
+    kind: Option<String>,
+    #[serde(default, deserialize_with = "super::lenient")]
+    text: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct Usage {
+    #[serde(default, deserialize_with = "super::lenient")]
+    input_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "super::lenient")]
+    output_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "super::lenient")]
+    cache_creation_input_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "super::lenient")]
+    cache_read_input_tokens: Option<u64>,
+}
+
 fn parse_success(bytes: &[u8]) -> Result<ChatResponse, ProviderError> {
-    let body: Value = serde_json::from_slice(bytes)
-        .map_err(|e| ProviderError::InvalidResponse(format!("body is not JSON: {e}")))?;
-    let blocks = body
-        .get("content")
-        .and_then(Value::as_array)
-        .ok_or_else(|| {
-            ProviderError::InvalidResponse("no `content` array in the response".into())
-        })?;
+    let body: Answer = super::decode_answer(bytes)?;
+    let blocks = body.content.ok_or_else(|| {
+        ProviderError::InvalidResponse("no `content` array in the response".into())
+    })?;
     let content: String = blocks
-        .iter()
-        .filter(|b| b.get("type").and_then(Value::as_str) == Some("text"))
-        .filter_map(|b| b.get("text").and_then(Value::as_str))
+        .into_iter()
+        .flatten()
+        .filter(|b| b.kind.as_deref() == Some("text"))
+        .filter_map(|b| b.text)
         .collect();
-    let usage = |field: &str| {
-        body.pointer(&format!("/usage/{field}"))
-            .and_then(Value::as_u64)
-            .unwrap_or(0)
-    };
+    let usage = body.usage.unwrap_or_default();
+    let read = usage.cache_read_input_tokens.unwrap_or(0);
+    let written = usage.cache_creation_input_tokens.unwrap_or(0);
     Ok(ChatResponse {
         content,
-        input_tokens: usage("input_tokens")
-            + usage("cache_creation_input_tokens")
-            + usage("cache_read_input_tokens"),
-        output_tokens: usage("output_tokens"),
-        cache_read_tokens: usage("cache_read_input_tokens"),
-        cache_write_tokens: usage("cache_creation_input_tokens"),
+        input_tokens: usage.input_tokens.unwrap_or(0) + written + read,
+        output_tokens: usage.output_tokens.unwrap_or(0),
+        cache_read_tokens: read,
+        cache_write_tokens: written,
         flex: false,
         batch: false,
     })
@@ -274,6 +299,24 @@ mod tests {
         let client =
             AnthropicClient::new(reqwest::Client::new(), "http://x", None, 1024, cache_min);
         client.unwrap_or_else(|e| unreachable!("a valid URL: {e}"))
+    }
+
+    #[test]
+    fn an_answer_reads_like_a_json_pointer_would() {
+        let answer = parse_success(br#"{"content":[null,{"type":"text","text":"hi "},["text","x"],{"type":"tool_use"},{"type":"text","text":"there"}],"usage":{"input_tokens":10,"output_tokens":2,"cache_creation_input_tokens":5,"cache_read_input_tokens":"7"}}"#).unwrap();
+        assert_eq!(answer.content, "hi there");
+        assert_eq!((answer.input_tokens, answer.output_tokens), (15, 2));
+        assert_eq!(
+            (answer.cache_write_tokens, answer.cache_read_tokens),
+            (5, 0)
+        );
+        let odd =
+            parse_success(br#"{"content":[{"type":"text","text":"ok"}],"usage":[1,2]}"#).unwrap();
+        assert_eq!((odd.content.as_str(), odd.input_tokens), ("ok", 0));
+        for missing in [r#"{"content":"hi"}"#, r#"["content"]"#, r#"{}"#] {
+            let error = parse_success(missing.as_bytes()).unwrap_err().to_string();
+            assert!(error.contains("no `content` array"), "{missing}: {error}");
+        }
     }
 
     #[test]

@@ -322,3 +322,66 @@ fn endpoint(base_url: &str, path: &str) -> anyhow::Result<reqwest::Url> {
         )
     })
 }
+
+/// A provider's JSON answer decoded into `T`: straight from the bytes when it is an object
+/// the derive reads, else through a `Value` (duplicate keys: the last wins). Anything but an
+/// object reads as `T::default()` (every field absent), so the caller's "no ... in the
+/// response" error names what is missing.
+fn decode_answer<T: serde::de::DeserializeOwned + Default>(
+    bytes: &[u8],
+) -> Result<T, ProviderError> {
+    if bytes.trim_ascii_start().first() == Some(&b'{') {
+        if let Ok(answer) = serde_json::from_slice(bytes) {
+            return Ok(answer);
+        }
+    }
+    let value: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| ProviderError::InvalidResponse(format!("body is not JSON: {e}")))?;
+    Ok(match value {
+        serde_json::Value::Object(_) => serde_json::from_value(value).unwrap_or_default(),
+        _ => T::default(),
+    })
+}
+
+/// A leaf field (a number, a string) read leniently: one of an unexpected type reads as
+/// absent, so the caller's fallback applies instead of failing the whole answer.
+fn lenient<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let value = <serde_json::Value as serde::Deserialize>::deserialize(deserializer)?;
+    Ok(serde_json::from_value(value).ok())
+}
+
+/// An object field read leniently: anything but an object (or one that does not read as `T`)
+/// is absent.
+fn lenient_object<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let value = <serde_json::Value as serde::Deserialize>::deserialize(deserializer)?;
+    Ok(object_as(value))
+}
+
+/// A list of objects read leniently: anything but a list is absent; an element that is not an
+/// object (or does not read as `T`) is `None` in its place.
+fn lenient_objects<'de, D, T>(deserializer: D) -> Result<Option<Vec<Option<T>>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let value = <serde_json::Value as serde::Deserialize>::deserialize(deserializer)?;
+    Ok(match value {
+        serde_json::Value::Array(items) => Some(items.into_iter().map(object_as).collect()),
+        _ => None,
+    })
+}
+
+fn object_as<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Option<T> {
+    match value {
+        serde_json::Value::Object(_) => serde_json::from_value(value).ok(),
+        _ => None,
+    }
+}

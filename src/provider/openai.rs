@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::errors::{parse_retry_after, ProviderError};
@@ -283,41 +283,80 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     parse_retry_after(value, chrono::Utc::now())
 }
 
+/// The parts of a chat completion switchyard reads, deserialized without a `Value` tree of
+/// the whole response. Every field is lenient: one missing, null or of an unexpected type
+/// reads as absent, as with a JSON pointer, and the fallbacks below apply.
+#[derive(Deserialize, Default)]
+struct Completion {
+    #[serde(default, deserialize_with = "super::lenient_objects")]
+    choices: Option<Vec<Option<Choice>>>,
+    #[serde(default, deserialize_with = "super::lenient_object")]
+    usage: Option<Usage>,
+    #[serde(default, deserialize_with = "super::lenient")]
+    service_tier: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    #[serde(default, deserialize_with = "super::lenient_object")]
+    message: Option<AnswerMessage>,
+}
+
+#[derive(Deserialize)]
+struct AnswerMessage {
+    #[serde(default, deserialize_with = "super::lenient")]
+    content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Usage {
+    #[serde(default, deserialize_with = "super::lenient")]
+    prompt_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "super::lenient")]
+    completion_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "super::lenient_object")]
+    prompt_tokens_details: Option<PromptDetails>,
+}
+
+#[derive(Deserialize)]
+struct PromptDetails {
+    #[serde(default, deserialize_with = "super::lenient")]
+    cached_tokens: Option<u64>,
+}
+
 fn parse_success(bytes: &[u8], request: &ChatRequest) -> Result<ChatResponse, ProviderError> {
-    let body: Value = serde_json::from_slice(bytes)
-        .map_err(|e| ProviderError::InvalidResponse(format!("body is not JSON: {e}")))?;
+    let body: Completion = super::decode_answer(bytes)?;
     let content = body
-        .pointer("/choices/0/message/content")
-        .and_then(Value::as_str)
+        .choices
+        .and_then(|choices| choices.into_iter().next().flatten())
+        .and_then(|choice| choice.message)
+        .and_then(|message| message.content)
         .ok_or_else(|| {
             ProviderError::InvalidResponse("no choices[0].message.content in the response".into())
-        })?
-        .to_owned();
-    let usage = |field: &str| {
-        body.pointer(&format!("/usage/{field}"))
-            .and_then(Value::as_u64)
-    };
+        })?;
+    let usage = body.usage;
+    let usage = usage.as_ref();
     // A server that omits `usage` is billed at our own (never lower) count.
-    let input_tokens = usage("prompt_tokens").unwrap_or_else(|| {
+    let input_tokens = usage.and_then(|u| u.prompt_tokens).unwrap_or_else(|| {
         crate::tokens::prompt(&request.model, request.system.as_deref(), &request.user)
     });
-    let output_tokens = usage("completion_tokens")
+    let output_tokens = usage
+        .and_then(|u| u.completion_tokens)
         .unwrap_or_else(|| crate::tokens::count(&request.model, &content));
     Ok(ChatResponse {
         content,
         input_tokens,
         output_tokens,
         // Prompt tokens OpenAI served from its automatic prompt cache (billed at a discount).
-        cache_read_tokens: body
-            .pointer("/usage/prompt_tokens_details/cached_tokens")
-            .and_then(Value::as_u64)
+        cache_read_tokens: usage
+            .and_then(|u| u.prompt_tokens_details.as_ref())
+            .and_then(|d| d.cached_tokens)
             .unwrap_or(0),
         cache_write_tokens: 0,
         batch: false,
         // What the server says served it; a server that does not say served what was asked.
         flex: body
-            .get("service_tier")
-            .and_then(Value::as_str)
+            .service_tier
             .map_or(request.flex, |tier| tier == "flex"),
     })
 }
@@ -369,6 +408,54 @@ fn text(value: &Value, pointer: &str) -> Result<String, ProviderError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_reads_like_a_json_pointer_would() {
+        let request = ChatRequest {
+            model: "gpt-4o-mini".into(),
+            user: "hello there".into(),
+            ..ChatRequest::default()
+        };
+        let read = |body: &str| parse_success(body.as_bytes(), &request);
+        let full = read(r#"{"id":"x","choices":[{"message":{"role":"assistant","content":"hi"}}],"usage":{"prompt_tokens":12,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":4}},"service_tier":"flex"}"#).unwrap();
+        assert_eq!(
+            (full.content.as_str(), full.input_tokens, full.output_tokens),
+            ("hi", 12, 3)
+        );
+        assert_eq!(full.cache_read_tokens, 4);
+        assert!(full.flex);
+        // Odd shapes around the answer read as absent (our own token count stands in); a
+        // second choice that is null does not spoil the first; the last of duplicate keys wins.
+        for odd in [
+            r#"{"choices":[{"message":{"content":"hi"}},null],"usage":"n/a"}"#,
+            r#"{"choices":[{"message":{"content":"hi"}}],"usage":[10,5]}"#,
+            r#"{"choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":1.5,"prompt_tokens_details":0}}"#,
+            r#"{"usage":{"prompt_tokens":99},"usage":null,"choices":[{"message":{"content":"hi"}}]}"#,
+        ] {
+            let answer = read(odd).unwrap();
+            assert_eq!(answer.content, "hi", "{odd}");
+            assert_eq!(answer.cache_read_tokens, 0, "{odd}");
+            assert_ne!(answer.input_tokens, 99, "{odd}");
+            assert_ne!(answer.input_tokens, 10, "{odd}");
+        }
+        for missing in [
+            r#"{"choices":[]}"#,
+            r#"{"choices":[null,{"message":{"content":"hi"}}]}"#,
+            r#"{"choices":[{"message":{"content":null}}]}"#,
+            r#"{"choices":[{"message":["hi"]}]}"#,
+            r#"[[{"message":{"content":"x"}}]]"#,
+        ] {
+            let error = read(missing).unwrap_err().to_string();
+            assert!(
+                error.contains("no choices[0].message.content"),
+                "{missing}: {error}"
+            );
+        }
+        assert!(read("not json")
+            .unwrap_err()
+            .to_string()
+            .contains("body is not JSON"));
+    }
 
     #[test]
     fn maps_documented_error_bodies() {

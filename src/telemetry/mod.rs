@@ -59,13 +59,10 @@ where
         // Field values can carry text from a job (ids, idempotency keys, errors quoting them):
         // control characters are escaped so none can forge a log line.
         let fields = debug_fn(|writer, field, value| {
-            let raw = format!("{value:?}");
-            let text = escape_controls(&raw);
-            if field.name() == "message" {
-                write!(writer, "{text}")
-            } else {
-                write!(writer, "{field}={text}")
+            if field.name() != "message" {
+                write!(writer, "{field}=")?;
             }
+            std::fmt::Write::write_fmt(&mut Escaping(writer), format_args!("{value:?}"))
         })
         .delimited(" ");
         builder.fmt_fields(fields).try_init()
@@ -78,14 +75,27 @@ pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
         return std::borrow::Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
+    // Writing to a String cannot fail.
+    let _ = std::fmt::Write::write_str(&mut Escaping(&mut out), text);
     std::borrow::Cow::Owned(out)
+}
+
+/// Writes through to the inner writer with every control character as its Rust escape, so a
+/// log field is escaped as it is formatted, without a copy of its text.
+struct Escaping<'a, W: ?Sized>(&'a mut W);
+
+impl<W: std::fmt::Write + ?Sized> std::fmt::Write for Escaping<'_, W> {
+    fn write_str(&mut self, text: &str) -> std::fmt::Result {
+        let mut rest = text;
+        while let Some((at, c)) = rest.char_indices().find(|(_, c)| c.is_control()) {
+            self.0.write_str(&rest[..at])?;
+            for escaped in c.escape_default() {
+                self.0.write_char(escaped)?;
+            }
+            rest = &rest[at + c.len_utf8()..];
+        }
+        self.0.write_str(rest)
+    }
 }
 
 #[cfg(test)]

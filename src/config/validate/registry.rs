@@ -13,8 +13,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
-
 use super::Problems;
 use crate::config::plan::PromptPlan;
 use crate::config::raw::{RawPrompt, RawPromptRegistry};
@@ -33,15 +31,9 @@ pub struct Registry {
 
 /// The hash the lock records for a prompt's text.
 pub fn content_hash(prompt: &RawPrompt) -> String {
-    let mut hasher = Sha256::new();
     // Length-prefixed, so no split between system and user text hashes like another.
-    for part in [prompt.system.as_deref().unwrap_or_default(), &prompt.user] {
-        hasher.update((part.len() as u64).to_be_bytes());
-        hasher.update(part.as_bytes());
-    }
-    let digest = hasher.finalize();
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
+    let parts = [prompt.system.as_deref().unwrap_or_default(), &prompt.user];
+    format!("sha256:{}", crate::digest::of_parts(&parts, 32))
 }
 
 /// Reads the registry's directory and (with `read_lock`) its lock; problems name the file. A
