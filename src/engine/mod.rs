@@ -174,7 +174,8 @@ impl<K: OutputSink> Engine<K> {
             Err(Stopped::Now) => match ack.last_delivery(stop.is_cancelled()) {
                 // Handing it back would be the end of it: the broker will not deliver it again.
                 Some(deliveries) => {
-                    let last = self.give_up(&incoming, deliveries);
+                    // Boxed: a rare path, kept out of every job's future.
+                    let last = Box::pin(self.give_up(&incoming, deliveries));
                     let last = tokio::select! {
                         last = last => last,
                         never = ack.keep_alive_forever() => match never {},

@@ -422,8 +422,9 @@ impl Runner {
                 let pool = self.pools.for_kind(&step.kind);
                 let span = tracing::info_span!("step", step = %step.name);
                 let metrics = &self.metrics;
+                // Boxed before it is wrapped and queued: only a pointer moves after that.
                 running.push(
-                    async move {
+                    Box::pin(async move {
                         let started = Instant::now();
                         let result = match pool.map(Semaphore::acquire) {
                             None => run_step(&ctx).await,
@@ -442,7 +443,7 @@ impl Runner {
                             .observe(started.elapsed().as_secs_f64());
                         let failed = result.as_ref().err().map(|f| ctx.failed_record(started, f));
                         (i, result, failed)
-                    }
+                    })
                     .instrument(span),
                 );
             }

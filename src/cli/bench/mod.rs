@@ -19,6 +19,9 @@
 //!   run with a tenth of the backlog (see [`backlog`]).
 //!
 //! `--plot FILE.svg` draws throughput over time and the latency distribution of both sides.
+//! `--rounds N` runs both sides N times, alternating, and reports the round with the median
+//! throughput ratio, listing every round's ratios: on a virtual machine one round's figures
+//! can be off by a quarter or more either way.
 
 mod backlog;
 mod kafka;
@@ -93,6 +96,12 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Drain and rate modes: run both sides this many times, alternating, and report the round
+    /// with the median throughput ratio (every round's ratios are listed). On a shared or
+    /// virtual machine one round can be off by a quarter either way. Loss or a double answer in
+    /// any round fails the run.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -184,7 +193,7 @@ fn measure(w: Window) -> anyhow::Result<Side> {
     })
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 struct Ratios {
     throughput: f64,
     cpu_per_job: f64,
@@ -212,6 +221,10 @@ struct Report {
     lost: usize,
     duplicated: usize,
     dead_letters: usize,
+    /// With `--rounds` above 1: every round's ratios, in the order run (the report is the
+    /// round with the median throughput ratio; lost and duplicated are that round's).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    rounds: Vec<Ratios>,
 }
 
 /// CPU time (user + system) this process has used, from getrusage.
@@ -322,10 +335,22 @@ impl MockProcess {
             first.is_some_and(|l| l.contains("listening")),
             "the mock provider process did not start"
         );
-        Ok(Self {
+        let mock = Self {
             child,
             base_url: format!("http://127.0.0.1:{port}/v1"),
-        })
+        };
+        mock.warm_up().await;
+        Ok(mock)
+    }
+
+    /// A few calls before anything is measured: the mock's first answers load its tokenizer
+    /// and grow its pools, which would otherwise land on whichever side runs first.
+    async fn warm_up(&self) {
+        let http = reqwest::Client::new();
+        let endpoint = format!("{}/chat/completions", self.base_url);
+        let job: Value = serde_json::from_slice(&bench_job(0, "warm-up")).unwrap_or_default();
+        let calls = (0..64).map(|_| bare_calls(&job, &http, &endpoint));
+        futures::future::join_all(calls).await;
     }
 
     pub async fn stop(mut self) {
@@ -347,16 +372,62 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         args.rate.is_finite() && args.rate > 0.0,
         "--rate must be positive"
     );
+    anyhow::ensure!(args.rounds > 0, "--rounds must be at least 1");
     let mock = MockProcess::start(args.provider_latency_ms).await?;
-    let outcome = match args.shape {
-        Shape::Kafka => kafka::run(&args, &mock.base_url).await,
-        Shape::Nats => nats::run(&args, &mock.base_url).await,
-    };
+    let mut rounds = Vec::with_capacity(args.rounds);
+    let mut failure = None;
+    for _ in 0..args.rounds {
+        let outcome = match args.shape {
+            Shape::Kafka => kafka::run(&args, &mock.base_url).await,
+            Shape::Nats => nats::run(&args, &mock.base_url).await,
+        };
+        match outcome {
+            Ok(measured) => rounds.push(round_report(&args, measured)),
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
     mock.stop().await;
-    let (switchyard, bare, outputs, redis_commands) = outcome?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    // Loss or a double answer in any round fails the run, whichever round is reported.
+    let (lost, duplicated) = rounds
+        .iter()
+        .fold((0, 0), |(l, d), r| (l + r.lost, d + r.duplicated));
+    let ratios: Vec<Ratios> = rounds.iter().map(|r| r.ratio.clone()).collect();
+    rounds.sort_by(|a, b| a.ratio.throughput.total_cmp(&b.ratio.throughput));
+    let median = rounds.len() / 2;
+    let mut report = rounds.swap_remove(median);
+    if ratios.len() > 1 {
+        report.rounds = ratios;
+    }
+    if let Some(path) = &args.plot {
+        plot::write(path, &report)?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_report(&report);
+        if let Some(path) = &args.plot {
+            println!("  plot written to {}", path.display());
+        }
+    }
+    Ok(if lost == 0 && duplicated == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// One round's report from what its shape measured.
+fn round_report(args: &BenchArgs, measured: Measured) -> Report {
+    let (switchyard, bare, outputs, redis_commands) = measured;
     let (lost, duplicated, dead_letters) = account(&outputs, args.jobs);
     let ratio = |a: f64, b: f64| (a / b.max(1e-9) * 1000.0).round() / 1000.0;
-    let report = Report {
+    Report {
         mode: args.mode,
         shape: args.shape,
         jobs: args.jobs,
@@ -377,23 +448,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         lost,
         duplicated,
         dead_letters,
-    };
-    if let Some(path) = &args.plot {
-        plot::write(path, &report)?;
+        rounds: Vec::new(),
     }
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        print_report(&report);
-        if let Some(path) = &args.plot {
-            println!("  plot written to {}", path.display());
-        }
-    }
-    Ok(if lost == 0 && duplicated == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
 }
 
 /// What a shape returns: switchyard's side, the bare loop's, switchyard's outputs and its Redis
@@ -556,6 +612,18 @@ fn print_report(r: &Report) {
         "  lost {}, answered twice {}, dead letters {}",
         r.lost, r.duplicated, r.dead_letters
     );
+    if !r.rounds.is_empty() {
+        let list = |f: fn(&Ratios) -> f64| {
+            let parts: Vec<String> = r.rounds.iter().map(|x| format!("{:.3}", f(x))).collect();
+            parts.join(", ")
+        };
+        println!(
+            "  {} rounds, the median throughput ratio's shown; throughput ratios {}; CPU per job ratios {}",
+            r.rounds.len(),
+            list(|x| x.throughput),
+            list(|x| x.cpu_per_job)
+        );
+    }
 }
 
 /// The bare loop's two provider calls for `job` (a classification, then the answer); the
