@@ -218,7 +218,7 @@ impl<K: OutputSink> Engine<K> {
         let write = self.write(Outcome::DeadLetter(dl), incoming, &key, None, &own_stop);
         match tokio::time::timeout(GIVE_UP_WRITE, write).await {
             Ok(Ok(written)) => {
-                self.finished(&written, None, incoming);
+                self.finished(&written.outcome, None, incoming);
                 Ok(())
             }
             _ => {
@@ -265,7 +265,7 @@ impl<K: OutputSink> Engine<K> {
             let written = self
                 .write(outcome, incoming, &output_key, None, stop)
                 .await?;
-            self.finished(&written, pipeline.as_deref(), incoming);
+            self.finished(&written.outcome, pipeline.as_deref(), incoming);
             return Ok(poison);
         };
         // Publish only with the lease surely ours (fencing): a worker cut off from the store
@@ -283,14 +283,14 @@ impl<K: OutputSink> Engine<K> {
             self.confirm_lease(&held, stop).await?;
         }
         let written = tokio::select! {
-            written = self.write_stored(outcome, incoming, &output_key, Some(&held), stop) => written,
+            written = self.write(outcome, incoming, &output_key, Some(&held), stop) => written,
             LeaseLost = self.hold_claim(&held) => {
                 // Another worker owns the key now: writing too would duplicate its output.
                 tracing::warn!(key = %held.key, "claim lease lost before the output was written; handing the job back");
                 return Err(Stopped::Now);
             }
         };
-        let (written, stored) = match written {
+        let written = match written {
             Ok(written) => written,
             Err(stopped) => {
                 self.release(&held).await;
@@ -298,7 +298,7 @@ impl<K: OutputSink> Engine<K> {
             }
         };
         if let Some(review) = &review {
-            let requested = matches!(&written, Outcome::Result(r) if r.review.is_some());
+            let requested = matches!(&written.outcome, Outcome::Result(r) if r.review.is_some());
             if !requested {
                 // The request could not be written (it became a dead letter): nobody can
                 // decide the review, so it must not settle into a second outcome later.
@@ -307,8 +307,8 @@ impl<K: OutputSink> Engine<K> {
         }
         // The output is out: record it (fenced, so never over another worker's claim) and ack,
         // whatever the lease does meanwhile; handing back now would run the job again.
-        self.record(&held, stored).await;
-        self.finished(&written, pipeline.as_deref(), incoming);
+        self.record(&held, written.stored()).await;
+        self.finished(&written.outcome, pipeline.as_deref(), incoming);
         Ok(poison)
     }
 
@@ -343,7 +343,7 @@ impl<K: OutputSink> Engine<K> {
                 stop,
             )
             .await?;
-        self.finished(&written, None, incoming);
+        self.finished(&written.outcome, None, incoming);
         Ok(false)
     }
 

@@ -331,13 +331,13 @@ impl<K: OutputSink> Engine<K> {
         self.confirm_lease(&held, stop).await?;
         let output_key = format!("{}#reviewed", pending.job_key);
         let written = tokio::select! {
-            written = self.write_stored(outcome, &at_write, &output_key, Some(&held), stop) => written,
+            written = self.write(outcome, &at_write, &output_key, Some(&held), stop) => written,
             LeaseLost = self.hold_claim(&held) => {
                 tracing::warn!(review_id = %id, "decision claim lost before the outcome was written; handing it back");
                 return Err(Stopped::Now);
             }
         };
-        let (written, stored) = match written {
+        let written = match written {
             Ok(written) => written,
             Err(stopped) => {
                 self.release(&held).await;
@@ -367,14 +367,18 @@ impl<K: OutputSink> Engine<K> {
         }
         self.forget_review(id, &pending.tenant).await;
         // A replay of the job (a duplicate publication) now gives its final outcome.
-        if let Err(e) = self.state.replace_outcome(&pending.job_key, stored).await {
+        if let Err(e) = self
+            .state
+            .replace_outcome(&pending.job_key, written.stored())
+            .await
+        {
             tracing::warn!(review_id = %id, error = %e, "could not store the final outcome for the job's replays; they give the review request");
         }
         self.metrics
             .review_decisions
             .with_label_values(&[label])
             .inc();
-        let (status, reason) = match &written {
+        let (status, reason) = match &written.outcome {
             Outcome::Result(r) => (r.status.as_str(), None),
             Outcome::DeadLetter(dl) => ("dead_letter", Some(dl.reason.as_str())),
         };

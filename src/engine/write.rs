@@ -11,6 +11,20 @@ use crate::sink::{Destination, Output, OutputSink, SinkError};
 use crate::telemetry::health::SinkRefusal;
 use crate::wire::{DeadLetterReason, Outcome, ResultStatus};
 
+/// An outcome the sink confirmed, with the payload it was written as.
+pub(super) struct Written {
+    pub outcome: Outcome,
+    payload: Vec<u8>,
+}
+
+impl Written {
+    /// The outcome as the state store keeps it, built around the payload already encoded (see
+    /// [`stored_form`]): encoded once, for the sink and the store.
+    pub fn stored(&self) -> Bytes {
+        stored_form(&self.outcome, &self.payload)
+    }
+}
+
 impl<K: OutputSink> Engine<K> {
     /// Writes the outcome, retrying failures until confirmed or stopped, and returns what was
     /// written. A result the sink can never take becomes an `internal` dead letter instead; a
@@ -23,21 +37,7 @@ impl<K: OutputSink> Engine<K> {
         output_key: &str,
         held: Option<&Held>,
         stop: &CancellationToken,
-    ) -> Result<Outcome, Stopped> {
-        let written = self.write_stored(outcome, incoming, output_key, held, stop);
-        written.await.map(|(outcome, _)| outcome)
-    }
-
-    /// [`Self::write`], also returning the written outcome as the state store keeps it (see
-    /// [`stored_form`]): encoded once, for the sink and the store.
-    pub(super) async fn write_stored(
-        &self,
-        outcome: Outcome,
-        incoming: &Incoming<'_>,
-        output_key: &str,
-        held: Option<&Held>,
-        stop: &CancellationToken,
-    ) -> Result<(Outcome, Bytes), Stopped> {
+    ) -> Result<Written, Stopped> {
         let trace = incoming.trace;
         let mut outcome = outcome;
         let mut output = output_for(&outcome, trace, output_key)?;
@@ -53,8 +53,10 @@ impl<K: OutputSink> Engine<K> {
             retry = true;
             match self.sink.send(&output).await {
                 Ok(()) => {
-                    let stored = stored_form(&outcome, &output.payload);
-                    return Ok((outcome, stored));
+                    return Ok(Written {
+                        outcome,
+                        payload: output.payload,
+                    })
                 }
                 Err(SinkError::Transient(e)) => {
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "output write failed; retrying");
