@@ -95,12 +95,13 @@ pub async fn run_with(
             &background,
             http_stop.clone(),
         );
-        let sink = Sink::open(&plan.sink).await?;
-        let source = Source::open(&plan.source).await?;
+        let mut connections = crate::connect::NatsConnections::default();
+        let sink = Sink::open(&plan.sink, &mut connections).await?;
+        let source = Source::open(&plan.source, &mut connections).await?;
         let decisions = if plan.reviews.consume {
             let decisions = crate::source::decisions_plan(&plan.source, &plan.reviews.decisions);
             Some(
-                Source::open(&decisions)
+                Source::open(&decisions, &mut connections)
                     .await
                     .context("opening the review decisions source (reviews.decisions)")?,
             )

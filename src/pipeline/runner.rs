@@ -420,7 +420,9 @@ impl Runner {
                     shared,
                 };
                 let pool = self.pools.for_kind(&step.kind);
-                let span = tracing::info_span!("step", step = %step.name);
+                // DEBUG: the per-call lines it frames are DEBUG too (a span per step cost a busy
+                // replica ~5% of its CPU per job); lines at INFO and above carry the job's span.
+                let span = tracing::debug_span!("step", step = %step.name);
                 let metrics = &self.metrics;
                 // Boxed before it is wrapped and queued: only a pointer moves after that.
                 running.push(

@@ -67,14 +67,18 @@ pub enum Sink {
 }
 
 impl Sink {
-    pub async fn open(plan: &crate::config::SinkPlan) -> anyhow::Result<Self> {
+    /// Opens the sink; a NATS sink shares a connection in `connections` where it can.
+    pub async fn open(
+        plan: &crate::config::SinkPlan,
+        connections: &mut crate::connect::NatsConnections,
+    ) -> anyhow::Result<Self> {
         use anyhow::Context as _;
         Ok(match plan {
             crate::config::SinkPlan::Kafka(k) => {
                 Sink::Kafka(kafka::KafkaSink::new(k).context("creating the Kafka producer (sink)")?)
             }
             crate::config::SinkPlan::Nats(n) => {
-                Sink::Nats(Box::new(nats::NatsSink::connect(n).await?))
+                Sink::Nats(Box::new(nats::NatsSink::connect(n, connections).await?))
             }
         })
     }

@@ -20,15 +20,11 @@ pub struct NatsSink {
 }
 
 impl NatsSink {
-    pub async fn connect(plan: &NatsSinkPlan) -> anyhow::Result<Self> {
-        let client = crate::connect::nats(
-            &plan.url,
-            &plan.access,
-            "switchyard-sink",
-            "sink",
-            crate::connect::Retry::InBackground,
-        )
-        .await?;
+    pub async fn connect(
+        plan: &NatsSinkPlan,
+        connections: &mut crate::connect::NatsConnections,
+    ) -> anyhow::Result<Self> {
+        let client = connections.get(&plan.url, &plan.access, "sink").await?;
         let js = if plan.jetstream {
             let mut js = jetstream::new(client.clone());
             js.set_timeout(plan.delivery_timeout);

@@ -173,14 +173,18 @@ pub fn decisions_plan(
 }
 
 impl Source {
-    pub async fn open(plan: &crate::config::SourcePlan) -> anyhow::Result<Self> {
+    /// Opens the source; a NATS source shares a connection in `connections` where it can.
+    pub async fn open(
+        plan: &crate::config::SourcePlan,
+        connections: &mut crate::connect::NatsConnections,
+    ) -> anyhow::Result<Self> {
         use anyhow::Context as _;
         Ok(match plan {
             crate::config::SourcePlan::Kafka(k) => Source::Kafka(
                 kafka::KafkaSource::new(k).context("creating the Kafka consumer (source)")?,
             ),
             crate::config::SourcePlan::Nats(n) => {
-                Source::Nats(Box::new(nats::NatsSource::connect(n).await?))
+                Source::Nats(Box::new(nats::NatsSource::connect(n, connections).await?))
             }
         })
     }

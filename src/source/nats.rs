@@ -41,15 +41,11 @@ pub struct NatsSource {
 }
 
 impl NatsSource {
-    pub async fn connect(plan: &NatsSourcePlan) -> anyhow::Result<Self> {
-        let client = crate::connect::nats(
-            &plan.url,
-            &plan.access,
-            "switchyard",
-            "source",
-            crate::connect::Retry::InBackground,
-        )
-        .await?;
+    pub async fn connect(
+        plan: &NatsSourcePlan,
+        connections: &mut crate::connect::NatsConnections,
+    ) -> anyhow::Result<Self> {
+        let client = connections.get(&plan.url, &plan.access, "source").await?;
         let js = jetstream::new(client.clone());
         let stream = if plan.create_stream {
             let config = stream::Config {
