@@ -95,7 +95,10 @@ pub async fn run_with(
             &background,
             http_stop.clone(),
         );
-        let mut connections = crate::connect::NatsConnections::default();
+        let mut connections = crate::connect::NatsConnections::new(match &plan.source {
+            crate::config::SourcePlan::Nats(n) => Some((n.url.as_str(), &n.access)),
+            crate::config::SourcePlan::Kafka(_) => None,
+        });
         let sink = Sink::open(&plan.sink, &mut connections).await?;
         let source = Source::open(&plan.source, &mut connections).await?;
         let decisions = if plan.reviews.consume {

@@ -35,27 +35,45 @@ pub async fn nats(
 }
 
 /// The NATS connections one service opens. Its source, sink and review-decisions source share
-/// one when they name the same server with the same credentials and TLS: acks, pulls and
-/// publishes then leave in the same writes and the broker's answers arrive on one socket (two
-/// connections cost a busy replica a tenth of its CPU per job in system calls and wake-ups).
-#[derive(Default)]
+/// one when they name the same server (the same `url` string) with the same credentials and
+/// TLS: acks, pulls and publishes then leave in the same writes and the broker's answers arrive
+/// on one socket (two connections cost a busy replica a tenth of its CPU per job in system
+/// calls and wake-ups). The shared connection is named `switchyard`; one of a sink with its own
+/// server or credentials keeps the name the sink asks for.
 pub struct NatsConnections {
+    /// The job source's server and access, when it reads from NATS.
+    source: Option<(String, NatsAccess)>,
     open: Vec<(String, NatsAccess, async_nats::Client)>,
 }
 
 impl NatsConnections {
-    /// The open connection to `url` with `access`, or a new one (retried in the background
-    /// when the server is not up yet); `field` names the config section in errors.
+    /// `source`: the job source's NATS server and access, if any.
+    pub fn new(source: Option<(&str, &NatsAccess)>) -> Self {
+        Self {
+            source: source.map(|(url, access)| (url.to_owned(), access.clone())),
+            open: Vec::new(),
+        }
+    }
+
+    /// The open connection to `url` with `access`, or a new one named `name` (`switchyard`
+    /// when it is the job source's), retried in the background when the server is not up
+    /// yet; `field` names the config section in errors.
     pub async fn get(
         &mut self,
         url: &str,
         access: &NatsAccess,
+        name: &str,
         field: &str,
     ) -> anyhow::Result<async_nats::Client> {
-        if let Some((_, _, client)) = self.open.iter().find(|(u, a, _)| u == url && a == access) {
+        let same = |(u, a): (&str, &NatsAccess)| u == url && a == access;
+        if let Some((_, _, client)) = self.open.iter().find(|(u, a, _)| same((u, a))) {
             return Ok(client.clone());
         }
-        let client = nats(url, access, "switchyard", field, Retry::InBackground).await?;
+        let name = match &self.source {
+            Some((u, a)) if same((u, a)) => "switchyard",
+            _ => name,
+        };
+        let client = nats(url, access, name, field, Retry::InBackground).await?;
         self.open
             .push((url.to_owned(), access.clone(), client.clone()));
         Ok(client)

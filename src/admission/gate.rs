@@ -36,6 +36,8 @@ const STORE_RETRY: Duration = Duration::from_millis(250);
 #[derive(Clone, Copy)]
 pub struct CallScope<'a> {
     pub tenant: &'a str,
+    /// The pipeline step making the call, named in its log lines.
+    pub step: Option<&'a str>,
     /// The job's `user`, held to its tenant's `per_user` limits.
     pub user: Option<&'a str>,
     pub deadline: Option<DateTime<Utc>>,

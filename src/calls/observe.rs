@@ -1,6 +1,6 @@
-//! One metrics update and one log record per provider attempt. The record carries the job,
-//! tenant, pipeline and step from the enclosing spans; prompt and response text only with
-//! `log.payloads: true`.
+//! One metrics update and one log record per provider attempt. The record names its step and
+//! carries the job, tenant and pipeline from the job's span; prompt and response text only
+//! with `log.payloads: true`.
 
 use std::time::Duration;
 
@@ -8,16 +8,29 @@ use super::Calls;
 use crate::config::ModelPlan;
 use crate::provider::{ChatRequest, ChatResponse, ProviderError};
 
+/// Which call an attempt belonged to.
+pub(super) struct Call<'a> {
+    pub provider: &'a str,
+    /// The pipeline step that made it.
+    pub step: Option<&'a str>,
+    pub model: &'a ModelPlan,
+    pub request: &'a ChatRequest,
+}
+
 impl Calls {
     pub(super) fn observe(
         &self,
-        provider: &str,
-        model: &ModelPlan,
+        call: Call<'_>,
         attempt: u32,
-        request: &ChatRequest,
         result: &Result<ChatResponse, ProviderError>,
         elapsed: Duration,
     ) {
+        let Call {
+            provider,
+            step,
+            model,
+            request,
+        } = call;
         let outcome = match result {
             Ok(_) => "ok",
             Err(e) => e.kind(),
@@ -45,7 +58,7 @@ impl Calls {
                 if self.log_payloads {
                     // Texts go to the log with PII redacted, whatever the pipeline's guardrails.
                     let scrub = crate::guardrails::scrub_for_log;
-                    tracing::info!(target: "switchyard::llm", provider, model = %model.model, prompt_version = prompt, attempt, outcome, latency_ms,
+                    tracing::info!(target: "switchyard::llm", provider, step, model = %model.model, prompt_version = prompt, attempt, outcome, latency_ms,
                         input_tokens = r.input_tokens, output_tokens = r.output_tokens, cost_usd,
                         prompt = %scrub(&request.user), system = %scrub(request.system.as_deref().unwrap_or_default()),
                         response = %scrub(&r.content), "provider call");
@@ -53,12 +66,12 @@ impl Calls {
                     // Per call, so DEBUG: at INFO the job's one "job finished" line carries its
                     // totals, and metrics count every call (a line per call cost a tenth of a
                     // busy replica's CPU).
-                    tracing::debug!(target: "switchyard::llm", provider, model = %model.model, prompt_version = prompt, attempt, outcome, latency_ms,
+                    tracing::debug!(target: "switchyard::llm", provider, step, model = %model.model, prompt_version = prompt, attempt, outcome, latency_ms,
                         input_tokens = r.input_tokens, output_tokens = r.output_tokens, cost_usd, "provider call");
                 }
             }
             Err(error) => {
-                tracing::info!(target: "switchyard::llm", provider, model = %model.model, prompt_version = prompt, attempt, outcome, latency_ms,
+                tracing::info!(target: "switchyard::llm", provider, step, model = %model.model, prompt_version = prompt, attempt, outcome, latency_ms,
                     input_tokens = 0u64, output_tokens = 0u64, cost_usd = 0.0, error = %error, "provider call");
             }
         }

@@ -168,6 +168,7 @@ impl Calls {
                     return Err(CallFailure::BudgetExceeded { attempts, detail });
                 };
                 tracing::info!(
+                    step = scope.step,
                     model = alias,
                     fallback = cheaper,
                     "budget cannot cover the model; using the pipeline's budget fallback"
@@ -277,6 +278,7 @@ impl Calls {
                 .max(retry_after);
             if started.elapsed() + wait > policy.max_elapsed {
                 tracing::warn!(
+                    step = scope.step,
                     model = alias,
                     attempts,
                     elapsed_ms = started.elapsed().as_millis() as u64,
@@ -386,7 +388,10 @@ impl Calls {
                     budget.deposit();
                 }
             }
-            match self.attempt(target, attempt, timeout, reservation).await {
+            match self
+                .attempt(target, scope.step, attempt, timeout, reservation)
+                .await
+            {
                 Ok(response) => {
                     if let (Some(cache), Some(key)) = (&self.cache, &cache_key) {
                         cache.put(key, &response).await;
@@ -430,6 +435,7 @@ impl Calls {
     async fn attempt(
         &self,
         target: &Target<'_>,
+        step: Option<&str>,
         attempt: u32,
         timeout: Duration,
         reservation: Option<Pending>,
@@ -467,14 +473,13 @@ impl Calls {
             Err(_) => (0, 0.0),
         };
         settle(reservation, used, cost).await;
-        self.observe(
+        let call = super::observe::Call {
             provider,
+            step,
             model,
-            attempt + 1,
-            &target.request,
-            &result,
-            started.elapsed(),
-        );
+            request: &target.request,
+        };
+        self.observe(call, attempt + 1, &result, started.elapsed());
         result
     }
 

@@ -586,6 +586,7 @@ impl<K: OutputSink> Engine<K> {
         let waited = std::sync::atomic::AtomicU64::new(0);
         let scope = CallScope {
             tenant: job.tenant.as_str(),
+            step: None,
             user: job.user.as_deref(),
             deadline: job.deadline,
             throttled_ms: &waited,

@@ -282,6 +282,7 @@ impl StepContext<'_> {
     ) -> Result<CallOutcome, CallFailure> {
         let scope = CallScope {
             tenant: self.job.tenant.as_str(),
+            step: Some(self.step.name.as_str()),
             user: self.job.user.as_deref(),
             deadline: self.job.deadline,
             throttled_ms: &self.throttled_ms,

@@ -24,7 +24,9 @@ impl NatsSink {
         plan: &NatsSinkPlan,
         connections: &mut crate::connect::NatsConnections,
     ) -> anyhow::Result<Self> {
-        let client = connections.get(&plan.url, &plan.access, "sink").await?;
+        let client = connections
+            .get(&plan.url, &plan.access, "switchyard-sink", "sink")
+            .await?;
         let js = if plan.jetstream {
             let mut js = jetstream::new(client.clone());
             js.set_timeout(plan.delivery_timeout);
@@ -124,8 +126,13 @@ impl OutputSink for NatsSink {
     }
 
     async fn flush(&self) {
-        if let Err(e) = self.client.flush().await {
-            tracing::warn!(error = %e, "NATS sink flush failed");
+        match tokio::time::timeout(self.timeout, self.client.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "NATS sink flush failed"),
+            Err(_) => tracing::warn!(
+                timeout_ms = self.timeout.as_millis() as u64,
+                "NATS sink flush timed out"
+            ),
         }
     }
 }

@@ -27,6 +27,9 @@ use crate::wire::SourceInfo;
 /// never delivers it again. With the delay, it reaches the replicas that stay.
 pub const HAND_BACK_DELAY: Duration = Duration::from_secs(1);
 
+/// How long closing waits for the last acks to leave the socket.
+const CLOSE_FLUSH: Duration = Duration::from_secs(5);
+
 pub struct NatsSource {
     client: async_nats::Client,
     consumer: PullConsumer,
@@ -45,7 +48,9 @@ impl NatsSource {
         plan: &NatsSourcePlan,
         connections: &mut crate::connect::NatsConnections,
     ) -> anyhow::Result<Self> {
-        let client = connections.get(&plan.url, &plan.access, "source").await?;
+        let client = connections
+            .get(&plan.url, &plan.access, "switchyard", "source")
+            .await?;
         let js = jetstream::new(client.clone());
         let stream = if plan.create_stream {
             let config = stream::Config {
@@ -219,9 +224,12 @@ impl JobSource for NatsSource {
                 handed_back += 1;
             }
         }
-        // Acks are already sent; flushing makes sure they left the socket before we exit.
-        if let Err(e) = self.client.flush().await {
-            tracing::warn!(error = %e, "could not flush NATS acks on close");
+        // Acks are already sent; flushing makes sure they left the socket before we exit (not
+        // forever: with the server gone they cannot leave, and the broker redelivers).
+        match tokio::time::timeout(CLOSE_FLUSH, self.client.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not flush NATS acks on close"),
+            Err(_) => tracing::warn!("NATS acks not flushed on close within 5 s; the broker redelivers what they would have acked"),
         }
         tracing::info!(handed_back, "NATS source closed");
     }
