@@ -67,6 +67,9 @@ enum Inner {
         /// When each recent call finished and whether it failed (the last `window_ms`, at most
         /// `window` calls).
         recent: VecDeque<(Instant, bool)>,
+        /// How many of `recent` failed (kept as calls come and go, so a call never scans the
+        /// window under the lock).
+        failures: usize,
     },
     Open {
         until: Instant,
@@ -80,6 +83,8 @@ enum Inner {
 pub struct CircuitBreaker {
     policy: CircuitPolicy,
     shared: Mutex<Shared>,
+    /// The `circuit_state` gauge of this provider and model, set as calls record a new state.
+    gauge: Option<prometheus::IntGauge>,
 }
 
 #[derive(Debug)]
@@ -89,6 +94,8 @@ struct Shared {
     changed_at: Instant,
     /// When the latest success was recorded.
     last_success: Option<Instant>,
+    /// The state the gauge shows.
+    reported: CircuitState,
 }
 
 /// Whether an error counts against the target's health.
@@ -111,11 +118,22 @@ impl CircuitBreaker {
                 inner: Inner::Closed {
                     consecutive: 0,
                     recent: VecDeque::new(),
+                    failures: 0,
                 },
                 changed_at: Instant::now(),
                 last_success: None,
+                reported: CircuitState::Closed,
             }),
+            gauge: None,
         }
+    }
+
+    /// Keeps `gauge` at the state calls record: set now, then on every change (under the
+    /// breaker's lock, so it always ends at the latest state).
+    pub fn reporting_to(mut self, gauge: prometheus::IntGauge) -> Self {
+        gauge.set(CircuitState::Closed.gauge());
+        self.gauge = Some(gauge);
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
@@ -161,10 +179,20 @@ impl CircuitBreaker {
         }
     }
 
-    /// Records the result of a call sent at `sent`; returns the state afterwards.
+    /// Records the result of a call sent at `sent`; returns the state afterwards (and shows it
+    /// on the gauge, when it reports to one and the state changed).
     pub fn record(&self, outcome: Outcome, sent: Instant) -> CircuitState {
-        let policy = self.policy;
         let mut shared = self.lock();
+        let state = self.record_locked(&mut shared, outcome, sent);
+        if let Some(gauge) = self.gauge.as_ref().filter(|_| shared.reported != state) {
+            gauge.set(state.gauge());
+            shared.reported = state;
+        }
+        state
+    }
+
+    fn record_locked(&self, shared: &mut Shared, outcome: Outcome, sent: Instant) -> CircuitState {
+        let policy = self.policy;
         let now = Instant::now();
         let stale = sent < shared.changed_at;
         let failed = match outcome {
@@ -218,6 +246,7 @@ impl CircuitBreaker {
             Inner::Closed {
                 consecutive,
                 recent,
+                failures,
             } => {
                 *consecutive = match (failed, overtaken) {
                     (false, _) => 0,
@@ -225,16 +254,18 @@ impl CircuitBreaker {
                     (true, true) => *consecutive,
                 };
                 recent.push_back((now, failed));
+                *failures += usize::from(failed);
                 while recent.len() > policy.window
                     || recent
                         .front()
                         .is_some_and(|(at, _)| now.duration_since(*at) > policy.window_for)
                 {
-                    recent.pop_front();
+                    if let Some((_, gone_failed)) = recent.pop_front() {
+                        *failures = failures.saturating_sub(usize::from(gone_failed));
+                    }
                 }
-                let failures = recent.iter().filter(|(_, failed)| *failed).count();
                 let rate_tripped = recent.len() >= policy.min_calls
-                    && failures as f64 >= policy.failure_rate * recent.len() as f64;
+                    && *failures as f64 >= policy.failure_rate * recent.len() as f64;
                 if failed && (*consecutive >= policy.consecutive_failures || rate_tripped) {
                     *inner = open(policy.open_for);
                     return CircuitState::Open;
@@ -249,6 +280,7 @@ impl CircuitBreaker {
                 *inner = Inner::Closed {
                     consecutive: 0,
                     recent: VecDeque::new(),
+                    failures: 0,
                 };
                 CircuitState::Closed
             }
@@ -272,6 +304,26 @@ mod tests {
             open_for: Duration::from_secs(5),
             half_open_probes: 1,
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_gauge_shows_what_calls_recorded() {
+        let gauge = prometheus::IntGauge::new("circuit_state_test", "test").unwrap();
+        gauge.set(7);
+        let b = CircuitBreaker::new(policy()).reporting_to(gauge.clone());
+        assert_eq!(gauge.get(), 0, "closed from the start");
+        for _ in 0..3 {
+            b.record(Outcome::Failure, Instant::now());
+        }
+        assert_eq!(gauge.get(), 2, "open");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(b.allow());
+        // A 429 says nothing about health: the probe's slot is freed, the state is half-open.
+        b.record(Outcome::Neutral, Instant::now());
+        assert_eq!(gauge.get(), 1, "half-open");
+        assert!(b.allow());
+        b.record(Outcome::Success, Instant::now());
+        assert_eq!(gauge.get(), 0, "closed again");
     }
 
     #[tokio::test(start_paused = true)]

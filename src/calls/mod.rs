@@ -60,13 +60,12 @@ impl Calls {
         for model in plan.models.values() {
             if let Some(provider) = plan.providers.get(&model.provider) {
                 let key = (model.provider.clone(), model.model.clone());
-                circuits
-                    .entry(key)
-                    .or_insert_with(|| circuit::CircuitBreaker::new(provider.circuit));
-                metrics
-                    .circuit_state
-                    .with_label_values(&[&model.provider, &model.model])
-                    .set(0);
+                circuits.entry(key).or_insert_with(|| {
+                    let gauge = metrics
+                        .circuit_state
+                        .with_label_values(&[&model.provider, &model.model]);
+                    circuit::CircuitBreaker::new(provider.circuit).reporting_to(gauge)
+                });
             }
         }
         let retry_budgets = plan

@@ -457,10 +457,6 @@ impl Calls {
                 }
                 _ => {}
             }
-            self.metrics
-                .circuit_state
-                .with_label_values(&[provider, &model.model])
-                .set(state.gauge());
         }
         let (used, cost) = match &result {
             Ok(r) => (r.input_tokens + r.output_tokens, model.response_cost(r)),
