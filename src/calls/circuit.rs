@@ -184,11 +184,22 @@ impl CircuitBreaker {
     pub fn record(&self, outcome: Outcome, sent: Instant) -> CircuitState {
         let mut shared = self.lock();
         let state = self.record_locked(&mut shared, outcome, sent);
+        self.report(&mut shared, state);
+        state
+    }
+
+    /// A call skipped this target: the gauge shows the state that made it skip.
+    pub fn skipped(&self) {
+        let mut shared = self.lock();
+        let state = Self::current(&shared.inner);
+        self.report(&mut shared, state);
+    }
+
+    fn report(&self, shared: &mut Shared, state: CircuitState) {
         if let Some(gauge) = self.gauge.as_ref().filter(|_| shared.reported != state) {
             gauge.set(state.gauge());
             shared.reported = state;
         }
-        state
     }
 
     fn record_locked(&self, shared: &mut Shared, outcome: Outcome, sent: Instant) -> CircuitState {
@@ -322,8 +333,13 @@ mod tests {
         b.record(Outcome::Neutral, Instant::now());
         assert_eq!(gauge.get(), 1, "half-open");
         assert!(b.allow());
+        assert!(!b.allow(), "the probe's slot is taken");
         b.record(Outcome::Success, Instant::now());
         assert_eq!(gauge.get(), 0, "closed again");
+        // A call refused while the probe was out reports only after it closed: the gauge
+        // shows the breaker's state, not an open circuit.
+        b.skipped();
+        assert_eq!(gauge.get(), 0, "a late skip does not reopen the gauge");
     }
 
     #[tokio::test(start_paused = true)]

@@ -520,10 +520,9 @@ impl Calls {
 
     /// A call skipped because the target's breaker is open.
     fn circuit_skipped(&self, target: &Target<'_>) {
-        self.metrics
-            .circuit_state
-            .with_label_values(&[&target.provider.name, &target.model.model])
-            .set(CircuitState::Open.gauge());
+        if let Some(breaker) = target.breaker {
+            breaker.skipped();
+        }
     }
 }
 

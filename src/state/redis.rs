@@ -90,8 +90,9 @@ return 0
 pub struct RedisStore {
     conn: Conn,
     prefix: String,
-    /// Claims with one native `SET ... NX GET` (Redis 7.0+); cleared, for good, when the server
-    /// refuses that as a syntax error, and claims use the [`CLAIM`] script from then on.
+    /// Claims with one native `SET ... NX GET` (Redis 7.0+); cleared when the server refuses
+    /// that as a syntax error, and claims use the [`CLAIM`] script from then on (until the
+    /// process restarts, so a server upgraded to 7.0 meanwhile gets the command after one).
     native_claim: std::sync::Arc<std::sync::atomic::AtomicBool>,
     claim: Script,
     renew: Script,
@@ -455,9 +456,10 @@ impl RedisStore {
         let mut conn = self.conn.clone();
         if self.native_claim.load(Relaxed) {
             // Sets the claim only where the key is absent, and answers what it held instead.
-            let held: Result<Option<Vec<u8>>, _> = redis::cmd("SET")
+            let mine = format!("C:{}", owner.0);
+            let held: Result<redis::Value, _> = redis::cmd("SET")
                 .arg(self.key(key))
-                .arg(format!("C:{}", owner.0))
+                .arg(&mine)
                 .arg("NX")
                 .arg("PX")
                 .arg(millis(lease))
@@ -465,11 +467,21 @@ impl RedisStore {
                 .query_async(&mut conn)
                 .await;
             match held {
-                Ok(None) => return Ok(Claim::Acquired(owner)),
-                Ok(Some(v)) if v.starts_with(b"D:") => {
+                // Nothing was there (a server that leaves out GET's answer says OK): ours now.
+                Ok(redis::Value::Nil | redis::Value::Okay) => return Ok(Claim::Acquired(owner)),
+                Ok(redis::Value::BulkString(v)) if v.starts_with(b"D:") => {
                     return Ok(Claim::Done(Bytes::from(v).slice(2..)))
                 }
-                Ok(Some(_)) => return Ok(Claim::Busy),
+                // Our own claim: the connection sent the command again after it had landed.
+                Ok(redis::Value::BulkString(v)) if v == mine.as_bytes() => {
+                    return Ok(Claim::Acquired(owner))
+                }
+                Ok(redis::Value::BulkString(_)) => return Ok(Claim::Busy),
+                Ok(other) => {
+                    return Err(StateError::Unavailable(format!(
+                        "unexpected answer to SET NX GET: {other:?}"
+                    )))
+                }
                 Err(e) if before_7_0(&e) => {
                     self.native_claim.store(false, Relaxed);
                     tracing::info!("this Redis cannot combine SET NX and GET (before 7.0); claims use a script");
