@@ -306,9 +306,11 @@ async fn a_full_batch_queue_runs_jobs_at_once_instead_of_parking_them() {
         .set(
             "pipelines",
             "digest:\n    steps:\n      - {name: answer, kind: generate, model: small, prompt: plain}\n    \
-             batch: {collect_ms: 3000, poll_ms: 200, max_queued: 1}",
+             batch: {collect_ms: 10000, poll_ms: 200, max_queued: 1}",
         )
         .plan();
+    // The queue holds q-0's request for collect_ms: long enough that q-1..q-3 are consumed and
+    // checked while it is still full, even on a loaded machine (3 s was not always).
     let outputs = collector(&brokers);
     let service = Service::start(plan, memory());
     service.wait_ready().await;
