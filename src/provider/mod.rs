@@ -344,44 +344,152 @@ fn decode_answer<T: serde::de::DeserializeOwned + Default>(
 }
 
 /// A leaf field (a number, a string) read leniently: one of an unexpected type reads as
-/// absent, so the caller's fallback applies instead of failing the whole answer.
+/// absent, so the caller's fallback applies instead of failing the whole answer. Read as it
+/// streams by, without a `Value` tree.
 fn lenient<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: serde::de::DeserializeOwned,
 {
-    let value = <serde_json::Value as serde::Deserialize>::deserialize(deserializer)?;
-    Ok(serde_json::from_value(value).ok())
+    deserializer.deserialize_any(Lenient::<T, Leaf>::new())
 }
 
-/// An object field read leniently: anything but an object (or one that does not read as `T`)
-/// is absent.
+/// An object field read leniently: anything but an object is absent. `T`'s own fields are
+/// lenient, so an object always reads as `T`.
 fn lenient_object<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: serde::de::DeserializeOwned,
 {
-    let value = <serde_json::Value as serde::Deserialize>::deserialize(deserializer)?;
-    Ok(object_as(value))
+    deserializer.deserialize_any(Lenient::<T, Object>::new())
 }
 
 /// A list of objects read leniently: anything but a list is absent; an element that is not an
-/// object (or does not read as `T`) is `None` in its place.
+/// object is `None` in its place.
 fn lenient_objects<'de, D, T>(deserializer: D) -> Result<Option<Vec<Option<T>>>, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: serde::de::DeserializeOwned,
 {
-    let value = <serde_json::Value as serde::Deserialize>::deserialize(deserializer)?;
-    Ok(match value {
-        serde_json::Value::Array(items) => Some(items.into_iter().map(object_as).collect()),
-        _ => None,
-    })
+    deserializer.deserialize_any(Lenient::<T, Objects>::new())
 }
 
-fn object_as<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Option<T> {
-    match value {
-        serde_json::Value::Object(_) => serde_json::from_value(value).ok(),
-        _ => None,
+/// What a [`Lenient`] visitor reads: a leaf, an object, or a list of objects.
+struct Leaf;
+struct Object;
+struct Objects;
+
+/// Visits any JSON value and reads it as `Option<T>` (as `Option<Vec<Option<T>>>` for
+/// [`Objects`]): a value of another shape is consumed and reads as `None`.
+struct Lenient<T, Shape>(std::marker::PhantomData<(T, Shape)>);
+
+impl<T, Shape> Lenient<T, Shape> {
+    fn new() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+/// One element of a lenient list: an object as `Some(T)`, anything else as `None`.
+struct Element<T>(Option<T>);
+
+impl<'de, T: serde::de::DeserializeOwned> serde::Deserialize<'de> for Element<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer
+            .deserialize_any(Lenient::<T, Object>::new())
+            .map(Element)
+    }
+}
+
+/// Consumes the rest of a map or a list that reads as absent.
+fn skip_map<'de, A: serde::de::MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
+    while map
+        .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+        .is_some()
+    {}
+    Ok(())
+}
+
+fn skip_seq<'de, A: serde::de::SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
+    while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+    Ok(())
+}
+
+/// The visits every shape shares: `null` is absent, and so is any scalar the shape does not
+/// read itself.
+macro_rules! absent {
+    ($($visit:ident: $ty:ty),*) => {
+        $(fn $visit<E: serde::de::Error>(self, _: $ty) -> Result<Self::Value, E> {
+            Ok(None)
+        })*
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(self)
+        }
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+    };
+}
+
+impl<'de, T: serde::de::DeserializeOwned> serde::de::Visitor<'de> for Lenient<T, Leaf> {
+    type Value = Option<T>;
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(T::deserialize(serde::de::value::BoolDeserializer::<E>::new(v)).ok())
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(T::deserialize(serde::de::value::I64Deserializer::<E>::new(v)).ok())
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(T::deserialize(serde::de::value::U64Deserializer::<E>::new(v)).ok())
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(T::deserialize(serde::de::value::F64Deserializer::<E>::new(v)).ok())
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(T::deserialize(serde::de::value::StrDeserializer::<E>::new(v)).ok())
+    }
+    absent!();
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        skip_map(map).map(|()| None)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        skip_seq(seq).map(|()| None)
+    }
+}
+
+impl<'de, T: serde::de::DeserializeOwned> serde::de::Visitor<'de> for Lenient<T, Object> {
+    type Value = Option<T>;
+
+    absent!(visit_bool: bool, visit_i64: i64, visit_u64: u64, visit_f64: f64, visit_str: &str);
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Some)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        skip_seq(seq).map(|()| None)
+    }
+}
+
+impl<'de, T: serde::de::DeserializeOwned> serde::de::Visitor<'de> for Lenient<T, Objects> {
+    type Value = Option<Vec<Option<T>>>;
+
+    absent!(visit_bool: bool, visit_i64: i64, visit_u64: u64, visit_f64: f64, visit_str: &str);
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        skip_map(map).map(|()| None)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(1).min(16));
+        while let Some(Element(item)) = seq.next_element::<Element<T>>()? {
+            items.push(item);
+        }
+        Ok(Some(items))
     }
 }
