@@ -142,18 +142,17 @@ impl<K: OutputSink> Engine<K> {
         // The panic path runs under the same keep-alive, so the broker does not redeliver the
         // job while its dead letter is being written.
         let work = async {
-            // Boxed: the job's future is large, and every wrapper would otherwise copy it.
-            match AssertUnwindSafe(Box::pin(self.process(&incoming, stop)))
-                .catch_unwind()
-                .await
-            {
+            // Boxed: the job's future is large, and every wrapper would otherwise copy it. (Each
+            // future is boxed in a statement of its own: a temporary that lives until an await
+            // takes its whole size in this future too.)
+            let job = Box::pin(self.process(&incoming, stop));
+            match AssertUnwindSafe(job).catch_unwind().await {
                 Ok(finished) => finished,
                 Err(panic) => {
                     let message = panic_message(&*panic);
-                    match AssertUnwindSafe(self.after_panic(&incoming, message, stop))
-                        .catch_unwind()
-                        .await
-                    {
+                    // Boxed: a rare path, kept out of every job's future.
+                    let dead_letter = Box::pin(self.after_panic(&incoming, message, stop));
+                    match AssertUnwindSafe(dead_letter).catch_unwind().await {
                         Ok(finished) => finished,
                         Err(_) => {
                             tracing::error!(
@@ -235,7 +234,10 @@ impl<K: OutputSink> Engine<K> {
         stop: &CancellationToken,
     ) -> Result<bool, Stopped> {
         if incoming.kind == Kind::Decision {
-            return self.process_decision(incoming, stop).await;
+            // Boxed: a review decision's path is larger than a job's, and every job's future
+            // would otherwise be as large (it is copied whole when boxed and spawned).
+            let decision = Box::pin(self.process_decision(incoming, stop));
+            return decision.await;
         }
         let decision = self.decide(incoming, stop).await?;
         self.deliver(decision, incoming, stop).await

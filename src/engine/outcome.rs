@@ -234,7 +234,10 @@ impl<K: OutputSink> Engine<K> {
             match &claimed {
                 Ok(held) if batching && self.is_parked(&key, stop).await? => {
                     self.release(held).await;
-                    self.wait_unparked(&key, stop).await?;
+                    // Boxed, like the other batch-only paths below: kept out of every job's
+                    // future, which is copied whole when it is boxed and spawned.
+                    let unparked = Box::pin(self.wait_unparked(&key, stop));
+                    unparked.await?;
                 }
                 _ => break claimed,
             }
@@ -307,13 +310,14 @@ impl<K: OutputSink> Engine<K> {
             if !needs.is_empty() {
                 // Its calls wait for a provider batch: the job is parked in the state store
                 // (which holds it from now on) and its message acknowledged.
-                let parked = self
-                    .park(incoming, &job, &pipeline.name, &key, needs, 1, stop)
-                    .await;
+                let parked =
+                    Box::pin(self.park(incoming, &job, &pipeline.name, &key, needs, 1, stop));
+                let parked = parked.await;
                 self.release(&held).await;
                 if parked? {
                     // Its batch answered before it was parked: it goes on at once.
-                    self.resume_now(&key, stop).await;
+                    let resumed = Box::pin(self.resume_now(&key, stop));
+                    resumed.await;
                 }
                 return Ok(Decision {
                     outcome: None,
