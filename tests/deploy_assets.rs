@@ -14,7 +14,7 @@ fn exported() -> BTreeSet<String> {
     m.job_duration.with_label_values(&["p"]).observe(1.0);
     m.queue_wait.observe(1.0);
     m.step_duration.with_label_values(&["s"]).observe(1.0);
-    m.llm_attempt("p", "m", "triage@v1", "ok", 1.0);
+    m.llm_attempt(&m.llm_series("p", "m"), ["p", "m", "triage@v1", "ok"], 1.0);
     m.llm_usage("p", "m", 1, 1, 1.0);
     m.dead_letters.with_label_values(&["internal"]).inc();
     m.pool_permits.with_label_values(&["generate"]).set(1);

@@ -26,14 +26,20 @@ use crate::provider::Providers;
 use crate::telemetry::metrics::Metrics;
 pub use policy::{backoff, CallFailure, CallOutcome};
 
-/// One circuit breaker per provider + model.
-type Circuits = BTreeMap<(String, String), circuit::CircuitBreaker>;
+/// What every call to one provider + model shares: its circuit breaker and its metric series.
+pub(crate) struct TargetState {
+    pub breaker: circuit::CircuitBreaker,
+    pub series: crate::telemetry::metrics::LlmSeries,
+}
+
+/// One [`TargetState`] per provider, then model (looked up by `&str`, without building a key).
+type Targets = BTreeMap<String, BTreeMap<String, TargetState>>;
 
 /// Every model alias of the plan, callable with the plan's policies.
 pub struct Calls {
     providers: Providers,
     models: BTreeMap<String, Arc<ModelPlan>>,
-    circuits: Circuits,
+    targets: Targets,
     /// One retry budget per provider.
     retry_budgets: BTreeMap<String, retry_budget::RetryBudget>,
     /// Limits and budgets every call passes first (absent when nothing is limited).
@@ -56,16 +62,22 @@ impl Calls {
         metrics: Arc<Metrics>,
         tasks: TaskTracker,
     ) -> Self {
-        let mut circuits = Circuits::new();
+        let mut targets = Targets::new();
         for model in plan.models.values() {
             if let Some(provider) = plan.providers.get(&model.provider) {
-                let key = (model.provider.clone(), model.model.clone());
-                circuits.entry(key).or_insert_with(|| {
-                    let gauge = metrics
-                        .circuit_state
-                        .with_label_values(&[&model.provider, &model.model]);
-                    circuit::CircuitBreaker::new(provider.circuit).reporting_to(gauge)
-                });
+                targets
+                    .entry(model.provider.clone())
+                    .or_default()
+                    .entry(model.model.clone())
+                    .or_insert_with(|| {
+                        let labels = [model.provider.as_str(), model.model.as_str()];
+                        let gauge = metrics.circuit_state.with_label_values(&labels);
+                        TargetState {
+                            breaker: circuit::CircuitBreaker::new(provider.circuit)
+                                .reporting_to(gauge),
+                            series: metrics.llm_series(labels[0], labels[1]),
+                        }
+                    });
             }
         }
         let retry_budgets = plan
@@ -76,7 +88,7 @@ impl Calls {
         Self {
             providers,
             models: plan.models.clone(),
-            circuits,
+            targets,
             retry_budgets,
             gate: None,
             cache: None,
@@ -136,7 +148,11 @@ impl Calls {
 
     /// The breaker of a provider + model (every configured model has one).
     pub fn circuit(&self, provider: &str, model: &str) -> Option<&circuit::CircuitBreaker> {
-        self.circuits.get(&(provider.to_owned(), model.to_owned()))
+        self.target_state(provider, model).map(|t| &t.breaker)
+    }
+
+    fn target_state(&self, provider: &str, model: &str) -> Option<&TargetState> {
+        self.targets.get(provider)?.get(model)
     }
 
     pub fn model(&self, alias: &str) -> Option<&Arc<ModelPlan>> {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use super::Calls;
 use crate::config::ModelPlan;
 use crate::provider::{ChatRequest, ChatResponse, ProviderError};
+use crate::telemetry::metrics::LlmSeries;
 
 /// Which call an attempt belonged to.
 pub(super) struct Call<'a> {
@@ -15,6 +16,8 @@ pub(super) struct Call<'a> {
     pub step: Option<&'a str>,
     pub model: &'a ModelPlan,
     pub request: &'a ChatRequest,
+    /// The provider + model's metric series, when looked up already.
+    pub series: Option<&'a LlmSeries>,
 }
 
 impl Calls {
@@ -30,7 +33,16 @@ impl Calls {
             step,
             model,
             request,
+            series,
         } = call;
+        let looked_up;
+        let series = match series {
+            Some(series) => series,
+            None => {
+                looked_up = self.metrics.llm_series(provider, &model.model);
+                &looked_up
+            }
+        };
         let outcome = match result {
             Ok(_) => "ok",
             Err(e) => e.kind(),
@@ -38,23 +50,15 @@ impl Calls {
         // Prompt names come from config: a bounded label.
         let prompt = request.prompt.as_deref().unwrap_or("-");
         self.metrics.llm_attempt(
-            provider,
-            &model.model,
-            prompt,
-            outcome,
+            series,
+            [provider, &model.model, prompt, outcome],
             elapsed.as_secs_f64(),
         );
         let latency_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
         match result {
             Ok(r) => {
                 let cost_usd = model.response_cost(r);
-                self.metrics.llm_usage(
-                    provider,
-                    &model.model,
-                    r.input_tokens,
-                    r.output_tokens,
-                    cost_usd,
-                );
+                series.usage(r.input_tokens, r.output_tokens, cost_usd);
                 if self.log_payloads {
                     // Texts go to the log with PII redacted, whatever the pipeline's guardrails.
                     let scrub = crate::guardrails::scrub_for_log;

@@ -84,6 +84,8 @@ struct Target<'a> {
     model: &'a Arc<ModelPlan>,
     provider: &'a ProviderHandle,
     breaker: Option<&'a CircuitBreaker>,
+    /// Its metric series (absent only for a model whose provider is not configured).
+    series: Option<&'a crate::telemetry::metrics::LlmSeries>,
     retry_budget: Option<&'a RetryBudget>,
     request: ChatRequest,
     /// A fallback, not the alias asked for.
@@ -217,11 +219,13 @@ impl Calls {
             .filter_map(|(position, target_alias)| {
                 let model = self.model(target_alias)?;
                 let provider = self.providers.target(&model.provider)?;
+                let state = self.target_state(&model.provider, &model.model);
                 Some(Target {
                     alias: target_alias,
                     model,
                     provider,
-                    breaker: self.circuit(&model.provider, &model.model),
+                    breaker: state.map(|s| &s.breaker),
+                    series: state.map(|s| &s.series),
                     retry_budget: self.retry_budgets.get(&model.provider),
                     request: {
                         let mut request = request(model);
@@ -474,6 +478,7 @@ impl Calls {
             step,
             model,
             request: &target.request,
+            series: target.series,
         };
         self.observe(call, attempt + 1, &result, started.elapsed());
         result

@@ -18,6 +18,27 @@ const LATENCY_BUCKETS: [f64; 15] = [
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 90.0, 120.0,
 ];
 
+/// The series every attempt on one provider + model updates: its latency, tokens and spend
+/// (the request count is labelled by prompt and outcome too, so it is looked up per attempt).
+#[derive(Clone)]
+pub struct LlmSeries {
+    duration: Histogram,
+    input_tokens: IntCounter,
+    output_tokens: IntCounter,
+    cost: Counter,
+}
+
+impl LlmSeries {
+    /// Records the usage and spend of a successful provider call.
+    pub fn usage(&self, input_tokens: u64, output_tokens: u64, cost_usd: f64) {
+        self.input_tokens.inc_by(input_tokens);
+        self.output_tokens.inc_by(output_tokens);
+        if cost_usd.is_finite() && cost_usd > 0.0 {
+            self.cost.inc_by(cost_usd);
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     pub jobs_received: IntCounterVec,
@@ -238,21 +259,33 @@ impl Metrics {
         pools.push((name, pool));
     }
 
-    /// Records one provider attempt.
+    /// The series of one provider + model, looked up once by whoever calls it often.
+    pub fn llm_series(&self, provider: &str, model: &str) -> LlmSeries {
+        LlmSeries {
+            duration: self
+                .llm_request_duration
+                .with_label_values(&[provider, model]),
+            input_tokens: self
+                .llm_tokens
+                .with_label_values(&[provider, model, "input"]),
+            output_tokens: self
+                .llm_tokens
+                .with_label_values(&[provider, model, "output"]),
+            cost: self.llm_cost.with_label_values(&[provider, model]),
+        }
+    }
+
+    /// Records one provider attempt (`series`: the provider + model's, from [`Self::llm_series`]).
     pub fn llm_attempt(
         &self,
-        provider: &str,
-        model: &str,
-        prompt: &str,
-        outcome: &str,
+        series: &LlmSeries,
+        [provider, model, prompt, outcome]: [&str; 4],
         seconds: f64,
     ) {
         self.llm_requests
             .with_label_values(&[provider, model, prompt, outcome])
             .inc();
-        self.llm_request_duration
-            .with_label_values(&[provider, model])
-            .observe(seconds);
+        series.duration.observe(seconds);
     }
 
     /// Records one guardrail check: its verdict and what it redacted.
@@ -284,16 +317,8 @@ impl Metrics {
         output_tokens: u64,
         cost_usd: f64,
     ) {
-        self.llm_tokens
-            .with_label_values(&[provider, model, "input"])
-            .inc_by(input_tokens);
-        self.llm_tokens
-            .with_label_values(&[provider, model, "output"])
-            .inc_by(output_tokens);
-        let cost: Counter = self.llm_cost.with_label_values(&[provider, model]);
-        if cost_usd.is_finite() && cost_usd > 0.0 {
-            cost.inc_by(cost_usd);
-        }
+        self.llm_series(provider, model)
+            .usage(input_tokens, output_tokens, cost_usd);
     }
 
     /// The Prometheus text exposition of everything.
