@@ -672,6 +672,8 @@ fn bounded(value: Value, max: usize) -> Value {
     let text = match &value {
         Value::String(s) if s.chars().count() <= max => return value,
         Value::String(s) => s.clone(),
+        // Counted as it is written, without keeping the text: most outputs fit.
+        other if serde_json::to_writer(CharBound { left: max }, other).is_ok() => return value,
         other => {
             let json = other.to_string();
             if json.chars().count() <= max {
@@ -683,6 +685,27 @@ fn bounded(value: Value, max: usize) -> Value {
     let total = text.chars().count();
     let kept: String = text.chars().take(max).collect();
     Value::String(format!("{kept}... [{} more characters]", total - max))
+}
+
+/// A writer that takes at most `left` characters of UTF-8 and fails on the next one.
+struct CharBound {
+    left: usize,
+}
+
+impl std::io::Write for CharBound {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // A character starts at every byte that is not a continuation byte.
+        let chars = buf.iter().filter(|&&b| b & 0xC0 != 0x80).count();
+        self.left = self
+            .left
+            .checked_sub(chars)
+            .ok_or(std::io::ErrorKind::WriteZero)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// `index` and every step it transitively depends on, paired with their outputs.
@@ -814,4 +837,38 @@ fn route_info(outputs: &[Option<StepOutput>]) -> (RouteInfo, Option<String>) {
         }
     }
     (route, review)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bounded;
+    use serde_json::json;
+
+    #[test]
+    fn a_recorded_output_is_cut_at_its_character_bound() {
+        let object = json!({"category": "billing", "confidence": 0.9});
+        let text = object.to_string();
+        let n = text.chars().count();
+        assert_eq!(
+            bounded(object.clone(), n),
+            object,
+            "exactly at the bound it is kept"
+        );
+        let cut = bounded(object.clone(), n - 1);
+        assert_eq!(
+            cut,
+            json!(format!(
+                "{}... [1 more characters]",
+                text.chars().take(n - 1).collect::<String>()
+            ))
+        );
+        // Characters, not bytes: 3 two-byte letters fit a bound of 3 as a string and, quoted
+        // as JSON, a bound of 5.
+        assert_eq!(bounded(json!("äöü"), 3), json!("äöü"));
+        assert_eq!(bounded(json!(["äöü"]), 7), json!(["äöü"]));
+        assert_eq!(
+            bounded(json!(["äöü"]), 6),
+            json!("[\"äöü\"... [1 more characters]")
+        );
+    }
 }
