@@ -28,7 +28,8 @@ use switchyard::testkit::{
     parse_output, publish, Collected, EmbeddedKafka, OutputKind, DEMO_CONFIG,
 };
 
-pub async fn run(args: &BenchArgs, llm: &str) -> anyhow::Result<Measured> {
+/// One round: both sides over one in-process cluster, the bare loop first when `bare_first`.
+pub async fn run(args: &BenchArgs, llm: &str, bare_first: bool) -> anyhow::Result<Measured> {
     let topics = Topics {
         results: "bench.results".into(),
         review: "bench.review".into(),
@@ -36,8 +37,15 @@ pub async fn run(args: &BenchArgs, llm: &str) -> anyhow::Result<Measured> {
     };
     let kafka = EmbeddedKafka::start("bench.jobs", &topics, 6)?;
     let brokers = kafka.bootstrap_servers();
+    let bare = match bare_first {
+        true => Some(bare_side(args, &kafka, &brokers, llm).await?),
+        false => None,
+    };
     let (switchyard, outputs) = switchyard_side(args, &brokers, &topics, llm).await?;
-    let bare = bare_side(args, &kafka, &brokers, llm).await?;
+    let bare = match bare {
+        Some(bare) => bare,
+        None => bare_side(args, &kafka, &brokers, llm).await?,
+    };
     Ok((switchyard, bare, outputs, Vec::new()))
 }
 

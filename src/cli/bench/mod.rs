@@ -19,7 +19,8 @@
 //!   run with a tenth of the backlog (see [`backlog`]).
 //!
 //! `--plot FILE.svg` draws throughput over time and the latency distribution of both sides.
-//! `--rounds N` runs both sides N times, alternating, and reports the round with the median
+//! `--rounds N` runs both sides N times, switchyard first in odd rounds and the bare loop first
+//! in even ones, and reports the round with the median
 //! throughput ratio, listing every round's ratios: on a virtual machine one round's figures
 //! can be off by a quarter or more either way.
 
@@ -96,7 +97,8 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Drain and rate modes: run both sides this many times, alternating, and report the round
+    /// Drain and rate modes: run both sides this many times (switchyard first, then the bare
+    /// loop first, and so on), and report the round
     /// with the median throughput ratio (every round's ratios are listed). On a shared or
     /// virtual machine one round can be off by a quarter either way. Loss or a double answer in
     /// any round fails the run.
@@ -376,10 +378,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let mock = MockProcess::start(args.provider_latency_ms).await?;
     let mut rounds = Vec::with_capacity(args.rounds);
     let mut failure = None;
-    for _ in 0..args.rounds {
+    for round in 0..args.rounds {
+        // Every other round the bare loop goes first, so neither side always meets the
+        // services (and this process's heap) fresh.
+        let bare_first = round % 2 == 1;
         let outcome = match args.shape {
-            Shape::Kafka => kafka::run(&args, &mock.base_url).await,
-            Shape::Nats => nats::run(&args, &mock.base_url).await,
+            Shape::Kafka => kafka::run(&args, &mock.base_url, bare_first).await,
+            Shape::Nats => nats::run(&args, &mock.base_url, bare_first).await,
         };
         match outcome {
             Ok(measured) => rounds.push(round_report(&args, measured)),
@@ -618,7 +623,7 @@ fn print_report(r: &Report) {
             parts.join(", ")
         };
         println!(
-            "  {} rounds, the median throughput ratio's shown; throughput ratios {}; CPU per job ratios {}",
+            "  {} rounds (switchyard first in odd rounds, the bare loop in even ones), the median throughput ratio's shown; throughput ratios {}; CPU per job ratios {}",
             r.rounds.len(),
             list(|x| x.throughput),
             list(|x| x.cpu_per_job)

@@ -57,7 +57,8 @@ impl Names {
     }
 }
 
-pub async fn run(args: &BenchArgs, llm: &str) -> anyhow::Result<Measured> {
+/// One round: both sides over the same services, the bare loop first when `bare_first`.
+pub async fn run(args: &BenchArgs, llm: &str, bare_first: bool) -> anyhow::Result<Measured> {
     let names = Names::new();
     let client = async_nats::connect(&args.nats_url)
         .await
@@ -69,9 +70,16 @@ pub async fn run(args: &BenchArgs, llm: &str) -> anyhow::Result<Measured> {
         .await
         .with_context(|| format!("connecting to Redis at {}", args.redis_url))?;
     let outcome = async {
+        let bare = match bare_first {
+            true => Some(bare_side(args, llm, &names, &js, &redis, &mut info).await?),
+            false => None,
+        };
         let (switchyard, outputs, commands) =
             switchyard_side(args, llm, &names, &js, &mut info).await?;
-        let bare = bare_side(args, llm, &names, &js, &redis, &mut info).await?;
+        let bare = match bare {
+            Some(bare) => bare,
+            None => bare_side(args, llm, &names, &js, &redis, &mut info).await?,
+        };
         anyhow::Ok((switchyard, bare, outputs, commands))
     }
     .await;
