@@ -11,17 +11,17 @@ use crate::sink::{Destination, Output, OutputSink, SinkError};
 use crate::telemetry::health::SinkRefusal;
 use crate::wire::{DeadLetterReason, Outcome, ResultStatus};
 
-/// An outcome the sink confirmed, with the payload it was written as.
+/// An outcome the sink confirmed, with the form the state store keeps it in.
 pub(super) struct Written {
     pub outcome: Outcome,
-    payload: Vec<u8>,
+    stored: Bytes,
 }
 
 impl Written {
-    /// The outcome as the state store keeps it, built around the payload already encoded (see
-    /// [`stored_form`]): encoded once, for the sink and the store.
+    /// The outcome as the state store keeps it: the buffer the sink's payload was cut from
+    /// (see [`encode`]), so it is encoded once and copied for neither.
     pub fn stored(&self) -> Bytes {
-        stored_form(&self.outcome, &self.payload)
+        self.stored.clone()
     }
 }
 
@@ -40,7 +40,7 @@ impl<K: OutputSink> Engine<K> {
     ) -> Result<Written, Stopped> {
         let trace = incoming.trace;
         let mut outcome = outcome;
-        let mut output = output_for(&outcome, trace, output_key)?;
+        let (mut output, mut stored) = output_for(&outcome, trace, output_key)?;
         let mut delay = RETRY_MIN;
         let mut refused: Option<SinkRefusal> = None;
         let mut retry = false;
@@ -53,10 +53,7 @@ impl<K: OutputSink> Engine<K> {
             retry = true;
             match self.sink.send(&output).await {
                 Ok(()) => {
-                    return Ok(Written {
-                        outcome,
-                        payload: output.payload,
-                    })
+                    return Ok(Written { outcome, stored });
                 }
                 Err(SinkError::Transient(e)) => {
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "output write failed; retrying");
@@ -83,7 +80,7 @@ impl<K: OutputSink> Engine<K> {
                         who,
                         0,
                     ));
-                    output = output_for(&outcome, trace, output_key)?;
+                    (output, stored) = output_for(&outcome, trace, output_key)?;
                     continue;
                 }
                 Err(SinkError::Permanent(e)) => {
@@ -102,10 +99,15 @@ impl<K: OutputSink> Engine<K> {
     }
 }
 
-/// The output of an outcome; its id is derived from `output_key` (the job's identity) and the
-/// output's kind, so the same job's same output always has the same id.
-fn output_for(outcome: &Outcome, trace: Option<&str>, output_key: &str) -> Result<Output, Stopped> {
-    let (destination, tenant, payload, variant) = match outcome {
+/// The output of an outcome, and the outcome as the state store keeps it. The output's id is
+/// derived from `output_key` (the job's identity) and the output's kind, so the same job's same
+/// output always has the same id.
+fn output_for(
+    outcome: &Outcome,
+    trace: Option<&str>,
+    output_key: &str,
+) -> Result<(Output, Bytes), Stopped> {
+    let (destination, tenant, variant) = match outcome {
         Outcome::Result(r) => {
             let destination = if r.status == ResultStatus::Review {
                 Destination::Review
@@ -113,17 +115,11 @@ fn output_for(outcome: &Outcome, trace: Option<&str>, output_key: &str) -> Resul
                 Destination::Results
             };
             let variant = if r.duplicate { "replay" } else { "first" };
-            (
-                destination,
-                Some(r.tenant.clone()),
-                serde_json::to_vec(r),
-                variant,
-            )
+            (destination, Some(r.tenant.clone()), variant)
         }
         Outcome::DeadLetter(dl) => (
             Destination::DeadLetters,
             dl.tenant.clone(),
-            serde_json::to_vec(dl),
             if dl.duplicate {
                 "replay"
             } else {
@@ -131,31 +127,45 @@ fn output_for(outcome: &Outcome, trace: Option<&str>, output_key: &str) -> Resul
             },
         ),
     };
-    let payload = payload.map_err(|e| {
+    let (stored, payload) = encode(outcome).map_err(|e| {
         tracing::error!(error = %e, "could not encode output");
         Stopped::Now
     })?;
-    Ok(Output {
+    let output = Output {
         destination,
         tenant,
         payload,
         traceparent: trace.map(str::to_owned),
         id: output_id(output_key, destination, variant),
-    })
+    };
+    Ok((output, stored))
 }
 
+/// Bytes reserved up front for an outcome's encoding: most results fit, so the buffer is not
+/// grown (and copied) while it is written.
+const ENCODED_CAPACITY: usize = 4096;
+
 /// The outcome as the state store keeps it (`serde_json::to_vec(&outcome)`, the adjacently
-/// tagged `{"kind": ..., "body": ...}`), built around the sink payload already encoded from it.
-fn stored_form(outcome: &Outcome, payload: &[u8]) -> Bytes {
+/// tagged `{"kind": ..., "body": ...}`), and the sink's payload (the body) as a view into it:
+/// encoded once, into one buffer.
+fn encode(outcome: &Outcome) -> serde_json::Result<(Bytes, Bytes)> {
     let kind: &[u8] = match outcome {
         Outcome::Result(_) => br#"{"kind":"result","body":"#,
         Outcome::DeadLetter(_) => br#"{"kind":"dead_letter","body":"#,
     };
-    let mut stored = Vec::with_capacity(kind.len() + payload.len() + 1);
+    let mut stored = Vec::with_capacity(ENCODED_CAPACITY);
     stored.extend_from_slice(kind);
-    stored.extend_from_slice(payload);
+    match outcome {
+        Outcome::Result(r) => serde_json::to_writer(&mut stored, r)?,
+        Outcome::DeadLetter(dl) => serde_json::to_writer(&mut stored, dl)?,
+    }
     stored.push(b'}');
-    Bytes::from(stored)
+    // Kept for the result's TTL by the in-memory store: no more than it needs (a shrink within
+    // the allocator's block is made in place).
+    stored.shrink_to_fit();
+    let stored = Bytes::from(stored);
+    let payload = stored.slice(kind.len()..stored.len() - 1);
+    Ok((stored, payload))
 }
 
 /// 32 hex characters of SHA-256 over the job's identity, the output kind and its variant (a
@@ -208,8 +218,12 @@ mod tests {
             source,
         );
         for outcome in [Outcome::Result(result), Outcome::DeadLetter(dead)] {
-            let output = output_for(&outcome, None, "acme/k").expect("encodes");
-            let stored = stored_form(&outcome, &output.payload);
+            let (output, stored) = output_for(&outcome, None, "acme/k").expect("encodes");
+            let body = match &outcome {
+                Outcome::Result(r) => serde_json::to_vec(r),
+                Outcome::DeadLetter(dl) => serde_json::to_vec(dl),
+            };
+            assert_eq!(&output.payload[..], &body.expect("encodes")[..]);
             assert_eq!(
                 &stored[..],
                 &serde_json::to_vec(&outcome).expect("encodes")[..]

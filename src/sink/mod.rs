@@ -20,7 +20,7 @@ pub struct Output {
     pub destination: Destination,
     /// The tenant, when known: the message key, so one tenant's outputs stay in order.
     pub tenant: Option<String>,
-    pub payload: Vec<u8>,
+    pub payload: bytes::Bytes,
     /// Propagated W3C `traceparent` (validated at the source), written as a message header.
     pub traceparent: Option<String>,
     /// Deterministic id of this output: the same job (tenant + idempotency key, or the source

@@ -92,7 +92,7 @@ fn headers(output: &Output) -> Option<async_nats::HeaderMap> {
 impl OutputSink for NatsSink {
     async fn send(&self, output: &Output) -> Result<(), SinkError> {
         let subject = self.subject(output);
-        let payload = bytes::Bytes::copy_from_slice(&output.payload);
+        let payload = output.payload.clone();
         if payload.len() > self.client.server_info().max_payload {
             return Err(SinkError::Permanent(format!(
                 "{} bytes exceed the server's max_payload of {}",
