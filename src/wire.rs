@@ -155,12 +155,24 @@ pub fn decode_job(
     let text = std::str::from_utf8(payload).map_err(|e| InvalidJob::NotUtf8 {
         offset: e.valid_up_to(),
     })?;
+    // Most jobs are valid and are read straight from their text. One this refuses is read again
+    // through a JSON tree, which names what is wrong (the failing field's path); one only the
+    // tree takes (a key given twice: the last one wins) is taken from there.
+    let wire = match serde_json::from_str::<WireJob>(text) {
+        Ok(wire) => wire,
+        Err(_) => decode_tree(text)?,
+    };
+    validate(wire, received_at)
+}
+
+/// [`decode_job`]'s reading through a JSON tree, with the path of a field that does not match.
+fn decode_tree(text: &str) -> Result<WireJob, InvalidJob> {
     let value: Value = serde_json::from_str(text)
         .map_err(|e| InvalidJob::NotJson(format!("it does not parse as JSON ({e})")))?;
     if !value.is_object() {
         return Err(InvalidJob::NotJson(format!("it is {}", json_kind(&value))));
     }
-    let wire: WireJob = serde_path_to_error::deserialize(value).map_err(|e| {
+    serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
         if path == "." {
@@ -168,8 +180,7 @@ pub fn decode_job(
         } else {
             InvalidJob::Schema(format!("job field `{path}`: {inner}"))
         }
-    })?;
-    validate(wire, received_at)
+    })
 }
 
 fn validate(wire: WireJob, received_at: DateTime<Utc>) -> Result<Job, InvalidJob> {
@@ -591,6 +602,27 @@ mod tests {
         let err =
             decode_job(br#"{"id":"t-1","tenant":"a","input":"text"}"#, 1024, now()).unwrap_err();
         assert!(err.to_string().contains("`input`"), "{err}");
+    }
+
+    #[test]
+    fn a_key_given_twice_takes_its_last_value_and_errors_still_name_the_field() {
+        let job = decode_job(
+            br#"{"id":"t-1","tenant":"acme","tenant":"globex","input":{"text":"hi"}}"#,
+            1024,
+            now(),
+        )
+        .unwrap();
+        assert_eq!(job.tenant.as_str(), "globex");
+        assert_eq!(job.idempotency_key, "globex:t-1");
+        let err = decode_job(br#"[1, 2]"#, 1024, now()).unwrap_err();
+        assert!(err.to_string().contains("it is an array"), "{err}");
+        let err = decode_job(
+            br#"{"id":"t-1","tenant":"a","input":{},"ttl_ms":"soon"}"#,
+            1024,
+            now(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("job field `ttl_ms`"), "{err}");
     }
 
     #[test]
