@@ -450,26 +450,15 @@ struct Partition {
 
 impl Partition {
     async fn to(upstream: &str) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let upstream = upstream.to_owned();
         let flag = cut.clone();
-        let tasks = tokio_util::task::TaskTracker::new();
-        let inner = tasks.clone();
-        tasks.spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let (upstream, flag) = (upstream.clone(), flag.clone());
-                inner.spawn(async move {
-                    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
-                        return;
-                    };
-                    let (cr, cw) = client.into_split();
-                    let (sr, sw) = server.into_split();
-                    tokio::join!(pump(cr, sw, flag.clone()), pump(sr, cw, flag));
-                });
+        let (addr, tasks) = proxy(upstream, move |(cr, cw), (sr, sw)| {
+            let flag = flag.clone();
+            async move {
+                tokio::join!(pump(cr, sw, flag.clone()), pump(sr, cw, flag));
             }
-        });
+        })
+        .await;
         Self {
             addr,
             cut,
@@ -480,6 +469,37 @@ impl Partition {
     fn set_cut(&self, cut: bool) {
         self.cut.store(cut, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+type Halves = (
+    tokio::net::tcp::OwnedReadHalf,
+    tokio::net::tcp::OwnedWriteHalf,
+);
+
+/// A TCP proxy on a free local port to `upstream`: each connection accepted is joined to one
+/// of its own to `upstream` and handed to `serve` as (client halves, server halves).
+async fn proxy<F, Fut>(
+    upstream: &str,
+    serve: F,
+) -> (std::net::SocketAddr, tokio_util::task::TaskTracker)
+where
+    F: Fn(Halves, Halves) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let upstream = upstream.to_owned();
+    let tasks = tokio_util::task::TaskTracker::new();
+    let inner = tasks.clone();
+    tasks.spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            inner.spawn(serve(client.into_split(), server.into_split()));
+        }
+    });
+    (addr, tasks)
 }
 
 /// Copies bytes one way, holding them while the partition is cut.
@@ -796,4 +816,171 @@ async fn a_job_longer_than_its_lease_keeps_its_claim_against_a_second_delivery()
         "the job ran past its lease"
     );
     assert_eq!(llm.stats().requests(), 2, "no second run of the job");
+}
+
+/// A TCP proxy to NATS that, while `dropping`, swallows what the server sends for pull requests
+/// (the JetStream messages they bring, and their heartbeats), as if those deliveries were lost
+/// on the way. Everything else passes, frame by frame.
+struct LossyNats {
+    addr: std::net::SocketAddr,
+    dropping: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// JetStream messages swallowed so far.
+    dropped: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    _tasks: tokio_util::task::TaskTracker,
+}
+
+impl LossyNats {
+    async fn to(upstream: &str) -> Self {
+        let dropping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let dropped = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (flag, count) = (dropping.clone(), dropped.clone());
+        let (addr, tasks) = proxy(upstream, move |(mut cr, mut cw), (sr, mut sw)| {
+            let (flag, count) = (flag.clone(), count.clone());
+            async move {
+                tokio::join!(
+                    async { tokio::io::copy(&mut cr, &mut sw).await.ok() },
+                    deliver_unless_dropped(sr, &mut cw, flag, count)
+                );
+            }
+        })
+        .await;
+        Self {
+            addr,
+            dropping,
+            dropped,
+            _tasks: tasks,
+        }
+    }
+
+    fn set_dropping(&self, on: bool) {
+        self.dropping
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn dropped(&self) -> usize {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Server to client: forwards whole protocol frames, swallowing what a pull request brings
+/// while `dropping`.
+async fn deliver_unless_dropped(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
+    dropping: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        while let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") {
+            let line = String::from_utf8_lossy(&buf[..eol]).into_owned();
+            let tokens: Vec<&str> = line.split_whitespace().collect();
+            let delivery = matches!(tokens.first(), Some(&"MSG") | Some(&"HMSG"));
+            let len = if delivery {
+                eol + 2 + tokens.last().unwrap().parse::<usize>().unwrap() + 2
+            } else {
+                eol + 2
+            };
+            if buf.len() < len {
+                break;
+            }
+            let frame: Vec<u8> = buf.drain(..len).collect();
+            // A pull's messages keep their stream subject and carry an ack subject as reply;
+            // its heartbeats and status replies come on the pull's inbox itself.
+            let jetstream_message =
+                delivery && tokens.len() > 4 && tokens[3].starts_with("$JS.ACK.");
+            let pull_status =
+                delivery && tokens[1].starts_with("_INBOX.") && tokens[1].matches('.').count() == 1;
+            if (jetstream_message || pull_status)
+                && dropping.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                if jetstream_message {
+                    dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                continue;
+            }
+            if to.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+        match from.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_do_not_wait_on_a_jetstream_pull_the_server_no_longer_holds() {
+    // The failure: the client counts messages still to come from a pull the server has already
+    // answered (its messages were lost on the way, or, on a busy machine, read before async-nats
+    // counted the pull as sent). Left alone, the client asks again only at its own fallback,
+    // `expires` + 5 s after its last pull (35 s before the fix), and jobs wait on a stream
+    // that has them.
+    let names = NatsNames::new();
+    let llm = mock_llm(0).await;
+    let upstream = nats_url().trim_start_matches("nats://").to_owned();
+    let lossy = LossyNats::to(&upstream).await;
+    let via_proxy = format!("nats://{}", lossy.addr);
+    let plan = nats_plan(
+        &names,
+        &llm.addr().to_string(),
+        &[("SWITCHYARD__SOURCE__URL", via_proxy.as_str())],
+    );
+    let outputs = OutputCollector::start_nats(&nats_url(), &names.topics())
+        .await
+        .unwrap();
+    let service = Service::start(plan.clone(), StateStore::open(&plan.state).await.unwrap());
+    service.wait_ready().await;
+    publish_nats(
+        &nats_url(),
+        [(names.job_subject("acme"), job("pull-0", "acme", "warm up"))],
+    )
+    .await
+    .unwrap();
+    assert_eq!(outputs.wait_for(1, STALL, |_| {}).await, 1, "warm-up job");
+
+    // The rest of the open pull is lost on the way: the server has answered it in full.
+    lossy.set_dropping(true);
+    let lost: Vec<_> = (1..=40)
+        .map(|i| {
+            (
+                names.job_subject("acme"),
+                job(&format!("pull-{i}"), "acme", "lost on the way"),
+            )
+        })
+        .collect();
+    publish_nats(&nats_url(), lost).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut last = (0, tokio::time::Instant::now());
+    while lossy.dropped() == 0 || last.1.elapsed() < Duration::from_millis(500) {
+        assert!(started.elapsed() < STALL, "no delivery was dropped");
+        if lossy.dropped() != last.0 {
+            last = (lossy.dropped(), tokio::time::Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    lossy.set_dropping(false);
+    let dropped = lossy.dropped();
+    let healed = tokio::time::Instant::now();
+
+    // From now on nothing is lost. Every job, the swallowed ones included (JetStream redelivers
+    // them after `ack_wait`, 3 s here), is answered within 15 s.
+    while outputs.len() < 41 && healed.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (seen, waited) = (outputs.len(), healed.elapsed());
+    service.stop().await;
+    names.delete_streams().await;
+    assert!(
+        dropped >= 16,
+        "a pull's worth of deliveries was lost: {dropped}"
+    );
+    assert!(
+        seen >= 41 && waited < Duration::from_secs(15),
+        "every job answered within 15 s of the loss ending; {seen} of 41 after {waited:?}"
+    );
+    assert_each_job_once(&outputs.snapshot(), 41);
 }
