@@ -374,6 +374,7 @@ async fn consume<K: OutputSink>(
         stopped.cancel();
         // What was prefetched arrives at once; then stop, before the subscription's next pulls
         // bring fresh backlog only to hand it back (each costs the message a delivery).
+        source.stop_pulling();
         let prefetched = source.prefetched_bound();
         let deadline = tokio::time::Instant::now() + BUFFERED_HAND_BACK;
         let mut seen = 0;

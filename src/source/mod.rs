@@ -283,4 +283,11 @@ impl Source {
             Source::Nats(s) => s.prefetched_bound(),
         }
     }
+
+    /// The intake has stopped: what is read from here on is handed back, so no new pull starts.
+    pub fn stop_pulling(&mut self) {
+        if let Source::Nats(s) = self {
+            s.stop_pulling();
+        }
+    }
 }

@@ -47,8 +47,12 @@ pub struct NatsSource {
     subjects: Vec<String>,
     /// Messages per pull request.
     batch: usize,
-    /// When the last heartbeat was missed, if no message came since.
+    /// When a heartbeat was last missed, if no message came since.
     missed_beat: Option<tokio::time::Instant>,
+    /// The pull is to start afresh before the next read.
+    restart_due: bool,
+    /// The intake has stopped: no restarts.
+    draining: bool,
 }
 
 /// A pull subscription on `consumer`, `batch` messages per request.
@@ -134,6 +138,8 @@ impl NatsSource {
             consumer,
             messages,
             missed_beat: None,
+            restart_due: false,
+            draining: false,
             ack_wait: plan.ack_wait,
             max_deliver: plan.max_deliver,
             subjects: plan.subjects.clone(),
@@ -152,52 +158,72 @@ impl NatsSource {
         self.consumer.clone()
     }
 
-    /// A heartbeat was missed: neither a message nor the server's heartbeat for two beats.
+    /// async-nats saw neither a message nor the server's heartbeat for two beats.
     ///
-    /// Once can be this process not reading for a while (every in-flight permit taken): the
-    /// read that reports it also asks for more if the client's count is low, and an answer or
-    /// a heartbeat follows at once. Twice in a row (the second within three beats of the
-    /// first, with no message between) means the server holds no request of ours
-    /// while the client counts messages still to come; it would not ask again until its own
+    /// Once can be a slow moment on either side. A second time within three beats of the
+    /// first, with no message between, means the server holds no pull request of ours while
+    /// the client counts messages still to come: it would not ask again until its own
     /// fallback, `expires` + 5 s after its last request, and jobs would wait that long on a
     /// stream that has them. (async-nats counts a pull as sent only after publishing it, so on
-    /// a busy machine that pull's messages can be read first and missed by its count; a
-    /// drain of 20,000 jobs stalled for ~35 s about once in ten runs.) The pull starts afresh.
-    /// Nothing is lost either way: a message the old subscription did not read stays
-    /// unacknowledged and is redelivered after `ack_wait`.
-    async fn restart_if_silent(&mut self) -> Result<(), SourceError> {
+    /// a busy machine that pull's messages can be read first and missed by its count; a drain
+    /// of 20,000 jobs stalled for ~35 s about once in ten runs.) The pull is then due to start
+    /// afresh. Not while disconnected (async-nats pulls again itself on reconnecting), nor
+    /// once the intake stops ([`NatsSource::stop_pulling`]).
+    fn missed_beat(&mut self) {
         let now = tokio::time::Instant::now();
-        let first = match self.missed_beat {
-            Some(first) if now.duration_since(first) <= PULL_HEARTBEAT * 3 => first,
-            _ => {
-                self.missed_beat = Some(now);
-                return Ok(());
+        if self.draining
+            || self.client.connection_state() != async_nats::connection::State::Connected
+        {
+            self.missed_beat = None;
+            return;
+        }
+        match self.missed_beat {
+            Some(first) if now.duration_since(first) <= PULL_HEARTBEAT * 3 => {
+                tracing::warn!(
+                    since_ms = (now.duration_since(first) + PULL_HEARTBEAT * 2).as_millis() as u64,
+                    "the JetStream pull went quiet (no message, heartbeats missed twice); restarting it"
+                );
+                self.restart_due = true;
             }
-        };
-        let silent = now.duration_since(first) + PULL_HEARTBEAT * 2;
-        tracing::warn!(
-            silent_ms = silent.as_millis() as u64,
-            "the JetStream pull went silent (no message and no heartbeat); restarting it"
-        );
+            _ => self.missed_beat = Some(now),
+        }
+    }
+
+    /// A new pull subscription in place of the old one. A message the old one was sent but
+    /// did not read stays unacknowledged and is redelivered after `ack_wait`; the old one's
+    /// buffer is empty when a missed beat is reported. Cancel-safe: until the new subscription
+    /// is in place, the restart stays due.
+    async fn restart(&mut self) -> Result<(), SourceError> {
         let messages = pull_stream(&self.consumer, self.batch)
             .await
             .map_err(|e| SourceError::Transient(format!("restarting the JetStream pull: {e}")))?;
         self.messages = messages;
+        self.restart_due = false;
         self.missed_beat = None;
         Ok(())
+    }
+
+    /// The intake has stopped: no pull is restarted from here on, since it would only bring
+    /// fresh backlog to hand back (each costing the message a delivery).
+    pub fn stop_pulling(&mut self) {
+        self.draining = true;
+        self.restart_due = false;
     }
 }
 
 impl JobSource for NatsSource {
     async fn next(&mut self) -> Result<Delivery, SourceError> {
         let message = loop {
+            if self.restart_due {
+                self.restart().await?;
+            }
             match self.messages.next().await {
                 Some(Ok(message)) => {
                     self.missed_beat = None;
                     break message;
                 }
                 Some(Err(e)) if e.kind() == pull::MessagesErrorKind::MissingHeartbeat => {
-                    self.restart_if_silent().await?;
+                    self.missed_beat();
                 }
                 Some(Err(e)) => return Err(SourceError::Transient(e.to_string())),
                 None => {
@@ -306,10 +332,9 @@ struct NatsAck {
 
 impl NatsAck {
     async fn send(acker: &Acker, kind: AckKind) {
-        let name = format!("{kind:?}");
         if let Err(e) = acker.ack_with(kind).await {
             // A lost ack means a redelivery, which the idempotency store answers as a duplicate.
-            tracing::warn!(error = %e, kind = %name, "JetStream ack failed");
+            tracing::warn!(error = %e, kind = ?kind, "JetStream ack failed");
         }
     }
 }
