@@ -934,7 +934,7 @@ async fn jobs_do_not_wait_on_a_jetstream_pull_the_server_no_longer_holds() {
     // The failure: the client counts messages still to come from a pull the server has already
     // answered (its messages were lost on the way, or, on a busy machine, read before async-nats
     // counted the pull as sent). Left alone, the client asks again only at its own fallback,
-    // `expires` + 5 s after its last pull (35 s before the fix), and jobs wait on a stream
+    // `expires` + 5 s after its last pull (35 s), and jobs wait on a stream
     // that has them.
     let names = NatsNames::new();
     let llm = mock_llm(0).await;
@@ -986,7 +986,7 @@ async fn jobs_do_not_wait_on_a_jetstream_pull_the_server_no_longer_holds() {
 
     // From now on nothing is lost. Every job, the swallowed ones included (JetStream redelivers
     // them after `ack_wait`, 3 s here), is answered within 10 s: the client's own fallback
-    // would ask again only 15 s after its last pull, sent before the warm-up job.
+    // would ask again only 35 s after its last pull, sent before the warm-up job.
     while outputs.len() < 41 && healed.elapsed() < Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

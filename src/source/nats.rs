@@ -33,8 +33,11 @@ const CLOSE_FLUSH: Duration = Duration::from_secs(5);
 /// The server's idle heartbeat on an open pull request; async-nats reports a missed one after
 /// two beats without a message or a heartbeat.
 const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
-/// How long one pull request waits on the server for messages before it is renewed.
-const PULL_EXPIRES: Duration = Duration::from_secs(10);
+/// How long one pull request waits on the server for messages before it is renewed. Not
+/// shorter: async-nats also pulls on its own `expires` + 5 s after its last request, whether
+/// the stream is read or not, and during a shutdown drain such a pull only brings fresh backlog
+/// to hand back (a delivery each). A lost pull is restarted on missed heartbeats instead.
+const PULL_EXPIRES: Duration = Duration::from_secs(30);
 
 pub struct NatsSource {
     client: async_nats::Client,
@@ -190,9 +193,10 @@ impl NatsSource {
     }
 
     /// A new pull subscription in place of the old one. A message the old one was sent but
-    /// did not read stays unacknowledged and is redelivered after `ack_wait`; the old one's
-    /// buffer is empty when a missed beat is reported. Cancel-safe: until the new subscription
-    /// is in place, the restart stays due.
+    /// did not read (its buffer is empty when the miss is reported, but a restart put off by
+    /// a cancelled read or a failed subscribe can find some there) stays unacknowledged and is
+    /// redelivered after `ack_wait`. Cancel-safe: until the new subscription is in place, the
+    /// restart stays due.
     async fn restart(&mut self) -> Result<(), SourceError> {
         let messages = pull_stream(&self.consumer, self.batch)
             .await
