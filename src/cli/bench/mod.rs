@@ -622,11 +622,16 @@ fn print_report(r: &Report) {
             let parts: Vec<String> = r.rounds.iter().map(|x| format!("{:.3}", f(x))).collect();
             parts.join(", ")
         };
+        // The round shown has the median throughput ratio; its CPU ratio need not be the
+        // median one (the upper median for an even count, as for the round shown).
+        let mut cpu: Vec<f64> = r.rounds.iter().map(|x| x.cpu_per_job).collect();
+        cpu.sort_by(f64::total_cmp);
         println!(
-            "  {} rounds (switchyard first in odd rounds, the bare loop in even ones), the median throughput ratio's shown; throughput ratios {}; CPU per job ratios {}",
+            "  {} rounds (switchyard first in odd rounds, the bare loop in even ones), the median throughput ratio's shown; throughput ratios {}; CPU per job ratios {} (median {:.3})",
             r.rounds.len(),
             list(|x| x.throughput),
-            list(|x| x.cpu_per_job)
+            list(|x| x.cpu_per_job),
+            cpu.get(cpu.len() / 2).copied().unwrap_or(f64::NAN)
         );
     }
 }
