@@ -172,7 +172,7 @@ impl NatsSource {
     /// of 20,000 jobs stalled for ~35 s about once in ten runs.) The pull is then due to start
     /// afresh. Not while disconnected (async-nats pulls again itself on reconnecting), nor
     /// once the intake stops ([`NatsSource::stop_pulling`]).
-    fn missed_beat(&mut self) {
+    fn note_missed_beat(&mut self) {
         let now = tokio::time::Instant::now();
         if self.draining
             || self.client.connection_state() != async_nats::connection::State::Connected
@@ -227,7 +227,7 @@ impl JobSource for NatsSource {
                     break message;
                 }
                 Some(Err(e)) if e.kind() == pull::MessagesErrorKind::MissingHeartbeat => {
-                    self.missed_beat();
+                    self.note_missed_beat();
                 }
                 Some(Err(e)) => return Err(SourceError::Transient(e.to_string())),
                 None => {
